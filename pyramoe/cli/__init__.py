@@ -1,0 +1,1 @@
+"""Command-line interface: one module per subcommand; the only place that reads argv."""

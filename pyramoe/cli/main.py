@@ -1,0 +1,38 @@
+"""`pyramoe` entry point: dispatches to subcommands; user errors become one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pyramoe.cli import bench, presets
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyramoe", description="Train, compress and serve Mixture-of-Experts GPT models."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in (presets, bench):
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        print(f"pyramoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pyramoe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

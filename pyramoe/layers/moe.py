@@ -1,0 +1,70 @@
+"""The MoE layer: router -> dispatch -> grouped experts -> combine (+ Residual-MoE).
+
+Legend: T tokens, D width, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pyramoe.config import MoEConfig
+from pyramoe.layers.dispatch import Dispatcher, LocalDispatcher, plan_dispatch
+from pyramoe.layers.experts import GroupedExperts
+from pyramoe.layers.gating import Router
+from pyramoe.layers.mlp import MLP
+
+
+@dataclass
+class MoEStats:
+    """Per-layer routing statistics and aux losses, returned by every MoE forward."""
+
+    balance_loss: torch.Tensor
+    z_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor  # kept assignments per expert (int64, detached)
+    routed_per_expert: torch.Tensor  # assignments per expert before capacity drops
+    dropped_fraction: torch.Tensor  # fraction of (token, choice) assignments dropped
+    capacity: int | None
+
+
+class MoELayer(nn.Module):
+    def __init__(
+        self, d_model: int, d_ff: int, config: MoEConfig, activation: str = "gelu", bias: bool = True
+    ):
+        super().__init__()
+        config.validate()
+        self.config = config
+        expert_d_ff = config.expert_d_ff or d_ff
+        self.router = Router(d_model, config)
+        self.experts = GroupedExperts(config.num_experts, d_model, expert_d_ff, activation, bias)
+        self.dispatcher: Dispatcher = LocalDispatcher()
+        self.residual_mlp = MLP(d_model, d_ff, activation, bias) if config.use_residual else None
+        # Residual-MoE (DeepSpeed's use_residual): a per-token softmax mix of the MLP and the expert.
+        self.coefficient = nn.Linear(d_model, 2) if config.use_residual else None
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, MoEStats]:
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        routing = self.router(x_TD, generator=generator)
+        plan = plan_dispatch(routing, self.num_experts)
+        expert_in = self.dispatcher.dispatch(x_TD, plan)
+        expert_out = self.experts(expert_in, plan.tokens_per_expert_E, plan.rows_per_expert)
+        y_TD = self.dispatcher.combine(expert_out, plan)
+        if self.residual_mlp is not None:
+            coef_T2 = torch.softmax(self.coefficient(x_TD), dim=-1)
+            y_TD = y_TD * coef_T2[:, :1] + self.residual_mlp(x_TD) * coef_T2[:, 1:]
+        stats = MoEStats(
+            balance_loss=routing.balance_loss,
+            z_loss=routing.z_loss,
+            tokens_per_expert=plan.tokens_per_expert_E.detach(),
+            routed_per_expert=plan.routed_per_expert_E.detach(),
+            dropped_fraction=plan.dropped_fraction.detach(),
+            capacity=routing.capacity,
+        )
+        return y_TD.view(shape), stats

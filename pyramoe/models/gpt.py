@@ -1,0 +1,138 @@
+"""GPT-style pre-LN decoder whose FFN per block is dense, MoE or Residual-MoE (from the config).
+
+Single-device: knows nothing of processes; parallelism is applied to a built model afterwards.
+Legend: B batch, T positions, D width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pyramoe.config import LayerConfig, ModelConfig
+from pyramoe.layers.attention import CausalSelfAttention, KVCache
+from pyramoe.layers.mlp import MLP
+from pyramoe.layers.moe import MoELayer, MoEStats
+
+
+@dataclass
+class GPTOutput:
+    logits: torch.Tensor  # [B, T, V]
+    aux_loss: torch.Tensor  # sum over MoE layers of aux_loss_coef*balance + z_loss_coef*z (0 if dense)
+    moe_stats: dict[int, MoEStats] = field(default_factory=dict)  # block index -> stats
+
+    @property
+    def balance_loss(self) -> torch.Tensor:
+        return _sum_or_zero([s.balance_loss for s in self.moe_stats.values()], self.logits)
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        return _sum_or_zero([s.z_loss for s in self.moe_stats.values()], self.logits)
+
+
+def _sum_or_zero(values: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return torch.stack(values).sum() if values else like.new_zeros((), dtype=torch.float32)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: LayerConfig, layer_idx: int):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config.d_model, config.n_heads, config.bias, config.dropout, layer_idx)
+        self.ln_ffn = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        if layer.moe is None:
+            self.ffn: nn.Module = MLP(config.d_model, config.d_ff, config.activation, config.bias)
+        else:
+            self.ffn = MoELayer(config.d_model, config.d_ff, layer.moe, config.activation, config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, MoELayer)
+
+    def forward(
+        self, x: torch.Tensor, kv_cache: KVCache | None, start_pos: int
+    ) -> tuple[torch.Tensor, MoEStats | None]:
+        x = x + self.dropout(self.attn(self.ln_attn(x), kv_cache, start_pos))
+        h = self.ln_ffn(x)
+        stats = None
+        if self.is_moe:
+            h, stats = self.ffn(h)
+        else:
+            h = self.ffn(h)
+        return x + self.dropout(h), stats
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, layer, i) for i, layer in enumerate(config.layers))
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation; residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        if self.tok_emb.weight.is_meta:
+            return
+        out_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                leaf = name.rsplit(".", 1)[-1]
+                if leaf in ("bias", "b_in", "b_out"):
+                    p.zero_()
+                elif p.dim() == 1:  # LayerNorm gain
+                    p.fill_(1.0)
+                else:
+                    std = out_std if leaf in ("w_out",) or name.endswith(("proj.weight", "fc_out.weight")) else 0.02
+                    p.normal_(0.0, std)
+
+    def forward(self, idx_BT: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0) -> GPTOutput:
+        length = idx_BT.shape[1]
+        if start_pos + length > self.config.max_seq_len:
+            raise ValueError(f"sequence length {start_pos + length} exceeds max_seq_len={self.config.max_seq_len}")
+        positions = torch.arange(start_pos, start_pos + length, device=idx_BT.device)
+        x = self.drop(self.tok_emb(idx_BT) + self.pos_emb(positions))
+        moe_stats: dict[int, MoEStats] = {}
+        for i, block in enumerate(self.blocks):
+            x, stats = block(x, kv_cache, start_pos)
+            if stats is not None:
+                moe_stats[i] = stats
+        logits = self.lm_head(self.ln_f(x))
+        cfg = self.config
+        aux_terms = [cfg.aux_loss_coef * s.balance_loss + cfg.z_loss_coef * s.z_loss for s in moe_stats.values()]
+        return GPTOutput(logits=logits, aux_loss=_sum_or_zero(aux_terms, logits), moe_stats=moe_stats)
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        cfg = self.config
+        p = self.tok_emb.weight
+        return KVCache(
+            cfg.n_layers, batch_size, cfg.n_heads, max_len or cfg.max_seq_len, cfg.d_model // cfg.n_heads,
+            dtype=p.dtype, device=p.device,
+        )
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings count once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def count_active_parameters(model: GPT) -> int:
+    """Parameters one token passes through: every expert layer counts top_k experts, not all."""
+    total = count_parameters(model)
+    for block in model.blocks:
+        if block.is_moe:
+            experts = block.ffn.experts
+            per_expert = sum(p[0].numel() for p in experts.parameters())
+            total -= per_expert * (experts.num_experts - block.ffn.config.top_k)
+    return total
