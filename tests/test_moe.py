@@ -79,3 +79,9 @@ def test_bf16_forward_close_to_fp32():
     y16, _ = moe.to(torch.bfloat16)(x.bfloat16())
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.02)
+
+
+def test_empty_batch_is_a_clear_error():
+    moe = MoELayer(8, 16, MoEConfig(num_experts=2))
+    with pytest.raises(ValueError, match="empty batch"):
+        moe(torch.randn(0, 8))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pyramoe.bench import moe_layer
+from pyramoe.bench import moe_layer, train_step
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,3 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     moe_layer.add_arguments(layer)
     layer.set_defaults(func=moe_layer.main)
+    step = benches.add_parser(
+        "train-step",
+        help="training tokens/s: tiny-moe vs tiny-dense (same active parameters), interleaved",
+        description=train_step.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train_step.add_arguments(step)
+    step.set_defaults(func=train_step.main)

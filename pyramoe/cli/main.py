@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pyramoe.cli import bench, presets
+from pyramoe.cli import bench, generate, plot, presets, train
+from pyramoe.cli import eval as eval_cmd
+from pyramoe.runtime import configure_cpu_allocator
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pyramoe", description="Train, compress and serve Mixture-of-Experts GPT models."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (presets, bench):
+    for module in (presets, train, eval_cmd, generate, plot, bench):
         module.register(sub)
     return parser
 
@@ -24,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    configure_cpu_allocator()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, PermissionError) as exc:

@@ -51,6 +51,8 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, MoEStats]:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
+        if x_TD.shape[0] == 0:
+            raise ValueError("MoELayer: got an empty batch (0 tokens)")
         routing = self.router(x_TD, generator=generator)
         plan = plan_dispatch(routing, self.num_experts)
         expert_in = self.dispatcher.dispatch(x_TD, plan)

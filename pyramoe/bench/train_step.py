@@ -1,0 +1,154 @@
+"""`pyramoe bench train-step`: training tokens/s of MoE presets vs a dense preset with the same active
+parameters, interleaved in one run.
+
+A step is what `pyramoe train` does per optimizer step: forward, cross-entropy + aux loss, backward,
+gradient clipping and AdamW over the expert/dense parameter groups (pyramoe.train.train_step), on a
+fixed batch of random tokens. Presets are timed in alternating order round after round, so slow
+drift (thermal, other processes) hits all of them alike; "x baseline" is the median over rounds of
+each round's time ratio to the baseline (the last preset, tiny-dense by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+from pyramoe.bench.common import format_table, machine_info, native_bf16_matmul, write_json
+from pyramoe.models import GPT, count_active_parameters, count_parameters
+from pyramoe.presets import get_preset
+from pyramoe.train.config import TrainConfig
+from pyramoe.train.optim import make_optimizer, set_lr
+from pyramoe.train.trainer import train_step
+
+TARGET_RATIO = 1.3  # an MoE step should cost at most this many dense steps of the same active size
+
+
+def build(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    config = get_preset(name)
+    config.vocab_size = args.vocab_size
+    if args.seq_len > config.max_seq_len:
+        raise ValueError(f"--seq-len: {args.seq_len} exceeds {name}'s max_seq_len={config.max_seq_len}")
+    torch.manual_seed(0)
+    model = GPT(config).train()
+    optimizer = make_optimizer(model, TrainConfig())
+    set_lr(optimizer, 1e-4)  # small: the weights barely move, so every timed step routes alike
+    return {"model": model, "optimizer": optimizer, "times": []}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    notes = []
+    if args.precision == "bf16" and not args.force_bf16:
+        ok, detail = native_bf16_matmul()
+        if not ok:
+            raise ValueError(f"--precision bf16: {detail} (no AVX512-BF16/AMX); --force-bf16 runs it anyway")
+    names = [n.strip() for n in args.presets.split(",")]
+    setups = {name: build(name, args) for name in names}
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
+    batch = (x[:, :-1].contiguous(), x[:, 1:].contiguous())
+    tokens = args.batch_size * args.seq_len
+    for round_ in range(args.warmup + args.repeats):
+        order = names if round_ % 2 == 0 else names[::-1]
+        for name in order:
+            setup = setups[name]
+            start = time.perf_counter()
+            train_step(setup["model"], setup["optimizer"], [batch], grad_clip=1.0, precision=args.precision)
+            elapsed = (time.perf_counter() - start) * 1e3
+            if round_ >= args.warmup:
+                setup["times"].append(elapsed)
+        if round_ >= args.warmup:
+            print(f"  round {round_ - args.warmup + 1}/{args.repeats}: "
+                  + "  ".join(f"{n} {setups[n]['times'][-1]:.0f} ms" for n in names), file=sys.stderr, flush=True)
+    baseline = setups[names[-1]]["times"]
+    results = []
+    for name in names:
+        setup = setups[name]
+        times = setup["times"]
+        median = statistics.median(times)
+        results.append({
+            "preset": name,
+            "params": count_parameters(setup["model"]),
+            "active_params": count_active_parameters(setup["model"]),
+            "median_ms": median,
+            "min_ms": min(times),
+            "max_ms": max(times),
+            "tokens_per_s": tokens / median * 1e3,
+            "x_baseline": statistics.median(t / b for t, b in zip(times, baseline)),
+            "repeats": len(times),
+        })
+    for r in results[:-1]:
+        verdict = "met" if r["x_baseline"] <= TARGET_RATIO else "NOT met"
+        notes.append(
+            f"{r['preset']}: {r['x_baseline']:.2f}x the {names[-1]} step (target <= {TARGET_RATIO}x: {verdict})"
+        )
+    return {
+        "benchmark": "train-step",
+        "shape": dict(batch_size=args.batch_size, seq_len=args.seq_len, vocab_size=args.vocab_size,
+                      precision=args.precision, tokens_per_step=tokens),
+        "baseline": names[-1],
+        "machine": machine_info(),
+        "notes": notes,
+        "results": results,
+    }
+
+
+def print_report(payload: dict[str, Any]) -> None:
+    shape, machine = payload["shape"], payload["machine"]
+    print(f"train step: batch {shape['batch_size']} x seq {shape['seq_len']} = {shape['tokens_per_step']} tokens, "
+          f"vocab {shape['vocab_size']}, {shape['precision']} | torch {machine['torch']}, "
+          f"{machine['threads']} threads, {machine['cpu_capability']}")
+    rows = [
+        [r["preset"], f"{r['params'] / 1e6:.2f}M", f"{r['active_params'] / 1e6:.2f}M", r["median_ms"],
+         r["min_ms"], f"{r['tokens_per_s']:,.0f}", r["x_baseline"]]
+        for r in payload["results"]
+    ]
+    headers = ["preset", "params", "active", "median ms", "min ms", "tokens/s", f"x {payload['baseline']}"]
+    print(format_table(headers, rows))
+    for note in payload["notes"]:
+        print(f"note: {note}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--presets", default="tiny-moe,tiny-dense",
+                        help="comma-separated presets; the last one is the baseline")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=8192, help="the tokenizer size `pyramoe train` uses")
+    parser.add_argument("--precision", default="fp32", help="fp32 or bf16 (autocast)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    parser.add_argument("--force-bf16", action="store_true", help="run bf16 even without native bf16 matmul")
+    parser.add_argument("--out", default="bench-results/train_step.json", help="JSON output path")
+
+
+def validate(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "seq_len", "vocab_size", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup: must be >= 0, got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads: must be >= 1, got {args.threads}")
+    if args.precision not in ("fp32", "bf16"):
+        raise ValueError(f"--precision: must be fp32 or bf16, got {args.precision!r}")
+    names = [n.strip() for n in args.presets.split(",") if n.strip()]
+    if len(names) < 2:
+        raise ValueError("--presets: need at least two presets (the last is the baseline)")
+    for name in names:
+        get_preset(name)
+
+
+def main(args: argparse.Namespace) -> int:
+    validate(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    payload = run(args)
+    print_report(payload)
+    print(f"wrote {write_json(args.out, payload)}")
+    return 0

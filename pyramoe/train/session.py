@@ -1,0 +1,118 @@
+"""Setting a run up: merge the config sources, pick the checkpoint to resume, prepare the data and
+build a Trainer. Refuses to start a new run over an existing one, so nothing on disk is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pyramoe.data import PreparedData, prepare_data
+from pyramoe.train import checkpoint as ckpt_io
+from pyramoe.train.config import RunConfig, build_model_config, merge, run_config_from_dict
+from pyramoe.train.metrics import METRICS_FILE
+from pyramoe.train.trainer import Trainer
+
+LATEST = "latest"
+
+
+def resolve_run(
+    sources: list[dict[str, Any]], resume: str | None = None
+) -> tuple[RunConfig, ckpt_io.Checkpoint | None]:
+    """The run's config from `sources` (merged in order) and, when resuming, the checkpoint.
+
+    Resuming keeps the checkpoint's settings; `train.*` settings in `sources` replace them (e.g. more
+    steps), while the model and its preset cannot change.
+    """
+    merged: dict[str, Any] = {}
+    for source in sources:
+        merged = merge(merged, source)
+    if resume is None:
+        return run_config_from_dict(merged), None
+    if resume == LATEST:
+        run_dir = run_config_from_dict(merged).run_dir
+        path = ckpt_io.latest_checkpoint(ckpt_io.checkpoint_root(run_dir))
+        if path is None:
+            raise ValueError(f"--resume: no checkpoint in {ckpt_io.checkpoint_root(run_dir)}")
+    else:
+        path = ckpt_io.resolve_checkpoint(resume)
+    ckpt = ckpt_io.load_checkpoint(path)
+    saved = ckpt.state["run_config"]
+    saved_model = saved.get("model", {})
+    for key, value in merged.get("model", {}).items():
+        if saved_model.get(key) != value:
+            raise ValueError(
+                f"model.{key}: cannot change when resuming (the checkpoint has {saved_model.get(key)!r})"
+            )
+    train = merge(saved["train"], merged.get("train", {}))
+    if "run_dir" not in merged.get("train", {}):
+        train["run_dir"] = str(ckpt.path.parent.parent)  # where the checkpoint lives, whatever the cwd
+    return run_config_from_dict({"train": train, "model": saved_model}), ckpt
+
+
+def check_fresh_run_dir(run_dir: Path) -> None:
+    """A new run must not mix its metrics and checkpoints with an earlier run's."""
+    latest = ckpt_io.latest_checkpoint(ckpt_io.checkpoint_root(run_dir))
+    if latest is not None:
+        raise ValueError(
+            f"{run_dir} already holds a run (latest checkpoint: {latest.name}); "
+            "pass --resume to continue it or --run-dir for a new one"
+        )
+    if (run_dir / METRICS_FILE).exists():
+        raise ValueError(
+            f"{run_dir} holds {METRICS_FILE} of a run that saved no checkpoint; "
+            "delete the directory or pass --run-dir for a new one"
+        )
+
+
+def load_data(run: RunConfig, ckpt: ckpt_io.Checkpoint | None = None, progress: bool = True) -> PreparedData:
+    """Tokenized train/val data. A checkpoint brings its own tokenizer, so resumed and evaluated runs
+    see the very token ids they were trained on (its token cache is reused when still there)."""
+    cfg = run.train
+    tokenizer, cache_dir = cfg.tokenizer, None
+    if ckpt is not None:
+        tokenizer = ckpt.tokenizer_path
+        if not tokenizer.is_file():
+            raise ValueError(f"{ckpt.path}: incomplete checkpoint ({tokenizer.name} missing)")
+        saved_cache = Path(str(ckpt.state.get("data", {}).get("cache_dir", "")))
+        same_corpus = ckpt.state["run_config"]["train"].get("corpus") == cfg.corpus
+        cache_dir = saved_cache if same_corpus and saved_cache.is_dir() and str(saved_cache) != "." else None
+    return prepare_data(
+        cfg.corpus, cfg.vocab_size, cache_dir=cache_dir, tokenizer_path=tokenizer, val_percent=cfg.val_percent,
+        text_field=cfg.text_field, max_bytes=cfg.max_bytes, progress=progress,
+    )
+
+
+def create_trainer(run: RunConfig, ckpt: ckpt_io.Checkpoint | None = None, progress: bool = True) -> Trainer:
+    """Data, model and optimizer for a new run, or restored from `ckpt`."""
+    if ckpt is None:
+        check_fresh_run_dir(run.run_dir)
+    if run.train.threads is not None:
+        torch.set_num_threads(run.train.threads)
+    data = load_data(run, ckpt, progress)
+    if ckpt is None:
+        model_config = build_model_config(run, data.vocab_size)
+    else:
+        model_config = ckpt.model_config()
+        if model_config.vocab_size != data.vocab_size:
+            raise ValueError(
+                f"{ckpt.path}: incompatible checkpoint (vocab {model_config.vocab_size}, tokenizer {data.vocab_size})"
+            )
+        if run.train.seq_len > model_config.max_seq_len:
+            raise ValueError(f"train.seq_len: {run.train.seq_len} exceeds model.max_seq_len={model_config.max_seq_len}")
+    trainer = Trainer(run, model_config, data, progress)
+    if ckpt is not None:
+        trainer.restore(ckpt)
+    else:
+        _write_run_config(run, trainer)
+    return trainer
+
+
+def _write_run_config(run: RunConfig, trainer: Trainer) -> None:
+    """config.json: the resolved settings, for people reading the run directory."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"run": run.to_dict(), "model_config": trainer.model.config.to_dict()}
+    (run.run_dir / "config.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")

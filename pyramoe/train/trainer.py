@@ -1,0 +1,276 @@
+"""The training loop: seeded batches, AdamW, warmup + cosine LR, accumulation, clipping, periodic
+evaluation and checkpoints, metrics.jsonl, a progress bar, and a clean stop on SIGINT/SIGTERM.
+
+Everything that decides the next loss - weights, optimizer moments, step, the batch generator and the
+global torch RNG (dropout, router noise) - is checkpointed, so a resumed run reproduces an
+uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pyramoe.config import ModelConfig
+from pyramoe.data import PreparedData
+from pyramoe.models import GPT
+from pyramoe.train import checkpoint as ckpt_io
+from pyramoe.train.config import RunConfig
+from pyramoe.train.evaluate import EvalResult, autocast, evaluate
+from pyramoe.train.metrics import METRICS_FILE, MetricsLog
+from pyramoe.train.optim import lr_at, make_optimizer, set_lr
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class StepStats:
+    loss: float  # cross-entropy + aux losses, the optimised objective
+    ce: float
+    aux: float
+    grad_norm: float
+    drop_rate: float  # mean over MoE layers and micro-batches
+
+
+def train_step(
+    model: GPT,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Batch],
+    grad_clip: float = 0.0,
+    precision: str = "fp32",
+) -> StepStats:
+    """One optimizer step over the micro-batches (gradient accumulation: their mean loss)."""
+    batches = list(batches)
+    ce_sum = aux_sum = drop_sum = 0.0
+    drop_count = 0
+    for x, y in batches:
+        with autocast(precision):
+            out = model(x)
+        logits = out.logits.float()
+        ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+        aux = out.aux_loss.float()
+        ((ce + aux) / len(batches)).backward()
+        ce_sum += ce.item()
+        aux_sum += aux.item()
+        for stats in out.moe_stats.values():
+            drop_sum += stats.dropped_fraction.item()
+            drop_count += 1
+    if not math.isfinite(ce_sum + aux_sum):
+        optimizer.zero_grad(set_to_none=True)
+        raise ValueError("loss is not finite; lower train.lr or raise train.warmup")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    max_norm = grad_clip if grad_clip > 0 else math.inf  # inf: measure the norm, never scale
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    n = len(batches)
+    return StepStats(
+        loss=(ce_sum + aux_sum) / n,
+        ce=ce_sum / n,
+        aux=aux_sum / n,
+        grad_norm=grad_norm,
+        drop_rate=drop_sum / drop_count if drop_count else 0.0,
+    )
+
+
+@dataclass
+class FitResult:
+    step: int
+    checkpoint: Path | None
+    stopped_by: int | None  # the signal that stopped training early, if any
+    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss, this session
+    evals: dict[int, EvalResult] = field(default_factory=dict)  # step -> validation result
+    seconds: float = 0.0
+
+
+class Trainer:
+    """One run: model, optimizer, data and bookkeeping. Build it with `session.create_trainer`,
+    which prepares the data and restores a checkpoint; `fit` trains, evaluates and saves."""
+
+    def __init__(self, run: RunConfig, model_config: ModelConfig, data: PreparedData, progress: bool = True):
+        self.run = run
+        self.config = run.train
+        self.data = data
+        self.progress = progress
+        self.run_dir = run.run_dir
+        torch.manual_seed(self.config.seed)
+        self.model = GPT(model_config)
+        self.optimizer = make_optimizer(self.model, self.config)
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.train_data = data.train_dataset()
+        self.val_data = data.val_dataset()
+        self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
+        self.tokenizer_file = self.run_dir / ckpt_io.TOKENIZER_FILE
+        self.step = 0
+        self.tokens_seen = 0
+        self.saved_step: int | None = None
+        self.evaluated_step: int | None = None
+        self.last_eval: EvalResult | None = None
+        self.stop_signal: int | None = None
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return ckpt_io.checkpoint_root(self.run_dir)
+
+    # -- state -------------------------------------------------------------------------------------------
+
+    def restore(self, ckpt: ckpt_io.Checkpoint) -> None:
+        """Continue exactly where `ckpt` stopped."""
+        ckpt_io.load_model_weights(self.model, ckpt)
+        ckpt_io.load_optimizer_state(self.optimizer, ckpt)
+        try:
+            rng = ckpt.state["rng"]
+            self.generator.set_state(ckpt_io.decode_rng(rng["batches"]))
+            torch.set_rng_state(ckpt_io.decode_rng(rng["torch"]))
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{ckpt.path}: incompatible checkpoint (RNG state: {exc})") from None
+        self.step = self.saved_step = ckpt.step
+        self.tokens_seen = int(ckpt.state.get("tokens_seen", 0))
+        self.metrics.write({"type": "resume", "step": self.step, "checkpoint": str(ckpt.path)})
+
+    def save(self) -> Path:
+        """Checkpoint the current step (once per step)."""
+        existing = ckpt_io.checkpoint_path(self.checkpoint_root, self.step)
+        if self.saved_step == self.step and (existing / ckpt_io.STATE_FILE).is_file():
+            return existing
+        if not self.tokenizer_file.is_file():
+            self.data.tokenizer.save(self.tokenizer_file)
+        state = {
+            "tokens_seen": self.tokens_seen,
+            "preset": self.run.preset,
+            "run_config": self.run.to_dict(),
+            "model_config": self.model.config.to_dict(),
+            "rng": {
+                "batches": ckpt_io.encode_rng(self.generator.get_state()),
+                "torch": ckpt_io.encode_rng(torch.get_rng_state()),
+            },
+            "data": {
+                "cache_dir": str(self.data.cache_dir.resolve()),
+                "tokenizer_sha": self.data.tokenizer.sha,
+                "vocab_size": self.data.vocab_size,
+            },
+            "val_loss": self.last_eval.loss if self.last_eval else None,
+            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        path = ckpt_io.save_checkpoint(
+            self.checkpoint_root, self.step, self.model, self.optimizer, state, self.tokenizer_file,
+            self.config.keep_last,
+        )
+        self.saved_step = self.step
+        return path
+
+    # -- loop ---------------------------------------------------------------------------------------------
+
+    def next_batches(self) -> list[Batch]:
+        cfg = self.config
+        return [self.train_data.get_batch(cfg.batch_size, cfg.seq_len, self.generator) for _ in range(cfg.grad_accum)]
+
+    def evaluate(self) -> EvalResult:
+        cfg = self.config
+        result = evaluate(self.model, self.val_data, cfg.batch_size, cfg.seq_len, cfg.eval_batches, cfg.precision)
+        self.last_eval, self.evaluated_step = result, self.step
+        self.metrics.write({"type": "eval", "step": self.step, **result.to_record()})
+        return result
+
+    def fit(self, max_steps: int | None = None) -> FitResult:
+        """Train to config.steps (or to `max_steps`, for tests and staged runs), then checkpoint."""
+        cfg = self.config
+        stop_at = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
+        result = FitResult(step=self.step, checkpoint=None, stopped_by=None)
+        start = time.perf_counter()
+        self.stop_signal = None
+        ckpt_io.clean_stale(self.checkpoint_root)
+        with _stop_on_signals(self), self._bar() as bar:
+            if self.step == 0:
+                result.evals[0] = self._eval(bar)
+            while self.step < stop_at and self.stop_signal is None:
+                loss = self._one_step(bar)
+                result.losses[self.step] = loss
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.stop_signal is None:
+                    result.evals[self.step] = self._eval(bar)
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+            if self.step == cfg.steps and self.evaluated_step != self.step:
+                result.evals[self.step] = self._eval(bar)
+            result.checkpoint = self.save()
+        result.step = self.step
+        # A signal that arrived during the final evaluation or save did not cut the run short.
+        result.stopped_by = self.stop_signal if self.step < stop_at else None
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _one_step(self, bar: tqdm) -> float:
+        cfg = self.config
+        lr = lr_at(self.step, cfg)
+        set_lr(self.optimizer, lr)
+        start = time.perf_counter()
+        self.model.train()
+        stats = train_step(self.model, self.optimizer, self.next_batches(), cfg.grad_clip, cfg.precision)
+        seconds = time.perf_counter() - start
+        self.step += 1
+        self.tokens_seen += cfg.tokens_per_step
+        tokens_per_s = cfg.tokens_per_step / seconds
+        self.metrics.write({
+            "type": "train", "step": self.step, "loss": stats.loss, "ce": stats.ce, "aux": stats.aux,
+            "lr": lr, "grad_norm": stats.grad_norm, "drop_rate": stats.drop_rate,
+            "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s, "step_s": seconds,
+        })
+        bar.update(1)
+        bar.set_postfix_str(
+            f"loss {stats.ce:.3f} | {tokens_per_s:,.0f} tok/s | lr {lr:.2e} | drop {stats.drop_rate:.1%}",
+            refresh=False,
+        )
+        return stats.loss
+
+    def _eval(self, bar: tqdm) -> EvalResult:
+        result = self.evaluate()
+        if self.progress:
+            bar.write(format_eval(self.step, result))
+        return result
+
+    def _bar(self) -> tqdm:
+        return tqdm(
+            total=self.config.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
+            dynamic_ncols=True, leave=True,
+        )
+
+
+def format_eval(step: int, result: EvalResult) -> str:
+    """One line: validation loss, perplexity, drops and how uneven each MoE layer's load is."""
+    line = f"step {step:>6d}  val loss {result.loss:.4f}  ppl {result.perplexity:9.2f}"
+    if result.load:
+        balance = " ".join(f"L{i}:{max(x.routed) * len(x.routed) / max(sum(x.routed), 1):.2f}"
+                           for i, x in result.load.items())
+        line += f"  drop {result.drop_rate:5.1%}  max/mean load {balance}"
+    return line
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """SIGINT/SIGTERM finish the current step, then the loop saves and returns; a second one aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if trainer.stop_signal is not None:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,174 @@
+"""The training loop on tiny models and corpora: loss falls, exact resume, signals, safe checkpoints."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyramoe.train import build_model, create_trainer, generate_ids, latest_checkpoint, load_checkpoint, resolve_run
+from pyramoe.train import checkpoint as ckpt_io
+from pyramoe.train.checkpoint import list_checkpoints, load_optimizer_state
+from pyramoe.train.optim import make_optimizer
+
+
+def write_corpus(path: Path, n: int = 400) -> Path:
+    lines = [f"def f{i}(x, y):\n    return x * {i % 13} + y - {i % 7}\n\n" for i in range(n)]
+    path.write_text("".join(lines), encoding="utf-8")
+    return path
+
+
+def tiny_sources(tmp_path: Path, run_dir: str = "run", **train) -> list[dict]:
+    """A 2-layer, width-32 tiny-moe on a ~20 KB corpus: each step takes milliseconds."""
+    settings = dict(
+        corpus=str(write_corpus(tmp_path / "corpus.txt")), vocab_size=300, run_dir=str(tmp_path / run_dir),
+        steps=40, batch_size=8, seq_len=32, lr=3e-3, min_lr=3e-4, warmup=5, eval_every=20, eval_batches=2,
+        save_every=10, keep_last=2, val_percent=10.0,
+    )
+    settings.update(train)
+    return [{"train": settings, "model": {"d_model": 32, "n_layers": 2, "max_seq_len": 64}}]
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYRAMOE_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and immune to a busy second core
+    yield
+    torch.set_num_threads(threads)
+
+
+def start(sources: list[dict], resume: str | None = None):
+    run, ckpt = resolve_run(sources, resume)
+    return create_trainer(run, ckpt, progress=False)
+
+
+def test_tiny_run_lowers_loss_and_writes_run_dir(tmp_path):
+    trainer = start(tiny_sources(tmp_path))
+    result = trainer.fit()
+    assert result.stopped_by is None and result.step == 40 and sorted(result.losses) == list(range(1, 41))
+    assert sorted(result.evals) == [0, 20, 40]
+    assert result.evals[40].loss < result.evals[0].loss - 0.5
+    assert 0 <= result.evals[40].load[1].drop_rate < 1
+    run_dir = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step-0000030", "step-0000040"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, 41))
+    assert all(set(r["expert_load"]) == {"1"} for r in records if r["type"] == "eval")
+    assert (run_dir / "config.json").is_file() and (run_dir / "tokenizer.json").is_file()
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(tmp_path):
+    # Dropout, random token dropping and accumulation all draw randomness that must be restored.
+    extra = dict(steps=12, save_every=0, eval_every=4, grad_accum=2)
+    model = {"dropout": 0.1, "moe": {"drop_policy": "random", "capacity_factor": 1.0}}
+    sources = tiny_sources(tmp_path, "full", **extra)
+    sources[0]["model"].update(model)
+    full = start(sources).fit()
+
+    sources = tiny_sources(tmp_path, "split", **extra)
+    sources[0]["model"].update(model)
+    first = start(sources).fit(max_steps=6)
+    assert first.step == 6 and latest_checkpoint(tmp_path / "split" / "checkpoints").name == "step-0000006"
+    second = start([{"train": {"run_dir": str(tmp_path / "split")}}], resume="latest").fit()
+    assert second.step == 12
+    assert {**first.losses, **second.losses} == full.losses  # bit-for-bit, not approximately
+    assert second.evals[12].loss == full.evals[12].loss
+
+
+def test_resume_can_extend_steps_but_not_change_the_model(tmp_path):
+    start(tiny_sources(tmp_path, steps=4, eval_every=0)).fit()
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(ValueError, match="model.d_model: cannot change when resuming"):
+        resolve_run([{"train": {"run_dir": run_dir}, "model": {"d_model": 64}}], resume="latest")
+    with pytest.raises(ValueError, match="already holds a run"):
+        start(tiny_sources(tmp_path, steps=4))
+    more = start([{"train": {"run_dir": run_dir, "steps": 6}}], resume=run_dir).fit()
+    assert more.step == 6 and sorted(more.losses) == [5, 6]
+
+
+def test_sigint_finishes_the_step_saves_and_restores_the_handler(tmp_path):
+    trainer = start(tiny_sources(tmp_path, save_every=0))
+    original = trainer.next_batches
+
+    def interrupting() -> list:
+        if trainer.step == 3:
+            signal.raise_signal(signal.SIGINT)  # as if Ctrl-C arrived during step 4
+        return original()
+
+    trainer.next_batches = interrupting
+    result = trainer.fit()
+    assert result.stopped_by == signal.SIGINT and result.step == 4
+    assert load_checkpoint(result.checkpoint).step == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    trainer = start(tiny_sources(tmp_path, steps=8, save_every=4, eval_every=0))
+    trainer.fit(max_steps=4)
+    real_save = ckpt_io.save_file
+    calls = []
+
+    def failing_save(tensors, path):
+        calls.append(path)
+        if path.endswith(ckpt_io.OPTIMIZER_FILE):  # the model file is already written by now
+            raise OSError("disk full")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(ckpt_io, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.fit()
+    assert trainer.step == 8 and len(calls) == 2
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000004"]  # no temporaries left behind
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.step == 4
+    model = build_model(ckpt)
+    load_optimizer_state(make_optimizer(model, trainer.config), ckpt)
+
+
+def test_damaged_checkpoint_is_a_one_line_error(tmp_path):
+    trainer = start(tiny_sources(tmp_path, steps=2, eval_every=0))
+    path = trainer.fit().checkpoint
+    (path / ckpt_io.MODEL_FILE).write_bytes(b"\x00" * 16)
+    with pytest.raises(ValueError, match="unreadable safetensors file") as info:
+        build_model(load_checkpoint(path))
+    assert "\n" not in str(info.value)
+    (path / ckpt_io.STATE_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_tied_embeddings_are_stored_once_and_reload_tied(tmp_path):
+    path = start(tiny_sources(tmp_path, steps=1, eval_every=0)).fit().checkpoint
+    model = build_model(load_checkpoint(path))
+    assert model.lm_head.weight is model.tok_emb.weight
+    with ckpt_io.safe_open(str(path / ckpt_io.MODEL_FILE), framework="pt") as f:
+        assert "tok_emb.weight" in f.keys() and "lm_head.weight" not in f.keys()
+
+
+def test_greedy_generation_with_kv_cache_matches_full_forward(tmp_path):
+    path = start(tiny_sources(tmp_path, steps=2, eval_every=0)).fit().checkpoint
+    model = build_model(load_checkpoint(path), dropless=True)
+    prompt = [5, 17, 42]
+    ids = list(generate_ids(model, prompt, max_new_tokens=6, temperature=0))
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert ids == seq[len(prompt):]
+    with pytest.raises(ValueError, match="max_seq_len"):
+        list(generate_ids(model, list(range(64)), 4))
+
+
+def test_bf16_autocast_runs_and_keeps_fp32_weights(tmp_path):
+    # One tiny step only: this CPU has no native bf16, where bf16 matmuls are ~50x slower.
+    trainer = start(tiny_sources(tmp_path, steps=1, eval_every=0, batch_size=2, precision="bf16"))
+    result = trainer.fit()
+    assert result.step == 1 and all(torch.isfinite(torch.tensor(v)) for v in result.losses.values())
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())

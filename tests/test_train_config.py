@@ -1,0 +1,139 @@
+"""TrainConfig, TOML and --set overrides, model-config building, LR schedule and parameter groups."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyramoe.models import GPT
+from pyramoe.train.config import (
+    TrainConfig,
+    build_model_config,
+    load_toml,
+    merge,
+    parse_override,
+    run_config_from_dict,
+)
+from pyramoe.train.optim import lr_at, make_optimizer, param_groups
+
+
+def test_defaults_are_valid_and_resolve_tiny_moe():
+    run = run_config_from_dict({})
+    assert run.preset == "tiny-moe" and run.run_dir == Path("runs/tiny-moe")
+    config = build_model_config(run, vocab_size=8192)
+    assert config.moe_layer_ids == [1, 3] and config.vocab_size == 8192
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("train.lr=3e-4", {"train": {"lr": 3e-4}}),
+        ("train.steps=10", {"train": {"steps": 10}}),
+        ("train.corpus=/data/my file.txt", {"train": {"corpus": "/data/my file.txt"}}),
+        ("train.max_bytes=null", {"train": {"max_bytes": None}}),
+        ("model.moe.capacity_factor=1.5", {"model": {"moe": {"capacity_factor": 1.5}}}),
+        ("model.moe_placement=[0, 1]", {"model": {"moe_placement": [0, 1]}}),
+    ],
+)
+def test_parse_override(item, expected):
+    assert parse_override(item) == expected
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"train": {"lrr": 1.0}}, "train.lrr: unknown setting (did you mean train.lr?)"),
+        ({"train": {"steps": "many"}}, "train.steps: expected int"),
+        ({"train": {"steps": 0}}, "train.steps: must be >= 1"),
+        ({"train": {"min_lr": 1.0}}, "train.min_lr"),
+        ({"train": {"precision": "fp16"}}, "train.precision"),
+        ({"model": {"preset": "huge"}}, "unknown preset 'huge'"),
+        ({"model": {"vocab_size": 10}}, "model.vocab_size: cannot be set here"),
+        ({"model": {"moe": {"top_kk": 2}}}, "model.moe.top_kk: unknown setting"),
+        ({"model": {"n_layers": 0}}, "model.n_layers: expected a positive integer"),
+        ({"optim": {}}, "optim: unknown setting"),
+    ],
+)
+def test_bad_settings_name_the_field(data, message):
+    with pytest.raises(ValueError, match=None) as info:
+        run_config_from_dict(data)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"dropout": 1.5}, "model.dropout"),
+        ({"n_heads": 5}, "model.n_heads"),
+        ({"moe": {"top_k": 9}}, "model.layers[1].moe.top_k"),
+        ({"moe_placement": [7]}, "model.moe_placement"),
+    ],
+)
+def test_invalid_model_overrides_fail_when_built(model, message):
+    run = run_config_from_dict({"model": model})
+    with pytest.raises(ValueError) as info:
+        build_model_config(run, vocab_size=300)
+    assert message in str(info.value)
+
+
+def test_model_overrides_layout_moe_settings_and_loss_coefficients():
+    run = run_config_from_dict({
+        "train": {"aux_loss_coef": 0.05, "seq_len": 64},
+        "model": {"d_model": 32, "n_layers": 2, "max_seq_len": 64, "moe": {"capacity_factor": 2.0}},
+    })
+    config = build_model_config(run, vocab_size=300)
+    assert config.n_layers == 2 and config.moe_layer_ids == [1]  # tiny-moe's every_other placement
+    assert config.d_ff == 4 * 32  # follows the new width
+    assert config.layers[1].moe.capacity_factor == 2.0 and config.layers[1].moe.num_experts == 8
+    assert config.aux_loss_coef == 0.05 and config.vocab_size == 300
+    too_long = run_config_from_dict({"train": {"seq_len": 128}, "model": {"max_seq_len": 64}})
+    with pytest.raises(ValueError, match="train.seq_len"):
+        build_model_config(too_long, vocab_size=300)
+
+
+def test_toml_file_and_merge_order(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[train]\nsteps = 5\nlr = 1e-3\n[model]\npreset = "tiny-dense"\n[model.moe]\nmin_capacity = 2\n')
+    merged = merge(load_toml(path), parse_override("train.lr=5e-4"))
+    run = run_config_from_dict(merged)
+    assert (run.train.steps, run.train.lr, run.preset) == (5, 5e-4, "tiny-dense")
+    assert run.model == {"moe": {"min_capacity": 2}}
+    (tmp_path / "bad.toml").write_text("[train\n")
+    with pytest.raises(ValueError, match="invalid TOML"):
+        load_toml(tmp_path / "bad.toml")
+    with pytest.raises(ValueError, match="config file not found"):
+        load_toml(tmp_path / "missing.toml")
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    cfg = TrainConfig(steps=110, warmup=10, lr=1e-3, min_lr=1e-4)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert lr_at(110, cfg) == pytest.approx(1e-4) and lr_at(500, cfg) == pytest.approx(1e-4)
+    values = [lr_at(s, cfg) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert not any(math.isnan(v) for v in values)
+
+
+def test_param_groups_split_experts_and_decay():
+    run = run_config_from_dict({"model": {"d_model": 32, "n_layers": 2, "moe": {"use_residual": True}}})
+    model = GPT(build_model_config(run, vocab_size=300))
+    cfg = TrainConfig(weight_decay=0.1, expert_lr_scale=0.5)
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    assert set(groups) == {"dense", "dense_no_decay", "expert", "expert_no_decay"}
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = [names[id(p)] for g in groups.values() for p in g["params"]]
+    assert sorted(grouped) == sorted(names.values())  # every parameter once; the tied embedding once
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in groups["expert"]["params"]} == {"w_in", "w_out"}
+    assert all(".experts." in names[id(p)] for p in groups["expert_no_decay"]["params"])
+    assert "blocks.1.ffn.router.weight" in {names[id(p)] for p in groups["dense"]["params"]}
+    assert "tok_emb.weight" in {names[id(p)] for p in groups["dense"]["params"]}
+    assert all(p.dim() == 1 for p in groups["dense_no_decay"]["params"])
+    assert groups["dense_no_decay"]["weight_decay"] == 0.0 and groups["expert"]["lr_scale"] == 0.5
+    optimizer = make_optimizer(model, cfg)
+    assert isinstance(optimizer, torch.optim.AdamW) and len(optimizer.param_groups) == 4
