@@ -8,8 +8,8 @@ from pyramoe.layers import MLP, MoELayer
 
 def copy_mlp_into_expert(moe: MoELayer, mlp: MLP, expert: int = 0) -> None:
     with torch.no_grad():
-        moe.experts.w_in[expert].copy_(mlp.fc_in.weight.t())
-        moe.experts.w_out[expert].copy_(mlp.fc_out.weight.t())
+        moe.experts.w_in[expert].copy_(mlp.fc_in.weight)
+        moe.experts.w_out[expert].copy_(mlp.fc_out.weight)
         moe.experts.b_in[expert, 0].copy_(mlp.fc_in.bias)
         moe.experts.b_out[expert, 0].copy_(mlp.fc_out.bias)
 

@@ -23,11 +23,18 @@ def time_call(fn: Callable[[], Any], repeats: int, warmup: int) -> dict[str, flo
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
+    return summarize(samples)
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    """Median and spread (ms) of timing samples; empty when there are none."""
+    if not samples:
+        return {}
     return {
         "median_ms": statistics.median(samples),
         "min_ms": min(samples),
         "max_ms": max(samples),
-        "repeats": repeats,
+        "repeats": len(samples),
     }
 
 

@@ -15,12 +15,20 @@ import contextlib
 import os
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from pyramoe.bench.common import format_table, machine_info, native_bf16_matmul, time_call, write_json
+from pyramoe.bench.common import (
+    format_table,
+    machine_info,
+    native_bf16_matmul,
+    summarize,
+    time_call,
+    write_json,
+)
 from pyramoe.config import MoEConfig
 from pyramoe.layers import MLP, MoELayer
 from pyramoe.layers.dispatch import DenseEinsumDispatcher
@@ -98,7 +106,7 @@ def _output(result: Any) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result
 
 
-def measure(layer: nn.Module, x: torch.Tensor, mode: str, args: argparse.Namespace) -> dict[str, float]:
+def make_step(layer: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
     if mode == "fwd":
         layer.eval()
 
@@ -106,15 +114,27 @@ def measure(layer: nn.Module, x: torch.Tensor, mode: str, args: argparse.Namespa
             with torch.no_grad():
                 _output(layer(x))
 
-    else:
-        layer.train()
-        x = x.detach().requires_grad_()
+        return step
+    layer.train()
+    x = x.detach().requires_grad_()
 
-        def step() -> None:
-            layer.zero_grad(set_to_none=True)
-            _output(layer(x)).float().square().mean().backward()
+    def train_step() -> None:
+        layer.zero_grad(set_to_none=True)
+        _output(layer(x)).float().square().mean().backward()
 
-    return time_call(step, repeats=args.repeats, warmup=args.warmup)
+    return train_step
+
+
+def measure_interleaved(steps: dict[str, Callable[[], None]], args: argparse.Namespace) -> dict[str, dict]:
+    """Round-robin over the implementations, so that machine noise (other processes, clock changes)
+    hits them alike instead of biasing whichever ran during a slow spell."""
+    for step in steps.values():
+        time_call(step, repeats=0, warmup=args.warmup)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            samples[name].append(time_call(step, repeats=1, warmup=0)["median_ms"])
+    return {name: summarize(values) for name, values in samples.items()}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -134,16 +154,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             x = torch.randn(args.tokens, args.d_model, dtype=dtype)
+            for layer in layers.values():
+                layer.to(dtype)
             for mode in args.modes.split(","):
-                for name, layer in layers.items():
-                    layer.to(dtype)
-                    timing = measure(layer, x, mode, args)
+                steps = {name: make_step(layer, x, mode) for name, layer in layers.items()}
+                for name, timing in measure_interleaved(steps, args).items():
                     results.append(dict(impl=name, experts=num_experts, dtype=dtype_name, mode=mode, **timing))
                     print(f"  {name:15s} E={num_experts:<3d} {dtype_name} {mode:6s} {timing['median_ms']:9.2f} ms",
                           file=sys.stderr, flush=True)
         del layers
     _add_ratios(results)
-    payload = {
+    return {
         "benchmark": "moe-layer",
         "shape": dict(tokens=args.tokens, d_model=args.d_model, d_ff=args.d_ff, top_k=1,
                       capacity_factor=args.capacity_factor, min_capacity=args.min_capacity),
@@ -151,7 +172,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "notes": notes,
         "results": results,
     }
-    return payload
 
 
 def _add_ratios(results: list[dict[str, Any]]) -> None:
