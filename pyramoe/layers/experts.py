@@ -51,34 +51,89 @@ class GroupedExperts(nn.Module):
         """x_rows is either padded ([E*S, D], expert e owns rows e*S..e*S+S) or compact
         ([N, D], expert e owns the next tokens_per_expert[e] rows)."""
         if rows_per_expert is not None:
-            return self._padded(x_rows.view(self.num_experts, rows_per_expert, -1)).flatten(0, 1)
-        return self._compact(x_rows, tokens_per_expert.tolist())
+            x = x_rows.view(self.num_experts, rows_per_expert, -1)
+            counts = None
+        else:
+            x = x_rows
+            counts = tokens_per_expert.tolist()
+        h = grouped_linear(x, self.w_in, self.b_in, counts)
+        y = grouped_linear(activate(h, self.activation), self.w_out, self.b_out, counts)
+        return y.flatten(0, 1) if counts is None else y
 
-    def _padded(self, x_ESD: torch.Tensor) -> torch.Tensor:
-        h = self._gemm(x_ESD, self.w_in, self.b_in)
-        return self._gemm(activate(h, self.activation), self.w_out, self.b_out)
+
+def grouped_linear(
+    x: torch.Tensor, weight_EOI: torch.Tensor, bias_E1O: torch.Tensor | None, counts: list[int] | None
+) -> torch.Tensor:
+    """Per-expert x_e @ W_e^T + b_e over a padded [E, S, I] batch (counts None) or compact [N, I] rows
+    with counts[e] rows per expert."""
+    return _GroupedLinear.apply(x, weight_EOI, bias_E1O, counts)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """Hand-written backward so weight gradients are produced directly in the [E, O, I] layout.
+
+    Autograd of bmm(x, W.transpose(1, 2)) computes dW as [E, I, O] and then copies it transposed
+    (256 MB for 64 experts of 512x2048: it nearly doubled the backward), and per-expert slices
+    W[e] in a loop each materialise a full-size zero gradient.
+    """
 
     @staticmethod
-    def _gemm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        # bmm then an in-place bias add: baddbmm first copies the broadcast bias into the output,
-        # an extra pass over [E, S, F] that cost ~5% of the layer.
-        out = torch.bmm(x, w.transpose(1, 2))
-        return out if b is None else out.add_(b)
-
-    def _compact(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        outputs = []
-        for e, chunk in enumerate(torch.split(x_ND, counts)):
-            if chunk.shape[0] == 0:
-                continue
-            h = self._mm(chunk, self.w_in[e], None if self.b_in is None else self.b_in[e, 0])
-            outputs.append(
-                self._mm(activate(h, self.activation), self.w_out[e], None if self.b_out is None else self.b_out[e, 0])
-            )
-        if not outputs:
-            return x_ND.new_zeros(0, self.w_out.shape[1])
-        return torch.cat(outputs)
+    def forward(ctx, x, weight, bias, counts):  # noqa: ANN001, ANN205
+        # Under autocast, compute in the autocast dtype as torch.bmm would, and give gradients back
+        # in each input's own dtype (fp32 master weights).
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        ctx.input_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.counts = counts
+        with torch.autocast(device, enabled=False):
+            return _grouped_linear_forward(x, weight, bias, counts)
 
     @staticmethod
-    def _mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        out = x @ w.t()
-        return out if b is None else out.add_(b)
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.input_dtypes
+        with torch.autocast(x.device.type, enabled=False):
+            grad_out = grad_out.to(x.dtype).contiguous()
+            grads = _grouped_linear_backward(grad_out, x, weight, b_dtype is not None, ctx.counts)
+        grad_x, grad_w, grad_b = (
+            None if g is None else g.to(dtype) for g, dtype in zip(grads, (x_dtype, w_dtype, b_dtype))
+        )
+        return grad_x, grad_w, grad_b, None
+
+
+def _grouped_linear_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, counts: list[int] | None
+) -> torch.Tensor:
+    if counts is None:
+        out = torch.bmm(x, weight.transpose(1, 2))
+        # An in-place add: baddbmm would first copy the broadcast bias into the whole output.
+        return out if bias is None else out.add_(bias)
+    out = x.new_empty(x.shape[0], weight.shape[1])
+    for e, (x_e, out_e) in enumerate(zip(x.split(counts), out.split(counts))):
+        if x_e.shape[0]:
+            torch.mm(x_e, weight[e].t(), out=out_e)
+            if bias is not None:
+                out_e.add_(bias[e])
+    return out
+
+
+def _grouped_linear_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, counts: list[int] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    if counts is None:
+        grad_b = grad_out.sum(dim=1, keepdim=True) if has_bias else None
+        return torch.bmm(grad_out, weight), torch.bmm(grad_out.transpose(1, 2), x), grad_b
+    grad_x = torch.empty_like(x)
+    grad_w = torch.zeros_like(weight)
+    grad_b = weight.new_zeros(weight.shape[0], 1, weight.shape[1]) if has_bias else None
+    for e, (x_e, g_e, gx_e) in enumerate(zip(x.split(counts), grad_out.split(counts), grad_x.split(counts))):
+        if not x_e.shape[0]:
+            continue
+        torch.mm(g_e, weight[e], out=gx_e)
+        torch.mm(g_e.t(), x_e, out=grad_w[e])
+        if grad_b is not None:
+            torch.sum(g_e, dim=0, keepdim=True, out=grad_b[e])
+    return grad_x, grad_w, grad_b

@@ -1,0 +1,72 @@
+"""`pyramoe experiments NAME`: run a small-scale study of one of the paper's claims."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pyramoe.experiments import STUDIES, get_study, render_results, run_study
+from pyramoe.experiments.runner import report_table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "experiments",
+        help="reproduce one of the paper's claims at small scale (tables and plots to docs/results)",
+        description="Studies: " + "; ".join(f"{s.name}: {s.title}" for s in STUDIES.values()),
+    )
+    parser.add_argument("study", nargs="?", help="study name, 'all', or omit with --list")
+    parser.add_argument("--list", action="store_true", help="list the studies")
+    parser.add_argument("--steps", type=int, help="steps per run (default: the study's)")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: the study's)")
+    parser.add_argument("--root", default="runs/experiments", help="where the runs go")
+    parser.add_argument("--docs", default="docs/results", help="where summaries and plots go")
+    parser.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
+                        help="extra train settings for every run (e.g. train.threads=1)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.list or not args.study:
+        for study in STUDIES.values():
+            print(f"{study.name:18s} {study.title} ({len(study.arms)} arms x {len(study.seeds)} seeds, "
+                  f"{study.steps} steps)")
+        return 0
+    names = list(STUDIES) if args.study == "all" else [get_study(args.study).name]
+    train = _train_settings(args)
+    seeds = _seeds(args.seeds)
+    docs = Path(args.docs)
+    for name in names:
+        study = STUDIES[name]
+        if args.steps is not None:
+            if args.steps < 1:
+                raise ValueError(f"--steps: must be >= 1, got {args.steps}")
+            study = type(study)(**{**study.__dict__, "steps": args.steps})
+        summary = run_study(study, Path(args.root), docs, train=train, seeds=seeds, progress=not args.quiet)
+        print(f"\n== {study.title} ==")
+        print(report_table(summary))
+        print(f"direction: {summary['verdict']}")
+    print(f"wrote {render_results(docs, STUDIES)}")
+    return 0
+
+
+def _train_settings(args: argparse.Namespace) -> dict:
+    from pyramoe.train.config import parse_override
+
+    train: dict = {}
+    for item in args.set:
+        parsed = parse_override(item)
+        if set(parsed) != {"train"}:
+            raise ValueError(f"--set {item}: only train.* settings apply to every run of a study")
+        train.update(parsed["train"])
+    return train
+
+
+def _seeds(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers, got {text!r}") from None
