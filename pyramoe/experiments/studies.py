@@ -28,7 +28,7 @@ class Study:
     expected_better: str
     expected_worse: str
     seeds: tuple[int, ...] = (1, 2)
-    steps: int = 200
+    steps: int = 120
     compare: str = "val_loss"  # what decides the direction
     notes: str = ""
 
