@@ -5,7 +5,9 @@ tied input/output embeddings and biases everywhere (GPT-3 style), FFN width 4*d_
 other layer (DeepSpeed's default). PR-MoE uses Residual-MoE with 32/64 (350M) or 64/128 (1.3B)
 experts: the first 10 MoE layers take the smaller count and the last 2 the larger, the layout of
 DeepSpeed's PR-MoE examples. MoS students drop 12.5% of layers (24 -> 21): 10 MoE layers, the last
-2 with the larger count.
+2 with the larger count. `tiny-mos` is the student `pyramoe distill` derives from `tiny-prmoe`
+(pyramoe/models/student.py): 0.875 of 4 blocks rounds down to 3, so block 2 (dense) is dropped and
+blocks 0, 1, 3 are kept - 75% of the depth, the MoE blocks with 4 and 8 experts both kept.
 """
 
 from __future__ import annotations
@@ -39,13 +41,13 @@ def _paper(base: str, experts: int | list[int] | None = None, residual: bool = F
     )
 
 
-def _tiny(placement: str = "none", experts: int | list[int] = 8, **moe) -> ModelConfig:
+def _tiny(placement: str | list[int] = "none", experts: int | list[int] = 8, n_layers: int = 4, **moe) -> ModelConfig:
     return ModelConfig(
         vocab_size=TINY_VOCAB,
         max_seq_len=TINY_SEQ_LEN,
         d_model=256,
         n_heads=4,
-        layers=build_layers(4, placement, experts, **moe),
+        layers=build_layers(n_layers, placement, experts, **moe),
     )
 
 
@@ -56,6 +58,10 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny-moe-top2": lambda: _tiny("every_other", 8, top_k=2, capacity_factor=1.25, eval_capacity_factor=2.0),
     "tiny-prmoe": lambda: _tiny(
         "every_other", [4, 8], use_residual=True, capacity_factor=1.25, eval_capacity_factor=2.0
+    ),
+    # The Mixture-of-Students student of tiny-prmoe (its blocks 0, 1, 3).
+    "tiny-mos": lambda: _tiny(
+        [1, 2], [4, 8], n_layers=3, use_residual=True, capacity_factor=1.25, eval_capacity_factor=2.0
     ),
     # The paper's sizes (build on the meta device: torch.device("meta")).
     "350m": lambda: _paper("350m"),

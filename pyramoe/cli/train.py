@@ -29,15 +29,14 @@ import time
 from typing import Any
 
 from pyramoe.models import count_active_parameters, count_parameters
-from pyramoe.train import build_model, complete, create_trainer, load_checkpoint, resolve_run
+from pyramoe.train import Checkpoint, RunConfig, build_model, complete, create_trainer, load_checkpoint, resolve_run
 from pyramoe.train.config import load_toml, parse_override
 from pyramoe.train.metrics import METRICS_FILE, read_metrics, records_of
-from pyramoe.train.session import LATEST
+from pyramoe.train.session import LATEST, check_plain_run
 from pyramoe.train.trainer import FitResult, Trainer
 
 # Dedicated flags are shorthands for --set; values are checked by the same code, so errors match.
-FLAGS = {
-    "preset": "model.preset",
+RUN_FLAGS = {
     "steps": "train.steps",
     "batch_size": "train.batch_size",
     "seq_len": "train.seq_len",
@@ -48,6 +47,7 @@ FLAGS = {
     "seed": "train.seed",
     "run_dir": "train.run_dir",
 }
+FLAGS = {"preset": "model.preset", **RUN_FLAGS}
 SAMPLE_PROMPT = "def"
 
 
@@ -57,35 +57,52 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--preset", metavar="NAME", help="model preset (see `pyramoe presets`); default tiny-moe")
-    parser.add_argument("--config", metavar="FILE.toml", help="TOML file with [train] and [model] tables")
+    add_run_arguments(parser)
+    parser.set_defaults(func=main)
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser, defaults: str | None = None, tables: str = "[train] and [model] tables",
+    run_dir: str = "runs/PRESET",
+) -> None:
+    """The flags `train` and `distill` share; `defaults` replaces the defaults named in the help."""
+
+    def default(value: str) -> str:
+        return defaults or value
+
+    parser.add_argument("--config", metavar="FILE.toml", help=f"TOML file with {tables}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one setting, e.g. --set train.lr=3e-4 --set model.dropout=0.1 (repeatable)")
-    parser.add_argument("--steps", metavar="N", help="optimizer steps (default 300)")
-    parser.add_argument("--batch-size", metavar="N", help="sequences per micro-batch (default 16)")
-    parser.add_argument("--seq-len", metavar="N", help="tokens per sequence (default 128)")
-    parser.add_argument("--lr", metavar="LR", help="peak learning rate (default 2e-3)")
+    parser.add_argument("--steps", metavar="N", help=f"optimizer steps (default {default('300')})")
+    parser.add_argument("--batch-size", metavar="N", help=f"sequences per micro-batch (default {default('16')})")
+    parser.add_argument("--seq-len", metavar="N", help=f"tokens per sequence (default {default('128')})")
+    parser.add_argument("--lr", metavar="LR", help=f"peak learning rate (default {default('2e-3')})")
     parser.add_argument("--precision", metavar="fp32|bf16",
-                        help="bf16 autocast needs AVX512-BF16/AMX to be fast; default fp32")
+                        help="bf16 autocast needs AVX512-BF16/AMX to be fast; default " + default("fp32"))
     parser.add_argument("--corpus", metavar="SPEC",
-                        help="stdlib (default), a text file, a directory, a .jsonl file or hf:DIR[:split]")
+                        help=f"{default('stdlib (default)')}, a text file, a directory, a .jsonl file "
+                        "or hf:DIR[:split]")
     parser.add_argument("--max-bytes", metavar="N", help="use only the first N bytes of the corpus")
     parser.add_argument("--seed", metavar="N", help="seed of the initialisation and batch order")
-    parser.add_argument("--run-dir", metavar="DIR", help="output directory (default runs/PRESET)")
+    parser.add_argument("--run-dir", metavar="DIR", help=f"output directory (default {run_dir})")
     parser.add_argument("--resume", nargs="?", const=LATEST, metavar="CKPT",
                         help="continue the run in RUN_DIR from its latest checkpoint, or from CKPT")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-eval lines")
     parser.add_argument("--no-plot", action="store_true", help="do not write plots at the end")
     parser.add_argument("--sample-tokens", type=int, default=120, metavar="N",
                         help="print an N-token sample at the end (0: none)")
-    parser.set_defaults(func=main)
 
 
-def config_sources(args: argparse.Namespace) -> list[dict[str, Any]]:
+def config_sources(
+    args: argparse.Namespace, flags: dict[str, str] = FLAGS, extra: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """--config, then the dedicated flags, then `extra` (other flags), then --set: later ones win."""
     sources = [load_toml(args.config)] if args.config else []
-    for attr, key in FLAGS.items():
+    for attr, key in flags.items():
         value = getattr(args, attr)
         if value is not None:
             sources.append(parse_override(f"{key}={value}"))
+    sources.extend(extra or [])
     sources.extend(parse_override(item) for item in args.overrides)
     return sources
 
@@ -93,18 +110,30 @@ def config_sources(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     run, ckpt = resolve_run(config_sources(args), args.resume)
-    if ckpt is not None and ckpt.step >= run.train.steps:
-        print(f"{ckpt.path} is at step {ckpt.step} of {run.train.steps}: nothing to do "
-              f"(--steps N continues to step N)")
+    check_plain_run(run)
+    if nothing_to_do(run, ckpt):
         return 0
     trainer = create_trainer(run, ckpt, progress=not args.quiet)
     _print_header(trainer, resumed=ckpt is not None)
+    return fit_and_report(trainer, args, start)
+
+
+def nothing_to_do(run: RunConfig, ckpt: Checkpoint | None) -> bool:
+    if ckpt is not None and ckpt.step >= run.train.steps:
+        print(f"{ckpt.path} is at step {ckpt.step} of {run.train.steps}: nothing to do "
+              f"(--steps N continues to step N)")
+        return True
+    return False
+
+
+def fit_and_report(trainer: Trainer, args: argparse.Namespace, start: float) -> int:
+    """Train to the end, then a summary, plots and a sample; or, when a signal stopped it, how to go on."""
     result = trainer.fit()
     wall = time.perf_counter() - start
     if result.stopped_by is not None:
-        name = signal.Signals(result.stopped_by).name
+        name, command = signal.Signals(result.stopped_by).name, getattr(args, "command", "train")
         print(f"{name}: stopped at step {result.step}; checkpoint {result.checkpoint}\n"
-              f"continue with: pyramoe train --resume --run-dir {trainer.run_dir}", file=sys.stderr)
+              f"continue with: pyramoe {command} --resume --run-dir {trainer.run_dir}", file=sys.stderr)
         return 128 + result.stopped_by
     _print_summary(trainer, result, wall, args)
     return 0

@@ -2,8 +2,9 @@
 
 A run has two sections: [train] (the fields of `TrainConfig`) and [model] (`preset` plus overrides of
 `ModelConfig` fields; `n_layers`, `moe_placement` and `num_experts` rebuild the layer list, and a
-[model.moe] table sets `MoEConfig` fields on every MoE layer). Sources are merged in order, later ones
-winning: preset < TOML file < dedicated CLI flags < `--set`. Every error names the setting.
+[model.moe] table sets `MoEConfig` fields on every MoE layer); a distillation run adds [distill]
+(`DistillConfig`, pyramoe/train/kd.py). Sources are merged in order, later ones winning:
+preset < TOML file < dedicated CLI flags < `--set`. Every error names the setting.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from pyramoe.config import PLACEMENTS, ModelConfig, MoEConfig, build_layers, moe_layer_indices
 from pyramoe.presets import get_preset
+from pyramoe.train.kd import DistillConfig
 
 PRECISIONS = ("fp32", "bf16")
 DEFAULT_PRESET = "tiny-moe"
@@ -95,14 +97,19 @@ def _check(cond: bool, name: str, message: str) -> None:
 
 @dataclass
 class RunConfig:
-    """Everything needed to (re)build a run: training settings, a preset and model overrides."""
+    """Everything needed to (re)build a run: training settings, a preset and model overrides, and
+    for a distillation run (`pyramoe distill`) its KD settings."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = DEFAULT_PRESET
     model: dict[str, Any] = field(default_factory=dict)
+    distill: DistillConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"train": dataclasses.asdict(self.train), "model": {"preset": self.preset, **self.model}}
+        out = {"train": dataclasses.asdict(self.train), "model": {"preset": self.preset, **self.model}}
+        if self.distill is not None:
+            out["distill"] = dataclasses.asdict(self.distill)
+        return out
 
     @property
     def run_dir(self) -> Path:
@@ -157,9 +164,10 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
-    """Check and convert merged settings ({"train": {...}, "model": {...}}) into a RunConfig."""
-    _reject_unknown(data, ("train", "model"), "")
-    for section in ("train", "model"):
+    """Check and convert merged settings ({"train": {...}, "model": {...}[, "distill": {...}]}) into a
+    RunConfig; a "distill" section (even empty) makes it a distillation run."""
+    _reject_unknown(data, ("train", "model", "distill"), "")
+    for section in ("train", "model", "distill"):
         if not isinstance(data.get(section, {}), dict):
             raise ValueError(f"{section}: must be a table of settings")
     train = TrainConfig(**_typed(data.get("train", {}), TrainConfig, "train"))
@@ -169,7 +177,11 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     if not isinstance(preset, str):
         raise ValueError(f"model.preset: must be a preset name, got {preset!r}")
     get_preset(preset)  # fails early on an unknown name
-    return RunConfig(train=train, preset=preset, model=_check_model_overrides(model))
+    distill = None
+    if "distill" in data:
+        distill = DistillConfig(**_typed(data["distill"], DistillConfig, "distill"))
+        distill.validate()
+    return RunConfig(train=train, preset=preset, model=_check_model_overrides(model), distill=distill)
 
 
 def _check_model_overrides(model: dict[str, Any]) -> dict[str, Any]:
@@ -247,9 +259,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 # -- the model ------------------------------------------------------------------------------------------------
 
 
-def build_model_config(run: RunConfig, vocab_size: int) -> ModelConfig:
-    """The preset with the run's model overrides, the tokenizer's vocabulary and train.*_loss_coef."""
-    base = get_preset(run.preset)
+def build_model_config(run: RunConfig, vocab_size: int, base: ModelConfig | None = None) -> ModelConfig:
+    """The preset (or `base`, e.g. a student derived from a teacher) with the run's model overrides,
+    the tokenizer's vocabulary and train.*_loss_coef."""
+    base = base if base is not None else get_preset(run.preset)
     overrides = dict(run.model)
     moe = overrides.pop("moe", {})
     layout = {k: overrides.pop(k) for k in LAYOUT_KEYS if k in overrides}

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from pyramoe.config import ModelConfig
 from pyramoe.data import PreparedData, prepare_data
 from pyramoe.train import checkpoint as ckpt_io
 from pyramoe.train.config import RunConfig, build_model_config, merge, run_config_from_dict
@@ -24,8 +25,8 @@ def resolve_run(
 ) -> tuple[RunConfig, ckpt_io.Checkpoint | None]:
     """The run's config from `sources` (merged in order) and, when resuming, the checkpoint.
 
-    Resuming keeps the checkpoint's settings; `train.*` settings in `sources` replace them (e.g. more
-    steps), while the model and its preset cannot change.
+    Resuming keeps the checkpoint's settings; `train.*` (and a distillation run's `distill.*`) settings
+    in `sources` replace them (e.g. more steps), while the model and its preset cannot change.
     """
     merged: dict[str, Any] = {}
     for source in sources:
@@ -50,7 +51,10 @@ def resolve_run(
     train = merge(saved["train"], merged.get("train", {}))
     if "run_dir" not in merged.get("train", {}):
         train["run_dir"] = str(ckpt.path.parent.parent)  # where the checkpoint lives, whatever the cwd
-    return run_config_from_dict({"train": train, "model": saved_model}), ckpt
+    resumed = {"train": train, "model": saved_model}
+    if "distill" in saved or "distill" in merged:
+        resumed["distill"] = merge(saved.get("distill", {}), merged.get("distill", {}))
+    return run_config_from_dict(resumed), ckpt
 
 
 def check_fresh_run_dir(run_dir: Path) -> None:
@@ -88,30 +92,49 @@ def load_data(run: RunConfig, ckpt: ckpt_io.Checkpoint | None = None, progress: 
 
 def create_trainer(run: RunConfig, ckpt: ckpt_io.Checkpoint | None = None, progress: bool = True) -> Trainer:
     """Data, model and optimizer for a new run, or restored from `ckpt`."""
-    if ckpt is None:
-        check_fresh_run_dir(run.run_dir)
-    if run.train.threads is not None:
-        torch.set_num_threads(run.train.threads)
+    check_plain_run(run)
+    prepare_run(run, ckpt)
     data = load_data(run, ckpt, progress)
     if ckpt is None:
         model_config = build_model_config(run, data.vocab_size)
     else:
-        model_config = ckpt.model_config()
-        if model_config.vocab_size != data.vocab_size:
-            raise ValueError(
-                f"{ckpt.path}: incompatible checkpoint (vocab {model_config.vocab_size}, tokenizer {data.vocab_size})"
-            )
-        if run.train.seq_len > model_config.max_seq_len:
-            raise ValueError(f"train.seq_len: {run.train.seq_len} exceeds model.max_seq_len={model_config.max_seq_len}")
+        model_config = resumed_model_config(run, ckpt, data.vocab_size)
     trainer = Trainer(run, model_config, data, progress)
     if ckpt is not None:
         trainer.restore(ckpt)
     else:
-        _write_run_config(run, trainer)
+        write_run_config(run, trainer)
     return trainer
 
 
-def _write_run_config(run: RunConfig, trainer: Trainer) -> None:
+def check_plain_run(run: RunConfig) -> None:
+    """A run with [distill] settings needs a teacher: `pyramoe distill` builds those."""
+    if run.distill is not None:
+        raise ValueError("distill.*: a distillation run (a teacher and a student) belongs to `pyramoe distill`; "
+                         "continue one with `pyramoe distill --resume`")
+
+
+def prepare_run(run: RunConfig, ckpt: ckpt_io.Checkpoint | None) -> None:
+    """Checks, and process-wide settings (threads), before any data or model is built."""
+    if ckpt is None:
+        check_fresh_run_dir(run.run_dir)
+    if run.train.threads is not None:
+        torch.set_num_threads(run.train.threads)
+
+
+def resumed_model_config(run: RunConfig, ckpt: ckpt_io.Checkpoint, vocab_size: int) -> ModelConfig:
+    """The checkpoint's model config, checked against the tokenizer and the run's sequence length."""
+    model_config = ckpt.model_config()
+    if model_config.vocab_size != vocab_size:
+        raise ValueError(
+            f"{ckpt.path}: incompatible checkpoint (vocab {model_config.vocab_size}, tokenizer {vocab_size})"
+        )
+    if run.train.seq_len > model_config.max_seq_len:
+        raise ValueError(f"train.seq_len: {run.train.seq_len} exceeds model.max_seq_len={model_config.max_seq_len}")
+    return model_config
+
+
+def write_run_config(run: RunConfig, trainer: Trainer) -> None:
     """config.json: the resolved settings, for people reading the run directory."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     payload = {"run": run.to_dict(), "model_config": trainer.model.config.to_dict()}

@@ -14,7 +14,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pyramoe.config import ModelConfig
 from pyramoe.data import PreparedData
-from pyramoe.models import GPT
+from pyramoe.models import GPT, GPTOutput
 from pyramoe.train import checkpoint as ckpt_io
 from pyramoe.train.config import RunConfig
 from pyramoe.train.evaluate import EvalResult, autocast, evaluate
@@ -32,15 +32,28 @@ from pyramoe.train.metrics import METRICS_FILE, MetricsLog
 from pyramoe.train.optim import lr_at, make_optimizer, set_lr
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+# A loss hook turns the model's output on one micro-batch (x, y) into the objective to minimise - the
+# trainer adds the MoE aux loss - and named scalars to log, "ce" among them. Distillation plugs in here.
+LossFn = Callable[[GPTOutput, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def cross_entropy_loss(
+    out: GPTOutput, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The default objective: next-token cross-entropy in fp32, averaged over tokens."""
+    logits = out.logits.float()
+    ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+    return ce, {"ce": ce.detach()}
 
 
 @dataclass
 class StepStats:
-    loss: float  # cross-entropy + aux losses, the optimised objective
+    loss: float  # the hook's objective + aux losses, what was optimised
     ce: float
     aux: float
     grad_norm: float
     drop_rate: float  # mean over MoE layers and micro-batches
+    terms: dict[str, float] = field(default_factory=dict)  # the hook's other logged scalars (e.g. kd)
 
 
 def train_step(
@@ -49,24 +62,28 @@ def train_step(
     batches: Iterable[Batch],
     grad_clip: float = 0.0,
     precision: str = "fp32",
+    loss_fn: LossFn = cross_entropy_loss,
 ) -> StepStats:
     """One optimizer step over the micro-batches (gradient accumulation: their mean loss)."""
     batches = list(batches)
-    ce_sum = aux_sum = drop_sum = 0.0
+    n = len(batches)
+    loss_sum = aux_sum = drop_sum = 0.0
     drop_count = 0
+    term_sums: dict[str, float] = {}
     for x, y in batches:
         with autocast(precision):
             out = model(x)
-        logits = out.logits.float()
-        ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1))
+        loss, terms = loss_fn(out, x, y)
         aux = out.aux_loss.float()
-        ((ce + aux) / len(batches)).backward()
-        ce_sum += ce.item()
+        ((loss + aux) / n).backward()
+        loss_sum += loss.item()
         aux_sum += aux.item()
+        for name, value in terms.items():
+            term_sums[name] = term_sums.get(name, 0.0) + float(value)
         for stats in out.moe_stats.values():
             drop_sum += stats.dropped_fraction.item()
             drop_count += 1
-    if not math.isfinite(ce_sum + aux_sum):
+    if not math.isfinite(loss_sum + aux_sum):
         optimizer.zero_grad(set_to_none=True)
         raise ValueError("loss is not finite; lower train.lr or raise train.warmup")
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -74,13 +91,14 @@ def train_step(
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    n = len(batches)
+    means = {name: total / n for name, total in term_sums.items()}
     return StepStats(
-        loss=(ce_sum + aux_sum) / n,
-        ce=ce_sum / n,
+        loss=(loss_sum + aux_sum) / n,
+        ce=means.pop("ce", math.nan),
         aux=aux_sum / n,
         grad_norm=grad_norm,
         drop_rate=drop_sum / drop_count if drop_count else 0.0,
+        terms=means,
     )
 
 
@@ -210,25 +228,36 @@ class Trainer:
         result.seconds = time.perf_counter() - start
         return result
 
+    def step_objective(self, step: int) -> tuple[LossFn, dict[str, float | None]]:
+        """The loss hook of optimizer step `step` (0-based) and per-step settings to log with it.
+
+        Subclasses override this (distillation: CE + a scheduled KD term); the base trains on CE.
+        """
+        return cross_entropy_loss, {}
+
     def _one_step(self, bar: tqdm) -> float:
         cfg = self.config
         lr = lr_at(self.step, cfg)
         set_lr(self.optimizer, lr)
         start = time.perf_counter()
         self.model.train()
-        stats = train_step(self.model, self.optimizer, self.next_batches(), cfg.grad_clip, cfg.precision)
-        seconds = time.perf_counter() - start
+        loss_fn, settings = self.step_objective(self.step)
+        stats = train_step(self.model, self.optimizer, self.next_batches(), cfg.grad_clip, cfg.precision, loss_fn)
+        seconds = time.perf_counter() - start  # includes whatever the hook runs (a teacher's forward)
         self.step += 1
         self.tokens_seen += cfg.tokens_per_step
         tokens_per_s = cfg.tokens_per_step / seconds
         self.metrics.write({
             "type": "train", "step": self.step, "loss": stats.loss, "ce": stats.ce, "aux": stats.aux,
+            **stats.terms, **settings,
             "lr": lr, "grad_norm": stats.grad_norm, "drop_rate": stats.drop_rate,
             "tokens": self.tokens_seen, "tokens_per_s": tokens_per_s, "step_s": seconds,
         })
+        extra = "".join(f" | {name} {value:.3g}" for name, value in {**stats.terms, **settings}.items()
+                        if value is not None)
         bar.update(1)
         bar.set_postfix_str(
-            f"loss {stats.ce:.3f} | {tokens_per_s:,.0f} tok/s | lr {lr:.2e} | drop {stats.drop_rate:.1%}",
+            f"loss {stats.ce:.3f}{extra} | {tokens_per_s:,.0f} tok/s | lr {lr:.2e} | drop {stats.drop_rate:.1%}",
             refresh=False,
         )
         return stats.loss
