@@ -52,6 +52,23 @@ def test_run_study_writes_summary_plot_and_reuses_runs(tmp_path):
     assert "tiny dense vs moe" in text and "Not run yet" in text
 
 
+def test_distill_study_trains_teacher_once_then_students(tmp_path):
+    study = Study(
+        name="tiny-mos", title="tiny MoS", paper_finding="Staged KD helps.",
+        teacher=Arm("teacher", "tiny-prmoe", {**SMALL, "n_layers": 3}), teacher_steps=3,
+        arms=(Arm("no-kd", "tiny-prmoe", distill={"kd_weight": 0.0}),
+              Arm("staged-kd", "tiny-prmoe", distill={"kd_schedule": "stop", "kd_stop_step": 1})),
+        expected_better="staged-kd", expected_worse="no-kd", seeds=(1,), steps=2,
+    )
+    summary = run_study(study, tmp_path / "runs", tmp_path / "docs", train=tiny_train(tmp_path), progress=False)
+    teacher = summary["teacher"]
+    assert teacher["tokens"] == 3 * 4 * 16
+    students = summary["arms"]
+    assert set(students) == {"no-kd", "staged-kd"}
+    assert all(a["parameters"] < teacher["parameters"] for a in students.values())  # one block fewer
+    assert all(a["retained_pct"] > 0 for a in students.values())
+
+
 def _arm(mean, spread, params=10, seconds=1.0):
     return {"val_loss_mean": mean, "val_loss_spread": spread, "parameters": params, "step_seconds": seconds}
 

@@ -15,6 +15,7 @@ from typing import Any
 from pyramoe.bench.common import format_table, write_json
 from pyramoe.experiments.studies import Arm, Study
 from pyramoe.models import count_active_parameters, count_parameters
+from pyramoe.train.distill import create_distill_trainer, resolve_distill_run
 from pyramoe.train.metrics import METRICS_FILE
 from pyramoe.train.session import create_trainer, resolve_run
 
@@ -33,17 +34,25 @@ class RunResult:
     tokens: int
 
 
-def run_arm(study: Study, arm: Arm, seed: int, root: Path, train: dict[str, Any], progress: bool) -> RunResult:
+def run_arm(
+    study: Study, arm: Arm, seed: int, root: Path, train: dict[str, Any], progress: bool,
+    steps: int | None = None, teacher_dir: Path | None = None,
+) -> RunResult:
     run_dir = root / study.name / f"{arm.name}-seed{seed}"
     done = run_dir / RESULT_FILE
     if done.is_file():
         data = json.loads(done.read_text())
         data["val_losses"] = {int(k): v for k, v in data["val_losses"].items()}
         return RunResult(**data)
-    settings = {"steps": study.steps, "seed": seed, "run_dir": str(run_dir), "save_every": 0, "keep_last": 1, **train}
-    sources = [{"train": settings, "model": {"preset": arm.preset, **arm.model}}]
-    run, _ = resolve_run(sources)
-    trainer = create_trainer(run, progress=progress)
+    settings = {"steps": steps or study.steps, "seed": seed, "run_dir": str(run_dir), "save_every": 0,
+                "keep_last": 1, **train}
+    if arm.distill is None:
+        run, _ = resolve_run([{"train": settings, "model": {"preset": arm.preset, **arm.model}}])
+        trainer = create_trainer(run, progress=progress)
+    else:
+        assert teacher_dir is not None, "distill arms need the study's teacher"
+        source = {"train": settings, "distill": {"teacher": str(teacher_dir), **arm.distill}}
+        trainer = create_distill_trainer(resolve_distill_run([source]), progress=progress)
     fit = trainer.fit()
     if fit.stopped_by is not None:
         raise KeyboardInterrupt
@@ -130,6 +139,15 @@ def report_table(summary: dict[str, Any]) -> str:
             f"{a['step_seconds'] * 1e3:.0f}",
         ])
     headers = ["arm", "params", "active", "seeds", "val loss (mean)", "range", "step ms"]
+    if "teacher" in summary:
+        t = summary["teacher"]
+        rows.append([f"teacher (seed {t['seed']})", f"{t['parameters'] / 1e6:.1f}M",
+                     f"{t['active_parameters'] / 1e6:.1f}M", 1, f"{t['val_loss']:.3f}", "-",
+                     f"{t['step_seconds'] * 1e3:.0f}"])
+        for row, a in zip(rows, summary["arms"].values()):
+            row.append(f"{a['retained_pct']:.1f}%")
+        rows[-1].append("100%")
+        headers.append("teacher loss / loss")
     return format_table(headers, rows)
 
 
@@ -159,12 +177,21 @@ def run_study(
     study: Study, root: Path, docs: Path, train: dict[str, Any] | None = None,
     seeds: tuple[int, ...] | None = None, progress: bool = True,
 ) -> dict[str, Any]:
+    seeds = seeds or study.seeds
+    teacher, teacher_dir = None, None
+    if study.teacher is not None:
+        teacher = run_arm(study, study.teacher, seeds[0], root, train or {}, progress, steps=study.teacher_steps)
+        teacher_dir = root / study.name / f"{study.teacher.name}-seed{seeds[0]}"
     results = [
-        run_arm(study, arm, seed, root, train or {}, progress)
-        for seed in (seeds or study.seeds)
+        run_arm(study, arm, seed, root, train or {}, progress, teacher_dir=teacher_dir)
+        for seed in seeds
         for arm in study.arms
     ]
     summary = summarize(study, results)
+    if teacher is not None:
+        summary["teacher"] = asdict(teacher)
+        for a in summary["arms"].values():
+            a["retained_pct"] = 100.0 * teacher.val_loss / a["val_loss_mean"]
     write_json(docs / f"{study.name}.json", summary)
     plot_study(summary, docs / f"{study.name}.png")
     return summary

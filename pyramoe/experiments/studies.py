@@ -16,6 +16,7 @@ class Arm:
     name: str
     preset: str
     model: dict[str, Any] = field(default_factory=dict)  # `model.*` overrides, as with --set
+    distill: dict[str, Any] | None = None  # `distill.*` settings: a student of the study's teacher
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class Study:
     steps: int = 120
     compare: str = "val_loss"  # what decides the direction
     notes: str = ""
+    teacher: Arm | None = None  # trained once (first seed, teacher_steps) for the distill arms
+    teacher_steps: int = 0
 
 
 _EVERY_OTHER_8 = {"moe_placement": "every_other", "num_experts": 8}
@@ -95,6 +98,29 @@ STUDIES: dict[str, Study] = {
             notes=(
                 "Direction holds when PR-MoE's validation loss is within the seed spread (or better) "
                 "of standard MoE's while using fewer parameters."
+            ),
+        ),
+        Study(
+            name="mos",
+            title="Mixture-of-Students: no KD vs full KD vs staged KD",
+            paper_finding=(
+                "A PR-MoE student with 12.5% fewer layers trained with KD all the way ends up worse than "
+                "without KD late in training; stopping KD early (staged KD) lets it match the teacher "
+                "(99.1-99.5% of the teacher's zero-shot accuracy)."
+            ),
+            teacher=Arm("teacher", "tiny-prmoe"),
+            teacher_steps=240,
+            arms=(
+                Arm("no-kd", "tiny-prmoe", distill={"kd_weight": 0.0}),
+                Arm("full-kd", "tiny-prmoe", distill={"kd_schedule": "constant"}),
+                Arm("staged-kd", "tiny-prmoe", distill={"kd_schedule": "stop", "kd_stop_step": 60}),
+            ),
+            expected_better="staged-kd",
+            expected_worse="full-kd",
+            notes=(
+                "Students are tiny-prmoe minus one of its 4 blocks (3 blocks: 25% fewer at this depth), "
+                "initialised from the teacher's kept blocks, trained 120 steps with KD weight 1 and "
+                "temperature 1; staged KD stops at step 60. The teacher trained 240 steps."
             ),
         ),
     )
