@@ -229,6 +229,9 @@ def render_results(docs: Path, studies: dict[str, Study]) -> Path:
         ]
         if summary.get("notes"):
             lines += [summary["notes"], ""]
+    commentary = docs / "commentary.md"  # hand-written reading of the numbers, kept across re-renders
+    if commentary.is_file():
+        lines += [commentary.read_text().strip(), ""]
     out = docs.parent / "results.md" if docs.name == "results" else docs / "results.md"
     out.write_text("\n".join(lines))
     return out
