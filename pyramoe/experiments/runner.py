@@ -199,6 +199,8 @@ def run_study(
 
 def render_results(docs: Path, studies: dict[str, Study]) -> Path:
     """docs/results.md from every study summary present in `docs` (studies not yet run are listed)."""
+    out = docs.parent / "results.md" if docs.name == "results" else docs / "results.md"
+    image_dir = f"{docs.name}/" if out.parent != docs else ""
     lines = [
         "# Reproducing the paper's claims at small scale",
         "",
@@ -222,7 +224,7 @@ def render_results(docs: Path, studies: dict[str, Study]) -> Path:
             report_table(summary),
             "```",
             "",
-            f"![{study.name}]({study.name}.png)",
+            f"![{study.name}]({image_dir}{study.name}.png)",
             "",
             f"**Direction:** {summary['verdict']}.",
             "",
@@ -232,6 +234,5 @@ def render_results(docs: Path, studies: dict[str, Study]) -> Path:
     commentary = docs / "commentary.md"  # hand-written reading of the numbers, kept across re-renders
     if commentary.is_file():
         lines += [commentary.read_text().strip(), ""]
-    out = docs.parent / "results.md" if docs.name == "results" else docs / "results.md"
     out.write_text("\n".join(lines))
     return out
