@@ -6,21 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from pyramoe.cli.main import main
 
 QUIET = ["--quiet", "--no-plot", "--sample-tokens", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYRAMOE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)  # default run directories land in tmp_path
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("tiny_run_env")
 
 
 def train_teacher(tmp_path: Path, run_dir: str = "runs/tiny-prmoe", vocab: int = 300, steps: int = 3) -> None:

@@ -6,19 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from pyramoe.cli.main import main
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYRAMOE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.chdir(tmp_path)  # the default run directory (runs/PRESET) lands in tmp_path
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("tiny_run_env")
 
 
 def tiny_args(tmp_path: Path, steps: int = 6) -> list[str]:

@@ -53,13 +53,7 @@ def teacher(tmp_path_factory) -> Path:
     return root / "teacher"
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYRAMOE_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("tiny_run_env")
 
 
 def distill(teacher: Path, run_dir: Path, resume: str | None = None, model: dict | None = None, **settings):

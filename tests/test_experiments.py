@@ -5,21 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from pyramoe.cli.main import main
 from pyramoe.experiments import STUDIES, render_results, run_study
 from pyramoe.experiments.runner import verdict
 from pyramoe.experiments.studies import Arm, Study
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYRAMOE_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("tiny_run_env")
 
 
 def tiny_train(tmp_path) -> dict:

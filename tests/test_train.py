@@ -32,13 +32,7 @@ def tiny_sources(tmp_path: Path, run_dir: str = "run", **train) -> list[dict]:
     return [{"train": settings, "model": {"d_model": 32, "n_layers": 2, "max_seq_len": 64}}]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYRAMOE_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest, and immune to a busy second core
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("tiny_run_env")
 
 
 def start(sources: list[dict], resume: str | None = None):
