@@ -12,7 +12,7 @@ import torch
 from pyramoe.train import build_model, create_trainer, generate_ids, latest_checkpoint, load_checkpoint, resolve_run
 from pyramoe.train import checkpoint as ckpt_io
 from pyramoe.train.checkpoint import list_checkpoints, load_optimizer_state
-from pyramoe.train.optim import make_optimizer
+from pyramoe.train.optim import LRPlan, make_optimizer
 
 
 def write_corpus(path: Path, n: int = 400) -> Path:
@@ -166,3 +166,22 @@ def test_bf16_autocast_runs_and_keeps_fp32_weights(tmp_path):
     result = trainer.fit()
     assert result.step == 1 and all(torch.isfinite(torch.tensor(v)) for v in result.losses.values())
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def train_lrs(run_dir: Path) -> dict[int, float]:
+    """step -> the LR logged for it (step 1 is optimizer step 0)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["lr"] for r in records if r["type"] == "train"}
+
+
+def test_extending_a_finished_run_continues_at_min_lr(tmp_path):
+    start(tiny_sources(tmp_path, steps=8, warmup=2, eval_every=0, save_every=0)).fit()
+    run_dir = tmp_path / "run"
+    assert train_lrs(run_dir)[8] == 3e-4  # the last step is at min_lr exactly
+    more = start([{"train": {"run_dir": str(run_dir), "steps": 12}}], resume="latest").fit()
+    extension = {s: lr for s, lr in train_lrs(run_dir).items() if s > 8}
+    assert more.step == 12 and extension == dict.fromkeys(range(9, 13), 3e-4)
+    # The re-planned schedule travels with the checkpoint: resuming again keeps it.
+    again = start([{"train": {"run_dir": str(run_dir)}}], resume="latest")
+    assert again.lr_plan == LRPlan.from_dict(load_checkpoint(run_dir).state["lr_plan"])
+    assert (again.lr_plan.start, again.lr_plan.start_lr, again.lr_plan.steps) == (8, 3e-4, 12)

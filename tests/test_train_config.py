@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from pyramoe.train.config import (
     parse_override,
     run_config_from_dict,
 )
-from pyramoe.train.optim import lr_at, make_optimizer, param_groups
+from pyramoe.train.optim import LRPlan, lr_at, make_optimizer, param_groups, resume_plan
 
 
 def test_defaults_are_valid_and_resolve_tiny_moe():
@@ -108,16 +108,43 @@ def test_toml_file_and_merge_order(tmp_path):
         load_toml(tmp_path / "missing.toml")
 
 
-def test_lr_schedule_warmup_then_cosine_to_min():
+def test_lr_schedule_peaks_once_at_the_end_of_warmup_and_ends_exactly_at_min_lr():
     cfg = TrainConfig(steps=110, warmup=10, lr=1e-3, min_lr=1e-4)
-    assert lr_at(0, cfg) == pytest.approx(1e-4)
-    assert lr_at(9, cfg) == pytest.approx(1e-3)
-    assert lr_at(10, cfg) == pytest.approx(1e-3)
-    assert lr_at(60, cfg) == pytest.approx(1e-4 + 0.5 * 9e-4)
-    assert lr_at(110, cfg) == pytest.approx(1e-4) and lr_at(500, cfg) == pytest.approx(1e-4)
-    values = [lr_at(s, cfg) for s in range(10, 110)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
-    assert not any(math.isnan(v) for v in values)
+    values = [lr_at(s, cfg) for s in range(110)]
+    assert values[0] == pytest.approx(1e-4)
+    assert values[9] == 1e-3 and values.count(1e-3) == 1  # the peak: the last warmup step, once
+    assert all(a < b for a, b in zip(values[:10], values[1:10]))
+    assert all(a > b for a, b in zip(values[9:], values[10:]))  # strictly down from the peak
+    assert values[109] == 1e-4 and min(values) == 1e-4  # min_lr exactly, on the last step only
+    assert values[59] == pytest.approx(1e-4 + 0.5 * 9e-4)  # halfway between steps 9 and 109
+    assert lr_at(110, cfg) == 1e-4 and lr_at(500, cfg) == 1e-4
+    no_warmup = TrainConfig(steps=5, warmup=0, lr=1e-3, min_lr=1e-4)
+    assert lr_at(0, no_warmup) == 1e-3 and lr_at(4, no_warmup) == 1e-4
+    only_warmup = TrainConfig(steps=4, warmup=8, lr=1e-3, min_lr=1e-4)
+    assert [lr_at(s, only_warmup) for s in range(4)] == pytest.approx([1.25e-4, 2.5e-4, 3.75e-4, 5e-4])
+
+
+def test_resume_plan_keeps_an_unchanged_schedule_and_never_jumps_up():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr=1e-4)
+    plan = LRPlan.fresh(cfg)
+    assert resume_plan(plan, cfg, 50) is plan
+    # Extending a finished run: the extension stays at min_lr.
+    finished = resume_plan(plan, dataclasses.replace(cfg, steps=150), 100)
+    assert [finished.lr_at(s) for s in range(100, 150)] == [1e-4] * 50
+    # Extending an unfinished run: a cosine from the current rate down to min_lr on the new last step.
+    longer = resume_plan(plan, dataclasses.replace(cfg, steps=200), 50)
+    assert longer.lr_at(50) == plan.lr_at(50) and longer.lr_at(199) == 1e-4
+    rest = [longer.lr_at(s) for s in range(50, 200)]
+    assert all(a > b for a, b in zip(rest, rest[1:]))
+    # During warmup the ramp carries on and the cosine is planned over the new length.
+    early = resume_plan(plan, dataclasses.replace(cfg, steps=200), 5)
+    assert early == LRPlan.fresh(dataclasses.replace(cfg, steps=200)) and early.lr_at(5) == plan.lr_at(5)
+    # A lower min_lr after the run: decay from min_lr to the new one; re-planning twice still works.
+    lower = resume_plan(finished, dataclasses.replace(cfg, steps=160, min_lr=1e-5), 150)
+    assert lower.lr_at(150) == 1e-4 and lower.lr_at(159) == 1e-5
+    assert LRPlan.from_dict(lower.to_dict()) == lower
+    with pytest.raises(ValueError, match="train.lr: cannot change when resuming after warmup"):
+        resume_plan(plan, dataclasses.replace(cfg, lr=2e-3, steps=200), 50)
 
 
 def test_param_groups_split_experts_and_decay():

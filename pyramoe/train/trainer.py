@@ -29,7 +29,7 @@ from pyramoe.train import checkpoint as ckpt_io
 from pyramoe.train.config import RunConfig
 from pyramoe.train.evaluate import EvalResult, autocast, evaluate
 from pyramoe.train.metrics import METRICS_FILE, MetricsLog
-from pyramoe.train.optim import lr_at, make_optimizer, set_lr
+from pyramoe.train.optim import LRPlan, make_optimizer, resume_plan, set_lr
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 # A loss hook turns the model's output on one micro-batch (x, y) into the objective to minimise - the
@@ -125,6 +125,7 @@ class Trainer:
         torch.manual_seed(self.config.seed)
         self.model = GPT(model_config)
         self.optimizer = make_optimizer(self.model, self.config)
+        self.lr_plan = LRPlan.fresh(self.config)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.train_data = data.train_dataset()
         self.val_data = data.val_dataset()
@@ -154,6 +155,7 @@ class Trainer:
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ValueError(f"{ckpt.path}: incompatible checkpoint (RNG state: {exc})") from None
         self.step = self.saved_step = ckpt.step
+        self.lr_plan = resume_plan(saved_lr_plan(ckpt), self.config, self.step)
         self.tokens_seen = int(ckpt.state.get("tokens_seen", 0))
         self.metrics.write({"type": "resume", "step": self.step, "checkpoint": str(ckpt.path)})
 
@@ -169,6 +171,7 @@ class Trainer:
             "preset": self.run.preset,
             "run_config": self.run.to_dict(),
             "model_config": self.model.config.to_dict(),
+            "lr_plan": self.lr_plan.to_dict(),
             "rng": {
                 "batches": ckpt_io.encode_rng(self.generator.get_state()),
                 "torch": ckpt_io.encode_rng(torch.get_rng_state()),
@@ -237,7 +240,7 @@ class Trainer:
 
     def _one_step(self, bar: tqdm) -> float:
         cfg = self.config
-        lr = lr_at(self.step, cfg)
+        lr = self.lr_plan.lr_at(self.step)
         set_lr(self.optimizer, lr)
         start = time.perf_counter()
         self.model.train()
@@ -273,6 +276,17 @@ class Trainer:
             total=self.config.steps, initial=self.step, desc="train", unit="step", disable=not self.progress,
             dynamic_ncols=True, leave=True,
         )
+
+
+def saved_lr_plan(ckpt: ckpt_io.Checkpoint) -> LRPlan:
+    """The schedule a checkpoint was following; older checkpoints recorded only their settings."""
+    try:
+        if "lr_plan" in ckpt.state:
+            return LRPlan.from_dict(ckpt.state["lr_plan"])
+        train = ckpt.state["run_config"]["train"]
+        return LRPlan(lr=train["lr"], min_lr=train["min_lr"], warmup=train["warmup"], steps=train["steps"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{ckpt.path}: incompatible checkpoint (LR schedule: {exc})") from None
 
 
 def format_eval(step: int, result: EvalResult) -> str:
