@@ -37,6 +37,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 TOKENIZER_FILE = "tokenizer.json"
 _NAME = re.compile(r"^step-(\d+)$")
+_DELETING = ".del-"  # prefix of a checkpoint directory being deleted
 
 
 @dataclass
@@ -126,8 +127,10 @@ def save_checkpoint(
     state: dict[str, Any],
     tokenizer_file: Path | None,
     keep_last: int,
+    discard_after: int | None = None,
 ) -> Path:
-    """Write step-NNNNNNN atomically, then delete all but the newest `keep_last` checkpoints."""
+    """Write step-NNNNNNN atomically, then prune (`prune`: keep_last, and checkpoints after
+    `discard_after`, an abandoned branch)."""
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(root, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
@@ -148,9 +151,39 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root, final, keep_last, discard_after)
     return final
+
+
+def step_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))  # type: ignore[union-attr]
+
+
+def prune(root: Path, written: Path, keep_last: int, discard_after: int | None = None) -> None:
+    """Keep `written` and the `keep_last`-1 highest-step others; delete the rest.
+
+    A run resumed from an earlier checkpoint passes `discard_after` (the step it resumed from): the
+    checkpoints after it belong to the abandoned continuation and go first, so that "latest" (the
+    highest step) is this run again and a later --resume cannot pick the abandoned one up.
+    """
+    others = [p for p in list_checkpoints(root) if p != written]
+    if discard_after is not None:
+        for path in [p for p in others if step_of(p) > discard_after]:
+            remove_checkpoint(path)
+            others.remove(path)
+    for path in others[: max(0, len(others) - (keep_last - 1))]:
+        remove_checkpoint(path)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Rename, then delete: a crash mid-delete leaves a `.del-` directory that `clean_stale` removes,
+    never a half-deleted step-* directory (weights without state.json)."""
+    doomed = path.with_name(f"{_DELETING}{path.name}-{os.getpid()}")
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        return  # gone already, or undeletable: nothing half-done either way
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
@@ -165,9 +198,14 @@ def _swap_in(tmp: Path, final: Path) -> None:
 
 
 def clean_stale(root: Path) -> None:
-    """Remove temporaries of interrupted saves; restore a checkpoint left moved aside."""
+    """Remove what interrupted saves and deletions left: temporaries, checkpoints being deleted, and
+    step-* directories without state.json (a deletion cut short before deletes were renames first);
+    restore a checkpoint left moved aside."""
     if not root.is_dir():
         return
+    for path in list(root.iterdir()):
+        if _is_leftover(path):
+            shutil.rmtree(path, ignore_errors=True)
     for path in root.iterdir():
         if path.name.startswith(".old-step-"):
             name = path.name[len(".old-") :].rsplit("-", 1)[0]
@@ -176,6 +214,14 @@ def clean_stale(root: Path) -> None:
                 continue
         if path.name.startswith((".tmp-step-", ".old-step-")):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_leftover(path: Path) -> bool:
+    """A directory being deleted, or a step-* one without state.json. Saves only ever rename a
+    complete directory (state.json included) to step-*, so the latter is what a deletion left."""
+    if not path.is_dir():
+        return False
+    return path.name.startswith(_DELETING) or (_NAME.match(path.name) is not None and not (path / STATE_FILE).exists())
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:

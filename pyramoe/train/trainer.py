@@ -134,6 +134,9 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.saved_step: int | None = None
+        # Resumed from an earlier checkpoint of this run directory: the step after which its
+        # checkpoints are an abandoned continuation, deleted by the next save.
+        self.discard_after: int | None = None
         self.evaluated_step: int | None = None
         self.last_eval: EvalResult | None = None
         self.stop_signal: int | None = None
@@ -155,9 +158,16 @@ class Trainer:
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ValueError(f"{ckpt.path}: incompatible checkpoint (RNG state: {exc})") from None
         self.step = self.saved_step = ckpt.step
+        if ckpt.path.parent.resolve() == self.checkpoint_root.resolve():
+            self.discard_after = ckpt.step
         self.lr_plan = resume_plan(saved_lr_plan(ckpt), self.config, self.step)
         self.tokens_seen = int(ckpt.state.get("tokens_seen", 0))
-        self.metrics.write({"type": "resume", "step": self.step, "checkpoint": str(ckpt.path)})
+        record = {"type": "resume", "step": self.step, "checkpoint": str(ckpt.path)}
+        if self.discard_after is not None:
+            later = [p.name for p in ckpt_io.list_checkpoints(self.checkpoint_root) if ckpt_io.step_of(p) > self.step]
+            if later:
+                record["discarding"] = later  # the abandoned continuation, deleted by the next save
+        self.metrics.write(record)
 
     def save(self) -> Path:
         """Checkpoint the current step (once per step)."""
@@ -186,9 +196,9 @@ class Trainer:
         }
         path = ckpt_io.save_checkpoint(
             self.checkpoint_root, self.step, self.model, self.optimizer, state, self.tokenizer_file,
-            self.config.keep_last,
+            self.config.keep_last, self.discard_after,
         )
-        self.saved_step = self.step
+        self.saved_step, self.discard_after = self.step, None
         return path
 
     # -- loop ---------------------------------------------------------------------------------------------
