@@ -185,3 +185,24 @@ def test_extending_a_finished_run_continues_at_min_lr(tmp_path):
     again = start([{"train": {"run_dir": str(run_dir)}}], resume="latest")
     assert again.lr_plan == LRPlan.from_dict(load_checkpoint(run_dir).state["lr_plan"])
     assert (again.lr_plan.start, again.lr_plan.start_lr, again.lr_plan.steps) == (8, 3e-4, 12)
+
+
+def test_resume_accepts_restated_model_settings_and_names_a_changed_one(tmp_path):
+    sources = tiny_sources(tmp_path, steps=2, eval_every=0)
+    start(sources).fit()
+    run_dir = str(tmp_path / "run")
+    preset_moe = load_checkpoint(run_dir).model_config().layers[1].moe
+    # The first run's own settings, the preset and values the preset already had are no change.
+    same = {**sources[0]["model"], "preset": "tiny-moe", "dropout": 0.0, "moe_placement": "every_other",
+            "num_experts": preset_moe.num_experts, "moe": {"top_k": preset_moe.top_k}}
+    run, ckpt = resolve_run([{"train": {"run_dir": run_dir}, "model": same}], resume="latest")
+    assert ckpt is not None and run.model == sources[0]["model"]
+    for model, message in [
+        ({"dropout": 0.1}, "model.dropout: cannot change when resuming \\(the checkpoint has 0.0\\)"),
+        ({"moe": {"top_k": preset_moe.top_k + 1}}, f"model.moe.top_k: .* has {preset_moe.top_k}\\)"),
+        ({"n_layers": 4}, "model.n_layers: .* has 2\\)"),
+        ({"preset": "tiny-dense"}, "model.preset: .* has 'tiny-moe'\\)"),
+        ({"dropuot": 0.1}, "model.dropuot: unknown setting"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            resolve_run([{"train": {"run_dir": run_dir}, "model": model}], resume="latest")

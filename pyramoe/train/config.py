@@ -181,10 +181,10 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     if "distill" in data:
         distill = DistillConfig(**_typed(data["distill"], DistillConfig, "distill"))
         distill.validate()
-    return RunConfig(train=train, preset=preset, model=_check_model_overrides(model), distill=distill)
+    return RunConfig(train=train, preset=preset, model=check_model_overrides(model), distill=distill)
 
 
-def _check_model_overrides(model: dict[str, Any]) -> dict[str, Any]:
+def check_model_overrides(model: dict[str, Any]) -> dict[str, Any]:
     for key, reason in _MODEL_FIXED.items():
         if key in model:
             raise ValueError(f"model.{key}: cannot be set here ({reason})")

@@ -4,16 +4,24 @@ build a Trainer. Refuses to start a new run over an existing one, so nothing on 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pyramoe.config import ModelConfig
+from pyramoe.config import ModelConfig, moe_layer_indices
 from pyramoe.data import PreparedData, prepare_data
 from pyramoe.train import checkpoint as ckpt_io
-from pyramoe.train.config import RunConfig, build_model_config, merge, run_config_from_dict
+from pyramoe.train.config import (
+    DEFAULT_PRESET,
+    RunConfig,
+    build_model_config,
+    check_model_overrides,
+    merge,
+    run_config_from_dict,
+)
 from pyramoe.train.metrics import METRICS_FILE
 from pyramoe.train.trainer import Trainer
 
@@ -43,11 +51,7 @@ def resolve_run(
     ckpt = ckpt_io.load_checkpoint(path)
     saved = ckpt.state["run_config"]
     saved_model = saved.get("model", {})
-    for key, value in merged.get("model", {}).items():
-        if saved_model.get(key) != value:
-            raise ValueError(
-                f"model.{key}: cannot change when resuming (the checkpoint has {saved_model.get(key)!r})"
-            )
+    check_model_unchanged(merged.get("model", {}), ckpt)
     train = merge(saved["train"], merged.get("train", {}))
     if "run_dir" not in merged.get("train", {}):
         train["run_dir"] = str(ckpt.path.parent.parent)  # where the checkpoint lives, whatever the cwd
@@ -55,6 +59,59 @@ def resolve_run(
     if "distill" in saved or "distill" in merged:
         resumed["distill"] = merge(saved.get("distill", {}), merged.get("distill", {}))
     return run_config_from_dict(resumed), ckpt
+
+
+def check_model_unchanged(requested: dict[str, Any], ckpt: ckpt_io.Checkpoint) -> None:
+    """Resuming cannot change the model, but may restate it (a TOML file shared with the first run):
+    each model.* setting must equal the checkpoint's value, its override or its effective config."""
+    if not isinstance(requested, dict):
+        raise ValueError("model: must be a table of settings")
+    requested = dict(requested)
+    saved_model = ckpt.state["run_config"].get("model", {})
+    saved_preset = saved_model.get("preset", DEFAULT_PRESET)
+    if "preset" in requested and requested.pop("preset") != saved_preset:
+        raise _model_changed("preset", saved_preset)
+    effective = ckpt.model_config()
+    for key, value in check_model_overrides(requested).items():
+        if key == "moe":
+            for name, setting in value.items():
+                have = _moe_values(effective, name)
+                if have != [setting] and saved_model.get("moe", {}).get(name) != setting:
+                    raise _model_changed(f"moe.{name}", have[0] if len(have) == 1 else have)
+        elif saved_model.get(key) != value and _effective_value(effective, key, value) != value:
+            raise _model_changed(key, _effective_value(effective, key, value))
+
+
+def _moe_values(config: ModelConfig, name: str) -> list[Any]:
+    """The distinct values of MoEConfig field `name` over the MoE layers, in layer order."""
+    values: list[Any] = []
+    for layer in config.layers:
+        value = dataclasses.asdict(layer.moe).get(name) if layer.moe is not None else None
+        if layer.moe is not None and value not in values:
+            values.append(value)
+    return values
+
+
+def _effective_value(config: ModelConfig, key: str, requested: Any) -> Any:
+    """The checkpoint's value of model.KEY, in the form `requested` takes."""
+    if key == "n_layers":
+        return config.n_layers
+    if key == "moe_placement":
+        try:
+            same = moe_layer_indices(config.n_layers, requested) == config.moe_layer_ids
+        except ValueError:
+            same = False
+        return requested if same else config.moe_layer_ids
+    if key == "num_experts":
+        counts = [layer.moe.num_experts for layer in config.layers if layer.moe is not None]
+        if isinstance(requested, int) and counts and set(counts) == {requested}:
+            return requested
+        return counts
+    return config.to_dict().get(key)
+
+
+def _model_changed(key: str, have: Any) -> ValueError:
+    return ValueError(f"model.{key}: cannot change when resuming (the checkpoint has {have!r})")
 
 
 def check_fresh_run_dir(run_dir: Path) -> None:
