@@ -206,3 +206,19 @@ def test_resume_accepts_restated_model_settings_and_names_a_changed_one(tmp_path
     ]:
         with pytest.raises(ValueError, match=message):
             resolve_run([{"train": {"run_dir": run_dir}, "model": model}], resume="latest")
+
+
+def test_resume_applies_new_optimizer_settings_to_the_loaded_optimizer(tmp_path):
+    start(tiny_sources(tmp_path, steps=2, eval_every=0, weight_decay=0.1, beta2=0.95)).fit()
+    new = {"weight_decay": 0.3, "beta2": 0.9, "expert_lr_scale": 0.5, "steps": 3}
+    trainer = start([{"train": {"run_dir": str(tmp_path / "run"), **new}}], resume="latest")
+    trainer.fit()
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert set(groups) == {"dense", "dense_no_decay", "expert", "expert_no_decay"}
+    assert groups["dense"]["weight_decay"] == groups["expert"]["weight_decay"] == 0.3
+    assert groups["dense_no_decay"]["weight_decay"] == 0.0
+    assert all(g["betas"] == (0.9, 0.9) for g in groups.values())
+    # The step just taken ran with them: the expert groups' rate is half the dense ones'.
+    assert groups["expert"]["lr"] == groups["dense"]["lr"] * 0.5 > 0
+    saved = load_checkpoint(tmp_path / "run").state["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in saved] == [g["weight_decay"] for g in trainer.optimizer.param_groups]

@@ -44,18 +44,29 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
             params = buckets.get((expert, decay))
             if not params:
                 continue
-            groups.append({
-                "params": params,
-                "name": ("expert" if expert else "dense") + ("" if decay else "_no_decay"),
-                "moe": expert,
-                "weight_decay": config.weight_decay if decay else 0.0,
-                "lr_scale": config.expert_lr_scale if expert else 1.0,
-            })
+            name = ("expert" if expert else "dense") + ("" if decay else "_no_decay")
+            groups.append({"params": params, "name": name, "moe": expert, **group_settings(name, config)})
     return groups
+
+
+def group_settings(name: str, config: TrainConfig) -> dict:
+    """The hyper-parameters of parameter group `name` (expert|dense, [_no_decay]) under `config`."""
+    return {
+        "weight_decay": 0.0 if name.endswith("_no_decay") else config.weight_decay,
+        "lr_scale": config.expert_lr_scale if name.startswith("expert") else 1.0,
+        "betas": (config.beta1, config.beta2),
+    }
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, config), lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+def apply_settings(optimizer: torch.optim.Optimizer, config: TrainConfig) -> None:
+    """Set `config`'s hyper-parameters on every group. Loading an optimizer's state also loads the
+    hyper-parameters it was saved with; a resumed run with new train.* settings must use the new ones."""
+    for group in optimizer.param_groups:
+        group.update(group_settings(group["name"], config))
 
 
 @dataclass(frozen=True)

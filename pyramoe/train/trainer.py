@@ -29,7 +29,7 @@ from pyramoe.train import checkpoint as ckpt_io
 from pyramoe.train.config import RunConfig
 from pyramoe.train.evaluate import EvalResult, autocast, evaluate
 from pyramoe.train.metrics import METRICS_FILE, MetricsLog
-from pyramoe.train.optim import LRPlan, make_optimizer, resume_plan, set_lr
+from pyramoe.train.optim import LRPlan, apply_settings, make_optimizer, resume_plan, set_lr
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 # A loss hook turns the model's output on one micro-batch (x, y) into the objective to minimise - the
@@ -151,6 +151,7 @@ class Trainer:
         """Continue exactly where `ckpt` stopped."""
         ckpt_io.load_model_weights(self.model, ckpt)
         ckpt_io.load_optimizer_state(self.optimizer, ckpt)
+        apply_settings(self.optimizer, self.config)
         try:
             rng = ckpt.state["rng"]
             self.generator.set_state(ckpt_io.decode_rng(rng["batches"]))
