@@ -14,13 +14,50 @@ from typing import Any
 
 ACTIVATIONS = ("gelu", "swiglu")
 DROP_POLICIES = ("position", "random")
-NOISY_GATE_POLICIES = (None, "jitter", "gumbel")
+NOISY_GATE_POLICIES = ("off", "jitter", "gumbel", "gumbel_second")
+GATE_NORMS = ("after_drop", "before_drop", "softmax")
+BALANCE_LOSS_CHOICES = ("all", "first")
+ROUTER_CONVENTIONS = ("pyramoe", "deepspeed")
+# The routing settings a convention decides when they are left at None.
+CONVENTION_SETTINGS = ("drop_policy", "noisy_gate_policy", "gate_norm", "balance_loss")
 PLACEMENTS = ("every_other", "all", "first_half", "second_half", "none")
 
 
 def _require(cond: bool, field_name: str, message: str) -> None:
     if not cond:
         raise ValueError(f"{field_name}: {message}")
+
+
+@dataclass(frozen=True)
+class RouterRules:
+    """The routing conventions one MoE layer follows, resolved from its `MoEConfig`."""
+
+    drop_policy: str  # which assignments an over-full expert serves first: by position or at random
+    noisy_gate_policy: str  # noise on the routing decision in training
+    gate_norm: str  # how the k combine weights of a token are normalised (top_k >= 2)
+    balance_loss: str  # which choices the balance loss counts
+
+
+def convention_defaults(convention: str, top_k: int) -> dict[str, str]:
+    """The routing settings a named convention implies for `top_k`.
+
+    "pyramoe": drop by position, no noise, gates renormalised over the experts that kept the token,
+    balance loss over all k choices (GShard/Switch top-k, as Mixtral/Qwen/OLMoE train; every choice
+    takes a capacity slot, so all of them need balancing).
+    "deepspeed": DeepSpeed-MoE's `TopKGate` defaults (deepspeed/moe/sharded_moe.py): top-1 uses
+    random token selection (`use_rts=True`); top-2 samples the second expert with Gumbel noise
+    (`top2_2nd_expert_sampling=True`), keeps by position with every first choice ahead of every
+    second, renormalises the surviving gates and counts only first choices in the balance loss.
+    Unlike DeepSpeed, noise and random selection apply in training only, so eval is deterministic.
+    """
+    if convention == "deepspeed":
+        return {
+            "drop_policy": "random" if top_k == 1 else "position",
+            "noisy_gate_policy": "gumbel_second" if top_k == 2 else "off",
+            "gate_norm": "after_drop",
+            "balance_loss": "first",
+        }
+    return {"drop_policy": "position", "noisy_gate_policy": "off", "gate_norm": "after_drop", "balance_loss": "all"}
 
 
 @dataclass
@@ -31,6 +68,24 @@ class MoEConfig:
     using `eval_capacity_factor` in eval mode. `dropless=True` ignores capacity (no token is dropped).
     `use_residual=True` is Residual-MoE: a dense MLP every token passes plus the routed expert(s),
     mixed by a learned per-token coefficient.
+
+    Routing conventions (values are strings, never "none", so `--set KEY=none` can mean "unset";
+    `convention_defaults` says what each convention picks for a setting left at None):
+    - `router_convention`: "pyramoe" (default) or "deepspeed" (all of DeepSpeed's top-1/top-2 choices).
+    - `drop_policy`: "position" keeps, per expert, all first choices ahead of all second choices and
+      earlier tokens first; "random" ranks tokens within a choice at random in training (DeepSpeed's
+      random token selection). Eval always keeps by position.
+    - `noisy_gate_policy` (training only): "off"; "jitter" multiplies the router input by
+      U(1-eps, 1+eps); "gumbel" adds Gumbel noise to the logits that pick every choice; "gumbel_second"
+      picks the first choice from clean logits and the others from noisy ones (DeepSpeed's top-2).
+      Noise changes which experts are picked, never the combine weights' values.
+    - `gate_norm` (top_k >= 2): "after_drop" divides each kept gate by the sum of the token's kept
+      gates, so a token whose other choice overflowed sends weight 1.0 to the expert that kept it
+      (DeepSpeed's top2gating/topkgating); "before_drop" normalises over the k choices and then zeroes
+      dropped ones (the token's output shrinks); "softmax" keeps the softmax probabilities
+      (`norm_topk_prob=False` in Qwen2-MoE). Top-1 always uses the softmax probability (Switch, DeepSpeed).
+    - `balance_loss`: E * sum_e f_e * P_e with f_e the fraction of "all" k choices routed to e
+      (GShard/Switch top-k) or of the "first" choices only (DeepSpeed's top2gating).
     """
 
     num_experts: int = 8
@@ -39,12 +94,20 @@ class MoEConfig:
     eval_capacity_factor: float = 1.0
     min_capacity: int = 4
     dropless: bool = False
-    drop_policy: str = "position"
+    router_convention: str = "pyramoe"
+    drop_policy: str | None = None
     noisy_gate_policy: str | None = None
     jitter_eps: float = 0.01
-    normalize_top_k: bool = True
+    gate_norm: str | None = None
+    balance_loss: str | None = None
     use_residual: bool = False
     expert_d_ff: int | None = None  # None: the model's d_ff
+
+    def router_rules(self) -> RouterRules:
+        """The routing conventions in force: explicit settings, else the convention's."""
+        defaults = convention_defaults(self.router_convention, self.top_k)
+        chosen = {name: getattr(self, name) for name in CONVENTION_SETTINGS}
+        return RouterRules(**{name: value if value is not None else defaults[name] for name, value in chosen.items()})
 
     def validate(self, prefix: str = "moe") -> None:
         _require(self.num_experts >= 1, f"{prefix}.num_experts", f"must be >= 1, got {self.num_experts}")
@@ -63,14 +126,31 @@ class MoEConfig:
             )
         _require(self.min_capacity >= 0, f"{prefix}.min_capacity", f"must be >= 0, got {self.min_capacity}")
         _require(
-            self.drop_policy in DROP_POLICIES,
-            f"{prefix}.drop_policy",
-            f"must be one of {DROP_POLICIES}, got {self.drop_policy!r}",
+            self.router_convention in ROUTER_CONVENTIONS,
+            f"{prefix}.router_convention",
+            f"must be one of {ROUTER_CONVENTIONS}, got {self.router_convention!r}",
         )
         _require(
-            self.noisy_gate_policy in NOISY_GATE_POLICIES,
+            self.router_convention != "deepspeed" or self.top_k <= 2,
+            f"{prefix}.router_convention",
+            f"'deepspeed' covers top_k 1 and 2 (its top1gating/top2gating), got top_k={self.top_k}",
+        )
+        for name, allowed in (
+            ("drop_policy", DROP_POLICIES),
+            ("noisy_gate_policy", NOISY_GATE_POLICIES),
+            ("gate_norm", GATE_NORMS),
+            ("balance_loss", BALANCE_LOSS_CHOICES),
+        ):
+            value = getattr(self, name)
+            _require(
+                value is None or value in allowed,
+                f"{prefix}.{name}",
+                f"must be one of {allowed} (or unset for the convention's), got {value!r}",
+            )
+        _require(
+            self.noisy_gate_policy != "gumbel_second" or self.top_k >= 2,
             f"{prefix}.noisy_gate_policy",
-            f"must be one of {NOISY_GATE_POLICIES}, got {self.noisy_gate_policy!r}",
+            "'gumbel_second' needs top_k >= 2 (it noises the choices after the first)",
         )
         _require(self.jitter_eps >= 0, f"{prefix}.jitter_eps", f"must be >= 0, got {self.jitter_eps}")
         _require(
@@ -167,11 +247,21 @@ def _layer_from_dict(index: int, data: dict[str, Any] | LayerConfig) -> LayerCon
     moe = data.get("moe")
     if moe is None:
         return LayerConfig()
+    moe = _upgrade_moe_dict(moe)
     known = {f.name for f in dataclasses.fields(MoEConfig)}
     unknown = sorted(set(moe) - known)
     if unknown:
         raise ValueError(f"layers[{index}].moe.{unknown[0]}: unknown MoE config field")
     return LayerConfig(moe=MoEConfig(**moe))
+
+
+def _upgrade_moe_dict(moe: dict[str, Any]) -> dict[str, Any]:
+    """Configs saved before `gate_norm` existed normalised the top-k gates before drops (or not at all)."""
+    moe = dict(moe)
+    if "normalize_top_k" in moe:
+        normalize = moe.pop("normalize_top_k")
+        moe.setdefault("gate_norm", "before_drop" if normalize else "softmax")
+    return moe
 
 
 def moe_layer_indices(n_layers: int, placement: str | Sequence[int]) -> list[int]:

@@ -27,7 +27,14 @@ def test_bench_moe_layer_small_run_writes_json(tmp_path, capsys):
     payload = json.loads(out.read_text())
     impls = {r["impl"] for r in payload["results"]}
     assert impls == {"pyramoe", "pyramoe-einsum", "limit"}
-    assert all(r["x_limit"] > 0 for r in payload["results"])
+    # Every ratio is against the limit (and pyramoe) row of the same experts, dtype and mode.
+    rows = {(r["impl"], r["experts"], r["dtype"], r["mode"]): r for r in payload["results"]}
+    for (_, experts, dtype, mode), row in rows.items():
+        limit = rows[("limit", experts, dtype, mode)]["median_ms"]
+        ours = rows[("pyramoe", experts, dtype, mode)]["median_ms"]
+        assert row["x_limit"] == pytest.approx(row["median_ms"] / limit)
+        assert row["pyramoe_speedup"] == pytest.approx(row["median_ms"] / ours)
+    assert {(e, m) for _, e, _, m in rows} == {(2, "fwd"), (4, "fwd"), (2, "fwdbwd"), (4, "fwdbwd")}
     assert "x limit" in capsys.readouterr().out
 
 

@@ -90,13 +90,29 @@ def test_balance_and_z_loss_values():
     assert router_z_loss(logits).item() == pytest.approx(math.log(num_experts) ** 2)
 
 
-def test_top_k_weights_are_normalised_and_fp32():
+def test_router_weights_are_fp32_softmax_of_the_chosen_experts():
     router = Router(8, MoEConfig(num_experts=6, top_k=3))
-    routing = router(torch.randn(10, 8, dtype=torch.bfloat16))
+    x = torch.randn(10, 8, dtype=torch.bfloat16)
+    routing = router(x)
     assert routing.weights_TK.dtype == torch.float32
-    torch.testing.assert_close(routing.weights_TK.sum(-1), torch.ones(10))
+    probs = torch.softmax(x.float() @ router.weight.t(), -1)
+    torch.testing.assert_close(routing.weights_TK, probs.gather(1, routing.expert_idx_TK))
     assert routing.expert_idx_TK.shape == (10, 3)
     assert all(len(set(row)) == 3 for row in routing.expert_idx_TK.tolist())
+
+
+def test_router_runs_in_fp32_under_autocast():
+    torch.manual_seed(0)
+    router = Router(16, MoEConfig(num_experts=8, top_k=2))
+    x = torch.randn(64, 16)
+    reference = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routed = router(x)
+    assert routed.weights_TK.dtype == torch.float32
+    assert torch.equal(routed.expert_idx_TK, reference.expert_idx_TK)
+    torch.testing.assert_close(routed.weights_TK, reference.weights_TK, rtol=0, atol=1e-6)
+    torch.testing.assert_close(routed.balance_loss, reference.balance_loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(routed.z_loss, reference.z_loss, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("policy", ["jitter", "gumbel"])

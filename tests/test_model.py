@@ -12,14 +12,33 @@ def small_config(**moe):
 
 
 def test_forward_shapes_aux_loss_and_stats():
-    model = GPT(small_config())
+    config = small_config(top_k=2)
+    config.aux_loss_coef, config.z_loss_coef = 0.01, 0.003
+    model = GPT(config)
+    router_inputs = {}
+    for i in config.moe_layer_ids:
+        model.blocks[i].ffn.router.register_forward_hook(
+            lambda mod, args, out, i=i: router_inputs.__setitem__(i, args[0].detach())
+        )
     idx = torch.randint(0, 97, (3, 20))
     out = model(idx)
     assert out.logits.shape == (3, 20, 97)
     assert sorted(out.moe_stats) == [1, 3]
-    expected = model.config.aux_loss_coef * out.balance_loss
-    torch.testing.assert_close(out.aux_loss, expected)
     assert out.moe_stats[3].tokens_per_expert.numel() == 4
+    # The aux loss from first principles: per MoE block, E * sum_e f_e P_e over all top-2 choices
+    # and mean(logsumexp(logits)^2), weighted by the model's coefficients.
+    expected = torch.zeros(())
+    for i, x_TD in router_inputs.items():
+        logits = x_TD @ model.blocks[i].ffn.router.weight.detach().t()
+        probs = torch.softmax(logits, -1)
+        num_experts = probs.shape[1]
+        chosen = probs.topk(2, dim=-1).indices
+        fraction = torch.stack([(chosen == e).float().sum() for e in range(num_experts)]) / chosen.numel()
+        balance = num_experts * (fraction * probs.mean(0)).sum()
+        z = torch.logsumexp(logits, -1).square().mean()
+        expected = expected + 0.01 * balance + 0.003 * z
+    torch.testing.assert_close(out.aux_loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    assert out.z_loss.item() > 0
 
 
 def test_dense_model_has_zero_aux_loss():
@@ -48,3 +67,30 @@ def test_kv_cache_decoding_matches_full_forward():
     steps = [model(idx[:, t : t + 1], kv_cache=cache, start_pos=t).logits for t in range(5, 9)]
     chunk = model(idx[:, 9:], kv_cache=cache, start_pos=9).logits  # multi-token chunk after a prefix
     torch.testing.assert_close(torch.cat([prefill, *steps, chunk], dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_in_two_chunks_matches_one_pass():
+    model = GPT(small_config(dropless=True)).eval()
+    idx = torch.randint(0, 97, (2, 14))
+    full = model(idx).logits
+    cache = model.new_kv_cache(batch_size=2)
+    first = model(idx[:, :6], kv_cache=cache, start_pos=0).logits
+    second = model(idx[:, 6:], kv_cache=cache, start_pos=6).logits
+    torch.testing.assert_close(torch.cat([first, second], dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_chunk_without_cache_is_causal():
+    """With no cache a chunk at start_pos > 0 attends only to itself, causally (positions come from
+    the embeddings, so attention equals that of the same chunk at position 0)."""
+    from pyramoe.layers import CausalSelfAttention
+
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(16, 4).eval()
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(attn(x, None, start_pos=7), attn(x, None, start_pos=0))
+    model = GPT(small_config(dropless=True)).eval()
+    idx = torch.randint(0, 97, (1, 8))
+    changed = idx.clone()
+    changed[0, -1] = (idx[0, -1] + 1) % 97
+    early, late = model(idx, start_pos=4).logits, model(changed, start_pos=4).logits
+    torch.testing.assert_close(early[:, :-1], late[:, :-1])

@@ -57,12 +57,15 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, start_pos, k, v)
         dropout = self.dropout if self.training else 0.0
-        if start_pos == 0 or length == 1:
-            # A single new position may attend to every cached one: no mask needed.
+        total = k.shape[2]
+        if length == 1 or total == length:
+            # One new position may attend to every key; with keys == queries the mask is the plain causal one.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, dropout_p=dropout)
         else:
-            total = k.shape[2]
-            query_pos = torch.arange(start_pos, start_pos + length, device=x_BTD.device)
-            mask_TL = query_pos.unsqueeze(1) >= torch.arange(total, device=x_BTD.device).unsqueeze(0)
+            # Keys are positions [end - total, end): the cached prefix (if any) then the new ones.
+            end = start_pos + length
+            query_pos = torch.arange(start_pos, end, device=x_BTD.device)
+            key_pos = torch.arange(end - total, end, device=x_BTD.device)
+            mask_TL = query_pos.unsqueeze(1) >= key_pos.unsqueeze(0)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TL, dropout_p=dropout)
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))

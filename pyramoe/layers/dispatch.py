@@ -4,9 +4,12 @@ Legend: T tokens, D width, E experts, K choices per token, N = T*K assignments, 
 per expert), S rows per expert in a padded expert buffer.
 
 The sparse path (the default) sorts the N assignments by expert once and moves rows with
-gather / index_add: O(N*D) memory traffic. `DenseEinsumDispatcher` is the GShard/DeepSpeed
-formulation with [T, E, C] one-hot tensors, O(T*E*C*D) work: kept only as a reference for
-tests and benchmarks.
+unique-index copies (index_select / index_copy_, see `_MoveRows`): O(N*D) memory traffic.
+`DenseEinsumDispatcher` is the GShard/DeepSpeed formulation with [T, E, C] one-hot tensors,
+O(T*E*C*D) work: kept only as a reference for tests and benchmarks.
+
+Combine weights (both paths): the router's, zeroed where dropped and, for gate_norm="after_drop",
+renormalised over the choices the token kept (`combine_weights`).
 
 Drop rule (both paths): within each expert, assignments are served in priority order - all first
 choices before any second choice, and within one choice rank by token position (or by a random
@@ -72,6 +75,15 @@ class DispatchPlan:
         return 1.0 - self.kept_TK.float().mean()
 
 
+def combine_weights(routing: Routing, kept_TK: torch.Tensor | None) -> torch.Tensor:
+    """Router weights with dropped choices zeroed and, for gate_norm="after_drop", renormalised over
+    the choices each token kept (both dropped: all zero)."""
+    weight_TK = routing.weights_TK if kept_TK is None else routing.weights_TK * kept_TK
+    if routing.normalize_after_drop:
+        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weight_TK.dtype).eps)
+    return weight_TK
+
+
 def _priority_rank_TK(priority_TK: torch.Tensor) -> torch.Tensor:
     """Rank of each token within its choice column (0 = served first)."""
     return priority_TK.argsort(dim=0).argsort(dim=0)
@@ -117,11 +129,10 @@ def plan_dispatch(
     if num_experts > 1 and num_experts * rows <= padded_waste_limit * n:
         rows_per_expert = rows
         slot_N = expert_sorted_N * rows + position_sorted_N
-    weight_TK = routing.weights_TK if capacity is None else routing.weights_TK * kept_TK
     return DispatchPlan(
         assignment_N=(order_N % num_tokens) * top_k + order_N // num_tokens,
         slot_N=slot_N,
-        weight_TK=weight_TK,
+        weight_TK=combine_weights(routing, None if capacity is None else kept_TK),
         tokens_per_expert_E=kept_E,
         routed_per_expert_E=routed_E,
         kept_TK=kept_TK,
@@ -158,7 +169,8 @@ def move_rows(x: torch.Tensor, src: torch.Tensor | None, dst: torch.Tensor | Non
 
 
 class Dispatcher(Protocol):
-    """Moves tokens to experts and back. Swappable: local, all-to-all, hierarchical all-to-all."""
+    """Moves tokens to experts and back. `LocalDispatcher` is the only implementation today: it
+    assumes every expert of the layer is in this process (the plan's global counts are the local ones)."""
 
     def dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor: ...
 
@@ -207,9 +219,9 @@ def dense_dispatch_tensors(
     location_KT = locations_KTE.sum(dim=-1).long()
     slot_KTC = F.one_hot(location_KT.clamp(max=capacity - 1), capacity).to(torch.float32)
     dispatch_KTEC = mask_KTE.unsqueeze(-1) * slot_KTC.unsqueeze(2)
-    weights_KT = routing.weights_TK.t()
-    combine_TEC = (weights_KT[..., None, None] * dispatch_KTEC).sum(dim=0)
     kept_TK = mask_KTE.sum(dim=-1).t() > 0
+    weights_KT = combine_weights(routing, kept_TK).t()
+    combine_TEC = (weights_KT[..., None, None] * dispatch_KTEC).sum(dim=0)
     return dispatch_KTEC.sum(dim=0), combine_TEC, capacity, kept_TK
 
 

@@ -7,8 +7,9 @@ Weights are stored like nn.Linear, [E, out, in] (w_in: [E, F, D], w_out: [E, D, 
 the fused layout of Hugging Face MoE experts; MKL's batched GEMM ran both expert GEMMs ~10% faster
 with the weight as a transposed operand than with [E, in, out].
 
-Experts are addressable by global id: this module holds experts
-[expert_offset, expert_offset + num_experts) of a layer, so expert parallelism can shard them.
+`expert_offset` records which of the layer's experts this module holds, [expert_offset,
+expert_offset + num_experts). Today every MoELayer builds all its experts with offset 0 and nothing
+reads the offset; the distributed work will build shards from it and key state dicts by global id.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Router (gating): scores tokens against experts and picks the top-k.
 
 Legend: T tokens, D model width, E experts, K experts chosen per token.
-Softmax, top-k and the auxiliary losses run in fp32 whatever the model dtype (as DeepSpeed does),
-because bf16 logits make routing decisions noisy and the balance loss imprecise.
+The router runs in fp32 with autocast disabled, whatever the model dtype (as DeepSpeed does): bf16
+logits make routing decisions noisy and the balance loss imprecise. Which conventions it follows
+(noise, drop order, gate normalisation, balance loss) is `MoEConfig.router_rules()`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class Routing:
     balance_loss: torch.Tensor  # Switch/GShard load-balancing loss (1.0 when perfectly balanced)
     z_loss: torch.Tensor  # ST-MoE router z-loss: mean(logsumexp(logits)^2)
     capacity: int | None  # None: dropless
+    # Divide each token's kept weights by their sum once capacity drops are known (gate_norm="after_drop").
+    normalize_after_drop: bool = False
 
 
 class Router(nn.Module):
@@ -46,6 +49,7 @@ class Router(nn.Module):
     def __init__(self, d_model: int, config: MoEConfig):
         super().__init__()
         self.config = config
+        self.rules = config.router_rules()
         self.weight = nn.Parameter(torch.empty(config.num_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)
 
@@ -57,46 +61,63 @@ class Router(nn.Module):
         return expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, factor, cfg.min_capacity)
 
     def forward(self, x_TD: torch.Tensor, generator: torch.Generator | None = None) -> Routing:
-        cfg = self.config
-        x_TD = x_TD.to(torch.promote_types(x_TD.dtype, torch.float32))
-        noisy = self.training and cfg.noisy_gate_policy is not None
-        if noisy and cfg.noisy_gate_policy == "jitter":
+        # Under autocast F.linear would run in bf16 even on fp32 inputs.
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            return self._route(x_TD.to(torch.promote_types(x_TD.dtype, torch.float32)), generator)
+
+    def _route(self, x_TD: torch.Tensor, generator: torch.Generator | None) -> Routing:
+        cfg, rules = self.config, self.rules
+        noise = rules.noisy_gate_policy if self.training else "off"
+        if noise == "jitter":
             # Switch-Transformer jitter: multiplicative noise on the router input.
-            noise = torch.empty_like(x_TD).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps, generator=generator)
-            x_TD = x_TD * noise
+            jitter = torch.empty_like(x_TD).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps, generator=generator)
+            x_TD = x_TD * jitter
         logits_TE = F.linear(x_TD, self.weight.to(x_TD.dtype))
         probs_TE = torch.softmax(logits_TE, dim=-1)
-
-        select_TE = logits_TE
-        if noisy and cfg.noisy_gate_policy == "gumbel":
-            # Noise changes which expert is chosen, never the gradient path of the weights.
-            uniform = torch.rand(logits_TE.shape, generator=generator, device=logits_TE.device)
-            select_TE = logits_TE - torch.log(-torch.log(uniform.clamp_min(1e-20)))
-        if cfg.top_k == 1:
-            expert_idx_TK = select_TE.argmax(dim=-1, keepdim=True)
-        else:
-            expert_idx_TK = select_TE.topk(cfg.top_k, dim=-1).indices
+        expert_idx_TK = select_experts(logits_TE, cfg.top_k, noise, generator)
         weights_TK = probs_TE.gather(1, expert_idx_TK)
-        if cfg.top_k > 1 and cfg.normalize_top_k:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-9)
+        if cfg.top_k > 1 and rules.gate_norm == "before_drop":
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights_TK.dtype).eps)
 
         priority_TK = None
-        if cfg.drop_policy == "random" and self.training:
+        if rules.drop_policy == "random" and self.training:
             priority_TK = torch.rand(expert_idx_TK.shape, generator=generator, device=x_TD.device)
 
+        counted_TK = expert_idx_TK if rules.balance_loss == "all" else expert_idx_TK[:, :1]
         return Routing(
             expert_idx_TK=expert_idx_TK,
             weights_TK=weights_TK,
             priority_TK=priority_TK,
-            balance_loss=load_balancing_loss(probs_TE, expert_idx_TK),
+            balance_loss=load_balancing_loss(probs_TE, counted_TK),
             z_loss=router_z_loss(logits_TE),
             capacity=self.capacity(x_TD.shape[0]),
+            normalize_after_drop=cfg.top_k > 1 and rules.gate_norm == "after_drop",
         )
 
 
+def select_experts(
+    logits_TE: torch.Tensor, top_k: int, noise: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The K experts of each token, best first. Gumbel noise changes the choice, never the weights:
+    "gumbel" noises every choice, "gumbel_second" keeps the first choice clean (DeepSpeed's top-2)."""
+    if noise in ("gumbel", "gumbel_second"):
+        uniform_TE = torch.rand(logits_TE.shape, generator=generator, device=logits_TE.device)
+        noisy_TE = logits_TE - torch.log(-torch.log(uniform_TE.clamp_min(1e-20)))
+        if noise == "gumbel":
+            logits_TE = noisy_TE
+        else:
+            first_T1 = logits_TE.argmax(dim=-1, keepdim=True)
+            rest_TK = noisy_TE.scatter(1, first_T1, float("-inf")).topk(top_k - 1, dim=-1).indices
+            return torch.cat([first_T1, rest_TK], dim=1)
+    if top_k == 1:
+        return logits_TE.argmax(dim=-1, keepdim=True)
+    return logits_TE.topk(top_k, dim=-1).indices
+
+
 def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor) -> torch.Tensor:
-    """E * sum_e f_e * P_e with f_e the fraction of the T*K choices that went to e (before drops)
-    and P_e the mean router probability of e. Equals 1 when routing is uniform."""
+    """E * sum_e f_e * P_e with f_e the fraction of the given choices (all T*K, or only the first
+    choices) that went to e, before drops, and P_e the mean router probability of e.
+    Equals 1 when routing is uniform."""
     num_tokens, num_experts = probs_TE.shape
     counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=num_experts)
     fraction_E = counts_E.to(probs_TE.dtype) / expert_idx_TK.numel()
