@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: timing, bf16 capability probe, tables and JSON output."""
+"""Shared benchmark helpers: timing, bf16 capability probe and JSON output (tables: pyramoe.tables)."""
 
 from __future__ import annotations
 
@@ -64,20 +64,6 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def format_table(headers: list[str], rows: list[list[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.2f}"
-    return "-" if value is None else str(value)
-
-
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     """Atomic write: a temp name, then rename, so an interrupted run leaves no half-written file."""
     path = Path(path)
@@ -86,3 +72,27 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_label() -> str:
+    """One line naming the machine a measurement ran on, for tables and figures."""
+    flags = {"avx512_bf16": "AVX512-BF16", "amx_tile": "AMX"}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    extras = [label for flag, label in flags.items() if f" {flag}" in text]
+    cores = f"{os.cpu_count()} cores"
+    isa = "/".join([torch.backends.cpu.get_cpu_capability(), *extras])
+    return f"{cpu_model()}, {cores}, {isa}, torch {torch.__version__}"

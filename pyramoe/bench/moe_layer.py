@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from pyramoe.bench.common import (
-    format_table,
     machine_info,
     native_bf16_matmul,
     summarize,
@@ -32,6 +31,7 @@ from pyramoe.bench.common import (
 from pyramoe.config import MoEConfig
 from pyramoe.layers import MLP, MoELayer
 from pyramoe.layers.dispatch import DenseEinsumDispatcher
+from pyramoe.tables import format_table
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 
-from pyramoe.bench.common import format_table, machine_info, native_bf16_matmul, write_json
+from pyramoe.bench.common import machine_info, native_bf16_matmul, write_json
+from pyramoe.config import ModelConfig
 from pyramoe.models import GPT, count_active_parameters, count_parameters
 from pyramoe.presets import get_preset
+from pyramoe.tables import format_table
 from pyramoe.train.config import TrainConfig
 from pyramoe.train.optim import make_optimizer, set_lr
 from pyramoe.train.trainer import train_step
@@ -33,11 +35,48 @@ def build(name: str, args: argparse.Namespace) -> dict[str, Any]:
     config.vocab_size = args.vocab_size
     if args.seq_len > config.max_seq_len:
         raise ValueError(f"--seq-len: {args.seq_len} exceeds {name}'s max_seq_len={config.max_seq_len}")
+    return build_setup(config)
+
+
+def build_setup(config: ModelConfig) -> dict[str, Any]:
+    """A model and its optimizer, ready to time `pyramoe train`'s step on."""
     torch.manual_seed(0)
     model = GPT(config).train()
     optimizer = make_optimizer(model, TrainConfig())
     set_lr(optimizer, 1e-4)  # small: the weights barely move, so every timed step routes alike
     return {"model": model, "optimizer": optimizer, "times": []}
+
+
+def random_batch(vocab_size: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=generator)
+    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+
+def time_interleaved(
+    setups: dict[str, dict[str, Any]], batch: tuple[torch.Tensor, torch.Tensor], warmup: int, repeats: int,
+    precision: str, log: bool = True,
+) -> None:
+    """One train step per setup per round, alternating the order every round, so slow drift (thermal,
+    other processes) hits every setup alike; appends the timed rounds' milliseconds to setup["times"]."""
+    names = list(setups)
+    for round_ in range(warmup + repeats):
+        order = names if round_ % 2 == 0 else names[::-1]
+        for name in order:
+            setup = setups[name]
+            start = time.perf_counter()
+            train_step(setup["model"], setup["optimizer"], [batch], grad_clip=1.0, precision=precision)
+            elapsed = (time.perf_counter() - start) * 1e3
+            if round_ >= warmup:
+                setup["times"].append(elapsed)
+        if round_ >= warmup and log:
+            print(f"  round {round_ - warmup + 1}/{repeats}: "
+                  + "  ".join(f"{n} {setups[n]['times'][-1]:.0f} ms" for n in names), file=sys.stderr, flush=True)
+
+
+def round_ratios(times: list[float], baseline: list[float]) -> list[float]:
+    """Each round's time over the baseline's time in the same round."""
+    return [t / b for t, b in zip(times, baseline)]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -48,22 +87,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"--precision bf16: {detail} (no AVX512-BF16/AMX); --force-bf16 runs it anyway")
     names = [n.strip() for n in args.presets.split(",")]
     setups = {name: build(name, args) for name in names}
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=generator)
-    batch = (x[:, :-1].contiguous(), x[:, 1:].contiguous())
+    batch = random_batch(args.vocab_size, args.batch_size, args.seq_len)
     tokens = args.batch_size * args.seq_len
-    for round_ in range(args.warmup + args.repeats):
-        order = names if round_ % 2 == 0 else names[::-1]
-        for name in order:
-            setup = setups[name]
-            start = time.perf_counter()
-            train_step(setup["model"], setup["optimizer"], [batch], grad_clip=1.0, precision=args.precision)
-            elapsed = (time.perf_counter() - start) * 1e3
-            if round_ >= args.warmup:
-                setup["times"].append(elapsed)
-        if round_ >= args.warmup:
-            print(f"  round {round_ - args.warmup + 1}/{args.repeats}: "
-                  + "  ".join(f"{n} {setups[n]['times'][-1]:.0f} ms" for n in names), file=sys.stderr, flush=True)
+    time_interleaved(setups, batch, args.warmup, args.repeats, args.precision)
     baseline = setups[names[-1]]["times"]
     results = []
     for name in names:
@@ -78,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "min_ms": min(times),
             "max_ms": max(times),
             "tokens_per_s": tokens / median * 1e3,
-            "x_baseline": statistics.median(t / b for t, b in zip(times, baseline)),
+            "x_baseline": statistics.median(round_ratios(times, baseline)),
             "repeats": len(times),
         })
     for r in results[:-1]:

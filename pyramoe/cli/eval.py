@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pyramoe.bench.common import format_table
+from pyramoe.tables import format_table
 from pyramoe.train import build_model, evaluate, load_checkpoint
 from pyramoe.train.config import merge, run_config_from_dict
 from pyramoe.train.session import load_data

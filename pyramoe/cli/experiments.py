@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from pyramoe.experiments import STUDIES, get_study, render_results, run_study
-from pyramoe.experiments.runner import report_table
+from pyramoe.experiments import STUDIES, Study, get_study, render_results, run_study
+from pyramoe.experiments.report import report_table, seed_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("study", nargs="?", help="study name, 'all', or omit with --list")
     parser.add_argument("--list", action="store_true", help="list the studies")
     parser.add_argument("--steps", type=int, help="steps per run (default: the study's)")
-    parser.add_argument("--seeds", help="comma-separated seeds (default: the study's)")
+    parser.add_argument("--teacher-steps", type=int, help="a distillation study's teacher steps (default: the study's)")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: the study's; a verdict needs >= 2)")
     parser.add_argument("--root", default="runs/experiments", help="where the runs go")
     parser.add_argument("--docs", default="docs/results", help="where summaries and plots go")
     parser.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
@@ -38,17 +40,23 @@ def main(args: argparse.Namespace) -> int:
     seeds = _seeds(args.seeds)
     docs = Path(args.docs)
     for name in names:
-        study = STUDIES[name]
-        if args.steps is not None:
-            if args.steps < 1:
-                raise ValueError(f"--steps: must be >= 1, got {args.steps}")
-            study = type(study)(**{**study.__dict__, "steps": args.steps})
+        study = _with_budget(STUDIES[name], args.steps, args.teacher_steps)
         summary = run_study(study, Path(args.root), docs, train=train, seeds=seeds, progress=not args.quiet)
         print(f"\n== {study.title} ==")
         print(report_table(summary))
+        print(seed_table(summary))
         print(f"direction: {summary['verdict']}")
     print(f"wrote {render_results(docs, STUDIES)}")
     return 0
+
+
+def _with_budget(study: Study, steps: int | None, teacher_steps: int | None) -> Study:
+    """The study with --steps / --teacher-steps applied."""
+    for flag, value in (("--steps", steps), ("--teacher-steps", teacher_steps)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}: must be >= 1, got {value}")
+    changes = {"steps": steps, "teacher_steps": teacher_steps if study.teacher is not None else None}
+    return dataclasses.replace(study, **{k: v for k, v in changes.items() if v is not None})
 
 
 def _train_settings(args: argparse.Namespace) -> dict:
@@ -67,6 +75,9 @@ def _seeds(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(int(s) for s in text.split(","))
+        seeds = tuple(int(s) for s in text.split(","))
     except ValueError:
         raise ValueError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: each seed once, got {text!r}")
+    return seeds

@@ -6,9 +6,9 @@ import argparse
 
 import torch
 
-from pyramoe.bench.common import format_table
 from pyramoe.models import GPT, count_active_parameters, count_parameters
 from pyramoe.presets import PAPER_PARAMETERS, PRESETS, get_preset
+from pyramoe.tables import format_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,23 +1,31 @@
-"""Run a study: every arm x seed as a training run, then a table, a plot and a verdict.
+"""Run a study: every arm x seed as a training run, then a summary with paired verdicts.
 
-Each finished run leaves `result.json` in its run directory, so an interrupted study picks up where
-it stopped and a finished one only re-renders its report.
+Runs are keyed by their full settings (pyramoe/experiments/plan.py). A finished run leaves
+`result.json` (with its key and settings) and is read back only under the same key; an interrupted
+run resumes from its latest checkpoint, or restarts cleanly when it saved none.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pyramoe.bench.common import format_table, write_json
-from pyramoe.experiments.studies import Arm, Study
+from pyramoe.bench.common import machine_label, write_json
+from pyramoe.config import ModelConfig
+from pyramoe.experiments.plan import STUDENT_SEED_OFFSET, ArmPlan, plan_arm
+from pyramoe.experiments.studies import Study
+from pyramoe.experiments.timing import measure_step_times, speedups
+from pyramoe.experiments.verdicts import fewer_params_verdict, loss_verdict, paired_differences, step_time_verdict
 from pyramoe.models import count_active_parameters, count_parameters
+from pyramoe.train import checkpoint as ckpt_io
 from pyramoe.train.distill import create_distill_trainer, resolve_distill_run
 from pyramoe.train.metrics import METRICS_FILE
-from pyramoe.train.session import create_trainer, resolve_run
+from pyramoe.train.session import LATEST, create_trainer, resolve_run
+from pyramoe.train.trainer import Trainer
 
 RESULT_FILE = "result.json"
 
@@ -25,214 +33,189 @@ RESULT_FILE = "result.json"
 @dataclass
 class RunResult:
     arm: str
-    seed: int
+    seed: int  # the study's seed (arms are paired on it)
+    train_seed: int  # the seed the run trained with (students: seed + STUDENT_SEED_OFFSET)
     val_loss: float
     val_losses: dict[int, float]  # step -> validation loss
     parameters: int
     active_parameters: int
-    step_seconds: float  # median wall time of an optimizer step
+    n_layers: int
+    d_model: int
     tokens: int
 
 
-def run_arm(
-    study: Study, arm: Arm, seed: int, root: Path, train: dict[str, Any], progress: bool,
-    steps: int | None = None, teacher_dir: Path | None = None,
-) -> RunResult:
-    run_dir = root / study.name / f"{arm.name}-seed{seed}"
-    done = run_dir / RESULT_FILE
-    if done.is_file():
-        data = json.loads(done.read_text())
-        data["val_losses"] = {int(k): v for k, v in data["val_losses"].items()}
-        return RunResult(**data)
-    settings = {"steps": steps or study.steps, "seed": seed, "run_dir": str(run_dir), "save_every": 0,
-                "keep_last": 1, **train}
-    if arm.distill is None:
-        run, _ = resolve_run([{"train": settings, "model": {"preset": arm.preset, **arm.model}}])
-        trainer = create_trainer(run, progress=progress)
-    else:
-        assert teacher_dir is not None, "distill arms need the study's teacher"
-        source = {"train": settings, "distill": {"teacher": str(teacher_dir), **arm.distill}}
-        trainer = create_distill_trainer(resolve_distill_run([source]), progress=progress)
+# -- one run ----------------------------------------------------------------------------------------------
+
+
+def read_result(plan: ArmPlan) -> RunResult | None:
+    """The finished run's result, only when it was produced under the plan's key."""
+    path = plan.run_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("key") != plan.key:
+        return None
+    values = {f.name: data[f.name] for f in fields(RunResult)}
+    values["val_losses"] = {int(k): v for k, v in values["val_losses"].items()}
+    return RunResult(**values)
+
+
+def open_trainer(plan: ArmPlan, progress: bool) -> Trainer:
+    """A new run, or the interrupted one resumed from its latest checkpoint. A directory without a
+    checkpoint (stopped before its first save) or with a stale result is cleared and started again."""
+    latest = ckpt_io.latest_checkpoint(ckpt_io.checkpoint_root(plan.run_dir))
+    stale = (plan.run_dir / RESULT_FILE).is_file()
+    if plan.run_dir.exists() and (latest is None or stale):
+        shutil.rmtree(plan.run_dir)
+        latest = None
+    resume = LATEST if latest is not None else None
+    if plan.is_student:
+        return create_distill_trainer(resolve_distill_run(plan.sources, resume), progress=progress)
+    run, ckpt = resolve_run(plan.sources, resume)
+    return create_trainer(run, ckpt, progress=progress)
+
+
+def eval_curve(run_dir: Path) -> dict[int, float]:
+    """step -> validation loss from metrics.jsonl, across resumed sessions (the last record per step wins)."""
+    curve: dict[int, float] = {}
+    for line in (run_dir / METRICS_FILE).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if record.get("type") == "eval":
+                curve[int(record["step"])] = float(record["val_loss"])
+    return dict(sorted(curve.items()))
+
+
+def run_arm(plan: ArmPlan, progress: bool = True) -> RunResult:
+    """Train (or resume) the planned run unless its result under this key is already there."""
+    cached = read_result(plan)
+    if cached is not None:
+        return cached
+    trainer = open_trainer(plan, progress)
     fit = trainer.fit()
     if fit.stopped_by is not None:
         raise KeyboardInterrupt
+    curve = eval_curve(plan.run_dir)
+    config = trainer.model.config
     result = RunResult(
-        arm=arm.name,
-        seed=seed,
-        val_loss=fit.evals[max(fit.evals)].loss,
-        val_losses={step: e.loss for step, e in sorted(fit.evals.items())},
-        parameters=count_parameters(trainer.model),
-        active_parameters=count_active_parameters(trainer.model),
-        step_seconds=_median_step_seconds(run_dir / METRICS_FILE),
-        tokens=trainer.tokens_seen,
+        arm=plan.arm.name, seed=plan.seed, train_seed=plan.train_seed, val_loss=curve[max(curve)],
+        val_losses=curve, parameters=count_parameters(trainer.model),
+        active_parameters=count_active_parameters(trainer.model), n_layers=config.n_layers,
+        d_model=config.d_model, tokens=trainer.tokens_seen,
     )
-    write_json(done, asdict(result))
+    write_json(plan.run_dir / RESULT_FILE, {**asdict(result), "key": plan.key, "config": plan.config})
     return result
 
 
-def _median_step_seconds(metrics: Path) -> float:
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    steps = [r["step_s"] for r in records if r.get("type") == "train"]
-    return statistics.median(steps[1:] or steps)  # the first step pays one-time allocation costs
+# -- summary ---------------------------------------------------------------------------------------------
 
 
-def summarize(study: Study, results: list[RunResult]) -> dict[str, Any]:
-    arms = {}
-    for arm in study.arms:
-        mine = [r for r in results if r.arm == arm.name]
-        losses = [r.val_loss for r in mine]
-        arms[arm.name] = {
-            "preset": arm.preset,
-            "model": arm.model,
-            "seeds": [r.seed for r in mine],
-            "val_loss_mean": statistics.mean(losses),
-            "val_loss_min": min(losses),
-            "val_loss_max": max(losses),
-            "val_loss_spread": max(losses) - min(losses),
-            "parameters": mine[0].parameters,
-            "active_parameters": mine[0].active_parameters,
-            "step_seconds": statistics.median(r.step_seconds for r in mine),
-        }
-    return {"study": study.name, "title": study.title, "paper": study.paper_finding, "notes": study.notes,
-            "steps": study.steps, "arms": arms, "verdict": verdict(study, arms),
-            "runs": [asdict(r) for r in results]}
+def arm_summary(arm_name: str, preset: str, model: dict[str, Any], results: list[RunResult]) -> dict[str, Any]:
+    mine = [r for r in results if r.arm == arm_name]
+    losses = [r.val_loss for r in mine]
+    return {
+        "preset": preset, "model": model, "seeds": [r.seed for r in mine],
+        "val_loss_by_seed": {r.seed: r.val_loss for r in mine},
+        "val_loss_mean": statistics.mean(losses), "val_loss_min": min(losses), "val_loss_max": max(losses),
+        "val_loss_spread": max(losses) - min(losses),
+        "parameters": mine[0].parameters, "active_parameters": mine[0].active_parameters,
+        "n_layers": mine[0].n_layers, "d_model": mine[0].d_model,
+    }
 
 
-def verdict(study: Study, arms: dict[str, dict[str, Any]]) -> str:
-    """Whether the paper's direction holds here, judged on the study's criterion.
+def run_settings(plan: ArmPlan) -> dict[str, Any]:
+    """The settings a report states, read from a run's resolved config (never assumed)."""
+    train = plan.config["train"]
+    tokens = train["steps"] * train["batch_size"] * train["seq_len"] * train["grad_accum"]
+    return {key: train[key] for key in ("steps", "batch_size", "seq_len", "grad_accum", "lr", "min_lr", "warmup",
+                                        "precision", "corpus")} | {"tokens_per_run": tokens}
 
-    A loss difference smaller than the larger seed spread of the two arms is called inconclusive.
-    """
-    better, worse = arms[study.expected_better], arms[study.expected_worse]
-    gap = worse["val_loss_mean"] - better["val_loss_mean"]
-    noise = max(better["val_loss_spread"], worse["val_loss_spread"])
+
+def verdict(study: Study, summary: dict[str, Any]) -> str:
+    """The paper's direction judged on paired differences by seed (see pyramoe/experiments/verdicts.py)."""
+    better, worse = summary["arms"][study.expected_better], summary["arms"][study.expected_worse]
+    paired = paired_differences(_by_seed(worse), _by_seed(better))
     if study.compare == "step_time":
-        speedup = worse["step_seconds"] / better["step_seconds"]
-        quality = "on par" if abs(gap) <= max(noise, 0.02) else ("better" if gap > 0 else "worse")
-        holds = "holds" if speedup > 1.0 and quality != "worse" else "does not hold"
-        return (f"{holds}: {study.expected_better} steps {speedup:.2f}x as fast as {study.expected_worse}; "
-                f"its validation loss is {quality} ({-gap:+.3f})")
+        rounds = speedups(summary["step_time"], study.expected_better) if summary.get("step_time") else []
+        return step_time_verdict(study.expected_better, study.expected_worse, rounds, study.speedup_threshold, paired)
     if study.compare == "loss_per_param":
-        fewer = better["parameters"] < worse["parameters"]
-        ratio = better["parameters"] / worse["parameters"]
-        if not fewer:
-            return "does not hold: the PR-MoE arm does not have fewer parameters"
-        if gap >= -noise:
-            return (f"holds: {study.expected_better} has {ratio:.0%} of the parameters and a validation loss "
-                    f"{-gap:+.3f} from {study.expected_worse} (seed spread {noise:.3f})")
-        return (f"does not hold: with {ratio:.0%} of the parameters, {study.expected_better}'s validation loss is "
-                f"{-gap:+.3f} worse, beyond the seed spread {noise:.3f}")
-    if abs(gap) <= noise:
-        return f"inconclusive: difference {gap:.3f} is within the seed spread {noise:.3f}"
-    if gap > 0:
-        return f"holds: {study.expected_better} is {gap:.3f} lower than {study.expected_worse} (spread {noise:.3f})"
-    return (f"does not hold: {study.expected_better} is {-gap:.3f} higher than {study.expected_worse} "
-            f"(spread {noise:.3f})")
+        params = (better["parameters"], worse["parameters"])
+        return fewer_params_verdict(study.expected_better, study.expected_worse, params, paired)
+    return loss_verdict(study.expected_better, study.expected_worse, paired)
 
 
-def report_table(summary: dict[str, Any]) -> str:
-    rows = []
-    for name, a in summary["arms"].items():
-        rows.append([
-            name, f"{a['parameters'] / 1e6:.1f}M", f"{a['active_parameters'] / 1e6:.1f}M", len(a["seeds"]),
-            f"{a['val_loss_mean']:.3f}", f"{a['val_loss_min']:.3f}-{a['val_loss_max']:.3f}",
-            f"{a['step_seconds'] * 1e3:.0f}",
-        ])
-    headers = ["arm", "params", "active", "seeds", "val loss (mean)", "range", "step ms"]
-    if "teacher" in summary:
-        t = summary["teacher"]
-        rows.append([f"teacher (seed {t['seed']})", f"{t['parameters'] / 1e6:.1f}M",
-                     f"{t['active_parameters'] / 1e6:.1f}M", 1, f"{t['val_loss']:.3f}", "-",
-                     f"{t['step_seconds'] * 1e3:.0f}"])
-        for row, a in zip(rows, summary["arms"].values()):
-            row.append(f"{a['retained_pct']:.1f}%")
-        rows[-1].append("100%")
-        headers.append("teacher loss / loss")
-    return format_table(headers, rows)
+def _by_seed(arm: dict[str, Any]) -> dict[int, float]:
+    return {int(seed): loss for seed, loss in arm["val_loss_by_seed"].items()}
 
 
-def plot_study(summary: dict[str, Any], path: Path) -> Path:
-    import matplotlib
+def summarize(
+    study: Study, plans: list[ArmPlan], results: list[RunResult], step_time: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    arms = {arm.name: arm_summary(arm.name, arm.preset, arm.model, results) for arm in study.arms}
+    summary = {
+        "study": study.name, "title": study.title, "paper": study.paper_finding,
+        "settings": run_settings(plans[0]), "machine": machine_label(), "arms": arms,
+        "runs": [asdict(r) for r in results], "step_time": step_time,
+    }
+    better, worse = arms[study.expected_better], arms[study.expected_worse]
+    summary["paired"] = paired_differences(_by_seed(worse), _by_seed(better))
+    summary["verdict"] = verdict(study, summary)
+    return summary
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, name in enumerate(summary["arms"]):
-        runs = [r for r in summary["runs"] if r["arm"] == name]
-        for j, run in enumerate(runs):
-            points = sorted((int(step), loss) for step, loss in run["val_losses"].items())
-            ax.plot(*zip(*points), color=f"C{i}", alpha=0.8, label=name if j == 0 else None)
-    ax.set(xlabel="step", ylabel="validation loss", title=summary["title"])
-    ax.set_ylim(top=min(ax.get_ylim()[1], 8.0))
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+def retained_pct(teacher_loss: float, student_loss: float) -> float:
+    """The teacher's validation loss over the student's, in percent (above 100: the student is lower)."""
+    return 100.0 * teacher_loss / student_loss
+
+
+def add_teacher(summary: dict[str, Any], teacher: RunResult, teacher_plan: ArmPlan, plans: list[ArmPlan]) -> None:
+    """Teacher row, retained_pct per student arm and the distillation settings the notes state."""
+    summary["teacher"] = asdict(teacher)
+    for arm in summary["arms"].values():
+        arm["retained_pct"] = retained_pct(teacher.val_loss, arm["val_loss_mean"])
+    stops = [p.config["distill"].get("kd_stop_step") for p in plans
+             if p.config["distill"]["kd_schedule"] == "stop" and p.config["distill"]["kd_weight"] > 0]
+    student = next(iter(summary["arms"].values()))
+    summary["settings"] |= {
+        "teacher_steps": teacher_plan.config["train"]["steps"], "teacher_preset": teacher_plan.arm.preset,
+        "teacher_layers": teacher.n_layers, "student_layers": student["n_layers"],
+        "dropped_layers": teacher.n_layers - student["n_layers"], "kd_stop_step": stops[0] if stops else None,
+        "student_seed_offset": STUDENT_SEED_OFFSET,
+    }
+
+
+def time_arms(study: Study, plans: list[ArmPlan], root: Path) -> dict[str, Any] | None:
+    """Interleaved step times of the arms' models (plain arms only: students' steps include a teacher)."""
+    if study.teacher is not None:
+        return None
+    first = {p.arm.name: p for p in reversed(plans)}  # one plan per arm
+    configs = {name: ModelConfig.from_dict(p.config["model_config"]) for name, p in first.items()}
+    train = plans[0].config["train"]
+    return measure_step_times(configs, study.expected_worse, train["batch_size"], train["seq_len"],
+                              train["precision"], root / study.name, rounds=study.timing_rounds)
 
 
 def run_study(
     study: Study, root: Path, docs: Path, train: dict[str, Any] | None = None,
     seeds: tuple[int, ...] | None = None, progress: bool = True,
 ) -> dict[str, Any]:
-    seeds = seeds or study.seeds
-    teacher, teacher_dir = None, None
+    """Train every arm x seed (the teacher first, once, for a distillation study), time the arms, and
+    write docs/NAME.json and docs/NAME.png."""
+    from pyramoe.experiments.report import plot_study
+
+    seeds, train = seeds or study.seeds, train or {}
+    teacher_plan = teacher = None
     if study.teacher is not None:
-        teacher = run_arm(study, study.teacher, seeds[0], root, train or {}, progress, steps=study.teacher_steps)
-        teacher_dir = root / study.name / f"{study.teacher.name}-seed{seeds[0]}"
-    results = [
-        run_arm(study, arm, seed, root, train or {}, progress, teacher_dir=teacher_dir)
-        for seed in seeds
-        for arm in study.arms
-    ]
-    summary = summarize(study, results)
-    if teacher is not None:
-        summary["teacher"] = asdict(teacher)
-        for a in summary["arms"].values():
-            a["retained_pct"] = 100.0 * teacher.val_loss / a["val_loss_mean"]
+        teacher_plan = plan_arm(study, study.teacher, seeds[0], root, train, study.teacher_steps)
+        teacher = run_arm(teacher_plan, progress)
+    results, plans = [], []
+    for seed in seeds:
+        for arm in study.arms:
+            plans.append(plan_arm(study, arm, seed, root, train, study.steps, teacher_plan))
+            results.append(run_arm(plans[-1], progress))
+    summary = summarize(study, plans, results, time_arms(study, plans, root))
+    if teacher is not None and teacher_plan is not None:
+        add_teacher(summary, teacher, teacher_plan, plans)
     write_json(docs / f"{study.name}.json", summary)
     plot_study(summary, docs / f"{study.name}.png")
     return summary
-
-
-def render_results(docs: Path, studies: dict[str, Study]) -> Path:
-    """docs/results.md from every study summary present in `docs` (studies not yet run are listed)."""
-    out = docs.parent / "results.md" if docs.name == "results" else docs / "results.md"
-    image_dir = f"{docs.name}/" if out.parent != docs else ""
-    lines = [
-        "# Reproducing the paper's claims at small scale",
-        "",
-        "Generated by `pyramoe experiments` from the summaries in this folder; every number below was",
-        "measured by the command given with it. Models are 4-block, width-256 GPTs trained on the Python",
-        "standard library source, so these runs test the *direction* of each claim, not its size.",
-        "",
-    ]
-    for study in studies.values():
-        path = docs / f"{study.name}.json"
-        lines += [f"## {study.title}", "", f"**Paper:** {study.paper_finding}", ""]
-        if not path.is_file():
-            lines += [f"Not run yet: `pyramoe experiments {study.name}`.", ""]
-            continue
-        summary = json.loads(path.read_text())
-        seeds = ",".join(str(s) for s in next(iter(summary["arms"].values()))["seeds"])
-        lines += [
-            f"**Measured** (`pyramoe experiments {study.name}`: {summary['steps']} steps per run, seeds {seeds}):",
-            "",
-            "```",
-            report_table(summary),
-            "```",
-            "",
-            f"![{study.name}]({image_dir}{study.name}.png)",
-            "",
-            f"**Direction:** {summary['verdict']}.",
-            "",
-        ]
-        if summary.get("notes"):
-            lines += [summary["notes"], ""]
-    commentary = docs / "commentary.md"  # hand-written reading of the numbers, kept across re-renders
-    if commentary.is_file():
-        lines += [commentary.read_text().strip(), ""]
-    out.write_text("\n".join(lines))
-    return out

@@ -1,0 +1,106 @@
+"""Verdicts on paired differences by seed.
+
+Arms of a study share each seed's initialisation and data order, so arm B - arm A on the same seed is
+one paired measurement of the effect. A direction *holds* only with at least MIN_SEEDS seeds, every
+paired difference of the expected sign and their mean larger than their spread (max - min); it is
+*contradicted* when the same is true the other way, and *inconclusive* otherwise.
+
+Step time is judged on the per-round speedups of one interleaved timing run against the claim's own
+threshold (e.g. "more than 10% faster" is 1.10): holds when the lower quartile of the rounds' speedups
+is at or above it, contradicted when the upper quartile is below it, inconclusive otherwise.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+MIN_SEEDS = 2
+PAR_TOLERANCE = 0.02  # validation-loss difference (nats) within which two arms count as on par
+
+HOLDS, INCONCLUSIVE, CONTRADICTED = "holds", "inconclusive", "contradicted"
+
+
+def paired_differences(worse: dict[int, float], better: dict[int, float]) -> dict[str, Any]:
+    """worse - better per seed both arms ran (positive: the expected direction), with mean and spread."""
+    seeds = sorted(set(worse) & set(better))
+    diffs = {seed: worse[seed] - better[seed] for seed in seeds}
+    values = list(diffs.values())
+    if not values:
+        return {"diffs": {}, "n": 0, "mean": 0.0, "min": 0.0, "max": 0.0, "spread": 0.0}
+    return {"diffs": diffs, "n": len(values), "mean": statistics.mean(values), "min": min(values),
+            "max": max(values), "spread": max(values) - min(values)}
+
+
+def paired_outcome(paired: dict[str, Any]) -> str:
+    """holds / contradicted / inconclusive for paired differences (positive: the expected direction)."""
+    if paired["n"] < MIN_SEEDS:
+        return INCONCLUSIVE
+    if paired["min"] > 0 and paired["mean"] > paired["spread"]:
+        return HOLDS
+    if paired["max"] < 0 and -paired["mean"] > paired["spread"]:
+        return CONTRADICTED
+    return INCONCLUSIVE
+
+
+def quality(paired: dict[str, Any]) -> str:
+    """The expected-better arm's loss vs the other's: better / on par / worse / unclear."""
+    outcome = paired_outcome(paired)
+    if outcome == HOLDS:
+        return "better"
+    if paired["n"] >= MIN_SEEDS and max(abs(paired["min"]), abs(paired["max"])) <= PAR_TOLERANCE:
+        return "on par"
+    if outcome == CONTRADICTED:
+        return "worse"
+    return "unclear"
+
+
+def describe_paired(paired: dict[str, Any]) -> str:
+    diffs = ", ".join(f"{d:+.3f}" for d in paired["diffs"].values())
+    return (f"mean paired difference {paired['mean']:+.3f} over {paired['n']} seeds "
+            f"(per seed {diffs}; spread {paired['spread']:.3f})")
+
+
+def loss_verdict(better: str, worse: str, paired: dict[str, Any]) -> str:
+    outcome = paired_outcome(paired)
+    detail = describe_paired(paired)
+    if paired["n"] < MIN_SEEDS:
+        return f"{INCONCLUSIVE}: {paired['n']} seed(s); a verdict needs at least {MIN_SEEDS} ({detail})"
+    if outcome == HOLDS:
+        return f"{HOLDS}: {better} is lower than {worse} on every seed; {detail}"
+    if outcome == CONTRADICTED:
+        return f"{CONTRADICTED}: {better} is higher than {worse} on every seed; {detail}"
+    return f"{INCONCLUSIVE}: the paired differences do not exceed their spread; {detail}"
+
+
+def speed_outcome(speedups: list[float], threshold: float) -> str:
+    if len(speedups) < 2:
+        return INCONCLUSIVE
+    q1, _, q3 = statistics.quantiles(speedups, n=4, method="inclusive")
+    if q1 >= threshold:
+        return HOLDS
+    if q3 < threshold:
+        return CONTRADICTED
+    return INCONCLUSIVE
+
+
+def step_time_verdict(better: str, worse: str, speedups: list[float], threshold: float,
+                      paired: dict[str, Any]) -> str:
+    """Speed on the interleaved rounds' speedups (worse time / better time); quality must not be worse."""
+    speed = speed_outcome(speedups, threshold)
+    loss = quality(paired)
+    median = statistics.median(speedups) if speedups else float("nan")
+    outcome = CONTRADICTED if loss == "worse" else speed
+    return (f"{outcome}: {better} steps {median:.2f}x as fast as {worse} (median of {len(speedups)} interleaved "
+            f"rounds; claim: >= {threshold:.2f}x); its validation loss is {loss} ({describe_paired(paired)})")
+
+
+def fewer_params_verdict(better: str, worse: str, params: tuple[int, int], paired: dict[str, Any]) -> str:
+    """PR-MoE-style claim: fewer parameters at about the same (or better) loss."""
+    ratio = params[0] / params[1]
+    if params[0] >= params[1]:
+        return f"{CONTRADICTED}: {better} does not have fewer parameters than {worse}"
+    loss = quality(paired)
+    outcome = {"better": HOLDS, "on par": HOLDS, "worse": CONTRADICTED}.get(loss, INCONCLUSIVE)
+    return (f"{outcome}: {better} has {ratio:.0%} of {worse}'s parameters and its validation loss is {loss} "
+            f"(on par: every paired difference within {PAR_TOLERANCE}; {describe_paired(paired)})")
