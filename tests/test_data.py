@@ -205,7 +205,7 @@ def test_prepare_builds_then_reuses_then_rebuilds(tmp_path: Path) -> None:
     changed = prepare_data(str(root), SMALL_VOCAB, cache, val_percent=10, progress=False)
     assert changed.rebuilt
     assert changed.train_tokens + changed.val_tokens > first.train_tokens + first.val_tokens
-    assert not list(cache.glob("*.tmp*"))
+    assert not list(cache.rglob("*.tmp*"))
 
 
 def test_token_file_holds_docs_joined_by_eos(tmp_path: Path) -> None:
@@ -319,3 +319,15 @@ def test_data_package_does_not_import_model_code() -> None:
         text = path.read_text(encoding="utf-8")
         for layer in ("layers", "models", "train", "cli"):
             assert f"pyramoe.{layer}" not in text, f"{path.name} imports pyramoe.{layer}"
+
+
+def test_splits_with_other_settings_never_overwrite_each_other(tmp_path: Path) -> None:
+    root = _write_dir(tmp_path / "src", n=30)
+    cache = tmp_path / "cache"
+    ten = prepare_data(str(root), SMALL_VOCAB, cache, val_percent=10, progress=False)
+    val_before = ten.val_path.read_bytes()
+    twenty = prepare_data(str(root), SMALL_VOCAB, cache, val_percent=20, progress=False)
+    capped = prepare_data(str(root), SMALL_VOCAB, cache, val_percent=10, max_bytes=2000, progress=False)
+    assert len({ten.val_path, twenty.val_path, capped.val_path}) == 3 and twenty.val_tokens > ten.val_tokens
+    again = prepare_data(str(root), SMALL_VOCAB, cache, val_percent=10, progress=False)
+    assert not again.rebuilt and again.val_path == ten.val_path and again.val_path.read_bytes() == val_before

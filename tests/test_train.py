@@ -222,3 +222,13 @@ def test_resume_applies_new_optimizer_settings_to_the_loaded_optimizer(tmp_path)
     assert groups["expert"]["lr"] == groups["dense"]["lr"] * 0.5 > 0
     saved = load_checkpoint(tmp_path / "run").state["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in saved] == [g["weight_decay"] for g in trainer.optimizer.param_groups]
+
+
+def test_resume_refuses_another_train_validation_split(tmp_path):
+    start(tiny_sources(tmp_path, steps=2, eval_every=0)).fit()
+    run_dir = str(tmp_path / "run")
+    for name, value in [("val_percent", 20.0), ("max_bytes", 5000)]:
+        with pytest.raises(ValueError, match=f"train.{name}: cannot change when resuming on the same corpus"):
+            resolve_run([{"train": {"run_dir": run_dir, name: value}}], resume="latest")
+    restated = resolve_run([{"train": {"run_dir": run_dir, "val_percent": 10, "max_bytes": None}}], resume="latest")
+    assert restated[0].train.val_percent == 10.0

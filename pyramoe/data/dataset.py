@@ -1,4 +1,8 @@
-"""Tokenized corpora on disk (memory-mapped train.bin / val.bin) and batch sampling from them."""
+"""Tokenized corpora on disk and batch sampling from them.
+
+    CACHE_DIR/tokenizer.json, meta.json        the tokenizer (trained on the corpus, or the user's)
+    CACHE_DIR/split-FINGERPRINT-TOKSHA/        train.bin / val.bin (memory-mapped) and their meta.json
+"""
 
 from __future__ import annotations
 
@@ -130,31 +134,42 @@ def prepare_data(
         meta.pop("tokenizer_key", None)
 
     dtype = token_dtype(tokenizer.vocab_size)
-    paths = {split: cache_dir / f"{split}.bin" for split in ("train", "val")}
+    split_dir = cache_dir / split_dir_name(corpus, tokenizer)
+    split_dir.mkdir(exist_ok=True)
+    split_meta = _read_meta(split_dir / "meta.json")
+    paths = {split: split_dir / f"{split}.bin" for split in ("train", "val")}
     wanted = {
         "version": _META_VERSION,
         "fingerprint": corpus.fingerprint,
         "tokenizer_sha": tokenizer.sha,
         "dtype": dtype.name,
     }
-    rebuilt = not _cache_valid(meta, wanted, paths)
+    rebuilt = not _cache_valid(split_meta, wanted, paths)
     if rebuilt:
         # Invalidate first: a crash mid-build must not leave old meta beside new files.
-        meta = {k: v for k, v in meta.items() if k == "tokenizer_key"}
-        _write_json(cache_dir / "meta.json", meta)
+        _write_json(split_dir / "meta.json", {})
         counts = _build_token_files(corpus, tokenizer, paths, dtype, progress)
-        meta.update(wanted, train_tokens=counts["train"], val_tokens=counts["val"])
-        _write_json(cache_dir / "meta.json", meta)
+        split_meta = {**wanted, "train_tokens": counts["train"], "val_tokens": counts["val"]}
+        _write_json(split_dir / "meta.json", split_meta)
     return PreparedData(
         tokenizer,
         cache_dir,
         paths["train"],
         paths["val"],
         dtype.name,
-        meta["train_tokens"],
-        meta["val_tokens"],
+        split_meta["train_tokens"],
+        split_meta["val_tokens"],
         rebuilt,
     )
+
+
+def split_dir_name(corpus: Corpus, tokenizer: Tokenizer) -> str:
+    """Token files live in a directory named by everything that decides their contents - the corpus
+    and its split settings (the fingerprint covers val_percent, max_bytes, text_field and the files)
+    and the tokenizer - so that one cache directory can hold several splits and building one never
+    overwrites another (a run resumed with other settings must not turn its training text into
+    another run's validation text)."""
+    return f"split-{corpus.fingerprint}-{tokenizer.sha[:16]}"
 
 
 def _trained_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: Path, meta: dict) -> Tokenizer:

@@ -53,12 +53,30 @@ def resolve_run(
     saved_model = saved.get("model", {})
     check_model_unchanged(merged.get("model", {}), ckpt)
     train = merge(saved["train"], merged.get("train", {}))
+    check_split_unchanged(saved["train"], train)
     if "run_dir" not in merged.get("train", {}):
         train["run_dir"] = str(ckpt.path.parent.parent)  # where the checkpoint lives, whatever the cwd
     resumed = {"train": train, "model": saved_model}
     if "distill" in saved or "distill" in merged:
         resumed["distill"] = merge(saved.get("distill", {}), merged.get("distill", {}))
     return run_config_from_dict(resumed), ckpt
+
+
+# Settings that decide which documents are validation documents.
+SPLIT_SETTINGS = ("val_percent", "max_bytes", "text_field")
+
+
+def check_split_unchanged(saved: dict[str, Any], train: dict[str, Any]) -> None:
+    """A resumed run on the same corpus keeps its train/validation split: another split would put
+    documents it trained on into validation (a new corpus is a new split anyway)."""
+    if train.get("corpus") != saved.get("corpus"):
+        return
+    for name in SPLIT_SETTINGS:
+        if name in saved and train.get(name) != saved[name]:
+            raise ValueError(
+                f"train.{name}: cannot change when resuming on the same corpus (the checkpoint's "
+                f"train/validation split used {saved[name]!r}); start a new run for another split"
+            )
 
 
 def check_model_unchanged(requested: dict[str, Any], ckpt: ckpt_io.Checkpoint) -> None:
