@@ -114,3 +114,15 @@ def test_bench_train_step_writes_json(tmp_path, capsys):
     assert payload["results"][1]["x_baseline"] == 1.0 and payload["results"][0]["tokens_per_s"] > 0
     assert "x tiny-dense" in capsys.readouterr().out
     one_line_error(capsys, ["bench", "train-step", "--presets", "tiny-moe"], "--presets")
+
+
+def test_train_reports_skipped_files_and_refuses_another_split_on_resume(tmp_path, capsys):
+    corpus = tmp_path / "src"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"m{i}.py").write_text("".join(f"def f{j}(x):\n    return x + {j % 11}\n" for j in range(30)))
+    (corpus / "blob.bin").write_bytes(b"\x00\xff" * 64)
+    args = [*tiny_args(tmp_path, steps=2), "--corpus", str(corpus), "--no-plot", "--sample-tokens", "0"]
+    assert main(args) == 0
+    assert f"corpus {corpus}: skipped files (1 binary)" in capsys.readouterr().out
+    one_line_error(capsys, [*args, "--resume", "--max-bytes", "5000"], "train.max_bytes: cannot change when resuming")

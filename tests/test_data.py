@@ -331,3 +331,48 @@ def test_splits_with_other_settings_never_overwrite_each_other(tmp_path: Path) -
     assert len({ten.val_path, twenty.val_path, capped.val_path}) == 3 and twenty.val_tokens > ten.val_tokens
     again = prepare_data(str(root), SMALL_VOCAB, cache, val_percent=10, progress=False)
     assert not again.rebuilt and again.val_path == ten.val_path and again.val_path.read_bytes() == val_before
+
+
+# ---- reading rules ---------------------------------------------------------------------------------------
+
+
+def test_directory_json_is_a_text_document_and_jsonl_holds_records(tmp_path: Path) -> None:
+    root = tmp_path / "proj"
+    root.mkdir()
+    package = '{\n  "name": "demo",\n  "version": "1.0.0"\n}\n'
+    (root / "package.json").write_text(package, encoding="utf-8")
+    (root / "notes.jsonl").write_text('{"text": "first"}\n{"text": "second"}\n', encoding="utf-8")
+    assert sorted(_all_docs(str(root))) == sorted([package, "first", "second"])
+    # A .json named as the corpus itself is still read as JSON Lines.
+    (tmp_path / "records.json").write_text('{"text": "a"}\n{"text": "b"}\n', encoding="utf-8")
+    assert _all_docs(str(tmp_path / "records.json")) == ["a", "b"]
+
+
+def test_python_sources_honour_coding_cookies_and_byte_order_marks(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    root.mkdir()
+    (root / "latin.py").write_bytes("# -*- coding: latin-1 -*-\nname = 'café'\n".encode("latin-1"))
+    (root / "bom.py").write_bytes(b"\xef\xbb\xbfx = 'na\xc3\xafve'\n")
+    (root / "wide.txt").write_text("hello ünïcode\n", encoding="utf-16")  # with a BOM
+    (root / "bad_cookie.py").write_bytes(b"# coding: no-such-codec\ny = 1\n")
+    docs = {doc.splitlines()[-1] for doc in _all_docs(str(root))}
+    assert docs == {"name = 'café'", "x = 'naïve'", "hello ünïcode", "y = 1"}
+
+
+def test_binary_files_are_skipped_and_counted(tmp_path: Path) -> None:
+    root = _write_dir(tmp_path / "src", n=6)
+    (root / "blob.bin").write_bytes(b"\x00\x01\x02" * 100)
+    corpus = load_corpus(str(root), val_percent=0)
+    assert len(list(corpus.train_docs())) == 6 and corpus.skipped == {"binary": 1}
+    assert len(list(corpus.train_docs())) == 6 and corpus.skipped == {"binary": 1}  # not once per pass
+    data = prepare_data(str(root), SMALL_VOCAB, tmp_path / "c", val_percent=10, progress=False)
+    cached = prepare_data(str(root), SMALL_VOCAB, tmp_path / "c", val_percent=10, progress=False)
+    assert data.skipped_files == cached.skipped_files == {"binary": 1} and not cached.rebuilt
+
+
+def test_a_utf16_text_file_is_decoded_before_it_is_cut_into_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "book.txt"
+    text = "".join(f"ligne {i} d'un long livre\n" for i in range(3000))
+    path.write_text(text, encoding="utf-16")
+    docs = _all_docs(str(path))
+    assert len(docs) > 1 and "".join(docs) == text

@@ -149,6 +149,9 @@ def _print_header(trainer: Trainer, resumed: bool) -> None:
         f"{cfg.steps} steps x {cfg.tokens_per_step:,} tokens, lr {cfg.lr:g}, {cfg.precision} -> {trainer.run_dir}",
         flush=True,
     )
+    skipped = ", ".join(f"{count} {reason}" for reason, count in sorted(trainer.data.skipped_files.items()))
+    if skipped:
+        print(f"corpus {cfg.corpus}: skipped files ({skipped})", flush=True)
 
 
 def _print_summary(trainer: Trainer, result: FitResult, wall: float, args: argparse.Namespace) -> None:

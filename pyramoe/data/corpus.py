@@ -2,25 +2,46 @@
 
 A corpus is a deterministic stream of *units* ``(key, text)``; the key alone decides whether a
 unit goes to validation, so the split never depends on iteration order or on the machine.
+
+Reading rules. A directory: every text file is one document, except JSON Lines files (``.jsonl``,
+``.ndjson``), which hold one document per record; a ``.json`` file there is an ordinary text
+document (package.json, fixtures), not records. A file given on its own: ``.jsonl``, ``.ndjson``
+and ``.json`` are JSON Lines; anything else is text, cut into chunks at line breaks. Text is
+UTF-8 unless a byte-order mark says UTF-8/16/32 or, in a ``.py`` file, a PEP 263 coding cookie names
+another encoding; undecodable bytes become U+FFFD. Files with a NUL byte near the start (and no
+UTF-16/32 mark) are binary and skipped; `Corpus.skipped` counts them.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import io
 import json
 import os
 import sys
 import sysconfig
+import tokenize
+from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 Unit = tuple[str, str]  # (split key, document text)
 
 DEFAULT_VAL_PERCENT = 2.0
-JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")  # JSON Lines wherever they are
+FILE_JSONL_SUFFIXES = (*JSONL_SUFFIXES, ".json")  # ... and a .json named as the corpus itself
+# Byte-order marks, longest first: the UTF-32 LE mark begins with the UTF-16 LE one.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
-_FORMAT_VERSION = 1  # bump when the unit/split rules change, so old caches are not reused
+_FORMAT_VERSION = 2  # bump when the unit/split rules change, so old caches are not reused
 
 
 @dataclass(frozen=True)
@@ -33,6 +54,8 @@ class Corpus:
     units: Callable[[], Iterator[Unit]]
     max_bytes: int | None = None
     approx_bytes: int | None = None  # for progress bars only
+    # Files left out, by reason ("binary"); counted during each pass over the units.
+    skipped: Counter = field(default_factory=Counter, compare=False)
 
     def train_docs(self) -> Iterator[str]:
         """Training documents, in a deterministic order."""
@@ -101,18 +124,19 @@ def load_corpus(
     if max_bytes is not None and max_bytes <= 0:
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
     spec = str(spec)
+    skipped: Counter = Counter()
     if spec == "stdlib":
         root = stdlib_root()
-        units, stamp, size = _files_source(root, stdlib_files(root), text_field)
+        units, stamp, size = _files_source(root, stdlib_files(root), text_field, skipped)
     elif spec.startswith("hf:"):
         units, stamp, size = _hf_source(spec[3:], text_field)
     else:
-        units, stamp, size = _path_source(Path(spec).expanduser(), text_field)
+        units, stamp, size = _path_source(Path(spec).expanduser(), text_field, skipped)
     parts = [_FORMAT_VERSION, spec, val_percent, text_field, max_bytes, stamp]
     fingerprint = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
     if max_bytes is not None and size is not None:
         size = min(size, max_bytes)
-    return Corpus(spec, fingerprint, val_percent, units, max_bytes, size)
+    return Corpus(spec, fingerprint, val_percent, units, max_bytes, size, skipped)
 
 
 def stdlib_root() -> Path:
@@ -138,7 +162,9 @@ def _walk(root: Path, exclude: Path | None = None) -> Iterator[Path]:
         yield from (here / f for f in filenames if not f.startswith("."))
 
 
-def _path_source(path: Path, text_field: str) -> tuple[Callable[[], Iterator[Unit]], list, int]:
+def _path_source(
+    path: Path, text_field: str, skipped: Counter
+) -> tuple[Callable[[], Iterator[Unit]], list, int]:
     if not path.exists():
         raise ValueError(f"corpus path not found: {path}")
     path = path.resolve()
@@ -146,57 +172,91 @@ def _path_source(path: Path, text_field: str) -> tuple[Callable[[], Iterator[Uni
         files = sorted(_walk(path), key=lambda p: p.relative_to(path).as_posix())
         if not files:
             raise ValueError(f"no files found in corpus directory {path}")
-        return _files_source(path, files, text_field)
+        return _files_source(path, files, text_field, skipped)
     size = path.stat().st_size
     if size == 0:
         raise ValueError(f"corpus file is empty: {path}")
     stamp = [[path.name, size, path.stat().st_mtime_ns]]
-    if path.suffix.lower() in JSONL_SUFFIXES:
+    if path.suffix.lower() in FILE_JSONL_SUFFIXES:
         return (lambda: _jsonl_units(path, text_field, path.name)), stamp, size
     return (lambda: _chunk_units(path, size)), stamp, size
 
 
 def _files_source(
-    root: Path, files: list[Path], text_field: str
+    root: Path, files: list[Path], text_field: str, skipped: Counter
 ) -> tuple[Callable[[], Iterator[Unit]], list, int]:
     stats = [(p, p.relative_to(root).as_posix(), p.stat()) for p in files]
     stamp = [[rel, st.st_size, st.st_mtime_ns] for _, rel, st in stats]
 
     def units() -> Iterator[Unit]:
+        skipped.clear()  # every pass sees the same files: count one pass
         for path, rel, _ in stats:
             if path.suffix.lower() in JSONL_SUFFIXES:
                 yield from _jsonl_units(path, text_field, rel)
+                continue
+            text = _read_text(path)
+            if text is None:
+                skipped["binary"] += 1
             else:
-                text = _read_text(path)
-                if text is not None:
-                    yield rel, text
+                yield rel, text
 
     return units, stamp, sum(st.st_size for _, _, st in stats)
 
 
 def _read_text(path: Path) -> str | None:
-    """File contents as text, or None for binary files (a NUL byte near the start)."""
+    """File contents as text (see the module's reading rules), or None for a binary file."""
     with open(path, "rb") as f:
-        head = f.read(8192)
-        if b"\0" in head:
-            return None
-        return (head + f.read()).decode("utf-8", errors="replace")
+        data = f.read()
+    encoding = _encoding_of(path, data[:8192])
+    return None if encoding is None else data.decode(encoding, errors="replace")
+
+
+def _encoding_of(path: Path, head: bytes) -> str | None:
+    """The encoding `head` (a file's first bytes) is in; None: binary."""
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding  # the -sig/BOM-reading codecs drop the mark itself
+    if b"\0" in head:
+        return None
+    if path.suffix.lower() in (".py", ".pyw"):
+        try:
+            return tokenize.detect_encoding(io.BytesIO(head).readline)[0]
+        except SyntaxError:  # a cookie naming an unknown codec, or an invalid UTF-8 first line
+            return "utf-8"
+    return "utf-8"
 
 
 def _chunk_units(path: Path, size: int) -> Iterator[Unit]:
-    """A single text file cut at line breaks into chunks, so that it can still be split."""
+    """A single text file cut at line breaks into chunks, so that it can still be split.
+
+    UTF-8 is cut on its bytes (chunk keys and contents as in format 1); a file marked as UTF-16/32 is
+    decoded first, since its line breaks are not single bytes.
+    """
     target = min(max(size // 64, 4096), 1 << 20)
-    buf: list[bytes] = []
-    n = index = 0
     with open(path, "rb") as f:
-        for line in f:
-            buf.append(line)
-            n += len(line)
-            if n >= target:
-                yield str(index), b"".join(buf).decode("utf-8", errors="replace")
-                buf, n, index = [], 0, index + 1
+        head = f.read(8192)
+    encoding = _encoding_of(path, head) or "utf-8"
+    if encoding.startswith("utf-8"):
+        with open(path, "rb") as f:
+            lines = (line for line in f)
+            yield from _chunked(lines, target, lambda chunk: chunk.decode(encoding, errors="replace"))
+    else:
+        with open(path, encoding=encoding, errors="replace", newline="") as f:
+            yield from _chunked(f, target, str)
+
+
+def _chunked(lines, target: int, decode: Callable) -> Iterator[Unit]:
+    """Consecutive lines joined into units of about `target` bytes (characters for decoded text)."""
+    buf: list = []
+    n = index = 0
+    for line in lines:
+        buf.append(line)
+        n += len(line)
+        if n >= target:
+            yield str(index), decode(buf[0][:0].join(buf))
+            buf, n, index = [], 0, index + 1
     if buf:
-        yield str(index), b"".join(buf).decode("utf-8", errors="replace")
+        yield str(index), decode(buf[0][:0].join(buf))
 
 
 def _jsonl_units(path: Path, text_field: str, prefix: str) -> Iterator[Unit]:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +86,7 @@ class PreparedData:
     train_tokens: int
     val_tokens: int
     rebuilt: bool  # True when the token files were (re)built by this call
+    skipped_files: dict[str, int] = field(default_factory=dict)  # corpus files left out, by reason
 
     @property
     def vocab_size(self) -> int:
@@ -149,7 +150,8 @@ def prepare_data(
         # Invalidate first: a crash mid-build must not leave old meta beside new files.
         _write_json(split_dir / "meta.json", {})
         counts = _build_token_files(corpus, tokenizer, paths, dtype, progress)
-        split_meta = {**wanted, "train_tokens": counts["train"], "val_tokens": counts["val"]}
+        split_meta = {**wanted, "train_tokens": counts["train"], "val_tokens": counts["val"],
+                      "skipped_files": dict(corpus.skipped)}
         _write_json(split_dir / "meta.json", split_meta)
     return PreparedData(
         tokenizer,
@@ -160,6 +162,7 @@ def prepare_data(
         split_meta["train_tokens"],
         split_meta["val_tokens"],
         rebuilt,
+        dict(split_meta.get("skipped_files", {})),
     )
 
 
