@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +166,25 @@ def test_param_groups_split_experts_and_decay():
     assert groups["dense_no_decay"]["weight_decay"] == 0.0 and groups["expert"]["lr_scale"] == 0.5
     optimizer = make_optimizer(model, cfg)
     assert isinstance(optimizer, torch.optim.AdamW) and len(optimizer.param_groups) == 4
+
+
+def test_importing_one_train_submodule_loads_neither_the_trainer_nor_the_data_stack():
+    # torch itself imports tqdm (torch.hub), so measure what pyramoe.train.optim adds to `import torch`.
+    code = (
+        "import sys, torch\n"
+        "before = set(sys.modules)\n"
+        "import pyramoe.train.optim\n"
+        "print(' '.join(sorted(set(sys.modules) - before)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    unwanted = ("tokenizers", "tqdm", "pyramoe.train.distill", "pyramoe.train.trainer", "pyramoe.data")
+    assert "pyramoe.train.optim" in out
+    assert [m for m in out if m.split(".")[0] in unwanted or m.startswith(unwanted)] == []
+
+
+def test_the_package_still_exports_its_names_lazily():
+    import pyramoe.train as train
+
+    assert train.TrainConfig is TrainConfig and "create_trainer" in dir(train)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        train.nope  # noqa: B018

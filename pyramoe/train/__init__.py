@@ -1,37 +1,54 @@
 """Training: config, AdamW with expert groups, the loop, checkpoints, evaluation, sampling, plots, and
-Mixture-of-Students distillation."""
+Mixture-of-Students distillation.
 
-from pyramoe.train.checkpoint import Checkpoint, build_model, latest_checkpoint, load_checkpoint
-from pyramoe.train.config import RunConfig, TrainConfig, build_model_config, run_config_from_dict
-from pyramoe.train.distill import DistillTrainer, create_distill_trainer, resolve_distill_run
-from pyramoe.train.evaluate import EvalResult, evaluate
-from pyramoe.train.generate import complete, generate_ids
-from pyramoe.train.kd import DistillConfig, kd_loss, kd_weight_at
-from pyramoe.train.session import create_trainer, resolve_run
-from pyramoe.train.trainer import FitResult, Trainer, train_step
+The names below are loaded on first use (PEP 562), so that importing one submodule (e.g.
+`pyramoe.train.optim` or `pyramoe.train.config`) does not drag in the tokenizer, tqdm and the
+distiller. Submodules import each other by their full module names, never through this package.
+"""
 
-__all__ = [
-    "Checkpoint",
-    "DistillConfig",
-    "DistillTrainer",
-    "EvalResult",
-    "FitResult",
-    "RunConfig",
-    "TrainConfig",
-    "Trainer",
-    "build_model",
-    "build_model_config",
-    "complete",
-    "create_distill_trainer",
-    "create_trainer",
-    "evaluate",
-    "generate_ids",
-    "kd_loss",
-    "kd_weight_at",
-    "latest_checkpoint",
-    "load_checkpoint",
-    "resolve_distill_run",
-    "resolve_run",
-    "run_config_from_dict",
-    "train_step",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Checkpoint": "checkpoint",
+    "build_model": "checkpoint",
+    "latest_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "RunConfig": "config",
+    "TrainConfig": "config",
+    "build_model_config": "config",
+    "run_config_from_dict": "config",
+    "DistillTrainer": "distill",
+    "create_distill_trainer": "distill",
+    "resolve_distill_run": "distill",
+    "EvalResult": "evaluate",
+    "evaluate": "evaluate",
+    "complete": "generate",
+    "generate_ids": "generate",
+    "DistillConfig": "kd",
+    "kd_loss": "kd",
+    "kd_weight_at": "kd",
+    "create_trainer": "session",
+    "resolve_run": "session",
+    "FitResult": "trainer",
+    "Trainer": "trainer",
+    "train_step": "trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
+import pyramoe.train.checkpoint as ckpt_io
 from pyramoe.config import ModelConfig
 from pyramoe.data import PreparedData
 from pyramoe.models import GPT
 from pyramoe.models.student import LayerMap, default_layer_map, init_student_from_teacher, student_config
-from pyramoe.train import checkpoint as ckpt_io
 from pyramoe.train.config import LAYOUT_KEYS, RunConfig, build_model_config, merge
 from pyramoe.train.evaluate import EvalResult, autocast, evaluate
 from pyramoe.train.kd import DistillConfig, kd_loss, kd_weight_at

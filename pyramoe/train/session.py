@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
+import pyramoe.train.checkpoint as ckpt_io
 from pyramoe.config import ModelConfig, moe_layer_indices
 from pyramoe.data import PreparedData, prepare_data
-from pyramoe.train import checkpoint as ckpt_io
 from pyramoe.train.config import (
     DEFAULT_PRESET,
     RunConfig,

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import pyramoe.train.checkpoint as ckpt_io
 from pyramoe.config import ModelConfig
 from pyramoe.data import PreparedData
 from pyramoe.models import GPT, GPTOutput
-from pyramoe.train import checkpoint as ckpt_io
 from pyramoe.train.config import RunConfig
 from pyramoe.train.evaluate import EvalResult, autocast, evaluate
 from pyramoe.train.metrics import METRICS_FILE, MetricsLog
