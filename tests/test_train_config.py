@@ -188,3 +188,13 @@ def test_the_package_still_exports_its_names_lazily():
     assert train.TrainConfig is TrainConfig and "create_trainer" in dir(train)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         train.nope  # noqa: B018
+
+
+def test_the_exported_evaluate_is_the_function_even_after_its_submodule_is_imported():
+    code = (
+        "import pyramoe.train.trainer\n"  # imports the submodule pyramoe.train.evaluate
+        "from pyramoe.train import evaluate\n"
+        "print(callable(evaluate) and evaluate.__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "pyramoe.train.evaluate"

@@ -9,6 +9,8 @@ distiller. Submodules import each other by their full module names, never throug
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 _EXPORTS = {
@@ -51,4 +53,18 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """`evaluate` names both a submodule and the function it exports. Importing a submodule sets it as
+    an attribute of its package, which would make `from pyramoe.train import evaluate` the module;
+    keep the exported function there instead (what the eager imports used to leave)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if _EXPORTS.get(name) == name and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
