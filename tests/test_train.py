@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 from pathlib import Path
 
 import pytest
 import torch
 
+from pyramoe.models import GPT
 from pyramoe.train import build_model, create_trainer, generate_ids, latest_checkpoint, load_checkpoint, resolve_run
 from pyramoe.train import checkpoint as ckpt_io
 from pyramoe.train.checkpoint import list_checkpoints, load_optimizer_state
+from pyramoe.train.config import build_model_config, run_config_from_dict
 from pyramoe.train.optim import LRPlan, make_optimizer
+from pyramoe.train.trainer import train_step
 
 
 def write_corpus(path: Path, n: int = 400) -> Path:
@@ -160,12 +164,56 @@ def test_greedy_generation_with_kv_cache_matches_full_forward(tmp_path):
         list(generate_ids(model, list(range(64)), 4))
 
 
-def test_bf16_autocast_runs_and_keeps_fp32_weights(tmp_path):
-    # One tiny step only: this CPU has no native bf16, where bf16 matmuls are ~50x slower.
-    trainer = start(tiny_sources(tmp_path, steps=1, eval_every=0, batch_size=2, precision="bf16"))
-    result = trainer.fit()
-    assert result.step == 1 and all(torch.isfinite(torch.tensor(v)) for v in result.losses.values())
-    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+def linear_output_dtypes(trainer, names: tuple[str, ...]) -> dict[str, set]:
+    """Record the output dtype of the named nn.Linear modules during training forwards."""
+    seen: dict[str, set] = {name: set() for name in names}
+    modules = dict(trainer.model.named_modules())
+    for name in names:
+        assert isinstance(modules[name], torch.nn.Linear)
+        modules[name].register_forward_hook(
+            lambda module, args, out, name=name: seen[name].add(out.dtype) if module.training else None
+        )
+    return seen
+
+
+def test_bf16_runs_the_matmuls_in_bf16_and_keeps_fp32_weights(tmp_path):
+    # One tiny step only: this CPU may have no native bf16, where bf16 matmuls are much slower.
+    probes = ("blocks.0.attn.qkv", "lm_head")
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        trainer = start(tiny_sources(tmp_path, f"run-{precision}", steps=1, eval_every=0, batch_size=2,
+                                     precision=precision))
+        seen = linear_output_dtypes(trainer, probes)
+        runs[precision] = (trainer.fit(), seen)
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+        assert all(state["exp_avg"].dtype == torch.float32 for state in trainer.optimizer.state.values())
+    assert runs["fp32"][1] == dict.fromkeys(probes, {torch.float32})  # the probe sees what ran
+    assert runs["bf16"][1] == dict.fromkeys(probes, {torch.bfloat16})
+    fp32_loss, bf16_loss = runs["fp32"][0].losses[1], runs["bf16"][0].losses[1]
+    assert math.isfinite(bf16_loss) and bf16_loss == pytest.approx(fp32_loss, rel=0.02)
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    # Dense model, no dropout: two micro-batches of b must give one batch of 2b's loss and update.
+    run = run_config_from_dict({"train": {"seq_len": 16, "grad_clip": 1.0},
+                                "model": {"preset": "tiny-dense", "d_model": 32, "n_layers": 2, "max_seq_len": 64}})
+    config = build_model_config(run, vocab_size=300)
+    x = torch.randint(0, 300, (8, 16))
+    y = torch.randint(0, 300, (8, 16))
+    models, stats = [], []
+    for batches in ([(x, y)], [(x[:4], y[:4]), (x[4:], y[4:])]):
+        torch.manual_seed(0)
+        model = GPT(config)
+        optimizer = make_optimizer(model, run.train)
+        stats.append(train_step(model, optimizer, batches, grad_clip=run.train.grad_clip))
+        models.append(model)
+    one, accumulated = stats
+    assert accumulated.loss == pytest.approx(one.loss, rel=1e-5)
+    assert accumulated.grad_norm == pytest.approx(one.grad_norm, rel=1e-4)
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    torch.manual_seed(0)
+    assert not torch.equal(models[0].tok_emb.weight, GPT(config).tok_emb.weight)  # the step moved it
 
 
 def train_lrs(run_dir: Path) -> dict[int, float]:
