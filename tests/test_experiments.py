@@ -68,6 +68,28 @@ def test_other_settings_rerun_instead_of_reusing(tmp_path):
     assert len(list((root / "tiny").glob("moe-seed1-*"))) == 3
 
 
+def test_identical_arm_of_another_study_is_reused_not_retrained(tmp_path, monkeypatch):
+    root, train = tmp_path / "runs", tiny_train(tmp_path)
+    first = run_study(TINY, root, tmp_path / "docs", train=train, seeds=(1,), progress=False)
+    renamed = Study(**{**TINY.__dict__, "name": "tiny-2",
+                       "arms": (Arm("dense-2", "tiny-dense", SMALL), Arm("moe-2", "tiny-moe", SMALL)),
+                       "expected_better": "moe-2", "expected_worse": "dense-2"})
+    monkeypatch.setattr(runner, "open_trainer", _no_training)
+    second = run_study(renamed, root, tmp_path / "docs", train=train, seeds=(1,), progress=False)
+    assert [r["val_loss"] for r in second["runs"]] == [r["val_loss"] for r in first["runs"]]
+    assert [r["arm"] for r in second["runs"]] == ["dense-2", "moe-2"]
+    saved = json.loads(next((root / "tiny-2").glob(f"moe-2-seed1-*/{RESULT_FILE}")).read_text())
+    assert "/tiny/moe-seed1-" in saved["reused_from"]
+
+
+def test_key_follows_the_resolved_model_not_how_it_is_spelled(tmp_path):
+    spelled_out = Arm("moe", "tiny-moe", {**SMALL, "moe_placement": "every_other", "num_experts": 8})
+    plans = [plan_arm(TINY, arm, 1, tmp_path, tiny_train(tmp_path), steps=4) for arm in (TINY.arms[1], spelled_out)]
+    assert plans[0].key == plans[1].key
+    wider = plan_arm(TINY, Arm("moe", "tiny-moe", {**SMALL, "d_model": 64}), 1, tmp_path, tiny_train(tmp_path), 4)
+    assert wider.key != plans[0].key
+
+
 def test_result_with_another_key_is_not_read_back(tmp_path):
     plan = plan_arm(TINY, TINY.arms[1], 1, tmp_path / "runs", tiny_train(tmp_path), steps=4)
     plan.run_dir.mkdir(parents=True)

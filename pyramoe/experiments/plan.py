@@ -3,8 +3,8 @@ hash of them, so that a finished result is reused only for the very settings tha
 
 A run directory is `ROOT/STUDY/ARM-seedN-KEY`, where KEY hashes the resolved settings: the train
 settings (steps, seed, batch, LR, ... every `TrainConfig` field except the bookkeeping ones in
-`NOT_KEYED`), the preset with its model overrides and the model config they build, a student's
-[distill] settings and its teacher's own key. Other settings land in another directory; a
+`NOT_KEYED`), the model config the preset and overrides build (so one model spelled two ways is one
+run), or for a student its [distill] settings and its teacher's own key. Other settings land in another directory; a
 `result.json` whose stored key differs from its directory's is never read back.
 
 Students of a Mixture-of-Students study train on seed + STUDENT_SEED_OFFSET: the seed also orders
@@ -100,7 +100,7 @@ def _plain_config(sources: list[dict[str, Any]]) -> dict[str, Any]:
 
     run, _ = resolve_run(sources)
     model = build_model_config(run, run.train.vocab_size).to_dict()
-    return {**_keyed(run.to_dict()), "model_config": model}
+    return {"train": _keyed(run.to_dict())["train"], "model_config": model}  # the model as built, however spelled
 
 
 def _student_config(sources: list[dict[str, Any]], teacher: ArmPlan) -> dict[str, Any]:

@@ -60,6 +60,19 @@ def read_result(plan: ArmPlan) -> RunResult | None:
     return RunResult(**values)
 
 
+def same_run_elsewhere(plan: ArmPlan) -> RunResult | None:
+    """The result of a run with the very same key in another study (e.g. an identical arm under
+    another name), renamed to this arm; recorded in this run's directory with where it came from."""
+    root = plan.run_dir.parent.parent
+    for path in sorted(root.glob(f"*/*-seed{plan.seed}-{plan.key}/{RESULT_FILE}")):
+        data = json.loads(path.read_text())
+        if data.get("key") == plan.key and path.parent != plan.run_dir:
+            data = {**data, "arm": plan.arm.name, "reused_from": str(path.parent)}
+            write_json(plan.run_dir / RESULT_FILE, data)
+            return read_result(plan)
+    return None
+
+
 def open_trainer(plan: ArmPlan, progress: bool) -> Trainer:
     """A new run, or the interrupted one resumed from its latest checkpoint. A directory without a
     checkpoint (stopped before its first save) or with a stale result is cleared and started again."""
@@ -88,7 +101,7 @@ def eval_curve(run_dir: Path) -> dict[int, float]:
 
 def run_arm(plan: ArmPlan, progress: bool = True) -> RunResult:
     """Train (or resume) the planned run unless its result under this key is already there."""
-    cached = read_result(plan)
+    cached = read_result(plan) or same_run_elsewhere(plan)
     if cached is not None:
         return cached
     trainer = open_trainer(plan, progress)

@@ -30,7 +30,7 @@ class Study:
     expected_better: str
     expected_worse: str
     seeds: tuple[int, ...] = (1, 2, 3)
-    steps: int = 120
+    steps: int = 500
     compare: str = "val_loss"  # what decides the direction: val_loss, step_time or loss_per_param
     # A str.format template over the summary's "settings" (steps, batch_size, seq_len, precision, ...;
     # distillation studies add teacher_steps, kd_stop_step, teacher_layers, student_layers, ...).
@@ -97,7 +97,7 @@ STUDIES: dict[str, Study] = {
                 "standard MoE with far fewer parameters (350M: 4B vs 13B)."
             ),
             arms=(
-                Arm("moe-8-8", "tiny-moe", _EVERY_OTHER_8),
+                Arm("moe-8-8", "tiny-moe", _EVERY_OTHER_8),  # the same run as moe-vs-dense's moe-8 (reused)
                 Arm("prmoe-4-8", "tiny-prmoe"),
             ),
             expected_better="prmoe-4-8",
@@ -117,7 +117,8 @@ STUDIES: dict[str, Study] = {
                 "(99.1-99.5% of the teacher's zero-shot accuracy)."
             ),
             teacher=Arm("teacher", "tiny-prmoe"),
-            teacher_steps=240,
+            steps=300,
+            teacher_steps=600,
             arms=(
                 Arm("no-kd", "tiny-prmoe", distill={"kd_weight": 0.0}),
                 Arm("full-kd", "tiny-prmoe", distill={"kd_schedule": "constant"}),
