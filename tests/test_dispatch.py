@@ -80,8 +80,9 @@ def test_padded_and_compact_layouts_agree():
     for waste_limit in (10.0, 0.0):  # padded, then compact
         plan = plan_dispatch(routing, 8, padded_waste_limit=waste_limit)
         assert (plan.rows_per_expert is None) == (waste_limit == 0.0)
-        rows = moe.experts(moe.dispatcher.dispatch(x, plan), plan.tokens_per_expert_E, plan.rows_per_expert)
-        outputs.append(moe.dispatcher.combine(rows, plan))
+        batch = moe.dispatcher.dispatch(x, plan)
+        rows = moe.experts(batch.rows, batch.tokens_per_expert, batch.rows_per_expert)
+        outputs.append(moe.dispatcher.combine(rows, batch, plan))
     torch.testing.assert_close(outputs[0], outputs[1])
 
 

@@ -1,5 +1,6 @@
-"""Imports run one way: config -> layers -> models -> ... -> cli. Lower packages never import higher ones,
-checked on every import statement (module level or inside a function) of each package's files."""
+"""Imports run one way: config -> dist -> layers -> models -> parallel -> ... -> cli. Lower packages
+never import higher ones, checked on every import statement (module level or inside a function) of
+each package's files."""
 
 import ast
 from pathlib import Path
@@ -11,8 +12,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pyramoe"
 # What each lower package may import from pyramoe (itself included).
 ALLOWED = {
     "config": {"config"},
-    "layers": {"config", "layers"},
+    "dist": {"config", "dist"},
+    "layers": {"config", "layers"},  # single-device: never dist
     "models": {"config", "layers", "models"},
+    "parallel": {"config", "dist", "layers", "models", "parallel"},
 }
 
 

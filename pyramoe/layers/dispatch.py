@@ -168,30 +168,56 @@ def move_rows(x: torch.Tensor, src: torch.Tensor | None, dst: torch.Tensor | Non
     return _MoveRows.apply(x, src, dst, num_rows)
 
 
+@dataclass
+class ExpertBatch:
+    """Rows for the experts this process holds, in their layout, plus what `combine` needs to send
+    the results back (a dispatcher's own state, e.g. all-to-all splits)."""
+
+    rows: torch.Tensor  # [E_local * S, D] padded or [N_local, D] compact, grouped by local expert
+    tokens_per_expert: torch.Tensor  # int64 [E_local] rows that hold tokens, per local expert
+    rows_per_expert: int | None  # S of the padded layout; None: compact
+    handle: object = None
+
+
 class Dispatcher(Protocol):
-    """Moves tokens to experts and back. `LocalDispatcher` is the only implementation today: it
-    assumes every expert of the layer is in this process (the plan's global counts are the local ones)."""
+    """Moves tokens to the experts that hold them and back: router plan -> `ExpertBatch` for the
+    local expert shard -> expert outputs -> weighted combine in token order. `LocalDispatcher`
+    (every expert in this process) is the single-device one; `pyramoe.parallel` adds all-to-all ones."""
 
-    def dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor: ...
+    def plan(self, routing: Routing, num_experts: int) -> DispatchPlan: ...
 
-    def combine(self, y_rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor: ...
+    def dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> ExpertBatch: ...
+
+    def combine(self, y_rows: torch.Tensor, batch: ExpertBatch, plan: DispatchPlan) -> torch.Tensor: ...
+
+
+def expand_top_k(x_TD: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[T*K, D] rows, row a = token * K + choice (the assignment ids of a plan)."""
+    return x_TD if top_k == 1 else x_TD.repeat_interleave(top_k, dim=0)
+
+
+def weighted_sum_over_choices(y_AD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """[T*K, D] expert outputs in assignment order -> [T, D] sum of each token's weighted choices."""
+    y_AD = y_AD * plan.weight_TK.reshape(-1, 1).to(y_AD.dtype)
+    if plan.top_k == 1:
+        return y_AD
+    return y_AD.view(plan.num_tokens, plan.top_k, -1).sum(dim=1)
 
 
 class LocalDispatcher:
     """Single-process sparse dispatch: rows move into expert order and back by unique-index copies;
     top-k outputs are weighted and summed over the k choices of each token."""
 
-    def dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        x_AD = x_TD if plan.top_k == 1 else x_TD.repeat_interleave(plan.top_k, dim=0)
-        return move_rows(x_AD, plan.assignment_N, plan.slot_N, plan.num_rows)
+    def plan(self, routing: Routing, num_experts: int) -> DispatchPlan:
+        return plan_dispatch(routing, num_experts)
 
-    def combine(self, y_rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        num_assignments = plan.num_tokens * plan.top_k
-        y_AD = move_rows(y_rows, plan.slot_N, plan.assignment_N, num_assignments)
-        y_AD = y_AD * plan.weight_TK.reshape(-1, 1).to(y_AD.dtype)
-        if plan.top_k == 1:
-            return y_AD
-        return y_AD.view(plan.num_tokens, plan.top_k, -1).sum(dim=1)
+    def dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> ExpertBatch:
+        rows = move_rows(expand_top_k(x_TD, plan.top_k), plan.assignment_N, plan.slot_N, plan.num_rows)
+        return ExpertBatch(rows, plan.tokens_per_expert_E, plan.rows_per_expert)
+
+    def combine(self, y_rows: torch.Tensor, batch: ExpertBatch, plan: DispatchPlan) -> torch.Tensor:
+        y_AD = move_rows(y_rows, plan.slot_N, plan.assignment_N, plan.num_tokens * plan.top_k)
+        return weighted_sum_over_choices(y_AD, plan)
 
 
 # -- dense one-hot reference (GShard / DeepSpeed formulation) ---------------------------------------

@@ -46,6 +46,20 @@ class GroupedExperts(nn.Module):
     def global_expert_ids(self) -> range:
         return range(self.expert_offset, self.expert_offset + self.num_experts)
 
+    def shard(self, start: int, count: int) -> GroupedExperts:
+        """A copy holding local experts [start, start + count) of this module, with the global offset
+        that follows (expert parallelism gives each rank one such shard)."""
+        if not (0 <= start and count >= 1 and start + count <= self.num_experts):
+            raise ValueError(f"experts: shard [{start}, {start + count}) is outside 0..{self.num_experts}")
+        d_ff, d_model = self.w_out.shape[2], self.w_out.shape[1]
+        bias = self.b_in is not None
+        shard = GroupedExperts(count, d_model, d_ff, self.activation, bias, self.expert_offset + start)
+        shard.to(device=self.w_in.device, dtype=self.w_in.dtype)
+        with torch.no_grad():
+            for name, param in shard.named_parameters():
+                param.copy_(getattr(self, name)[start : start + count])
+        return shard
+
     def forward(
         self, x_rows: torch.Tensor, tokens_per_expert: torch.Tensor, rows_per_expert: int | None
     ) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pyramoe.config import MoEConfig
-from pyramoe.layers.dispatch import Dispatcher, LocalDispatcher, plan_dispatch
+from pyramoe.layers.dispatch import Dispatcher, LocalDispatcher
 from pyramoe.layers.experts import GroupedExperts
 from pyramoe.layers.gating import Router
 from pyramoe.layers.mlp import MLP
@@ -54,10 +54,10 @@ class MoELayer(nn.Module):
         if x_TD.shape[0] == 0:
             raise ValueError("MoELayer: got an empty batch (0 tokens)")
         routing = self.router(x_TD, generator=generator)
-        plan = plan_dispatch(routing, self.num_experts)
-        expert_in = self.dispatcher.dispatch(x_TD, plan)
-        expert_out = self.experts(expert_in, plan.tokens_per_expert_E, plan.rows_per_expert)
-        y_TD = self.dispatcher.combine(expert_out, plan)
+        plan = self.dispatcher.plan(routing, self.num_experts)
+        batch = self.dispatcher.dispatch(x_TD, plan)
+        expert_out = self.experts(batch.rows, batch.tokens_per_expert, batch.rows_per_expert)
+        y_TD = self.dispatcher.combine(expert_out, batch, plan)
         if self.residual_mlp is not None:
             coef_T2 = torch.softmax(self.coefficient(x_TD), dim=-1)
             y_TD = y_TD * coef_T2[:, :1] + self.residual_mlp(x_TD) * coef_T2[:, 1:]
