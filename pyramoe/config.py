@@ -21,6 +21,10 @@ ROUTER_CONVENTIONS = ("pyramoe", "deepspeed")
 # The routing settings a convention decides when they are left at None.
 CONVENTION_SETTINGS = ("drop_policy", "noisy_gate_policy", "gate_norm", "balance_loss")
 PLACEMENTS = ("every_other", "all", "first_half", "second_half", "none")
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+QK_NORMS = ("off", "head", "full")
+ROUTER_SCORES = ("softmax", "sigmoid")
 
 
 def _require(cond: bool, field_name: str, message: str) -> None:
@@ -86,6 +90,22 @@ class MoEConfig:
       (`norm_topk_prob=False` in Qwen2-MoE). Top-1 always uses the softmax probability (Switch, DeepSpeed).
     - `balance_loss`: E * sum_e f_e * P_e with f_e the fraction of "all" k choices routed to e
       (GShard/Switch top-k) or of the "first" choices only (DeepSpeed's top2gating).
+
+    Llama-family routing (defaults keep the GPT-MoE router above):
+    - `router_score`: "softmax" over the experts, or an independent "sigmoid" per expert
+      (DeepSeek-V3). `gate_norm` applies to either score: "after_drop"/"before_drop" divide the k
+      chosen scores by their sum (`norm_topk_prob=True`), "softmax" keeps them as they are
+      (`norm_topk_prob=False`: raw probabilities, or raw sigmoids).
+    - `score_correction_bias`: a per-expert bias added to the scores only to choose experts, never
+      to weight them (DeepSeek-V3's `e_score_correction_bias`, a buffer of the router).
+    - `expert_groups` / `topk_groups`: group-limited top-k: experts split into `expert_groups`
+      groups, each scored by the sum of its two best (bias-corrected) scores, and the k experts
+      chosen only within the `topk_groups` best groups (DeepSeek-V3's n_group / topk_group).
+    - `routed_scaling`: the combine weights of the routed experts are multiplied by it, after
+      normalisation (DeepSeek-V3's routed_scaling_factor).
+    - `shared_d_ff`: width of a shared expert, a dense SwiGLU/GELU MLP every token passes, added to
+      the routed output (0: none; DeepSeek's n_shared_experts * moe_intermediate_size);
+      `shared_gate=True` scales it by a per-token sigmoid(x . w) (Qwen2-MoE's shared_expert_gate).
     """
 
     num_experts: int = 8
@@ -102,6 +122,18 @@ class MoEConfig:
     balance_loss: str | None = None
     use_residual: bool = False
     expert_d_ff: int | None = None  # None: the model's d_ff
+    router_score: str = "softmax"
+    score_correction_bias: bool = False
+    expert_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling: float = 1.0
+    shared_d_ff: int = 0
+    shared_gate: bool = False
+
+    @property
+    def plain_selection(self) -> bool:
+        """Experts are the top-k of the softmax logits: no bias, no groups (the GPT-MoE router)."""
+        return self.router_score == "softmax" and not self.score_correction_bias and self.expert_groups == 1
 
     def router_rules(self) -> RouterRules:
         """The routing conventions in force: explicit settings, else the convention's."""
@@ -158,6 +190,54 @@ class MoEConfig:
             f"{prefix}.expert_d_ff",
             f"must be >= 1, got {self.expert_d_ff}",
         )
+        self._validate_llama_routing(prefix)
+
+    def _validate_llama_routing(self, prefix: str) -> None:
+        _require(
+            self.router_score in ROUTER_SCORES,
+            f"{prefix}.router_score",
+            f"must be one of {ROUTER_SCORES}, got {self.router_score!r}",
+        )
+        _require(
+            self.expert_groups >= 1 and self.num_experts % self.expert_groups == 0,
+            f"{prefix}.expert_groups",
+            f"must be >= 1 and divide num_experts={self.num_experts}, got {self.expert_groups}",
+        )
+        group_size = self.num_experts // max(self.expert_groups, 1)
+        _require(
+            self.expert_groups == 1 or group_size >= 2,
+            f"{prefix}.expert_groups",
+            f"groups are scored by their two best experts, so need >= 2 experts each, got {group_size}",
+        )
+        _require(
+            1 <= self.topk_groups <= self.expert_groups,
+            f"{prefix}.topk_groups",
+            f"must be in [1, expert_groups={self.expert_groups}], got {self.topk_groups}",
+        )
+        _require(
+            self.top_k <= self.topk_groups * group_size,
+            f"{prefix}.topk_groups",
+            f"{self.topk_groups} groups of {group_size} experts hold fewer than top_k={self.top_k}",
+        )
+        _require(
+            isinstance(self.routed_scaling, (int, float)) and math.isfinite(self.routed_scaling)
+            and self.routed_scaling > 0,
+            f"{prefix}.routed_scaling",
+            f"must be > 0, got {self.routed_scaling}",
+        )
+        _require(self.shared_d_ff >= 0, f"{prefix}.shared_d_ff", f"must be >= 0, got {self.shared_d_ff}")
+        _require(
+            not self.shared_gate or self.shared_d_ff > 0,
+            f"{prefix}.shared_gate",
+            "gates the shared expert, so needs shared_d_ff > 0",
+        )
+        noise = self.router_rules().noisy_gate_policy
+        _require(
+            self.plain_selection or noise in ("off", "jitter"),
+            f"{prefix}.noisy_gate_policy",
+            f"Gumbel noise picks from softmax logits; {noise!r} does not combine with sigmoid "
+            "scores, a score-correction bias or expert groups",
+        )
 
 
 @dataclass
@@ -173,7 +253,20 @@ class LayerConfig:
 
 @dataclass
 class ModelConfig:
-    """A GPT-style pre-LN decoder. `layers` has one entry per block."""
+    """A pre-norm decoder. `layers` has one entry per block.
+
+    The defaults are the GPT-2 block (learned positions, LayerNorm, biases, tied head, multi-head
+    attention). The Llama family (Mixtral, Qwen-MoE, OLMoE, DeepSeek-style) sets:
+    - `position="rope"` with `rope_theta` (rotary embeddings on q and k, rotate-half convention);
+    - `norm="rmsnorm"` (`layer_norm_eps` is its epsilon);
+    - `n_kv_heads` < n_heads: grouped-query attention (None: = n_heads); `head_dim` when it is not
+      d_model // n_heads (Qwen3);
+    - `bias=False`, `tie_embeddings=False`; `qkv_bias` overrides `bias` for the q/k/v projection
+      only (Qwen2-MoE: True, with no output-projection bias);
+    - `qk_norm`: RMSNorm of q and k per "head" (Qwen3) or over the "full" projection (OLMoE), "off";
+    - `qkv_clip`: clamp q, k, v to [-c, c] after the norms (OLMoE's clip_qkv);
+    - `activation="swiglu"`; dense first layers are LayerConfig(moe=None) entries.
+    """
 
     vocab_size: int = 50257
     max_seq_len: int = 2048
@@ -188,6 +281,14 @@ class ModelConfig:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.0
     layers: list[LayerConfig] = field(default_factory=lambda: [LayerConfig() for _ in range(2)])
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"
+    n_kv_heads: int | None = None  # None: n_heads
+    head_dim: int | None = None  # None: d_model // n_heads
+    qkv_bias: bool | None = None  # None: bias
+    qk_norm: str = "off"
+    qkv_clip: float | None = None
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
@@ -202,15 +303,28 @@ class ModelConfig:
     def moe_layer_ids(self) -> list[int]:
         return [i for i, layer in enumerate(self.layers) if layer.is_moe]
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def attn_qkv_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
     def validate(self) -> None:
         for name in ("vocab_size", "max_seq_len", "d_model", "n_heads", "d_ff"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
         _require(
-            self.d_model % self.n_heads == 0,
+            self.head_dim is not None or self.d_model % self.n_heads == 0,
             "n_heads",
-            f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}",
+            f"d_model={self.d_model} is not divisible by n_heads={self.n_heads} (or set head_dim)",
         )
+        self._validate_llama_block()
         _require(
             self.activation in ACTIVATIONS, "activation", f"must be one of {ACTIVATIONS}, got {self.activation!r}"
         )
@@ -222,6 +336,35 @@ class ModelConfig:
             _require(isinstance(layer, LayerConfig), f"layers[{i}]", "must be a LayerConfig")
             if layer.moe is not None:
                 layer.moe.validate(prefix=f"layers[{i}].moe")
+
+    def _validate_llama_block(self) -> None:
+        for name, allowed in (("position", POSITIONS), ("norm", NORMS), ("qk_norm", QK_NORMS)):
+            value = getattr(self, name)
+            _require(value in allowed, name, f"must be one of {allowed}, got {value!r}")
+        _require(
+            isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 0,
+            "rope_theta",
+            f"must be > 0, got {self.rope_theta}",
+        )
+        _require(
+            self.head_dim is None or (isinstance(self.head_dim, int) and self.head_dim >= 1),
+            "head_dim",
+            f"must be a positive integer, got {self.head_dim!r}",
+        )
+        _require(
+            self.position != "rope" or self.attn_head_dim % 2 == 0,
+            "head_dim",
+            f"rotary embeddings rotate pairs of dimensions, so need an even head width, got {self.attn_head_dim}",
+        )
+        kv = self.n_kv_heads
+        _require(
+            kv is None or (isinstance(kv, int) and kv >= 1 and self.n_heads % kv == 0),
+            "n_kv_heads",
+            f"must be a positive integer dividing n_heads={self.n_heads}, got {kv!r}",
+        )
+        _require(
+            self.qkv_clip is None or self.qkv_clip > 0, "qkv_clip", f"must be > 0 (or unset), got {self.qkv_clip}"
+        )
 
     # -- serialisation (checkpoints store the config as JSON) -------------------------------------
 

@@ -8,6 +8,11 @@ DeepSpeed's PR-MoE examples. MoS students drop 12.5% of layers (24 -> 21): 10 Mo
 2 with the larger count. `tiny-mos` is the student `pyramoe distill` derives from `tiny-prmoe`
 (pyramoe/models/student.py): 0.875 of 4 blocks rounds down to 3, so block 2 (dense) is dropped and
 blocks 0, 1, 3 are kept - 75% of the depth, the MoE blocks with 4 and 8 experts both kept.
+
+`tiny-llama-moe` is the Llama-family block at the tiny size, shaped like Qwen3-MoE (so `pyramoe
+export` writes it as one): RoPE, RMSNorm, grouped-query attention (4 query / 2 key-value heads),
+per-head q/k RMSNorm, no biases, untied head, SwiGLU; block 0 dense (the "dense first layers" of
+DeepSeek/GLM-style models), blocks 1-3 with 8 top-2 experts of SwiGLU width 256 (the dense block's is 512).
 """
 
 from __future__ import annotations
@@ -51,6 +56,27 @@ def _tiny(placement: str | list[int] = "none", experts: int | list[int] = 8, n_l
     )
 
 
+def _tiny_llama() -> ModelConfig:
+    layers = build_layers(4, [1, 2, 3], 8, top_k=2, expert_d_ff=256, capacity_factor=1.25, eval_capacity_factor=2.0)
+    return ModelConfig(
+        vocab_size=TINY_VOCAB,
+        max_seq_len=TINY_SEQ_LEN,
+        d_model=256,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=512,
+        activation="swiglu",
+        bias=False,
+        tie_embeddings=False,
+        position="rope",
+        rope_theta=10000.0,
+        norm="rmsnorm",
+        layer_norm_eps=1e-6,
+        qk_norm="head",
+        layers=layers,
+    )
+
+
 PRESETS: dict[str, Callable[[], ModelConfig]] = {
     # Tiny CPU models (4 layers, width 256): the same active parameters per token, dense or MoE.
     "tiny-dense": lambda: _tiny(),
@@ -63,6 +89,8 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny-mos": lambda: _tiny(
         [1, 2], [4, 8], n_layers=3, use_residual=True, capacity_factor=1.25, eval_capacity_factor=2.0
     ),
+    # The Llama-family block (Qwen3-MoE-shaped; see the module docstring).
+    "tiny-llama-moe": _tiny_llama,
     # The paper's sizes (build on the meta device: torch.device("meta")).
     "350m": lambda: _paper("350m"),
     "1.3b": lambda: _paper("1.3b"),

@@ -6,6 +6,8 @@ from pyramoe.layers.experts import GroupedExperts
 from pyramoe.layers.gating import Router, Routing, expert_capacity
 from pyramoe.layers.mlp import MLP
 from pyramoe.layers.moe import MoELayer, MoEStats
+from pyramoe.layers.norms import RMSNorm, make_norm
+from pyramoe.layers.rope import RotaryEmbedding
 
 __all__ = [
     "MLP",
@@ -17,8 +19,11 @@ __all__ = [
     "LocalDispatcher",
     "MoELayer",
     "MoEStats",
+    "RMSNorm",
+    "RotaryEmbedding",
     "Router",
     "Routing",
     "expert_capacity",
+    "make_norm",
     "plan_dispatch",
 ]

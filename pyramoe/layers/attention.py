@@ -1,6 +1,7 @@
 """Causal multi-head self-attention with a KV-cache hook.
 
-Legend: B batch, T new positions, H heads, Dh head width, L cached length.
+Legend: B batch, T new positions, H query heads, Hkv key/value heads, Dh head width, L key positions
+(cached + new).
 """
 
 from __future__ import annotations
@@ -8,6 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pyramoe.layers.norms import RMSNorm
+from pyramoe.layers.rope import apply_rope
 
 
 class KVCache:
@@ -41,24 +45,68 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, bias: bool = True, dropout: float = 0.0, layer_idx: int = 0):
+    """Multi-head (n_kv_heads == n_heads) or grouped-query attention, with optional RoPE, q/k
+    RMSNorm and q/k/v clipping. q, k and v come from one fused projection, rows [q | k | v].
+
+    `key_mask_BL` (bool, True for real tokens) covers every key slot [0, start_pos + T) of the
+    batch; with it, queries see the keys at or before their own slot that are real tokens, plus
+    always their own (a padding query would otherwise see no key at all, and softmax would give NaN).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        bias: bool = True,
+        dropout: float = 0.0,
+        layer_idx: int = 0,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool | None = None,
+        qk_norm: str = "off",
+        norm_eps: float = 1e-6,
+        qkv_clip: float | None = None,
+    ):
         super().__init__()
         self.n_heads = n_heads
-        self.head_dim = d_model // n_heads
+        self.n_kv_heads = n_kv_heads or n_heads
+        self.head_dim = head_dim or d_model // n_heads
         self.layer_idx = layer_idx
         self.dropout = dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
-        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.qkv_clip = qkv_clip
+        self.qk_norm = qk_norm
+        q_width, kv_width = n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.split = (q_width, kv_width, kv_width)
+        self.qkv = nn.Linear(d_model, q_width + 2 * kv_width, bias=bias if qkv_bias is None else qkv_bias)
+        self.proj = nn.Linear(q_width, d_model, bias=bias)
+        if qk_norm != "off":
+            # "head": one gain per head dimension, shared by heads (Qwen3); "full": over the whole projection (OLMoE).
+            self.q_norm = RMSNorm(self.head_dim if qk_norm == "head" else q_width, norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if qk_norm == "head" else kv_width, norm_eps)
 
-    def forward(self, x_BTD: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        batch, length, width = x_BTD.shape
-        qkv = self.qkv(x_BTD).view(batch, length, 3, self.n_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, T, Dh]
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_mask_BL: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, length, _ = x_BTD.shape
+        q, k, v = self._project(x_BTD)  # [B, H|Hkv, T, Dh]
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, start_pos, k, v)
+        if self.n_kv_heads != self.n_heads:
+            group = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         dropout = self.dropout if self.training else 0.0
         total = k.shape[2]
-        if length == 1 or total == length:
+        if key_mask_BL is not None:
+            mask = padded_causal_mask(key_mask_BL, start_pos, length, total)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        elif length == 1 or total == length:
             # One new position may attend to every key; with keys == queries the mask is the plain causal one.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, dropout_p=dropout)
         else:
@@ -68,4 +116,32 @@ class CausalSelfAttention(nn.Module):
             key_pos = torch.arange(end - total, end, device=x_BTD.device)
             mask_TL = query_pos.unsqueeze(1) >= key_pos.unsqueeze(0)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TL, dropout_p=dropout)
-        return self.proj(out.transpose(1, 2).reshape(batch, length, width))
+        return self.proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _project(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, length, _ = x_BTD.shape
+        q, k, v = self.qkv(x_BTD).split(self.split, dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.qkv_clip is not None:
+            q, k, v = (t.clamp(-self.qkv_clip, self.qkv_clip) for t in (q, k, v))
+        q = q.view(batch, length, self.n_heads, self.head_dim)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim)
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def padded_causal_mask(key_mask_BL: torch.Tensor, start_pos: int, length: int, total: int) -> torch.Tensor:
+    """[B, 1, T, L] bool: query slot start_pos + t sees key slot j <= it when j holds a real token,
+    and always its own slot."""
+    if key_mask_BL.shape[1] != total:
+        raise ValueError(f"attention mask: covers {key_mask_BL.shape[1]} positions, the keys are {total}")
+    device = key_mask_BL.device
+    query_pos_T = torch.arange(start_pos, start_pos + length, device=device)
+    key_pos_L = torch.arange(total, device=device) + (start_pos + length - total)
+    causal_TL = query_pos_T.unsqueeze(1) >= key_pos_L.unsqueeze(0)
+    own_TL = query_pos_T.unsqueeze(1) == key_pos_L.unsqueeze(0)
+    mask_BTL = (causal_TL & key_mask_BL.bool().unsqueeze(1)) | own_TL
+    return mask_BTL.unsqueeze(1)

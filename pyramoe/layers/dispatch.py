@@ -77,10 +77,12 @@ class DispatchPlan:
 
 def combine_weights(routing: Routing, kept_TK: torch.Tensor | None) -> torch.Tensor:
     """Router weights with dropped choices zeroed and, for gate_norm="after_drop", renormalised over
-    the choices each token kept (both dropped: all zero)."""
+    the choices each token kept (both dropped: all zero); then times the routed scaling factor."""
     weight_TK = routing.weights_TK if kept_TK is None else routing.weights_TK * kept_TK
     if routing.normalize_after_drop:
         weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weight_TK.dtype).eps)
+    if routing.scale != 1.0:
+        weight_TK = weight_TK * routing.scale
     return weight_TK
 
 

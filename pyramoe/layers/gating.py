@@ -41,10 +41,12 @@ class Routing:
     capacity: int | None  # None: dropless
     # Divide each token's kept weights by their sum once capacity drops are known (gate_norm="after_drop").
     normalize_after_drop: bool = False
+    scale: float = 1.0  # combine weights are multiplied by it after normalisation (routed_scaling)
 
 
 class Router(nn.Module):
-    """Linear gate + fp32 softmax + top-k, with optional noise, capacity and aux losses."""
+    """Linear gate + fp32 softmax (or sigmoid) + top-k, with optional noise, capacity, aux losses and
+    DeepSeek-V3's bias-corrected, group-limited selection."""
 
     def __init__(self, d_model: int, config: MoEConfig):
         super().__init__()
@@ -52,6 +54,9 @@ class Router(nn.Module):
         self.rules = config.router_rules()
         self.weight = nn.Parameter(torch.empty(config.num_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)
+        if config.score_correction_bias:
+            # Chooses experts, never weights them, and gets no gradient (DeepSeek-V3 adjusts it outside autograd).
+            self.register_buffer("score_bias", torch.zeros(config.num_experts, dtype=torch.float32))
 
     def capacity(self, num_tokens: int) -> int | None:
         cfg = self.config
@@ -73,9 +78,18 @@ class Router(nn.Module):
             jitter = torch.empty_like(x_TD).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps, generator=generator)
             x_TD = x_TD * jitter
         logits_TE = F.linear(x_TD, self.weight.to(x_TD.dtype))
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        expert_idx_TK = select_experts(logits_TE, cfg.top_k, noise, generator)
-        weights_TK = probs_TE.gather(1, expert_idx_TK)
+        if cfg.router_score == "sigmoid":
+            scores_TE = torch.sigmoid(logits_TE)
+            # The balance loss wants a distribution per token: the sigmoids normalised (DeepSeek-V3's aux loss).
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        else:
+            scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
+        if cfg.plain_selection:
+            expert_idx_TK = select_experts(logits_TE, cfg.top_k, noise, generator)
+        else:
+            bias_E = self.score_bias if cfg.score_correction_bias else None
+            expert_idx_TK = select_grouped(scores_TE, bias_E, cfg.top_k, cfg.expert_groups, cfg.topk_groups)
+        weights_TK = scores_TE.gather(1, expert_idx_TK)
         if cfg.top_k > 1 and rules.gate_norm == "before_drop":
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights_TK.dtype).eps)
 
@@ -92,6 +106,7 @@ class Router(nn.Module):
             z_loss=router_z_loss(logits_TE),
             capacity=self.capacity(x_TD.shape[0]),
             normalize_after_drop=cfg.top_k > 1 and rules.gate_norm == "after_drop",
+            scale=cfg.routed_scaling,
         )
 
 
@@ -112,6 +127,22 @@ def select_experts(
     if top_k == 1:
         return logits_TE.argmax(dim=-1, keepdim=True)
     return logits_TE.topk(top_k, dim=-1).indices
+
+
+def select_grouped(
+    scores_TE: torch.Tensor, bias_E: torch.Tensor | None, top_k: int, groups: int, topk_groups: int
+) -> torch.Tensor:
+    """DeepSeek-V3 selection: top-k of scores + bias, among the experts of the `topk_groups` groups
+    whose two best biased scores sum highest (groups of E / `groups` consecutive experts)."""
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.to(scores_TE.dtype)
+    if groups > 1:
+        num_tokens, num_experts = choice_TE.shape
+        choice_TGe = choice_TE.view(num_tokens, groups, num_experts // groups)
+        group_score_TG = choice_TGe.topk(2, dim=-1).values.sum(dim=-1)
+        group_idx_TG = group_score_TG.topk(topk_groups, dim=-1, sorted=False).indices
+        keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, group_idx_TG, True)
+        choice_TE = choice_TGe.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(num_tokens, num_experts)
+    return choice_TE.topk(top_k, dim=-1).indices
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor) -> torch.Tensor:

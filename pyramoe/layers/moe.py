@@ -1,4 +1,4 @@
-"""The MoE layer: router -> dispatch -> grouped experts -> combine (+ Residual-MoE).
+"""The MoE layer: router -> dispatch -> grouped experts -> combine (+ Residual-MoE, + shared expert).
 
 Legend: T tokens, D width, E experts.
 """
@@ -43,6 +43,9 @@ class MoELayer(nn.Module):
         self.residual_mlp = MLP(d_model, d_ff, activation, bias) if config.use_residual else None
         # Residual-MoE (DeepSpeed's use_residual): a per-token softmax mix of the MLP and the expert.
         self.coefficient = nn.Linear(d_model, 2) if config.use_residual else None
+        # Shared expert (DeepSeek, Qwen2-MoE): a dense MLP added to the routed output, optionally sigmoid-gated.
+        self.shared_expert = MLP(d_model, config.shared_d_ff, activation, bias) if config.shared_d_ff else None
+        self.shared_expert_gate = nn.Linear(d_model, 1, bias=False) if config.shared_gate else None
 
     @property
     def num_experts(self) -> int:
@@ -61,6 +64,8 @@ class MoELayer(nn.Module):
         if self.residual_mlp is not None:
             coef_T2 = torch.softmax(self.coefficient(x_TD), dim=-1)
             y_TD = y_TD * coef_T2[:, :1] + self.residual_mlp(x_TD) * coef_T2[:, 1:]
+        if self.shared_expert is not None:
+            y_TD = y_TD + self._shared(x_TD)
         stats = MoEStats(
             balance_loss=routing.balance_loss,
             z_loss=routing.z_loss,
@@ -70,3 +75,9 @@ class MoELayer(nn.Module):
             capacity=routing.capacity,
         )
         return y_TD.view(shape), stats
+
+    def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
+        shared_TD = self.shared_expert(x_TD)
+        if self.shared_expert_gate is None:
+            return shared_TD
+        return torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD

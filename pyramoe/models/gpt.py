@@ -1,7 +1,10 @@
-"""GPT-style pre-LN decoder whose FFN per block is dense, MoE or Residual-MoE (from the config).
+"""Pre-norm decoder whose FFN per block is dense, MoE or Residual-MoE (from the config).
 
+One class holds both the GPT-2 block (learned positions, LayerNorm, biases, tied head) and the
+Llama-family MoE block (RoPE, RMSNorm, grouped-query attention, q/k norm, no biases, untied head,
+SwiGLU and shared experts): see `ModelConfig`.
 Single-device: knows nothing of processes; parallelism is applied to a built model afterwards.
-Legend: B batch, T positions, D width, V vocabulary.
+Legend: B batch, T positions, D width, V vocabulary, L key slots (cached + new).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pyramoe.config import LayerConfig, ModelConfig
 from pyramoe.layers.attention import CausalSelfAttention, KVCache
 from pyramoe.layers.mlp import MLP
 from pyramoe.layers.moe import MoELayer, MoEStats
+from pyramoe.layers.norms import make_norm
+from pyramoe.layers.rope import RotaryEmbedding
 
 
 @dataclass
@@ -40,9 +45,13 @@ def _sum_or_zero(values: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: LayerConfig, layer_idx: int):
         super().__init__()
-        self.ln_attn = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.attn = CausalSelfAttention(config.d_model, config.n_heads, config.bias, config.dropout, layer_idx)
-        self.ln_ffn = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.ln_attn = make_norm(config.norm, config.d_model, config.layer_norm_eps)
+        self.attn = CausalSelfAttention(
+            config.d_model, config.n_heads, config.bias, config.dropout, layer_idx,
+            n_kv_heads=config.n_kv_heads, head_dim=config.head_dim, qkv_bias=config.qkv_bias,
+            qk_norm=config.qk_norm, norm_eps=config.layer_norm_eps, qkv_clip=config.qkv_clip,
+        )
+        self.ln_ffn = make_norm(config.norm, config.d_model, config.layer_norm_eps)
         if layer.moe is None:
             self.ffn: nn.Module = MLP(config.d_model, config.d_ff, config.activation, config.bias)
         else:
@@ -54,9 +63,14 @@ class Block(nn.Module):
         return isinstance(self.ffn, MoELayer)
 
     def forward(
-        self, x: torch.Tensor, kv_cache: KVCache | None, start_pos: int
+        self,
+        x: torch.Tensor,
+        kv_cache: KVCache | None,
+        start_pos: int,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_mask_BL: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
-        x = x + self.dropout(self.attn(self.ln_attn(x), kv_cache, start_pos))
+        x = x + self.dropout(self.attn(self.ln_attn(x), kv_cache, start_pos, rope, key_mask_BL))
         h = self.ln_ffn(x)
         stats = None
         if self.is_moe:
@@ -72,10 +86,14 @@ class GPT(nn.Module):
         config.validate()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
+        if config.position == "learned":
+            self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
+            self.rope = None
+        else:
+            self.rope = RotaryEmbedding(config.attn_head_dim, config.rope_theta)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer, i) for i, layer in enumerate(config.layers))
-        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.ln_f = make_norm(config.norm, config.d_model, config.layer_norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -97,15 +115,38 @@ class GPT(nn.Module):
                     std = out_std if leaf in ("w_out",) or name.endswith(("proj.weight", "fc_out.weight")) else 0.02
                     p.normal_(0.0, std)
 
-    def forward(self, idx_BT: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0) -> GPTOutput:
+    def forward(
+        self,
+        idx_BT: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        key_mask_BL: torch.Tensor | None = None,
+        positions_BT: torch.Tensor | None = None,
+    ) -> GPTOutput:
+        """Logits for tokens `idx_BT` written at cache slots [start_pos, start_pos + T).
+
+        Padded batches (prompts of different lengths): `key_mask_BL` marks the real tokens among all
+        key slots [0, start_pos + T), and `positions_BT` gives each token its position in its own
+        sequence (e.g. mask.cumsum(-1) - 1 for left padding). Padding tokens still pass the MoE layers
+        (dropless, they change no other token's output) and count in their load statistics.
+        """
         length = idx_BT.shape[1]
         if start_pos + length > self.config.max_seq_len:
             raise ValueError(f"sequence length {start_pos + length} exceeds max_seq_len={self.config.max_seq_len}")
-        positions = torch.arange(start_pos, start_pos + length, device=idx_BT.device)
-        x = self.drop(self.tok_emb(idx_BT) + self.pos_emb(positions))
+        if positions_BT is None:
+            positions = torch.arange(start_pos, start_pos + length, device=idx_BT.device)
+        else:
+            positions = positions_BT
+        x = self.tok_emb(idx_BT)
+        rope = None
+        if self.rope is None:
+            x = x + self.pos_emb(positions)
+        else:
+            rope = self.rope.cos_sin(positions.expand(idx_BT.shape[0], length), x.dtype)
+        x = self.drop(x)
         moe_stats: dict[int, MoEStats] = {}
         for i, block in enumerate(self.blocks):
-            x, stats = block(x, kv_cache, start_pos)
+            x, stats = block(x, kv_cache, start_pos, rope, key_mask_BL)
             if stats is not None:
                 moe_stats[i] = stats
         logits = self.lm_head(self.ln_f(x))
@@ -117,7 +158,7 @@ class GPT(nn.Module):
         cfg = self.config
         p = self.tok_emb.weight
         return KVCache(
-            cfg.n_layers, batch_size, cfg.n_heads, max_len or cfg.max_seq_len, cfg.d_model // cfg.n_heads,
+            cfg.n_layers, batch_size, cfg.kv_heads, max_len or cfg.max_seq_len, cfg.attn_head_dim,
             dtype=p.dtype, device=p.device,
         )
 
