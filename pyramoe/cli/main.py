@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    args.argv = list(argv)  # for commands that relaunch themselves (train --nproc-per-node)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -28,9 +28,12 @@ import sys
 import time
 from typing import Any
 
-from pyramoe.models import count_active_parameters, count_parameters
+import torch
+
+from pyramoe.models import GPT, count_active_parameters, count_parameters
 from pyramoe.train import Checkpoint, RunConfig, build_model, complete, create_trainer, load_checkpoint, resolve_run
 from pyramoe.train.config import load_toml, parse_override
+from pyramoe.train.distributed import Launch, relaunch_with_torchrun, world_size_from_env
 from pyramoe.train.metrics import METRICS_FILE, read_metrics, records_of
 from pyramoe.train.session import LATEST, check_plain_run
 from pyramoe.train.trainer import FitResult, Trainer
@@ -58,7 +61,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--preset", metavar="NAME", help="model preset (see `pyramoe presets`); default tiny-moe")
     add_run_arguments(parser)
+    add_launch_arguments(parser)
     parser.set_defaults(func=main)
+
+
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the run executes (not saved with it: a run may resume on another device or EP size)."""
+    group = parser.add_argument_group("devices and processes")
+    group.add_argument("--device", default="auto", metavar="auto|cpu|cuda",
+                       help="where to train (default auto: cuda when available)")
+    group.add_argument("--ep", type=int, default=1, metavar="N",
+                       help="expert-parallel degree: each MoE layer's experts split over min(N, experts) ranks; "
+                       "needs N processes (torchrun or --nproc-per-node)")
+    group.add_argument("--nproc-per-node", type=int, metavar="N",
+                       help="launch N local processes with torchrun (gloo on CPU, NCCL on CUDA)")
+    group.add_argument("--dist-timeout", type=float, default=60.0, metavar="S",
+                       help="seconds a collective waits for a dead or hung rank before failing (default 60)")
+
+
+def launch_of(args: argparse.Namespace) -> Launch:
+    if args.ep < 1:
+        raise ValueError(f"--ep: must be >= 1, got {args.ep}")
+    if args.dist_timeout <= 0:
+        raise ValueError(f"--dist-timeout: must be > 0, got {args.dist_timeout}")
+    return Launch(device=args.device, ep=args.ep, timeout_s=args.dist_timeout)
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """argv minus --nproc-per-node N (or =N): what each torchrun worker runs."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc-per-node":
+            skip = True
+        elif not item.startswith("--nproc-per-node="):
+            out.append(item)
+    return out
 
 
 def add_run_arguments(
@@ -109,13 +148,21 @@ def config_sources(
 
 def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    launch = launch_of(args)
     run, ckpt = resolve_run(config_sources(args), args.resume)
     check_plain_run(run)
+    if args.nproc_per_node is not None and world_size_from_env() == 1:
+        return relaunch_with_torchrun(args.nproc_per_node, without_nproc(args.argv))
     if nothing_to_do(run, ckpt):
         return 0
-    trainer = create_trainer(run, ckpt, progress=not args.quiet)
-    _print_header(trainer, resumed=ckpt is not None)
-    return fit_and_report(trainer, args, start)
+    trainer = create_trainer(run, ckpt, progress=not args.quiet, launch=launch)
+    try:
+        if trainer.is_main:
+            _print_header(trainer, resumed=ckpt is not None)
+        return fit_and_report(trainer, args, start)
+    finally:
+        if trainer.dist is not None:
+            torch.distributed.destroy_process_group()
 
 
 def nothing_to_do(run: RunConfig, ckpt: Checkpoint | None) -> bool:
@@ -130,6 +177,8 @@ def fit_and_report(trainer: Trainer, args: argparse.Namespace, start: float) -> 
     """Train to the end, then a summary, plots and a sample; or, when a signal stopped it, how to go on."""
     result = trainer.fit()
     wall = time.perf_counter() - start
+    if not trainer.is_main:
+        return 128 + result.stopped_by if result.stopped_by is not None else 0
     if result.stopped_by is not None:
         name, command = signal.Signals(result.stopped_by).name, getattr(args, "command", "train")
         print(f"{name}: stopped at step {result.step}; checkpoint {result.checkpoint}\n"
@@ -141,17 +190,30 @@ def fit_and_report(trainer: Trainer, args: argparse.Namespace, start: float) -> 
 
 def _print_header(trainer: Trainer, resumed: bool) -> None:
     cfg, model = trainer.config, trainer.model
+    if trainer.dist is not None:  # this rank holds a shard of the experts: count the whole model
+        with torch.device("meta"):
+            model = GPT(model.config)
     action = f"resuming at step {trainer.step}" if resumed else "training"
     print(
         f"{action}: {trainer.run.preset} ({count_parameters(model) / 1e6:.1f}M parameters, "
         f"{count_active_parameters(model) / 1e6:.1f}M active per token), vocab {trainer.data.vocab_size}, "
         f"{trainer.data.train_tokens:,} train / {trainer.data.val_tokens:,} val tokens\n"
-        f"{cfg.steps} steps x {cfg.tokens_per_step:,} tokens, lr {cfg.lr:g}, {cfg.precision} -> {trainer.run_dir}",
+        f"{cfg.steps} steps x {trainer.tokens_per_step:,} tokens, lr {cfg.lr:g}, {cfg.precision} -> {trainer.run_dir}"
+        f"{_layout(trainer)}",
         flush=True,
     )
     skipped = ", ".join(f"{count} {reason}" for reason, count in sorted(trainer.data.skipped_files.items()))
     if skipped:
         print(f"corpus {cfg.corpus}: skipped files ({skipped})", flush=True)
+
+
+def _layout(trainer: Trainer) -> str:
+    """Where it runs: device, and under torchrun the ranks and each MoE layer's EP degree."""
+    text = f" on {trainer.device}"
+    if trainer.dist is not None and trainer.dist.state is not None:
+        degrees = sorted(set(trainer.dist.state.layer_ep.values()))
+        text += f", {trainer.dist.topology.world_size} ranks (DP {trainer.dp}, EP {'/'.join(map(str, degrees))})"
+    return text
 
 
 def _print_summary(trainer: Trainer, result: FitResult, wall: float, args: argparse.Namespace) -> None:

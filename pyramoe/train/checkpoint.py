@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,28 +120,34 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 # -- saving -------------------------------------------------------------------------------------------------
 
 
+ModelTensors = dict[str, torch.Tensor]
+OptimizerTensors = tuple[dict[str, torch.Tensor], list[dict]]  # `state.INDEX.NAME` tensors, param groups
+Slicer = Callable[[str, torch.Tensor], torch.Tensor]  # this process's part of a saved tensor, by name
+
+
 def save_checkpoint(
     root: Path,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    model: nn.Module | ModelTensors,
+    optimizer: torch.optim.Optimizer | OptimizerTensors | None,
     state: dict[str, Any],
     tokenizer_file: Path | None,
     keep_last: int,
     discard_after: int | None = None,
 ) -> Path:
     """Write step-NNNNNNN atomically, then prune (`prune`: keep_last, and checkpoints after
-    `discard_after`, an abandoned branch)."""
+    `discard_after`, an abandoned branch). `model` and `optimizer` may be given as the tensors to
+    write (a distributed run passes them consolidated from every rank's shards)."""
     root.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(root, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(model_tensors(model), str(tmp / MODEL_FILE))
+        save_file(model if isinstance(model, dict) else model_tensors(model), str(tmp / MODEL_FILE))
         state = {"format": FORMAT, "version": VERSION, "step": step, **state}
         if optimizer is not None:
-            tensors, groups = _optimizer_tensors(optimizer)
+            tensors, groups = optimizer if isinstance(optimizer, tuple) else optimizer_tensors(optimizer)
             save_file(tensors, str(tmp / OPTIMIZER_FILE))
             state["optimizer"] = {"param_groups": groups}
         if tokenizer_file is not None:
@@ -244,9 +251,12 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_model_weights(model: nn.Module, ckpt: Checkpoint) -> None:
-    """Load weights, checking names and shapes first so a mismatch is one clear line."""
+def load_model_weights(model: nn.Module, ckpt: Checkpoint, slicer: Slicer | None = None) -> None:
+    """Load weights, checking names and shapes first so a mismatch is one clear line. `slicer` cuts
+    this process's part (its expert shard) out of each saved tensor."""
     tensors = _read_safetensors(ckpt.path / MODEL_FILE)
+    if slicer is not None:
+        tensors = {key: slicer(key, tensor) for key, tensor in tensors.items()}
     expected = model_tensors(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -278,7 +288,7 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 # -- optimizer state -------------------------------------------------------------------------------------------
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> OptimizerTensors:
     sd = optimizer.state_dict()
     tensors = {}
     for index, values in sd["state"].items():
@@ -289,7 +299,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, sd["param_groups"]
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Checkpoint, slicer: Slicer | None = None) -> None:
     groups = ckpt.state.get("optimizer", {}).get("param_groups")
     if groups is None:
         raise ValueError(f"{ckpt.path}: checkpoint has no optimizer state; it cannot be resumed")
@@ -298,6 +308,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> 
         raise ValueError(f"{ckpt.path}: incompatible checkpoint (optimizer parameter groups differ)")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in _read_safetensors(ckpt.path / OPTIMIZER_FILE).items():
+        if slicer is not None:
+            tensor = slicer(key, tensor)
         _, index, name = key.split(".", 2)
         state.setdefault(int(index), {})[name] = tensor
     for group in groups:

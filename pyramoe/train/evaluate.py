@@ -67,10 +67,10 @@ def accumulate_load(load: dict[int, ExpertLoad], moe_stats: dict[int, MoEStats])
         load[index].add(stats)
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CPU when asked; weights and optimizer state stay fp32."""
+def autocast(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
+    """bf16 autocast on the model's device when asked; weights and optimizer state stay fp32."""
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -82,11 +82,13 @@ def evaluate(
     so MoE layers use their eval capacity factor)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, tokens = 0.0, 0
     load: dict[int, ExpertLoad] = {}
     try:
         for x, y in dataset.iter_eval_batches(batch_size, seq_len, max_batches):
-            with autocast(precision):
+            x, y = x.to(device), y.to(device)
+            with autocast(precision, device.type):
                 out = model(x)
             logits = out.logits.float()
             total += F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), reduction="sum").item()

@@ -15,10 +15,15 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLog:
-    def __init__(self, path: Path):
+    """Appends records to `path`; a disabled log (ranks other than 0) writes nothing."""
+
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
+        self.enabled = enabled
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Opened per record: a crash loses at most the line being written, and readers skip it.
         with open(self.path, "a", encoding="utf-8") as f:

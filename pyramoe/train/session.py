@@ -22,6 +22,7 @@ from pyramoe.train.config import (
     merge,
     run_config_from_dict,
 )
+from pyramoe.train.distributed import DistRun, Launch, init_distributed
 from pyramoe.train.metrics import METRICS_FILE
 from pyramoe.train.trainer import Trainer
 
@@ -165,21 +166,42 @@ def load_data(run: RunConfig, ckpt: ckpt_io.Checkpoint | None = None, progress: 
     )
 
 
-def create_trainer(run: RunConfig, ckpt: ckpt_io.Checkpoint | None = None, progress: bool = True) -> Trainer:
-    """Data, model and optimizer for a new run, or restored from `ckpt`."""
+def create_trainer(
+    run: RunConfig, ckpt: ckpt_io.Checkpoint | None = None, progress: bool = True, launch: Launch | None = None
+) -> Trainer:
+    """Data, model and optimizer for a new run, or restored from `ckpt`. Under torchrun (see
+    `pyramoe.train.distributed`) this joins the job; rank 0 prepares the data first and alone writes."""
     check_plain_run(run)
+    launch = launch or Launch()
+    device = launch.resolved_device()
+    dist_run = init_distributed(launch, device)
     prepare_run(run, ckpt)
-    data = load_data(run, ckpt, progress)
+    data = _rank0_first(dist_run, lambda: load_data(run, ckpt, progress and (dist_run is None or dist_run.is_main)))
     if ckpt is None:
         model_config = build_model_config(run, data.vocab_size)
     else:
         model_config = resumed_model_config(run, ckpt, data.vocab_size)
-    trainer = Trainer(run, model_config, data, progress)
+    trainer = Trainer(run, model_config, data, progress, device=device, dist_run=dist_run, ep=launch.ep)
     if ckpt is not None:
         trainer.restore(ckpt)
-    else:
+    elif trainer.is_main:
         write_run_config(run, trainer)
     return trainer
+
+
+def _rank0_first(dist_run: DistRun | None, build):  # noqa: ANN001, ANN202
+    """Rank 0 builds (tokenizer, token cache) while the others wait, then they read what it wrote.
+    The barrier also keeps rank 0 from writing before every rank has checked the run directory."""
+    if dist_run is None:
+        return build()
+    if dist_run.is_main:
+        dist_run.barrier()
+        result = build()
+        dist_run.barrier()
+        return result
+    dist_run.barrier()
+    dist_run.barrier()
+    return build()
 
 
 def check_plain_run(run: RunConfig) -> None:

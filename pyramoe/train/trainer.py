@@ -26,7 +26,16 @@ import pyramoe.train.checkpoint as ckpt_io
 from pyramoe.config import ModelConfig
 from pyramoe.data import PreparedData
 from pyramoe.models import GPT, GPTOutput
+from pyramoe.parallel import ParallelState
 from pyramoe.train.config import RunConfig
+from pyramoe.train.distributed import (
+    DistRun,
+    apply_parallelism,
+    consolidated_model,
+    consolidated_optimizer,
+    model_slicer,
+    optimizer_slicer,
+)
 from pyramoe.train.evaluate import EvalResult, autocast, evaluate
 from pyramoe.train.metrics import METRICS_FILE, MetricsLog
 from pyramoe.train.optim import LRPlan, apply_settings, make_optimizer, resume_plan, set_lr
@@ -63,15 +72,19 @@ def train_step(
     grad_clip: float = 0.0,
     precision: str = "fp32",
     loss_fn: LossFn = cross_entropy_loss,
+    parallel: ParallelState | None = None,
 ) -> StepStats:
-    """One optimizer step over the micro-batches (gradient accumulation: their mean loss)."""
+    """One optimizer step over the micro-batches (gradient accumulation: their mean loss). With
+    `parallel`, gradients are reduced over the ranks and the norm is the global one."""
     batches = list(batches)
+    device = next(model.parameters()).device
     n = len(batches)
     loss_sum = aux_sum = drop_sum = 0.0
     drop_count = 0
     term_sums: dict[str, float] = {}
     for x, y in batches:
-        with autocast(precision):
+        x, y = x.to(device), y.to(device)
+        with autocast(precision, device.type):
             out = model(x)
         loss, terms = loss_fn(out, x, y)
         aux = out.aux_loss.float()
@@ -88,7 +101,11 @@ def train_step(
         raise ValueError("loss is not finite; lower train.lr or raise train.warmup")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = grad_clip if grad_clip > 0 else math.inf  # inf: measure the norm, never scale
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    if parallel is not None:
+        parallel.sync_gradients(model)
+        grad_norm = float(parallel.clip_grad_norm_(model, max_norm))
+    else:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     means = {name: total / n for name, total in term_sums.items()}
@@ -116,20 +133,31 @@ class Trainer:
     """One run: model, optimizer, data and bookkeeping. Build it with `session.create_trainer`,
     which prepares the data and restores a checkpoint; `fit` trains, evaluates and saves."""
 
-    def __init__(self, run: RunConfig, model_config: ModelConfig, data: PreparedData, progress: bool = True):
+    def __init__(
+        self, run: RunConfig, model_config: ModelConfig, data: PreparedData, progress: bool = True,
+        device: torch.device | None = None, dist_run: DistRun | None = None, ep: int = 1,
+    ):
         self.run = run
         self.config = run.train
         self.data = data
-        self.progress = progress
+        self.dist = dist_run
+        self.is_main = dist_run is None or dist_run.is_main
+        self.progress = progress and self.is_main
         self.run_dir = run.run_dir
-        torch.manual_seed(self.config.seed)
+        self.device = device or torch.device("cpu")
+        torch.manual_seed(self.config.seed)  # every rank builds the same model, then keeps its shard
         self.model = GPT(model_config)
+        if dist_run is not None:
+            apply_parallelism(dist_run, self.model, ep)
+        self.model.to(self.device)
         self.optimizer = make_optimizer(self.model, self.config)
+        self.dp = dist_run.dp if dist_run is not None else 1
+        self.tokens_per_step = self.config.tokens_per_step * self.dp
         self.lr_plan = LRPlan.fresh(self.config)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.train_data = data.train_dataset()
         self.val_data = data.val_dataset()
-        self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
+        self.metrics = MetricsLog(self.run_dir / METRICS_FILE, enabled=self.is_main)
         self.tokenizer_file = self.run_dir / ckpt_io.TOKENIZER_FILE
         self.step = 0
         self.tokens_seen = 0
@@ -149,13 +177,15 @@ class Trainer:
 
     def restore(self, ckpt: ckpt_io.Checkpoint) -> None:
         """Continue exactly where `ckpt` stopped."""
-        ckpt_io.load_model_weights(self.model, ckpt)
-        ckpt_io.load_optimizer_state(self.optimizer, ckpt)
+        ckpt_io.load_model_weights(self.model, ckpt, model_slicer(self.model, self.dist))
+        ckpt_io.load_optimizer_state(self.optimizer, ckpt, optimizer_slicer(self.model, self.optimizer, self.dist))
         apply_settings(self.optimizer, self.config)
         try:
             rng = ckpt.state["rng"]
             self.generator.set_state(ckpt_io.decode_rng(rng["batches"]))
             torch.set_rng_state(ckpt_io.decode_rng(rng["torch"]))
+            if self.device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(ckpt_io.decode_rng(rng["cuda"]), self.device)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ValueError(f"{ckpt.path}: incompatible checkpoint (RNG state: {exc})") from None
         self.step = self.saved_step = ckpt.step
@@ -171,22 +201,43 @@ class Trainer:
         self.metrics.write(record)
 
     def save(self) -> Path:
-        """Checkpoint the current step (once per step)."""
+        """Checkpoint the current step (once per step). Under torchrun every rank takes part (expert
+        shards are gathered) and rank 0 writes."""
         existing = ckpt_io.checkpoint_path(self.checkpoint_root, self.step)
         if self.saved_step == self.step and (existing / ckpt_io.STATE_FILE).is_file():
             return existing
-        if not self.tokenizer_file.is_file():
-            self.data.tokenizer.save(self.tokenizer_file)
-        state = {
+        tensors = ckpt_io.model_tensors(self.model)
+        opt_tensors, groups = ckpt_io.optimizer_tensors(self.optimizer)
+        if self.dist is not None and self.dist.state is not None:
+            tensors = consolidated_model(self.model, tensors, self.dist)
+            opt_tensors = consolidated_optimizer(self.model, self.optimizer, opt_tensors, self.dist)
+        path = existing
+        if self.is_main:
+            if not self.tokenizer_file.is_file():
+                self.data.tokenizer.save(self.tokenizer_file)
+            path = ckpt_io.save_checkpoint(
+                self.checkpoint_root, self.step, tensors, (opt_tensors, groups), self._state_record(),
+                self.tokenizer_file, self.config.keep_last, self.discard_after,
+            )
+        if self.dist is not None:
+            self.dist.barrier()  # no rank goes on (or exits) before the checkpoint is complete
+        self.saved_step, self.discard_after = self.step, None
+        return path
+
+    def _state_record(self) -> dict:
+        rng = {
+            "batches": ckpt_io.encode_rng(self.generator.get_state()),
+            "torch": ckpt_io.encode_rng(torch.get_rng_state()),
+        }
+        if self.device.type == "cuda":
+            rng["cuda"] = ckpt_io.encode_rng(torch.cuda.get_rng_state(self.device))
+        return {
             "tokens_seen": self.tokens_seen,
             "preset": self.run.preset,
             "run_config": self.run.to_dict(),
             "model_config": self.model.config.to_dict(),
             "lr_plan": self.lr_plan.to_dict(),
-            "rng": {
-                "batches": ckpt_io.encode_rng(self.generator.get_state()),
-                "torch": ckpt_io.encode_rng(torch.get_rng_state()),
-            },
+            "rng": rng,
             "data": {
                 "cache_dir": str(self.data.cache_dir.resolve()),
                 "tokenizer_sha": self.data.tokenizer.sha,
@@ -195,22 +246,25 @@ class Trainer:
             "val_loss": self.last_eval.loss if self.last_eval else None,
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-        path = ckpt_io.save_checkpoint(
-            self.checkpoint_root, self.step, self.model, self.optimizer, state, self.tokenizer_file,
-            self.config.keep_last, self.discard_after,
-        )
-        self.saved_step, self.discard_after = self.step, None
-        return path
 
     # -- loop ---------------------------------------------------------------------------------------------
 
     def next_batches(self) -> list[Batch]:
+        """grad_accum micro-batches. Data-parallel ranks draw the same global batch (batch_size x DP
+        sequences) and keep their slice, so the batch stream is the same at any DP size."""
         cfg = self.config
-        return [self.train_data.get_batch(cfg.batch_size, cfg.seq_len, self.generator) for _ in range(cfg.grad_accum)]
+        batches = []
+        for _ in range(cfg.grad_accum):
+            x, y = self.train_data.get_batch(cfg.batch_size * self.dp, cfg.seq_len, self.generator)
+            batches.append((x, y) if self.dist is None else (self.dist.rank_slice(x), self.dist.rank_slice(y)))
+        return batches
 
     def evaluate(self) -> EvalResult:
         cfg = self.config
-        result = evaluate(self.model, self.val_data, cfg.batch_size, cfg.seq_len, cfg.eval_batches, cfg.precision)
+        # Global batches, as in training; every rank evaluates all of them (expert-parallel layers
+        # need every rank in each forward), so the result does not depend on the DP size.
+        batch = cfg.batch_size * self.dp
+        result = evaluate(self.model, self.val_data, batch, cfg.seq_len, cfg.eval_batches, cfg.precision)
         self.last_eval, self.evaluated_step = result, self.step
         self.metrics.write({"type": "eval", "step": self.step, **result.to_record()})
         return result
@@ -226,7 +280,7 @@ class Trainer:
         with _stop_on_signals(self), self._bar() as bar:
             if self.step == 0:
                 result.evals[0] = self._eval(bar)
-            while self.step < stop_at and self.stop_signal is None:
+            while self.step < stop_at and not self._stop_requested():
                 loss = self._one_step(bar)
                 result.losses[self.step] = loss
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.stop_signal is None:
@@ -242,6 +296,17 @@ class Trainer:
         result.seconds = time.perf_counter() - start
         return result
 
+    def _stop_requested(self) -> bool:
+        """A signal stops every rank at the same step (torchrun forwards it to each, not in step)."""
+        if self.dist is None:
+            return self.stop_signal is not None
+        if self.dist.any(self.stop_signal is not None, self._collective_device()) and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM
+        return self.stop_signal is not None
+
+    def _collective_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
     def step_objective(self, step: int) -> tuple[LossFn, dict[str, float | None]]:
         """The loss hook of optimizer step `step` (0-based) and per-step settings to log with it.
 
@@ -256,11 +321,16 @@ class Trainer:
         start = time.perf_counter()
         self.model.train()
         loss_fn, settings = self.step_objective(self.step)
-        stats = train_step(self.model, self.optimizer, self.next_batches(), cfg.grad_clip, cfg.precision, loss_fn)
+        parallel = self.dist.state if self.dist is not None else None
+        stats = train_step(
+            self.model, self.optimizer, self.next_batches(), cfg.grad_clip, cfg.precision, loss_fn, parallel
+        )
+        if self.dist is not None:
+            stats = self._mean_over_ranks(stats)
         seconds = time.perf_counter() - start  # includes whatever the hook runs (a teacher's forward)
         self.step += 1
-        self.tokens_seen += cfg.tokens_per_step
-        tokens_per_s = cfg.tokens_per_step / seconds
+        self.tokens_seen += self.tokens_per_step
+        tokens_per_s = self.tokens_per_step / seconds
         self.metrics.write({
             "type": "train", "step": self.step, "loss": stats.loss, "ce": stats.ce, "aux": stats.aux,
             **stats.terms, **settings,
@@ -275,6 +345,13 @@ class Trainer:
             refresh=False,
         )
         return stats.loss
+
+    def _mean_over_ranks(self, stats: StepStats) -> StepStats:
+        """Logged losses and drop rate averaged over ranks (the grad norm is already global)."""
+        names = sorted(stats.terms)
+        values = [stats.loss, stats.ce, stats.aux, stats.drop_rate] + [stats.terms[n] for n in names]
+        mean = self.dist.mean(values, self._collective_device())
+        return StepStats(mean[0], mean[1], mean[2], stats.grad_norm, mean[3], dict(zip(names, mean[4:])))
 
     def _eval(self, bar: tqdm) -> EvalResult:
         result = self.evaluate()

@@ -1,0 +1,224 @@
+"""The trainer on several processes (torchrun): process group, expert/data parallelism, rank-aware
+batches, one writer, and checkpoints that any EP size can load.
+
+- Launch: `torchrun --nproc-per-node N -m pyramoe train --ep N ...`, or `pyramoe train
+  --nproc-per-node N ...`, which runs torchrun itself. gloo on CPU, NCCL on CUDA.
+- Data: every step draws one global batch of batch_size x DP sequences from the run's seeded
+  generator (the same on every rank) and each data-parallel rank trains on its slice, so the batch
+  stream does not depend on the rank and a resumed run continues it exactly.
+- Writing: rank 0 alone prints, writes metrics, config.json and checkpoints.
+- Checkpoints are consolidated: expert shards (weights and Adam moments) are gathered over their
+  expert-parallel group and rank 0 writes the single-process layout. Loading slices each rank's
+  experts out of it, so a run saved at EP=4 resumes at EP=2 or in one process.
+- Failures: collectives time out after `timeout_s` (default 60 s), so a dead or hung rank ends the
+  others with an error instead of a hang; torchrun then stops the job.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pyramoe.dist import Topology
+from pyramoe.parallel import ParallelState, parallelize
+
+Slicer = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Launch:
+    """How this process runs: device, expert-parallel degree, collective timeout. Not part of the
+    run's settings: the same run may continue on another device or EP size."""
+
+    device: str = "auto"  # auto: cuda when available, else cpu
+    ep: int = 1
+    timeout_s: float = 60.0
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device: must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device: cuda asked for but torch sees no CUDA device")
+        return torch.device(self.device)
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@dataclass
+class DistRun:
+    """This rank's place in a torch.distributed job and what `parallelize` did to its model."""
+
+    topology: Topology
+    state: ParallelState | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.topology.rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.topology.rank == 0
+
+    @property
+    def dp(self) -> int:
+        return self.topology.dp
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def mean(self, values: list[float], device: torch.device) -> list[float]:
+        """Mean of each value over all ranks."""
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return (t / self.topology.world_size).tolist()
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when it is true on one (a stop signal seen by any rank)."""
+        t = torch.tensor([1 if flag else 0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def rank_slice(self, x: torch.Tensor) -> torch.Tensor:
+        """This data-parallel rank's rows of a global batch."""
+        per_rank = x.shape[0] // self.dp
+        start = self.topology.dp_index * per_rank
+        return x[start : start + per_rank]
+
+
+def init_distributed(launch: Launch, device: torch.device) -> DistRun | None:
+    """Join the torchrun job described by the environment; None for a single process."""
+    world = world_size_from_env()
+    if world == 1:
+        if launch.ep > 1:
+            raise ValueError(
+                f"--ep: {launch.ep} needs {launch.ep} processes; run `pyramoe train --nproc-per-node "
+                f"{launch.ep} --ep {launch.ep} ...` or launch with torchrun"
+            )
+        return None
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(seconds=launch.timeout_s),
+        )
+    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return DistRun(Topology(world, rank, ranks_per_node=ranks_per_node))
+
+
+def apply_parallelism(run: DistRun, model: nn.Module, ep: int) -> None:
+    run.state = parallelize(model, run.topology, ep=ep)
+
+
+# -- checkpoints: gather on save, slice on load ------------------------------------------------------------
+
+
+def expert_slices(model: nn.Module, state: ParallelState) -> dict[str, tuple[int, int, int]]:
+    """name -> (EP degree, first global expert, experts held) of each sharded expert parameter."""
+    out = {}
+    for module_name, module in model.named_modules():
+        if not hasattr(module, "expert_offset"):
+            continue
+        for leaf, param in module.named_parameters(recurse=False):
+            degree = state.expert_ep.get(id(param))
+            if degree:
+                out[f"{module_name}.{leaf}"] = (degree, module.expert_offset, param.shape[0])
+    return out
+
+
+def gather_experts(tensor: torch.Tensor, degree: int, state: ParallelState) -> torch.Tensor:
+    """The whole layer's tensor from the shards of its expert-parallel group (concatenated by expert)."""
+    parts = [torch.empty_like(tensor) for _ in range(degree)]
+    dist.all_gather(parts, tensor.contiguous(), group=state.groups.ep(degree))
+    return torch.cat(parts, dim=0)
+
+
+def consolidated_model(model: nn.Module, tensors: dict[str, torch.Tensor], run: DistRun) -> dict[str, torch.Tensor]:
+    slices = expert_slices(model, run.state)
+    return {
+        name: gather_experts(t, slices[name][0], run.state) if name in slices else t for name, t in tensors.items()
+    }
+
+
+def consolidated_optimizer(
+    model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], run: DistRun
+) -> dict[str, torch.Tensor]:
+    """Optimizer tensors (`state.INDEX.NAME`) with expert moments gathered like their parameters."""
+    slices = _slices_by_index(model, optimizer, run.state)
+    out = {}
+    for key, tensor in tensors.items():
+        index = int(key.split(".", 2)[1])
+        sliced = index in slices and tensor.dim() > 0
+        out[key] = gather_experts(tensor, slices[index][0], run.state) if sliced else tensor
+    return out
+
+
+def model_slicer(model: nn.Module, run: DistRun | None) -> Slicer | None:
+    """Cuts this rank's experts out of a consolidated tensor, by parameter name."""
+    if run is None or run.state is None:
+        return None
+    slices = expert_slices(model, run.state)
+
+    def cut(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if name not in slices:
+            return tensor
+        _, start, count = slices[name]
+        return tensor[start : start + count]
+
+    return cut
+
+
+def optimizer_slicer(model: nn.Module, optimizer: torch.optim.Optimizer, run: DistRun | None) -> Slicer | None:
+    """Like `model_slicer`, for optimizer tensors named `state.INDEX.NAME`."""
+    if run is None or run.state is None:
+        return None
+    slices = _slices_by_index(model, optimizer, run.state)
+
+    def cut(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        index = int(key.split(".", 2)[1])
+        if index not in slices or tensor.dim() == 0:
+            return tensor
+        _, start, count = slices[index]
+        return tensor[start : start + count]
+
+    return cut
+
+
+def _slices_by_index(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: ParallelState
+) -> dict[int, tuple[int, int, int]]:
+    """Optimizer state index (params in group order, as `state_dict` numbers them) -> expert slice."""
+    by_name = expert_slices(model, state)
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {i: by_name[names[id(p)]] for i, p in enumerate(params) if names.get(id(p)) in by_name}
+
+
+# -- launching torchrun for one-box users ----------------------------------------------------------------
+
+
+def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run `pyramoe ARGV` under torchrun with `nproc` local processes; returns its exit status."""
+    if nproc < 1:
+        raise ValueError(f"--nproc-per-node: must be >= 1, got {nproc}")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "-m", "pyramoe", *argv,
+    ]
+    if shutil.which(sys.executable) is None:
+        raise ValueError(f"cannot find the Python interpreter {sys.executable}")
+    return subprocess.call(command)

@@ -1,0 +1,76 @@
+"""`pyramoe train` under torchrun (gloo, CPU): expert + data parallel training follows the same loss
+curve as one process on the same global batch, and a checkpoint saved at one EP size resumes at
+another (EP=2 -> 1 process, EP=2 -> EP=4) with the same losses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyramoe.cli.main import main
+from pyramoe.train.metrics import read_metrics, records_of
+
+pytestmark = pytest.mark.usefixtures("tiny_run_env")
+
+
+def run_args(tmp_path: Path, run_dir: str, steps: int, batch: int) -> list[str]:
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text("".join(f"def f{i}(x):\n    return x * {i % 13} + {i % 7}\n\n" for i in range(400)))
+    return [
+        "train", "--corpus", str(corpus), "--steps", str(steps), "--batch-size", str(batch), "--seq-len", "32",
+        "--run-dir", run_dir, "--quiet", "--no-plot", "--sample-tokens", "0",
+        "--set", "train.vocab_size=300", "--set", "train.val_percent=10", "--set", "train.eval_every=3",
+        "--set", "train.eval_batches=2", "--set", "train.save_every=3", "--set", "train.threads=1",
+        "--set", "model.d_model=32", "--set", "model.n_layers=2",
+        # Dropless and no balance loss: both depend on how many tokens one router sees at once, so
+        # only then is a step on 2 x 4 sequences the same computation as one on 8.
+        "--set", "model.moe.dropless=true", "--set", "train.aux_loss_coef=0",
+    ]
+
+
+def torchrun(argv: list[str], nproc: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pyramoe", *argv, "--nproc-per-node", str(nproc)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def losses(run_dir: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records_of(read_metrics(Path(run_dir) / "metrics.jsonl"), "train")}
+
+
+def val_losses(run_dir: str) -> dict[int, float]:
+    return {r["step"]: r["val_loss"] for r in records_of(read_metrics(Path(run_dir) / "metrics.jsonl"), "eval")}
+
+
+def test_expert_parallel_training_matches_one_process_and_reshards_on_resume(tmp_path):
+    assert main(run_args(tmp_path, "one", 6, 8)) == 0
+    reference = losses("one")
+
+    done = torchrun([*run_args(tmp_path, "ep2", 3, 4), "--ep", "2"], nproc=2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("val loss") == 1  # rank 0 alone prints the summary
+    shutil.copytree("ep2", "ep4")
+    assert main([*run_args(tmp_path, "ep2", 6, 8), "--resume"]) == 0  # saved at EP=2, resumed in one process
+
+    done = torchrun([*run_args(tmp_path, "ep4", 6, 2), "--resume", "--ep", "4"], nproc=4)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    for run_dir in ("ep2", "ep4"):
+        got = losses(run_dir)
+        assert sorted(got) == list(range(1, 7))
+        for step in range(1, 7):
+            assert got[step] == pytest.approx(reference[step], rel=2e-5), (run_dir, step)
+        assert val_losses(run_dir)[6] == pytest.approx(val_losses("one")[6], rel=2e-5)
+    assert reference[6] < reference[1]
+
+
+def test_ep_without_processes_is_one_line(tmp_path, capsys):
+    assert main([*run_args(tmp_path, "x", 2, 4), "--ep", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--ep: 2 needs 2 processes" in err
