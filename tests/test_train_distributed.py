@@ -74,3 +74,46 @@ def test_ep_without_processes_is_one_line(tmp_path, capsys):
     assert main([*run_args(tmp_path, "x", 2, 4), "--ep", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--ep: 2 needs 2 processes" in err
+
+
+def _worker_pids(rank: int) -> list[int]:
+    """Processes of this test's torchrun job with RANK=rank (read from /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"pyramoe" in cmdline and b"killtest" in cmdline and f"RANK={rank}".encode() in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_a_killed_rank_ends_the_job_quickly(tmp_path):
+    import signal
+    import time
+
+    argv = [*run_args(tmp_path, "killtest", 100000, 4), "--ep", "2", "--set", "train.eval_every=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pyramoe", *argv, "--nproc-per-node", "2"]
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        metrics = Path("killtest") / "metrics.jsonl"
+        while not (metrics.is_file() and '"train"' in metrics.read_text()):
+            assert job.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        victims = _worker_pids(1)
+        assert victims, "no rank-1 worker found"
+        os.kill(victims[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, err = job.communicate(timeout=90)
+        assert time.monotonic() - killed_at < 60
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert "a rank failed" in err.strip().splitlines()[-1]

@@ -8,6 +8,7 @@ import sys
 from pyramoe.cli import bench, distill, experiments, generate, plot, presets, train
 from pyramoe.cli import eval as eval_cmd
 from pyramoe.runtime import configure_cpu_allocator
+from pyramoe.train.distributed import DistributedFailure
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"pyramoe {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except DistributedFailure as exc:
+        print(f"pyramoe {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"pyramoe {args.command}: interrupted", file=sys.stderr)
         return 130

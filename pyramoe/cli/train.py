@@ -33,7 +33,7 @@ import torch
 from pyramoe.models import GPT, count_active_parameters, count_parameters
 from pyramoe.train import Checkpoint, RunConfig, build_model, complete, create_trainer, load_checkpoint, resolve_run
 from pyramoe.train.config import load_toml, parse_override
-from pyramoe.train.distributed import Launch, relaunch_with_torchrun, world_size_from_env
+from pyramoe.train.distributed import DistributedFailure, Launch, relaunch_with_torchrun, world_size_from_env
 from pyramoe.train.metrics import METRICS_FILE, read_metrics, records_of
 from pyramoe.train.session import LATEST, check_plain_run
 from pyramoe.train.trainer import FitResult, Trainer
@@ -160,8 +160,15 @@ def main(args: argparse.Namespace) -> int:
         if trainer.is_main:
             _print_header(trainer, resumed=ckpt is not None)
         return fit_and_report(trainer, args, start)
+    except RuntimeError as exc:
+        if trainer.dist is None:
+            raise
+        # A peer that died closes its connections (gloo fails at once); one that hangs lets the
+        # collective time out after --dist-timeout. Either way: one line naming this rank.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DistributedFailure(f"rank {trainer.dist.rank}: a collective failed ({first[:300]})") from None
     finally:
-        if trainer.dist is not None:
+        if trainer.dist is not None and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

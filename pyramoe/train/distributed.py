@@ -34,6 +34,10 @@ from pyramoe.parallel import ParallelState, parallelize
 Slicer = Callable[[str, torch.Tensor], torch.Tensor]
 
 
+class DistributedFailure(RuntimeError):
+    """A rank lost its peers (one died or hung past the timeout): reported in one line, exit 1."""
+
+
 @dataclass
 class Launch:
     """How this process runs: device, expert-parallel degree, collective timeout. Not part of the
@@ -221,4 +225,7 @@ def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     ]
     if shutil.which(sys.executable) is None:
         raise ValueError(f"cannot find the Python interpreter {sys.executable}")
-    return subprocess.call(command)
+    status = subprocess.call(command)
+    if status != 0:
+        print(f"pyramoe: torchrun exited with status {status}: a rank failed (its error is above)", file=sys.stderr)
+    return status
