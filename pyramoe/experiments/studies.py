@@ -69,6 +69,7 @@ STUDIES: dict[str, Study] = {
             ),
             expected_better="second-half",
             expected_worse="first-half",
+            steps=300,
         ),
         Study(
             name="top2-vs-residual",
@@ -83,6 +84,7 @@ STUDIES: dict[str, Study] = {
             ),
             expected_better="residual",
             expected_worse="top2",
+            steps=300,
             compare="step_time",
             notes=(
                 "Direction judged on the step-time speedup of one interleaved timing run ({batch_size}x{seq_len} "
@@ -117,8 +119,8 @@ STUDIES: dict[str, Study] = {
                 "(99.1-99.5% of the teacher's zero-shot accuracy)."
             ),
             teacher=Arm("teacher", "tiny-prmoe"),
-            steps=300,
-            teacher_steps=600,
+            steps=200,
+            teacher_steps=400,
             arms=(
                 Arm("no-kd", "tiny-prmoe", distill={"kd_weight": 0.0}),
                 Arm("full-kd", "tiny-prmoe", distill={"kd_schedule": "constant"}),
