@@ -45,11 +45,12 @@ def step_loss(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.logits.flatten(0, 1), idx[:, 1:].flatten()) + out.aux_loss
 
 
-def _ep_worker(rank: int, world: int, ep: int, out_dir: str) -> None:
+def _ep_worker(rank: int, world: int, ep: int, per_node: int | None, out_dir: str) -> None:
     results = {}
+    topology = Topology(world, rank, ranks_per_node=per_node)
     for case in CASES:
         model = build(case)
-        state = parallelize(model, Topology(world, rank), ep=ep)
+        state = parallelize(model, topology, ep=ep, hierarchical=per_node is not None)
         loss = step_loss(model, rank_batch(rank))
         loss.backward()
         state.sync_gradients(model)
@@ -63,9 +64,12 @@ def _ep_worker(rank: int, world: int, ep: int, out_dir: str) -> None:
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
-@pytest.mark.parametrize(("world", "ep"), [(2, 2), (4, 4), (4, 2)])
-def test_expert_parallel_step_matches_one_process(tmp_path, world, ep):
-    run_workers(_ep_worker, world, tmp_path, ep, str(tmp_path))
+@pytest.mark.parametrize(
+    ("world", "ep", "per_node"),
+    [(2, 2, None), (4, 4, None), (4, 2, None), (4, 4, 2)],  # the last: hierarchical, 2 nodes x 2 ranks
+)
+def test_expert_parallel_step_matches_one_process(tmp_path, world, ep, per_node):
+    run_workers(_ep_worker, world, tmp_path, ep, per_node, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for case in CASES:
         reference = build(case)

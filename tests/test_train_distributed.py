@@ -58,7 +58,12 @@ def test_expert_parallel_training_matches_one_process_and_reshards_on_resume(tmp
     shutil.copytree("ep2", "ep4")
     assert main([*run_args(tmp_path, "ep2", 6, 8), "--resume"]) == 0  # saved at EP=2, resumed in one process
 
-    done = torchrun([*run_args(tmp_path, "ep4", 6, 2), "--resume", "--ep", "4"], nproc=4)
+    # EP=4 over two emulated nodes of two ranks, hierarchical all-to-all
+    done = torchrun(
+        [*run_args(tmp_path, "ep4", 6, 2), "--resume", "--ep", "4", "--all-to-all", "hierarchical",
+         "--ranks-per-node", "2"],
+        nproc=4,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
     for run_dir in ("ep2", "ep4"):

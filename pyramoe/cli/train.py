@@ -75,6 +75,12 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                        "needs N processes (torchrun or --nproc-per-node)")
     group.add_argument("--nproc-per-node", type=int, metavar="N",
                        help="launch N local processes with torchrun (gloo on CPU, NCCL on CUDA)")
+    group.add_argument("--all-to-all", choices=("flat", "hierarchical"), default="flat",
+                       help="hierarchical: exchange inside each node first, then across nodes among ranks of the "
+                       "same local index (G + p/G peers instead of p); same results")
+    group.add_argument("--ranks-per-node", type=int, metavar="N",
+                       help="ranks per node for hierarchical all-to-all (default: torchrun's local world size); "
+                       "a smaller N emulates several nodes on one box")
     group.add_argument("--dist-timeout", type=float, default=60.0, metavar="S",
                        help="seconds a collective waits for a dead or hung rank before failing (default 60)")
 
@@ -84,7 +90,10 @@ def launch_of(args: argparse.Namespace) -> Launch:
         raise ValueError(f"--ep: must be >= 1, got {args.ep}")
     if args.dist_timeout <= 0:
         raise ValueError(f"--dist-timeout: must be > 0, got {args.dist_timeout}")
-    return Launch(device=args.device, ep=args.ep, timeout_s=args.dist_timeout)
+    return Launch(
+        device=args.device, ep=args.ep, timeout_s=args.dist_timeout, hierarchical=args.all_to_all == "hierarchical",
+        ranks_per_node=args.ranks_per_node,
+    )
 
 
 def without_nproc(argv: list[str]) -> list[str]:

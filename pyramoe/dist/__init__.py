@@ -1,7 +1,24 @@
 """Process topology and collectives on torch.distributed. Model code never imports this package;
 `pyramoe.parallel` applies it to a built model."""
 
-from pyramoe.dist.all_to_all import all_to_all, exchange_counts
+from pyramoe.dist.all_to_all import all_to_all
+from pyramoe.dist.exchange import (
+    Exchange,
+    FlatExchange,
+    HierarchicalExchange,
+    build_exchange,
+    transposed_run_order,
+)
 from pyramoe.dist.topology import ProcessGroups, Topology, layer_ep
 
-__all__ = ["ProcessGroups", "Topology", "all_to_all", "exchange_counts", "layer_ep"]
+__all__ = [
+    "Exchange",
+    "FlatExchange",
+    "HierarchicalExchange",
+    "ProcessGroups",
+    "Topology",
+    "all_to_all",
+    "build_exchange",
+    "layer_ep",
+    "transposed_run_order",
+]

@@ -36,11 +36,3 @@ def all_to_all(
 ) -> torch.Tensor:
     """Differentiable all_to_all_single over the first dimension."""
     return _AllToAll.apply(x, output_splits, input_splits, group)
-
-
-def exchange_counts(send_counts_WL: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """send_counts_WL[q, l]: rows this rank sends to expert l of rank q. Returns recv_counts_WL[q, l]:
-    rows rank q sends to this rank's expert l."""
-    recv = torch.empty_like(send_counts_WL)
-    dist.all_to_all_single(recv.view(-1), send_counts_WL.contiguous().view(-1), group=group)
-    return recv

@@ -70,6 +70,30 @@ class Topology:
         self.check_ep(ep)
         return [dp[i::ep] for dp in self.dp_partition() for i in range(ep)]
 
+    def ep_node_layout(self, ep: int) -> tuple[int, int]:
+        """(nodes, ranks per node) of every expert-parallel group of degree `ep`; hierarchical
+        all-to-all needs each group to hold the same number of ranks on each of its nodes."""
+        layouts = set()
+        for ranks in self.ep_partition(ep):
+            per_node: dict[int, int] = {}
+            for r in ranks:
+                per_node[r // self.node_size] = per_node.get(r // self.node_size, 0) + 1
+            layouts.add((len(per_node), frozenset(per_node.values())))
+        if len(layouts) != 1 or len(next(iter(layouts))[1]) != 1:
+            raise ValueError(f"ep: groups of degree {ep} are spread unevenly over nodes of {self.node_size} ranks")
+        nodes, counts = next(iter(layouts))
+        return nodes, next(iter(counts))
+
+    def ep_local_partition(self, ep: int) -> list[list[int]]:
+        """Each EP group split by node: the first hop of hierarchical all-to-all."""
+        return [[r for r in ranks if r // self.node_size == node] for ranks in self.ep_partition(ep)
+                for node in sorted({r // self.node_size for r in ranks})]
+
+    def ep_cross_partition(self, ep: int) -> list[list[int]]:
+        """Within each EP group, the ranks at the same place on their nodes: the second hop."""
+        _, per_node = self.ep_node_layout(ep)
+        return [ranks[i::per_node] for ranks in self.ep_partition(ep) for i in range(per_node)]
+
     def node_partition(self) -> list[list[int]]:
         n = self.node_size
         return [list(range(s, s + n)) for s in range(0, self.world_size, n)]
@@ -137,3 +161,9 @@ class ProcessGroups:
 
     def expert_dp(self, ep: int) -> dist.ProcessGroup | None:
         return self._get(("expert_dp", ep), self.topology.expert_dp_partition(ep))
+
+    def ep_local(self, ep: int) -> dist.ProcessGroup | None:
+        return self._get(("ep_local", ep), self.topology.ep_local_partition(ep))
+
+    def ep_cross(self, ep: int) -> dist.ProcessGroup | None:
+        return self._get(("ep_cross", ep), self.topology.ep_cross_partition(ep))

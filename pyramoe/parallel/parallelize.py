@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from pyramoe.dist import ProcessGroups, Topology, layer_ep
+from pyramoe.dist import ProcessGroups, Topology, build_exchange, layer_ep
 from pyramoe.layers.moe import MoELayer
 from pyramoe.parallel.expert import AllToAllDispatcher
 
@@ -85,10 +85,15 @@ class ParallelState:
 
 
 def parallelize(
-    model: nn.Module, topology: Topology, ep: int = 1, groups: ProcessGroups | None = None
+    model: nn.Module,
+    topology: Topology,
+    ep: int = 1,
+    groups: ProcessGroups | None = None,
+    hierarchical: bool = False,
 ) -> ParallelState:
     """Shard every MoE layer's experts over min(ep, num_experts) ranks and swap in all-to-all
-    dispatch. The model must be built identically on every rank (same seed or same checkpoint)."""
+    dispatch (`hierarchical`: node-local hop first when an EP group spans nodes). The model must be
+    built identically on every rank (same seed or same checkpoint)."""
     if topology.tp > 1:
         raise ValueError(f"tp: tensor parallelism is not implemented yet (got tp={topology.tp})")
     groups = groups or ProcessGroups(topology)
@@ -104,7 +109,7 @@ def parallelize(
             continue
         local = moe.num_experts // degree
         moe.experts = moe.experts.shard(topology.ep_rank(degree) * local, local)
-        moe.dispatcher = AllToAllDispatcher(groups.ep(degree), degree, local)
+        moe.dispatcher = AllToAllDispatcher(build_exchange(groups, degree, hierarchical), local)
         groups.expert_dp(degree)
         for param in moe.experts.parameters():
             state.expert_ep[id(param)] = degree

@@ -46,6 +46,8 @@ class Launch:
     device: str = "auto"  # auto: cuda when available, else cpu
     ep: int = 1
     timeout_s: float = 60.0
+    hierarchical: bool = False  # all-to-all inside each node first, then across nodes
+    ranks_per_node: int | None = None  # None: torchrun's LOCAL_WORLD_SIZE; smaller emulates nodes on one box
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -120,12 +122,15 @@ def init_distributed(launch: Launch, device: torch.device) -> DistRun | None:
             "nccl" if device.type == "cuda" else "gloo",
             timeout=datetime.timedelta(seconds=launch.timeout_s),
         )
-    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    return DistRun(Topology(world, rank, ranks_per_node=ranks_per_node))
+    ranks_per_node = launch.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    try:
+        return DistRun(Topology(world, rank, ranks_per_node=ranks_per_node))
+    except ValueError as exc:
+        raise ValueError(f"--{exc}") from None
 
 
-def apply_parallelism(run: DistRun, model: nn.Module, ep: int) -> None:
-    run.state = parallelize(model, run.topology, ep=ep)
+def apply_parallelism(run: DistRun, model: nn.Module, ep: int, hierarchical: bool = False) -> None:
+    run.state = parallelize(model, run.topology, ep=ep, hierarchical=hierarchical)
 
 
 # -- checkpoints: gather on save, slice on load ------------------------------------------------------------

@@ -181,7 +181,10 @@ def create_trainer(
         model_config = build_model_config(run, data.vocab_size)
     else:
         model_config = resumed_model_config(run, ckpt, data.vocab_size)
-    trainer = Trainer(run, model_config, data, progress, device=device, dist_run=dist_run, ep=launch.ep)
+    trainer = Trainer(
+        run, model_config, data, progress, device=device, dist_run=dist_run, ep=launch.ep,
+        hierarchical=launch.hierarchical,
+    )
     if ckpt is not None:
         trainer.restore(ckpt)
     elif trainer.is_main:

@@ -136,6 +136,7 @@ class Trainer:
     def __init__(
         self, run: RunConfig, model_config: ModelConfig, data: PreparedData, progress: bool = True,
         device: torch.device | None = None, dist_run: DistRun | None = None, ep: int = 1,
+        hierarchical: bool = False,
     ):
         self.run = run
         self.config = run.train
@@ -148,7 +149,7 @@ class Trainer:
         torch.manual_seed(self.config.seed)  # every rank builds the same model, then keeps its shard
         self.model = GPT(model_config)
         if dist_run is not None:
-            apply_parallelism(dist_run, self.model, ep)
+            apply_parallelism(dist_run, self.model, ep, hierarchical)
         self.model.to(self.device)
         self.optimizer = make_optimizer(self.model, self.config)
         self.dp = dist_run.dp if dist_run is not None else 1
