@@ -1,4 +1,4 @@
-"""Imports run one way: config -> dist -> layers -> models -> parallel -> ... -> cli. Lower packages
+"""Imports run one way: config -> dist -> layers -> models -> parallel/hf -> ... -> cli. Lower packages
 never import higher ones, checked on every import statement (module level or inside a function) of
 each package's files."""
 
@@ -16,6 +16,7 @@ ALLOWED = {
     "layers": {"config", "layers"},  # single-device: never dist
     "models": {"config", "layers", "models"},
     "parallel": {"config", "dist", "layers", "models", "parallel"},
+    "hf": {"config", "layers", "models", "hf"},  # beside parallel: checkpoints in/out, single-device
 }
 
 

@@ -18,7 +18,9 @@ class RotaryEmbedding:
     def __init__(self, head_dim: int, theta: float):
         self.head_dim = head_dim
         self.theta = theta
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        # On the CPU explicitly: a model built under `with torch.device("meta")` still needs real frequencies.
+        steps = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float()
+        self.inv_freq = 1.0 / (theta ** (steps / head_dim))
 
     def cos_sin(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin, each [B, 1, T, Dh] (broadcast over heads), in `dtype`."""

@@ -1,0 +1,205 @@
+"""Hugging Face MoE architectures pyramoe reads: config.json -> ModelConfig, and where each tensor
+lives in the checkpoint.
+
+All five are pre-norm RMSNorm/RoPE/SwiGLU decoders named the Llama way (model.layers.N.self_attn.
+q_proj, ...); they differ in config keys, in the MoE block's name and expert tensor names, and in
+routing:
+- Mixtral: softmax top-k renormalised, every layer MoE, experts `block_sparse_moe.experts.N.w1/w3/w2`.
+- Qwen2-MoE: q/k/v biases, a shared expert gated by sigmoid(x . w), norm_topk_prob, dense layers by
+  mlp_only_layers / decoder_sparse_step.
+- Qwen3-MoE: per-head q/k RMSNorm, explicit head_dim, norm_topk_prob, dense layers as Qwen2-MoE.
+- OLMoE: q/k RMSNorm over the whole projection, optional clip_qkv, norm_topk_prob (False in OLMoE).
+- dots.llm1 (`dots1`): DeepSeek-V3 routing - sigmoid scores, score-correction bias, group-limited
+  top-k, routed scaling factor, ungated shared experts, dense first layers - on Qwen3 attention. It
+  is the DeepSeek-V3-routing family pyramoe loads because DeepSeek-V3 itself uses multi-head latent
+  attention (low-rank compressed q/kv, decoupled RoPE heads), which pyramoe's attention lacks.
+Sliding-window attention is loaded as full attention with max_seq_len capped at the window: within
+the window the two are the same, past it pyramoe refuses the sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pyramoe.config import LayerConfig, ModelConfig, MoEConfig
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    hf_class: str  # the *ForCausalLM class named in config.json's "architectures"
+    moe_prefixes: tuple[str, ...]  # the MoE block's module name(s) under model.layers.N.
+    expert_leaves: tuple[str, str, str]  # per-expert gate, up, down tensor names
+    shared_name: str | None  # the shared expert's module name under the MoE block
+    moe_layers: Callable[[dict[str, Any], int], list[bool]]  # which layers are MoE
+
+
+def get(cfg: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    value = cfg.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ValueError(f"config.json: missing {key}")
+        return default
+    return value
+
+
+def _qwen_moe_layers(cfg: dict[str, Any], n_layers: int) -> list[bool]:
+    dense = set(get(cfg, "mlp_only_layers", []))
+    step = get(cfg, "decoder_sparse_step", 1)
+    return [i not in dense and (i + 1) % step == 0 for i in range(n_layers)]
+
+
+def _all_moe(cfg: dict[str, Any], n_layers: int) -> list[bool]:
+    return [True] * n_layers
+
+
+def _first_k_dense(cfg: dict[str, Any], n_layers: int) -> list[bool]:
+    first = get(cfg, "first_k_dense_replace", 0)
+    every = get(cfg, "moe_layer_freq", 1)
+    return [i >= first and i % every == 0 for i in range(n_layers)]
+
+
+_GUP = ("gate_proj", "up_proj", "down_proj")
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "mixtral": Architecture("mixtral", "MixtralForCausalLM", ("block_sparse_moe", "mlp"), ("w1", "w3", "w2"), None,
+                            _all_moe),
+    "qwen2_moe": Architecture("qwen2_moe", "Qwen2MoeForCausalLM", ("mlp",), _GUP, "shared_expert", _qwen_moe_layers),
+    "qwen3_moe": Architecture("qwen3_moe", "Qwen3MoeForCausalLM", ("mlp",), _GUP, None, _qwen_moe_layers),
+    "olmoe": Architecture("olmoe", "OlmoeForCausalLM", ("mlp",), _GUP, None, _all_moe),
+    "dots1": Architecture("dots1", "Dots1ForCausalLM", ("mlp",), _GUP, "shared_experts", _first_k_dense),
+}
+
+
+def architecture_of(cfg: dict[str, Any]) -> Architecture:
+    model_type = cfg.get("model_type")
+    if model_type not in ARCHITECTURES:
+        named = cfg.get("architectures") or []
+        raise ValueError(
+            f"config.json: unsupported architecture model_type={model_type!r} {named} "
+            f"(pyramoe loads {', '.join(sorted(ARCHITECTURES))})"
+        )
+    return ARCHITECTURES[model_type]
+
+
+# -- config.json -> ModelConfig -------------------------------------------------------------------
+
+
+def model_config(cfg: dict[str, Any], arch: Architecture, dropless: bool = True) -> ModelConfig:
+    """The pyramoe config of an HF config (MoE layers dropless unless asked otherwise, as at inference)."""
+    _check_supported(cfg, arch)
+    n_layers = get(cfg, "num_hidden_layers")
+    d_model, n_heads = get(cfg, "hidden_size"), get(cfg, "num_attention_heads")
+    head_dim = cfg.get("head_dim")
+    moe = _moe_config(cfg, arch, dropless)
+    placement = arch.moe_layers(cfg, n_layers)
+    if not any(placement):
+        raise ValueError("config.json: no MoE layer (num_experts / layer placement); pyramoe.hf loads MoE models")
+    qkv_bias = get(cfg, "qkv_bias", False) if arch.model_type == "qwen2_moe" else None
+    return ModelConfig(
+        vocab_size=get(cfg, "vocab_size"),
+        max_seq_len=_max_seq_len(cfg),
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_heads=get(cfg, "num_key_value_heads", n_heads),
+        head_dim=None if head_dim in (None, d_model // n_heads) else head_dim,
+        d_ff=get(cfg, "intermediate_size"),
+        activation="swiglu",
+        bias=False,
+        qkv_bias=qkv_bias,
+        dropout=0.0,
+        tie_embeddings=bool(get(cfg, "tie_word_embeddings", False)),
+        layer_norm_eps=float(get(cfg, "rms_norm_eps", 1e-6)),
+        position="rope",
+        rope_theta=float(_rope_theta(cfg)),
+        norm="rmsnorm",
+        qk_norm={"qwen3_moe": "head", "dots1": "head", "olmoe": "full"}.get(arch.model_type, "off"),
+        qkv_clip=cfg.get("clip_qkv") if arch.model_type == "olmoe" else None,
+        aux_loss_coef=float(get(cfg, "router_aux_loss_coef", 0.01)),
+        layers=[LayerConfig(moe=moe if is_moe else None) for is_moe in placement],
+    )
+
+
+def _moe_config(cfg: dict[str, Any], arch: Architecture, dropless: bool) -> MoEConfig:
+    num_experts = get(cfg, "n_routed_experts") if arch.model_type == "dots1" else _first_key(
+        cfg, "num_local_experts", "num_experts"
+    )
+    top_k = get(cfg, "num_experts_per_tok")
+    normalised = True if arch.model_type == "mixtral" else bool(get(cfg, "norm_topk_prob", False))
+    sigmoid = arch.model_type == "dots1"
+    if top_k == 1 and normalised and not sigmoid:
+        # HF then weighs the one expert by 1.0; pyramoe's top-1 always uses the softmax probability.
+        raise ValueError("config.json: num_experts_per_tok=1 with normalised top-k weights is not supported")
+    settings: dict[str, Any] = dict(
+        num_experts=num_experts,
+        top_k=top_k,
+        dropless=dropless,
+        expert_d_ff=get(cfg, "intermediate_size") if arch.model_type in ("mixtral", "olmoe")
+        else get(cfg, "moe_intermediate_size"),
+        gate_norm="after_drop" if normalised else "softmax",
+    )
+    if arch.model_type == "qwen2_moe":
+        settings.update(shared_d_ff=get(cfg, "shared_expert_intermediate_size", 0), shared_gate=True)
+        settings["shared_gate"] = settings["shared_d_ff"] > 0
+    if sigmoid:
+        settings.update(
+            router_score="sigmoid",
+            score_correction_bias=True,
+            expert_groups=get(cfg, "n_group", 1),
+            topk_groups=get(cfg, "topk_group", 1),
+            routed_scaling=float(get(cfg, "routed_scaling_factor", 1.0)),
+            shared_d_ff=get(cfg, "n_shared_experts", 0) * settings["expert_d_ff"],
+        )
+    return MoEConfig(**settings)
+
+
+def _first_key(cfg: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    raise ValueError(f"config.json: missing {keys[0]}")
+
+
+def _rope_theta(cfg: dict[str, Any]) -> float:
+    params = cfg.get("rope_parameters") or {}
+    if isinstance(params, dict) and params.get("rope_theta") is not None:
+        return params["rope_theta"]
+    return get(cfg, "rope_theta", 10000.0)
+
+
+def _check_supported(cfg: dict[str, Any], arch: Architecture) -> None:
+    """One line naming the first option pyramoe's block cannot express."""
+    act = get(cfg, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config.json: hidden_act={act!r} is not supported (SwiGLU experts use silu)")
+    for key in ("rope_parameters", "rope_scaling"):
+        params = cfg.get(key)
+        rope_type = (params or {}).get("rope_type", (params or {}).get("type")) if isinstance(params, dict) else None
+        if rope_type not in (None, "default"):
+            raise ValueError(f"config.json: {key}.rope_type={rope_type!r} is not supported (plain RoPE only)")
+    if get(cfg, "partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"config.json: partial_rotary_factor={cfg['partial_rotary_factor']} is not supported")
+    if arch.model_type != "qwen2_moe" and cfg.get("attention_bias"):
+        raise ValueError("config.json: attention_bias=true is not supported (biases on q/k/v and o_proj)")
+    if arch.model_type == "dots1" and cfg.get("scoring_func", "sigmoid") != "sigmoid":
+        raise ValueError(f"config.json: scoring_func={cfg['scoring_func']!r} is not supported")
+
+
+def _max_seq_len(cfg: dict[str, Any]) -> int:
+    """max_position_embeddings, capped at the sliding window where some layer slides."""
+    longest = get(cfg, "max_position_embeddings")
+    window = cfg.get("sliding_window")
+    layer_types = cfg.get("layer_types") or []
+    if layer_types:
+        slides = "sliding_attention" in layer_types
+    elif "use_sliding_window" in cfg:
+        slides = bool(cfg["use_sliding_window"])
+    else:  # Mixtral: a window applies whenever one is set
+        slides = window is not None
+    if slides and window:
+        return min(longest, int(window))
+    return longest
