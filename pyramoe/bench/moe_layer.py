@@ -127,7 +127,10 @@ def make_step(layer: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None
 
 def measure_interleaved(steps: dict[str, Callable[[], None]], args: argparse.Namespace) -> dict[str, dict]:
     """Round-robin over the implementations, so that machine noise (other processes, clock changes)
-    hits them alike instead of biasing whichever ran during a slow spell."""
+    hits them alike instead of biasing whichever ran during a slow spell. On a GPU each call is
+    timed to its end (synchronize), not to its launch."""
+    if args.device.startswith("cuda"):
+        steps = {name: _synchronized(step) for name, step in steps.items()}
     for step in steps.values():
         time_call(step, repeats=0, warmup=args.warmup)
     samples: dict[str, list[float]] = {name: [] for name in steps}
@@ -137,11 +140,23 @@ def measure_interleaved(steps: dict[str, Callable[[], None]], args: argparse.Nam
     return {name: summarize(values) for name, values in samples.items()}
 
 
+def _synchronized(step: Callable[[], None]) -> Callable[[], None]:
+    def run_to_end() -> None:
+        step()
+        torch.cuda.synchronize()
+
+    return run_to_end
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     dtypes = [d.strip() for d in args.dtypes.split(",")]
     notes = []
-    if "bf16" in dtypes and not args.force_bf16:
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device: cuda asked for but torch sees no CUDA device")
+    if args.device.startswith("cuda"):
+        notes.append(f"device {torch.cuda.get_device_name()}")
+    elif "bf16" in dtypes and not args.force_bf16:
         ok, detail = native_bf16_matmul()
         if not ok:
             dtypes.remove("bf16")
@@ -153,9 +168,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         layers = build_layers(args, num_experts, ds_moe)
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
-            x = torch.randn(args.tokens, args.d_model, dtype=dtype)
+            x = torch.randn(args.tokens, args.d_model, dtype=dtype).to(args.device)
             for layer in layers.values():
-                layer.to(dtype)
+                layer.to(device=args.device, dtype=dtype)
             for mode in args.modes.split(","):
                 steps = {name: make_step(layer, x, mode) for name, layer in layers.items()}
                 for name, timing in measure_interleaved(steps, args).items():
@@ -211,6 +226,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-capacity", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed peer")
     parser.add_argument("--skip-einsum", action="store_true", help="skip the dense einsum reference")
     parser.add_argument("--force-bf16", action="store_true", help="run bf16 even without native bf16 matmul")

@@ -65,6 +65,8 @@ class GroupedExperts(nn.Module):
     ) -> torch.Tensor:
         """x_rows is either padded ([E*S, D], expert e owns rows e*S..e*S+S) or compact
         ([N, D], expert e owns the next tokens_per_expert[e] rows)."""
+        if rows_per_expert is None and use_device_grouped_mm(x_rows):
+            return self._forward_grouped_mm(x_rows, tokens_per_expert)
         if rows_per_expert is not None:
             x = x_rows.view(self.num_experts, rows_per_expert, -1)
             counts = None
@@ -74,6 +76,38 @@ class GroupedExperts(nn.Module):
         h = grouped_linear(x, self.w_in, self.b_in, counts)
         y = grouped_linear(activate(h, self.activation), self.w_out, self.b_out, counts)
         return y.flatten(0, 1) if counts is None else y
+
+
+    def _forward_grouped_mm(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        """Compact rows on a GPU: one grouped GEMM per projection from device-side offsets, so no
+        per-expert loop and no host sync (the CPU path's counts.tolist())."""
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x_ND.dtype
+        offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+        expert_N = None
+        if self.b_in is not None:
+            experts = torch.arange(self.num_experts, device=x_ND.device)
+            expert_N = torch.repeat_interleave(experts, tokens_per_expert, output_size=x_ND.shape[0])
+        with torch.autocast("cuda", enabled=False):
+            h = _grouped_mm_linear(x_ND.to(dtype), self.w_in, self.b_in, offsets, expert_N)
+            return _grouped_mm_linear(activate(h, self.activation), self.w_out, self.b_out, offsets, expert_N)
+
+
+def use_device_grouped_mm(x: torch.Tensor) -> bool:
+    """torch._grouped_mm on CUDA in bf16 (its supported dtype there); other cases keep the loop."""
+    if not x.is_cuda or not hasattr(torch, "_grouped_mm"):
+        return False
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    return dtype == torch.bfloat16
+
+
+def _grouped_mm_linear(
+    x_NI: torch.Tensor, weight_EOI: torch.Tensor, bias_E1O: torch.Tensor | None, offsets_E: torch.Tensor,
+    expert_N: torch.Tensor | None,
+) -> torch.Tensor:
+    out_NO = torch._grouped_mm(x_NI, weight_EOI.to(x_NI.dtype).transpose(1, 2), offs=offsets_E)
+    if bias_E1O is None:
+        return out_NO
+    return out_NO + bias_E1O[:, 0].to(x_NI.dtype).index_select(0, expert_N)
 
 
 def grouped_linear(
