@@ -3,6 +3,8 @@ Qwen2-MoE, Qwen3-MoE, OLMoE and dots.llm1 load into pyramoe's decoder (`load_hf_
 models whose features all have an HF counterpart export as one (`export_hf`)."""
 
 from pyramoe.hf.architectures import ARCHITECTURES, Architecture, architecture_of, model_config
+from pyramoe.hf.export import choose_architecture, export_hf
 from pyramoe.hf.load import HFModel, load_hf_model
 
-__all__ = ["ARCHITECTURES", "Architecture", "HFModel", "architecture_of", "load_hf_model", "model_config"]
+__all__ = ["ARCHITECTURES", "Architecture", "HFModel", "architecture_of", "choose_architecture", "export_hf",
+           "load_hf_model", "model_config"]
