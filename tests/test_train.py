@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pyramoe.models import GPT
-from pyramoe.train import build_model, create_trainer, generate_ids, latest_checkpoint, load_checkpoint, resolve_run
+from pyramoe.train import build_model, create_trainer, latest_checkpoint, load_checkpoint, resolve_run
 from pyramoe.train import checkpoint as ckpt_io
 from pyramoe.train.checkpoint import list_checkpoints, load_optimizer_state
 from pyramoe.train.config import build_model_config, run_config_from_dict
@@ -148,20 +148,6 @@ def test_tied_embeddings_are_stored_once_and_reload_tied(tmp_path):
     assert model.lm_head.weight is model.tok_emb.weight
     with ckpt_io.safe_open(str(path / ckpt_io.MODEL_FILE), framework="pt") as f:
         assert "tok_emb.weight" in f.keys() and "lm_head.weight" not in f.keys()
-
-
-def test_greedy_generation_with_kv_cache_matches_full_forward(tmp_path):
-    path = start(tiny_sources(tmp_path, steps=2, eval_every=0)).fit().checkpoint
-    model = build_model(load_checkpoint(path), dropless=True)
-    prompt = [5, 17, 42]
-    ids = list(generate_ids(model, prompt, max_new_tokens=6, temperature=0))
-    seq = list(prompt)
-    with torch.no_grad():
-        for _ in range(6):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    assert ids == seq[len(prompt):]
-    with pytest.raises(ValueError, match="max_seq_len"):
-        list(generate_ids(model, list(range(64)), 4))
 
 
 def linear_output_dtypes(trainer, names: tuple[str, ...]) -> dict[str, set]:

@@ -1,42 +1,108 @@
-"""`pyramoe generate CKPT --prompt TEXT`: sample a continuation with the model's KV cache.
+"""`pyramoe generate MODEL --prompt TEXT | --prompts-file F`: continue prompts with the engine.
 
-CKPT is a checkpoint directory or a run directory (its latest checkpoint). MoE layers run
-dropless by default, so a prompt token is never dropped for arriving with many others.
+MODEL is a pyramoe checkpoint or run directory (its latest checkpoint), or a Hugging Face model
+directory (config.json + safetensors + tokenizer.json) of a supported MoE family. Several prompts
+(one per line of F, or --prompt repeated) decode together in one continuously batched run. MoE
+layers run dropless. Prints each completion, then prompt and decode tokens/s on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+from pathlib import Path
 
-from pyramoe.data import Tokenizer
-from pyramoe.train import build_model, complete, load_checkpoint
+import torch
+
+from pyramoe.inference import Engine, SamplingParams
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("generate", help="sample text from a checkpoint", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory or run directory")
-    parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    parser = sub.add_parser("generate", help="generate text from a checkpoint or a Hugging Face MoE directory",
+                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", metavar="MODEL", help="checkpoint, run directory or HF model directory")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="text to continue (repeatable; default: start a new document)")
+    parser.add_argument("--prompts-file", metavar="F", help="one prompt per line")
     parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N")
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=50, metavar="K", help="sample among the K likeliest (0: all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--capacity", choices=("dropless", "eval"), default="dropless",
-                        help="MoE capacity: none (default) or the model's eval capacity factor")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (1: off)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
+    parser.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoded together")
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bf16 where the CPU multiplies bf16 natively, or on CUDA), fp32 or bf16")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
     parser.set_defaults(func=main)
 
 
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ValueError(f"--prompts-file: {path} is not a file")
+        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts-file: {path} holds no prompt")
+    return prompts or [""]
+
+
 def main(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature: must be >= 0, got {args.temperature}")
-    if args.top_k < 0:
-        raise ValueError(f"--top-k: must be >= 0, got {args.top_k}")
-    ckpt = load_checkpoint(args.checkpoint)
-    tokenizer = Tokenizer.from_file(ckpt.tokenizer_path)
-    model = build_model(ckpt, dropless=args.capacity == "dropless")
-    text = complete(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None,
-                    args.seed)
-    print(args.prompt + text)
+    for name in ("max_new_tokens", "max_batch"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device: cuda asked for but torch sees no CUDA device")
+    prompts = read_prompts(args)
+    if args.stream and len(prompts) > 1:
+        raise ValueError("--stream: streams one prompt; got several")
+    engine = Engine.load(args.checkpoint, dtype=args.dtype, device=args.device, max_batch=args.max_batch)
+    if engine.tokenizer is None:
+        raise ValueError(f"{args.checkpoint}: no tokenizer.json; text prompts need one")
+    ids = []
+    for i, prompt in enumerate(prompts):
+        params = _params(args, seed=args.seed + i)
+        ids.append(_add(engine, prompt, params))
+    start = time.perf_counter()
+    texts = {rid: "" for rid in ids}
+    generated = 0
+    if args.stream:
+        print(prompts[0], end="", flush=True)
+    for event in engine.stream():
+        texts[event.request_id] += event.text
+        generated += event.token_id is not None
+        if args.stream:
+            print(event.text, end="", flush=True)
+    seconds = time.perf_counter() - start
+    if args.stream:
+        print()
+    else:
+        for prompt, rid in zip(prompts, ids):
+            print(prompt + texts[rid])
+    prompt_tokens = sum(len(r) for r in (engine.tokenizer.encode(p) for p in prompts))
+    print(f"{len(prompts)} prompt(s), {prompt_tokens} prompt tokens, {generated} tokens generated in {seconds:.2f} s "
+          f"({generated / max(seconds, 1e-9):,.1f} tok/s, {next(engine.model.parameters()).dtype}, "
+          f"batch up to {engine.max_batch})", file=sys.stderr)
     return 0
+
+
+def _params(args: argparse.Namespace, seed: int) -> SamplingParams:
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=seed, stop=tuple(args.stop))
+    try:
+        params.validate()
+    except ValueError as exc:
+        raise ValueError(f"--{str(exc).replace('_', '-')}") from None
+    return params
+
+
+def _add(engine: Engine, prompt: str, params: SamplingParams) -> str:
+    ids = engine.tokenizer.encode(prompt) if prompt else [engine.eos_id]
+    try:
+        return engine.add_request(ids, params)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (the model's max_seq_len={engine.model.config.max_seq_len})") from None

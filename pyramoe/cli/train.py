@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
+from pyramoe.inference import complete
 from pyramoe.models import GPT, count_active_parameters, count_parameters
-from pyramoe.train import Checkpoint, RunConfig, build_model, complete, create_trainer, load_checkpoint, resolve_run
+from pyramoe.train import Checkpoint, RunConfig, build_model, create_trainer, load_checkpoint, resolve_run
 from pyramoe.train.config import load_toml, parse_override
 from pyramoe.train.distributed import DistributedFailure, Launch, relaunch_with_torchrun, world_size_from_env
 from pyramoe.train.metrics import METRICS_FILE, read_metrics, records_of

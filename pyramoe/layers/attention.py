@@ -48,6 +48,7 @@ class CausalSelfAttention(nn.Module):
     """Multi-head (n_kv_heads == n_heads) or grouped-query attention, with optional RoPE, q/k
     RMSNorm and q/k/v clipping. q, k and v come from one fused projection, rows [q | k | v].
 
+    `key_mask_BL` may also be a full bool [B, 1, T, L] attention mask, used as given.
     `key_mask_BL` (bool, True for real tokens) covers every key slot [0, start_pos + T) of the
     batch; with it, queries see the keys at or before their own slot that are real tokens, plus
     always their own (a padding query would otherwise see no key at all, and softmax would give NaN).
@@ -104,7 +105,9 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         total = k.shape[2]
         if key_mask_BL is not None:
-            mask = padded_causal_mask(key_mask_BL, start_pos, length, total)
+            # A [B, 1, T, L] mask is used as given: an engine whose rows sit at different positions
+            # (continuous batching) knows which key slots each query may see; slots are not shared.
+            mask = key_mask_BL if key_mask_BL.dim() == 4 else padded_causal_mask(key_mask_BL, start_pos, length, total)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         elif length == 1 or total == length:
             # One new position may attend to every key; with keys == queries the mask is the plain causal one.

@@ -27,8 +27,6 @@ _EXPORTS = {
     "resolve_distill_run": "distill",
     "EvalResult": "evaluate",
     "evaluate": "evaluate",
-    "complete": "generate",
-    "generate_ids": "generate",
     "DistillConfig": "kd",
     "kd_loss": "kd",
     "kd_weight_at": "kd",

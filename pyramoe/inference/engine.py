@@ -1,0 +1,305 @@
+"""The generation engine: continuous batching over a slot KV cache.
+
+Requests wait in a queue; each `step()` admits waiting ones while slots are free (their prompt is
+prefilled in chunks and their first token sampled), then runs one decode step for every active
+request together, each at its own position. Finished requests leave between steps and their slot
+is reused, so a server can add and drop requests while the batch runs. Each request samples with
+its own generator and stops on EOS, stop token ids, stop strings or max tokens; `step()` returns
+the new tokens and text deltas (streaming). MoE layers run dropless unless asked otherwise, so a
+token's output never depends on which other tokens share its batch.
+
+Legend: B active requests, L key positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pyramoe.data import Tokenizer
+from pyramoe.inference.kv_cache import SlotKVCache
+from pyramoe.inference.sampling import SamplingParams, sample_token
+from pyramoe.models import GPT
+from pyramoe.runtime import cpu_has_native_bf16
+
+
+@dataclass
+class TokenEvent:
+    """One new token of one request (the streaming unit)."""
+
+    request_id: str
+    token_id: int | None  # None when a request ends without a new token (stop string, abort)
+    text: str  # text delta: what the request's text gained with this token (held back mid-character)
+    finished: bool = False
+    finish_reason: str | None = None  # "length", "stop" (EOS, stop token or string), "abort"
+
+
+@dataclass
+class Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of `text` already sent in events
+    cached: int = 0  # tokens in the KV cache
+    slot: int | None = None
+    finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+class Engine:
+    """Batched generation with requests joining and leaving a running batch.
+
+    `max_batch` requests decode together; `max_len` bounds prompt + generated tokens per request
+    (the KV cache is max_batch x max_len per layer); prompts are prefilled `prefill_chunk` tokens
+    per forward.
+    """
+
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Tokenizer | None = None,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        prefill_chunk: int = 512,
+        eos_id: int | None = None,
+        dropless: bool = True,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk: must be >= 1, got {prefill_chunk}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.eos_id = eos_id if eos_id is not None else (tokenizer.eos_id if tokenizer is not None else None)
+        self.max_batch = max_batch
+        self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.prefill_chunk = prefill_chunk
+        if dropless:
+            for block in model.blocks:
+                if block.is_moe:
+                    block.ffn.config.dropless = True
+        p = next(model.parameters())
+        cfg = model.config
+        self.device = p.device
+        self.cache = SlotKVCache(cfg.n_layers, max_batch, cfg.kv_heads, self.max_len, cfg.attn_head_dim,
+                                 dtype=p.dtype, device=p.device)
+        self.waiting: deque[Request] = deque()
+        self.active: list[Request] = []  # active[i] owns slot i
+        self._ids = itertools.count()
+
+    # -- loading -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: str = "auto", device: str = "cpu", **kwargs) -> Engine:
+        """From a pyramoe checkpoint or run directory, or a Hugging Face model directory."""
+        path = Path(path)
+        torch_dtype = resolve_dtype(dtype, device)
+        if is_hf_directory(path):
+            from pyramoe.hf import load_hf_model
+
+            hf = load_hf_model(path, dtype=torch_dtype, dropless=True)
+            tokenizer = Tokenizer.from_file(hf.tokenizer_path) if hf.tokenizer_path else None
+            eos = hf.hf_config.get("eos_token_id")
+            eos = eos[0] if isinstance(eos, list) else eos
+            return cls(hf.model.to(device), tokenizer, eos_id=eos, **kwargs)
+        from pyramoe.train.checkpoint import build_model, load_checkpoint
+
+        ckpt = load_checkpoint(path)
+        model = build_model(ckpt, dropless=True).to(device=device, dtype=torch_dtype)
+        return cls(model, Tokenizer.from_file(ckpt.tokenizer_path), **kwargs)
+
+    # -- requests ------------------------------------------------------------------------------------------
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Queue a request; it joins the batch at the next step with a free slot."""
+        params = params or SamplingParams()
+        params.validate()
+        prompt_ids = self._encode(prompt)
+        if len(prompt_ids) >= self.max_len:
+            raise ValueError(f"prompt: {len(prompt_ids)} tokens leave no room in max_len={self.max_len}")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+        self.waiting.append(Request(request_id, prompt_ids, params, generator))
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a waiting or running request; True if it was there."""
+        for request in list(self.waiting):
+            if request.id == request_id:
+                self.waiting.remove(request)
+                return True
+        for request in self.active:
+            if request.id == request_id:
+                request.finish_reason = "abort"
+                self._release(request)
+                return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: text needs a tokenizer; pass token ids")
+            ids = self.tokenizer.encode(prompt) if prompt else [self.eos_id]
+        else:
+            ids = [int(t) for t in prompt]
+        vocab = self.model.config.vocab_size
+        if not ids or any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt: needs at least one token, each in [0, {vocab})")
+        return ids
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[TokenEvent]:
+        """Admit waiting requests into free slots, then one decode step for every active request."""
+        events: list[TokenEvent] = []
+        decoding = list(self.active)
+        while self.waiting and len(self.active) < self.max_batch:
+            request = self.waiting.popleft()
+            request.slot = len(self.active)
+            self.active.append(request)
+            events.append(self._accept(request, self._prefill(request)))
+        if decoding:
+            logits_BV = self._decode(decoding)
+            for request, logits_V in zip(decoding, logits_BV):
+                events.append(self._accept(request, logits_V))
+        for request in [r for r in self.active if r.finished]:
+            self._release(request)
+        return events
+
+    def _prefill(self, request: Request) -> torch.Tensor:
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        for start in range(0, ids.shape[1], self.prefill_chunk):
+            chunk = ids[:, start : start + self.prefill_chunk]
+            logits = self.model(chunk, kv_cache=self.cache.prefill(request.slot), start_pos=start).logits
+        request.cached = ids.shape[1]
+        return logits[0, -1]
+
+    def _decode(self, requests: list[Request]) -> torch.Tensor:
+        """One token per request: row b feeds its last token at position `cached`, and sees its own
+        key slots [0, cached] only."""
+        assert [r.slot for r in requests] == list(range(len(requests)))
+        positions_B = torch.tensor([r.cached for r in requests], device=self.device)
+        length = int(positions_B.max()) + 1
+        mask_B11L = (torch.arange(length, device=self.device) <= positions_B[:, None])[:, None, None, :]
+        tokens_B1 = torch.tensor([[r.output_ids[-1]] for r in requests], device=self.device)
+        out = self.model(tokens_B1, kv_cache=self.cache.decode(positions_B, length), start_pos=length - 1,
+                         key_mask_BL=mask_B11L, positions_BT=positions_B[:, None])
+        for request in requests:
+            request.cached += 1
+        return out.logits[:, -1].float()
+
+    def _accept(self, request: Request, logits_V: torch.Tensor) -> TokenEvent:
+        """Sample the request's next token, update its text, decide whether it is done."""
+        params = request.params
+        token = sample_token(logits_V.float(), params, request.generator)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos or self.eos_id is None else {self.eos_id})
+        if token in stop_ids:
+            request.finish_reason = "stop"
+            return self._event(request, token)
+        request.output_ids.append(token)
+        if self.tokenizer is not None:
+            request.text = self.tokenizer.decode(request.output_ids)
+            if _cut_at_stop(request, params.stop):
+                request.finish_reason = "stop"
+        # The new token is fed (and cached) at position `cached` by the next step: no room, no step.
+        if not request.finished and (len(request.output_ids) >= params.max_tokens or request.cached >= self.max_len):
+            request.finish_reason = "length"
+        return self._event(request, token)
+
+    def _event(self, request: Request, token: int | None) -> TokenEvent:
+        end = len(request.text)
+        if not request.finished:
+            # Hold back a character split across tokens, and what could still become a stop string.
+            end = len(request.text.rstrip("\ufffd"))
+            end -= max((len(s) for s in request.params.stop), default=1) - 1
+        delta = request.text[request.emitted : end] if end > request.emitted else ""
+        request.emitted = max(request.emitted, end)
+        return TokenEvent(request.id, token, delta, request.finished, request.finish_reason)
+
+    def _release(self, request: Request) -> None:
+        """Free the request's slot; the last active request moves into it so slots stay 0..B-1."""
+        slot = request.slot
+        last = self.active.pop()
+        if last is not request:
+            self.active[slot] = last
+            self.cache.move(last.slot, slot, last.cached)
+            last.slot = slot
+        request.slot = None
+
+    # -- conveniences ----------------------------------------------------------------------------------
+
+    def stream(self) -> Iterator[TokenEvent]:
+        """Events until every queued request has finished."""
+        while self.has_unfinished():
+            yield from self.step()
+
+    def generate(
+        self, prompts: Iterable[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[Completion]:
+        """Run prompts to completion (batched, `max_batch` at a time); results in prompt order."""
+        prompts = list(prompts)
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, q) for p, q in zip(prompts, per_prompt)]
+        requests = {r.id: r for r in self.waiting}
+        for _ in self.stream():
+            pass
+        out = []
+        for request_id in ids:
+            r = requests[request_id]
+            out.append(Completion(r.id, r.prompt_ids, r.output_ids, r.text, r.finish_reason or "length"))
+        return out
+
+
+def _cut_at_stop(request: Request, stops: tuple[str, ...]) -> bool:
+    """Cut the request's text before the first stop string it now contains."""
+    hits = [i for i in (request.text.find(s, request.emitted) for s in stops) if i >= 0]
+    if not hits:
+        return False
+    request.text = request.text[: min(hits)]
+    return True
+
+
+def is_hf_directory(path: Path) -> bool:
+    """A Hugging Face model directory: config.json, and neither a pyramoe checkpoint (state.json) nor
+    a run directory (checkpoints/)."""
+    pyramoe_markers = (path / "state.json", path / "checkpoints")
+    return (path / "config.json").is_file() and not any(p.exists() for p in pyramoe_markers)
+
+
+def resolve_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
+    """"auto": bf16 on CUDA and on CPUs with native bf16 matmul (AVX512-BF16/AMX), else fp32."""
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype == "auto":
+        native = str(device).startswith("cuda") or cpu_has_native_bf16()
+        return torch.bfloat16 if native else torch.float32
+    if dtype not in table:
+        raise ValueError(f"dtype: must be auto, fp32 or bf16, got {dtype!r}")
+    return table[dtype]

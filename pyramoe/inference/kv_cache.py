@@ -1,0 +1,65 @@
+"""A KV cache of slots for continuous batching: every sequence owns one slot (a row of each layer's
+[slots, Hkv, max_len, Dh] buffers) for its whole life, so sequences of different lengths decode
+together and join or leave between steps without touching the others.
+
+Legend: S slots, B active rows, Hkv key/value heads, L key positions, Dh head width, T new tokens.
+Active sequences always fill slots 0..B-1 (a departing one's slot is refilled by the last), so a
+decode step reads plain views, never a gather of the whole cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotKVCache:
+    """Implements the model's cache hook (`update(layer, start_pos, k, v)`) in two modes, set before
+    each forward: `prefill(slot)` writes a chunk of one sequence; `decode(positions, length)` writes
+    one token per active row, row b at its own position."""
+
+    def __init__(
+        self, n_layers: int, slots: int, n_kv_heads: int, max_len: int, head_dim: int,
+        dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+    ):
+        shape = (slots, n_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.slots, self.max_len = slots, max_len
+        self._slot: int | None = None
+        self._rows_B: torch.Tensor | None = None
+        self._positions_B: torch.Tensor | None = None
+        self._length = 0
+
+    def prefill(self, slot: int) -> SlotKVCache:
+        self._slot, self._positions_B = slot, None
+        return self
+
+    def decode(self, positions_B: torch.Tensor, length: int) -> SlotKVCache:
+        """Row b writes at positions_B[b]; attention then reads key slots [0, length) of rows 0..B-1."""
+        self._slot, self._positions_B, self._length = None, positions_B, length
+        self._rows_B = torch.arange(positions_B.numel(), device=positions_B.device)
+        return self
+
+    def update(
+        self, layer_idx: int, start_pos: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self._positions_B is None:
+            assert self._slot is not None and k_BHTd.shape[0] == 1
+            end = start_pos + k_BHTd.shape[2]
+            if end > self.max_len:
+                raise ValueError(f"kv cache: position {end} exceeds max_len={self.max_len}")
+            rows = slice(self._slot, self._slot + 1)
+            keys[rows, :, start_pos:end] = k_BHTd
+            values[rows, :, start_pos:end] = v_BHTd
+            return keys[rows, :, :end], values[rows, :, :end]
+        keys[self._rows_B, :, self._positions_B] = k_BHTd[:, :, 0]
+        values[self._rows_B, :, self._positions_B] = v_BHTd[:, :, 0]
+        batch = self._rows_B.numel()
+        return keys[:batch, :, : self._length], values[:batch, :, : self._length]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst` (compaction)."""
+        for keys, values in zip(self.keys, self.values):
+            keys[dst, :, :length] = keys[src, :, :length]
+            values[dst, :, :length] = values[src, :, :length]

@@ -1,0 +1,165 @@
+"""The continuous-batching engine: batched, chunked, joining and leaving requests give the tokens
+each request gets alone; sampling, stops, streaming and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyramoe.config import ModelConfig, build_layers
+from pyramoe.inference import Engine, SamplingParams, nucleus, sample_token
+from pyramoe.models import GPT
+
+GREEDY = dict(temperature=0.0)
+
+
+class CharTokenizer:
+    """Token i is chr(ord('a') + i % 26); id 0 doubles as EOS when asked."""
+
+    eos_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) - ord("a") for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=97, max_seq_len=64, d_model=32, n_heads=4, tie_embeddings=False,
+                         layers=build_layers(4, "every_other", 4, top_k=2))
+    model = GPT(config).eval()
+    with torch.no_grad():  # larger weights: greedy paths that differ from prompt to prompt
+        for p in model.parameters():
+            p.mul_(3)
+    return model
+
+
+@torch.no_grad()
+def alone(model: GPT, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens by full forward passes over the growing sequence, no cache at all."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16], [20], [30, 31, 32]]
+LENGTHS = [3, 8, 5, 2, 7]  # staggered: requests leave at different steps, others join their slots
+
+
+def test_batched_joining_and_leaving_requests_match_each_alone(model):
+    engine = Engine(model, max_batch=3, prefill_chunk=3, eos_id=None)
+    params = [SamplingParams(max_tokens=n, **GREEDY) for n in LENGTHS]
+    out = engine.generate(PROMPTS, params)
+    for prompt, n, completion in zip(PROMPTS, LENGTHS, out):
+        assert completion.token_ids == alone(model, prompt, n)
+        assert completion.finish_reason == "length"
+    assert not engine.active and not engine.waiting
+
+
+def test_a_request_added_while_others_decode(model):
+    engine = Engine(model, max_batch=4, eos_id=None)
+    first = engine.add_request(PROMPTS[2], SamplingParams(max_tokens=10, **GREEDY))
+    tokens: dict[str, list[int]] = {first: []}
+    for _ in range(3):
+        for event in engine.step():
+            tokens[event.request_id].append(event.token_id)
+    late = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=6, **GREEDY))
+    tokens[late] = []
+    for event in engine.stream():
+        tokens[event.request_id].append(event.token_id)
+    assert tokens[first] == alone(model, PROMPTS[2], 10)
+    assert tokens[late] == alone(model, PROMPTS[0], 6)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(model):
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    solo = Engine(model, eos_id=None).generate([PROMPTS[1]], params)[0].token_ids
+    others = [SamplingParams(max_tokens=n, temperature=1.0, seed=s) for n, s in ((3, 1), (8, 3))]
+    crowd = Engine(model, max_batch=3, eos_id=None).generate(
+        [PROMPTS[0], PROMPTS[1], PROMPTS[2]], [others[0], params, others[1]]
+    )
+    assert crowd[1].token_ids == solo
+    assert solo != alone(model, PROMPTS[1], 8)  # it sampled, not argmax
+
+
+def test_stops_eos_stop_ids_stop_strings_and_streaming(model):
+    reference = alone(model, PROMPTS[3], 12)
+    text = CharTokenizer().decode(reference)
+    engine = Engine(model, CharTokenizer(), eos_id=None)
+    # stop token id: the third token generated
+    out = engine.generate([PROMPTS[3]], SamplingParams(max_tokens=12, stop_token_ids=(reference[2],), **GREEDY))[0]
+    assert out.token_ids == reference[: reference.index(reference[2])] and out.finish_reason == "stop"
+    # stop string: cut before it, the rest never emitted
+    stop = text[4:6]
+    rid = engine.add_request(PROMPTS[3], SamplingParams(max_tokens=12, stop=(stop,), **GREEDY))
+    events = list(engine.stream())
+    streamed = "".join(e.text for e in events if e.request_id == rid)
+    assert streamed == text[: text.index(stop)] and events[-1].finished and events[-1].finish_reason == "stop"
+    # EOS: the model's eos id ends the request
+    eos_engine = Engine(model, CharTokenizer(), eos_id=reference[1])
+    done = eos_engine.generate([PROMPTS[3]], SamplingParams(max_tokens=12, **GREEDY))[0]
+    assert done.token_ids == reference[:1] and done.finish_reason == "stop"
+    ignoring = eos_engine.generate([PROMPTS[3]], SamplingParams(max_tokens=4, ignore_eos=True, **GREEDY))[0]
+    assert ignoring.token_ids == reference[:4]
+
+
+def test_context_limit_ends_with_length(model):
+    engine = Engine(model, max_len=8, eos_id=None)
+    out = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=50, **GREEDY))[0]
+    assert len(PROMPTS[0]) + len(out.token_ids) == 9 and out.finish_reason == "length"  # 8 cached + the last
+    assert out.token_ids == alone(model, PROMPTS[0], 4)
+
+
+def test_abort_frees_the_slot(model):
+    engine = Engine(model, max_batch=2, eos_id=None)
+    a = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=20, **GREEDY))
+    b = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=5, **GREEDY))
+    engine.step()
+    assert engine.abort(a) and [r.id for r in engine.active] == [b]
+    tokens = [e.token_id for e in engine.stream() if e.request_id == b]
+    assert tokens == alone(model, PROMPTS[1], 5)[1:]
+    assert not engine.abort("nope")
+
+
+def test_top_k_top_p_and_greedy():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
+    probs = torch.softmax(logits, 0)
+    kept = nucleus(probs, 0.8)
+    # the likeliest tokens until their mass reaches 0.8: the first two (0.61 + 0.22)
+    assert (kept > 0).tolist() == [True, True, False, False, False]
+    torch.testing.assert_close(kept.sum(), torch.tensor(1.0))
+    assert sample_token(logits, SamplingParams(temperature=0), None) == 0
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_token(logits, SamplingParams(temperature=5.0, top_k=2), g) for _ in range(200)}
+    assert draws == {0, 1}
+    draws = {sample_token(logits, SamplingParams(temperature=1.0, top_p=0.5), g) for _ in range(50)}
+    assert draws == {0}
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(stop=("",)), "stop"),
+    ],
+)
+def test_bad_sampling_params_name_the_field(model, params, field):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        Engine(model).add_request([1, 2], SamplingParams(**params))
+
+
+def test_bad_prompts(model):
+    engine = Engine(model, max_len=8)
+    with pytest.raises(ValueError, match="^prompt:"):
+        engine.add_request(list(range(8)))
+    with pytest.raises(ValueError, match="^prompt:"):
+        engine.add_request([500])
+    with pytest.raises(ValueError, match="^prompt: text needs a tokenizer"):
+        engine.add_request("abc")
