@@ -163,3 +163,16 @@ def test_bad_prompts(model):
         engine.add_request([500])
     with pytest.raises(ValueError, match="^prompt: text needs a tokenizer"):
         engine.add_request("abc")
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_engine_on_a_hugging_face_directory_matches_transformers(arch, tmp_path):
+    from hf_models import build_hf, hf_greedy, save_hf
+
+    hf_model = build_hf(arch)
+    directory = save_hf(hf_model, tmp_path / arch)
+    prompts = [[3, 14, 15, 92, 65], [35, 89], [79, 32, 38, 46]]
+    expected = hf_greedy(hf_model, prompts, 6)
+    engine = Engine.load(directory, dtype="fp32", max_batch=2, eos_id=None)
+    got = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
+    assert [c.token_ids for c in got] == expected

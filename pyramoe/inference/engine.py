@@ -120,8 +120,8 @@ class Engine:
             hf = load_hf_model(path, dtype=torch_dtype, dropless=True)
             tokenizer = Tokenizer.from_file(hf.tokenizer_path) if hf.tokenizer_path else None
             eos = hf.hf_config.get("eos_token_id")
-            eos = eos[0] if isinstance(eos, list) else eos
-            return cls(hf.model.to(device), tokenizer, eos_id=eos, **kwargs)
+            kwargs.setdefault("eos_id", eos[0] if isinstance(eos, list) else eos)
+            return cls(hf.model.to(device), tokenizer, **kwargs)
         from pyramoe.train.checkpoint import build_model, load_checkpoint
 
         ckpt = load_checkpoint(path)
