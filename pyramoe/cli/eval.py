@@ -3,33 +3,100 @@
 CKPT is a checkpoint directory or a run directory (its latest checkpoint). The validation split,
 tokenizer, batch size and sequence length default to the ones the run trained with; MoE layers use
 their eval capacity factor unless --dropless.
+
+`pyramoe eval CKPT --tasks T1,T2` runs lm-evaluation-harness tasks instead (zero-shot; needs the
+`eval` extra), MoE layers dropless: the local tasks built from the stdlib's held-out files
+(pyramoe_stdlib = all of them; see pyramoe/evaluation/tasks/) or any of the harness's own. It prints
+each score beside its chance level and, for a run's checkpoint, appends a "zeroshot" record to the
+run's metrics.jsonl. `pyramoe eval --build-tasks` builds the local tasks' files ahead of time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from pyramoe.tables import format_table
 from pyramoe.train import build_model, evaluate, load_checkpoint
 from pyramoe.train.config import merge, run_config_from_dict
+from pyramoe.train.metrics import METRICS_FILE, MetricsLog
 from pyramoe.train.session import load_data
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("eval", help="validation loss / perplexity / expert load of a checkpoint",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory or run directory")
+    parser.add_argument("checkpoint", metavar="CKPT", nargs="?", help="checkpoint directory or run directory")
     parser.add_argument("--batches", type=int, help="validation batches (default: the run's eval_batches)")
     parser.add_argument("--batch-size", type=int, help="default: the run's batch_size")
     parser.add_argument("--seq-len", type=int, help="default: the run's seq_len")
     parser.add_argument("--corpus", metavar="SPEC", help="evaluate on another corpus's validation split")
     parser.add_argument("--dropless", action="store_true", help="no capacity limit: no token is dropped")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    zeroshot = parser.add_argument_group("zero-shot tasks (lm-evaluation-harness)")
+    zeroshot.add_argument("--tasks", metavar="T1,T2", help="harness tasks to run instead of validation loss")
+    zeroshot.add_argument("--limit", type=int, help="at most this many examples per task")
+    zeroshot.add_argument("--dtype", default="fp32", help="fp32, bf16 (autocast, CPUs with native bf16) or auto")
+    zeroshot.add_argument("--build-tasks", action="store_true",
+                          help="build the local tasks' files from the stdlib's validation split and say where")
+    zeroshot.add_argument("--verbose", action="store_true", help="the harness's own log lines")
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.build_tasks:
+        return build_tasks_main(args)
+    if args.checkpoint is None:
+        raise ValueError("CKPT: a checkpoint or run directory is required")
+    if args.tasks is not None:
+        return zeroshot_main(args)
+    return loss_main(args)
+
+
+def build_tasks_main(args: argparse.Namespace) -> int:
+    from pyramoe.evaluation.taskdata import TASKS, build_tasks
+
+    files = build_tasks()
+    meta = files.meta
+    print(f"{files.directory}: {meta['val_documents']} held-out files of corpus {meta['corpus']!r} "
+          f"(val_percent {meta['val_percent']})")
+    rows = [[name, meta["examples"][name], spec.chance, spec.about] for name, spec in TASKS.items()]
+    print(format_table(["task", "examples", "chance", "what"], rows))
+    if args.checkpoint is not None and args.tasks is not None:
+        return zeroshot_main(args)
+    return 0
+
+
+def zeroshot_main(args: argparse.Namespace) -> int:
+    try:
+        from pyramoe.evaluation import harness
+    except ImportError as exc:
+        raise ValueError(f"--tasks needs lm-evaluation-harness: pip install 'pyramoe[eval]' ({exc})") from None
+    ckpt = load_checkpoint(args.checkpoint)
+    tasks = harness.parse_tasks(args.tasks)
+    results = harness.run_zeroshot(str(ckpt.path), tasks, args.limit, args.batch_size, args.dtype, args.verbose)
+    record = harness.zeroshot_record(ckpt.step, str(ckpt.path.resolve()), results, args.limit)
+    if args.json:
+        print(json.dumps(record, indent=1))
+    else:
+        print(f"{ckpt.path} (step {ckpt.step}), zero-shot" + (f", --limit {args.limit}" if args.limit else ""))
+        print(harness.table(results))
+    run_dir = run_dir_of(ckpt.path)
+    if run_dir is not None:
+        MetricsLog(run_dir / METRICS_FILE).write(record)
+    return 0
+
+
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run directory holding `checkpoint` (RUN/checkpoints/step-N, beside RUN/metrics.jsonl), else None."""
+    run_dir = checkpoint.parent.parent
+    if checkpoint.parent.name == "checkpoints" and (run_dir / METRICS_FILE).is_file():
+        return run_dir
+    return None
+
+
+def loss_main(args: argparse.Namespace) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     overrides = {"batch_size": args.batch_size, "seq_len": args.seq_len, "eval_batches": args.batches,
                  "corpus": args.corpus}

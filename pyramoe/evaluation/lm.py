@@ -1,0 +1,174 @@
+"""lm-evaluation-harness model "pyramoe": a pyramoe checkpoint behind the harness's LM interface.
+
+Importing this module registers the class in the harness's own registry (`register_model`). The
+harness scans no entry points for models, so it must be imported before the harness looks the name
+up: `python -m pyramoe.evaluation.lm_eval_cli ...` (the `lm_eval` command line with this import and
+the local tasks' --include_path added), `pyramoe eval CKPT --tasks ...`, or `import
+pyramoe.evaluation.lm` before `lm_eval.simple_evaluate(model="pyramoe", ...)`.
+
+    --model pyramoe --model_args checkpoint=RUN_OR_CKPT[,dtype=fp32|bf16|auto][,device=cpu|cuda]
+
+The model's own tokenizer (the checkpoint's tokenizer.json) and MoE layers dropless: a token's
+log-likelihood never depends on the other requests in its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from pyramoe.data import Tokenizer
+from pyramoe.evaluation.scoring import Scorer, resolve_dtype
+from pyramoe.train.checkpoint import build_model, load_checkpoint
+
+logger = logging.getLogger(__name__)
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+def parse_batch_size(value: Any) -> int:
+    """An int >= 1; lm-eval's "auto" (no memory probing here) means DEFAULT_BATCH_SIZE."""
+    if value is None or str(value).startswith("auto"):
+        return DEFAULT_BATCH_SIZE
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"batch_size: expected an integer or auto, got {value!r}") from None
+    if size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {size}")
+    return size
+
+
+def resolve_device(device: str | None) -> str:
+    """cpu unless CUDA is asked for and present: the harness's CLI passes device=cuda by default, and
+    falls back to the CPU the same way for its own models."""
+    if device is None or str(device) in ("auto", "cpu"):
+        return "cuda" if device == "auto" and torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("device=%s: CUDA is not available; running on the CPU", device)
+        return "cpu"
+    return str(device)
+
+
+@register_model("pyramoe")
+class PyramoeLM(TemplateLM):
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        dtype: str = "fp32",
+        batch_size: int | str | None = None,
+        device: str | None = None,
+        max_batch_size: int | None = None,  # noqa: ARG002 - passed by the harness; unused
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if not checkpoint:
+            raise ValueError("model_args: checkpoint=RUN_OR_CKPT is required")
+        unknown = sorted(k for k, v in kwargs.items() if v is not None)
+        if unknown:
+            raise ValueError(f"model_args: unknown argument {unknown[0]!r} "
+                             "(known: checkpoint, dtype, batch_size, device)")
+        self.ckpt = load_checkpoint(checkpoint)
+        if not self.ckpt.tokenizer_path.is_file():
+            raise ValueError(f"{self.ckpt.path}: incomplete checkpoint ({self.ckpt.tokenizer_path.name} missing)")
+        self.pyramoe_tokenizer = Tokenizer.from_file(self.ckpt.tokenizer_path)
+        self.pyramoe_tokenizer.encode_specials_as_text(True)  # as the corpus was tokenized
+        device = resolve_device(device)
+        model = build_model(self.ckpt, dropless=True).to(device)
+        self.scorer = Scorer(model, self.pyramoe_tokenizer.eos_id, parse_batch_size(batch_size),
+                             resolve_dtype(str(dtype), device))
+        self._device = torch.device(device)
+
+    # -- what the harness asks of a model --------------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.pyramoe_tokenizer.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self.scorer.max_len
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"pyramoe-{self.pyramoe_tokenizer.sha}"
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.pyramoe_tokenizer.encode(string)
+
+    def tok_decode(self, ids: list[int]) -> str:
+        return self.pyramoe_tokenizer.decode(ids)
+
+    def get_model_info(self) -> dict[str, Any]:
+        return {"model_checkpoint": str(self.ckpt.path), "model_step": self.ckpt.step,
+                "model_dtype": str(self.scorer.dtype).removeprefix("torch.")}
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        """`requests`: ((context, continuation), context ids, continuation ids), from TemplateLM."""
+        results = []
+        size = self.scorer.batch_size * 8  # progress granularity; the scorer batches inside
+        quiet = disable_tqdm or len(requests) <= size
+        for start in tqdm(range(0, len(requests), size), desc="loglikelihood", disable=quiet):
+            chunk = requests[start : start + size]
+            scored = self.scorer.loglikelihood([(ctx, cont) for _, ctx, cont in chunk])
+            for (key, _, _), result in zip(chunk, scored):
+                self.cache_hook.add_partial("loglikelihood", key, result)
+            results += scored
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        docs = [self.tok_encode(req.args[0]) for req in requests]
+        totals = self.scorer.loglikelihood_rolling(docs, self.prefix_token_id)
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy; requests with the same stop strings and token budget share batches."""
+        groups: dict[tuple, list[int]] = {}
+        parsed = [_generation_settings(req.args[1], self.eot_token_id, self.tok_decode) for req in requests]
+        for i, settings in enumerate(parsed):
+            groups.setdefault(settings, []).append(i)
+        out = [""] * len(requests)
+        for (until, max_new), members in groups.items():
+            size = self.scorer.batch_size
+            for start in range(0, len(members), size):
+                batch = members[start : start + size]
+                prompts = [self.tok_encode(requests[i].args[0]) or [self.prefix_token_id] for i in batch]
+                stop = _stop_check(until, self.tok_decode)
+                for i, ids in zip(batch, self.scorer.greedy(prompts, max_new, stop, self.eot_token_id)):
+                    out[i] = _cut(self.tok_decode(ids), until)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
+        return out
+
+
+def _generation_settings(gen_kwargs: dict[str, Any], eot_id: int, decode) -> tuple[tuple[str, ...], int]:
+    """(stop strings, max new tokens) from a request's generation kwargs; sampling is refused."""
+    kwargs = dict(gen_kwargs or {})
+    until = kwargs.pop("until", None) or []
+    if isinstance(until, str):
+        until = [until]
+    until = [*until, decode([eot_id])]
+    max_new = int(kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+    if kwargs.pop("do_sample", False) or float(kwargs.pop("temperature", 0.0) or 0.0) > 0:
+        raise ValueError("generate_until: pyramoe decodes greedily; do_sample/temperature > 0 is not supported")
+    return tuple(dict.fromkeys(until)), max_new
+
+
+def _stop_check(until: tuple[str, ...], decode):
+    def stop(ids: list[int]) -> bool:
+        text = decode(ids)
+        return any(s in text for s in until)
+
+    return stop
+
+
+def _cut(text: str, until: tuple[str, ...]) -> str:
+    """Text up to the first stop string."""
+    cut = min((text.find(s) for s in until if s in text), default=len(text))
+    return text[:cut]

@@ -1,0 +1,172 @@
+"""Batched log-likelihoods and greedy generation with a pyramoe GPT (no lm-eval needed here).
+
+Scoring pads each batch on the right to its longest row: under the causal mask a real token never
+sees the padding after it, positions start at 0 in every row, and dropless MoE layers route each
+token on its own, so a row's log-likelihoods do not depend on its batch. Generation pads on the
+left, masks the padding out of attention and gives every row its own positions (one prefill, then
+one token per step through the KV cache).
+
+Legend: B batch rows, T positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pyramoe.models import GPT
+
+TokenPair = tuple[list[int], list[int]]  # (context ids, continuation ids)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: there bf16 matmuls run natively; elsewhere they are emulated and slow."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """fp32, bf16 (autocast; refused on a CPU without native bf16) or auto (bf16 where native)."""
+    native = str(device).startswith("cuda") or cpu_has_native_bf16()
+    if name in ("fp32", "float32"):
+        return torch.float32
+    if name == "auto":
+        return torch.bfloat16 if native else torch.float32
+    if name in ("bf16", "bfloat16"):
+        if not native:
+            raise ValueError("dtype=bf16: this CPU has no native bf16 (AVX512-BF16/AMX); use dtype=fp32")
+        return torch.bfloat16
+    raise ValueError(f"dtype: must be fp32, bf16 or auto, got {name!r}")
+
+
+@dataclass
+class Scorer:
+    model: GPT
+    pad_id: int
+    batch_size: int = 8
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def max_len(self) -> int:
+        return self.model.config.max_seq_len
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_emb.weight.device
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @torch.no_grad()
+    def logits(self, idx_BT: torch.Tensor, **kwargs) -> torch.Tensor:
+        with self._autocast():
+            return self.model(idx_BT.to(self.device), **kwargs).logits.float()
+
+    def loglikelihood(self, pairs: Sequence[TokenPair]) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per
+        pair. A pair longer than max_seq_len + 1 keeps its last max_seq_len + 1 tokens (context cut on
+        the left)."""
+        rows = [self._row(context, continuation) for context, continuation in pairs]
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            for i, result in zip(batch, self._score_batch([rows[i] for i in batch])):
+                out[i] = result
+        return out
+
+    def _row(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
+        if not context:
+            raise ValueError("loglikelihood: the context needs at least one token (a prefix token)")
+        if not continuation:
+            return context[-self.max_len :], []
+        if len(continuation) > self.max_len:
+            raise ValueError(f"loglikelihood: a continuation of {len(continuation)} tokens exceeds "
+                             f"max_seq_len={self.max_len}")
+        whole = (context + continuation)[-(self.max_len + 1) :]
+        return whole[:-1], continuation
+
+    def _score_batch(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        longest = max(len(inp) for inp, _ in rows)
+        idx_BT = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
+        for b, (inp, _) in enumerate(rows):
+            idx_BT[b, : len(inp)] = torch.tensor(inp)
+        logits_BTV = self.logits(idx_BT)
+        results = []
+        for b, (inp, cont) in enumerate(rows):
+            if not cont:
+                results.append((0.0, True))
+                continue
+            logp_TV = F.log_softmax(logits_BTV[b, len(inp) - len(cont) : len(inp)], dim=-1)
+            target_T = torch.tensor(cont, device=logp_TV.device)
+            total = float(logp_TV.gather(-1, target_T[:, None]).sum())
+            results.append((total, bool((logp_TV.argmax(-1) == target_T).all())))
+        return results
+
+    def rolling_pairs(self, tokens: list[int], prefix_id: int) -> list[TokenPair]:
+        """Pairs that score every token of `tokens` once, each with as much context as fits: chunks of
+        max_seq_len tokens, each after everything before it (cut on the left when scored)."""
+        full = [prefix_id, *tokens]
+        return [(full[:a], full[a : a + self.max_len]) for a in range(1, len(full), self.max_len)]
+
+    def loglikelihood_rolling(self, docs: Sequence[list[int]], prefix_id: int) -> list[float]:
+        pairs, owner = [], []
+        for d, tokens in enumerate(docs):
+            chunk = self.rolling_pairs(tokens, prefix_id)
+            pairs += chunk
+            owner += [d] * len(chunk)
+        totals = [0.0] * len(docs)
+        for d, (logp, _) in zip(owner, self.loglikelihood(pairs)):
+            totals[d] += logp
+        return totals
+
+    @torch.no_grad()
+    def greedy(
+        self, prompts: Sequence[list[int]], max_new_tokens: int, stop: Callable[[list[int]], bool], eos_id: int
+    ) -> list[list[int]]:
+        """Greedy continuations of a batch of prompts (each cut on the left so that it and its new tokens
+        fit max_seq_len); a row ends at `eos_id` (not kept) or once `stop(its new ids)` holds."""
+        steps = min(max_new_tokens, self.max_len - 1)
+        prompts = [list(p)[-(self.max_len - steps) :] for p in prompts]
+        if any(not p for p in prompts):
+            raise ValueError("generate: a prompt needs at least one token")
+        longest = max(len(p) for p in prompts)
+        idx_BT = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
+        mask_BL = torch.zeros(len(prompts), longest, dtype=torch.bool)
+        for b, p in enumerate(prompts):
+            idx_BT[b, longest - len(p) :] = torch.tensor(p)
+            mask_BL[b, longest - len(p) :] = True
+        positions_BT = (mask_BL.long().cumsum(-1) - 1).clamp_min(0)
+        cache = self.model.new_kv_cache(len(prompts), longest + steps)
+        dev = self.device
+        logits_BV = self.logits(idx_BT, kv_cache=cache, key_mask_BL=mask_BL.to(dev),
+                                positions_BT=positions_BT.to(dev))[:, -1]
+        position_B1 = positions_BT[:, -1:]
+        outputs: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        for step in range(steps):
+            token_B1 = logits_BV.argmax(-1, keepdim=True).cpu()
+            for b, token in enumerate(token_B1[:, 0].tolist()):
+                if not done[b]:
+                    if token == eos_id:
+                        done[b] = True
+                    else:
+                        outputs[b].append(token)
+                        done[b] = stop(outputs[b])
+            if all(done) or step + 1 == steps:
+                break
+            mask_BL = torch.cat([mask_BL, torch.ones(len(prompts), 1, dtype=torch.bool)], dim=1)
+            position_B1 = position_B1 + 1
+            logits_BV = self.logits(token_B1, kv_cache=cache, start_pos=longest + step, key_mask_BL=mask_BL.to(dev),
+                                    positions_BT=position_B1.to(dev))[:, -1]
+        return outputs
