@@ -19,18 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from pyramoe.models import GPT
+from pyramoe.runtime import cpu_has_native_bf16
 
 TokenPair = tuple[list[int], list[int]]  # (context ids, continuation ids)
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: there bf16 matmuls run natively; elsewhere they are emulated and slow."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
