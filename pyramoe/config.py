@@ -258,6 +258,8 @@ class ModelConfig:
     The defaults are the GPT-2 block (learned positions, LayerNorm, biases, tied head, multi-head
     attention). The Llama family (Mixtral, Qwen-MoE, OLMoE, DeepSeek-style) sets:
     - `position="rope"` with `rope_theta` (rotary embeddings on q and k, rotate-half convention);
+      `rope_fraction` < 1 rotates only the first int(head_dim * rope_fraction) dimensions of each
+      head (GLM-4.5's partial_rotary_factor);
     - `norm="rmsnorm"` (`layer_norm_eps` is its epsilon);
     - `n_kv_heads` < n_heads: grouped-query attention (None: = n_heads); `head_dim` when it is not
       d_model // n_heads (Qwen3);
@@ -283,6 +285,7 @@ class ModelConfig:
     layers: list[LayerConfig] = field(default_factory=lambda: [LayerConfig() for _ in range(2)])
     position: str = "learned"
     rope_theta: float = 10000.0
+    rope_fraction: float = 1.0
     norm: str = "layernorm"
     n_kv_heads: int | None = None  # None: n_heads
     head_dim: int | None = None  # None: d_model // n_heads
@@ -310,6 +313,11 @@ class ModelConfig:
     @property
     def attn_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions of each head that RoPE rotates."""
+        return int(self.attn_head_dim * self.rope_fraction)
 
     @property
     def attn_qkv_bias(self) -> bool:
@@ -352,9 +360,14 @@ class ModelConfig:
             f"must be a positive integer, got {self.head_dim!r}",
         )
         _require(
-            self.position != "rope" or self.attn_head_dim % 2 == 0,
-            "head_dim",
-            f"rotary embeddings rotate pairs of dimensions, so need an even head width, got {self.attn_head_dim}",
+            isinstance(self.rope_fraction, (int, float)) and 0 < self.rope_fraction <= 1,
+            "rope_fraction",
+            f"must be in (0, 1], got {self.rope_fraction}",
+        )
+        _require(
+            self.position != "rope" or (self.rope_dim % 2 == 0 and self.rope_dim >= 2),
+            "rope_fraction" if self.rope_fraction != 1 else "head_dim",
+            f"rotary embeddings rotate pairs of dimensions, so need an even rotated width, got {self.rope_dim}",
         )
         kv = self.n_kv_heads
         _require(

@@ -30,6 +30,12 @@ CONFIGS = {
                                               n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=2,
                                               n_group=4, topk_group=2, first_k_dense_replace=1,
                                               norm_topk_prob=True, routed_scaling_factor=2.5),
+    "glm4_moe": lambda: transformers.Glm4MoeConfig(**_COMMON, intermediate_size=48, moe_intermediate_size=16,
+                                                   head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
+                                                   n_shared_experts=1, n_group=2, topk_group=1,
+                                                   first_k_dense_replace=1, norm_topk_prob=True,
+                                                   routed_scaling_factor=1.5, attention_bias=True, use_qk_norm=True,
+                                                   partial_rotary_factor=0.5),
 }
 
 

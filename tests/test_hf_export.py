@@ -44,6 +44,9 @@ EXPORTABLE = {
     "dots1": lambda: llama([LayerConfig(), moe(num_experts=8, top_k=3, router_score="sigmoid",
                                                score_correction_bias=True, expert_groups=4, topk_groups=2,
                                                routed_scaling=2.0, shared_d_ff=32)], qk_norm="head"),
+    "glm4_moe": lambda: llama([LayerConfig(), moe(num_experts=8, router_score="sigmoid", score_correction_bias=True,
+                                                  expert_groups=2, topk_groups=1, gate_norm="softmax",
+                                                  shared_d_ff=16)], qkv_bias=True, rope_fraction=0.5),
 }
 
 
@@ -106,6 +109,7 @@ def test_hf_checkpoint_round_trips_through_pyramoe(tmp_path):
         (lambda: llama([LayerConfig(), moe()]), "dense layers between MoE layers"),
         (lambda: llama([moe(gate_norm="softmax"), moe(gate_norm="softmax")]), "unnormalised top-k weights"),
         (lambda: llama([moe(shared_d_ff=16), moe(shared_d_ff=16)]), "an ungated shared expert"),
+        (lambda: llama([moe(), moe()], rope_fraction=0.5), "partial RoPE"),
     ],
 )
 def test_features_without_hf_counterpart_are_named(config, fragment, tmp_path):

@@ -69,7 +69,7 @@ def test_right_padded_batch_logits_match_transformers(arch, tmp_path):
     assert_same_logits(hf_model, ours, idx_BT, mask_BT)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "dots1"])
+@pytest.mark.parametrize("arch", ["mixtral", "dots1", "glm4_moe"])
 def test_fused_expert_layout_loads(arch, tmp_path):
     """transformers 5's in-memory names: experts.gate_up_proj [E, 2F, D] and experts.down_proj."""
     hf_model = build_hf(arch, seed=3)
@@ -146,6 +146,21 @@ def test_missing_files_are_named(tmp_path, saved_qwen3):
     (bin_only / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ValueError, match="only pytorch_model.bin .pickle. found; pyramoe loads safetensors only"):
         load_hf_model(bin_only)
+
+
+def test_multi_token_prediction_layers_are_skipped_only_when_declared(tmp_path):
+    source = save_hf(build_hf("glm4_moe", seed=8), tmp_path / "glm")
+    assert json.loads((source / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    mtp = {"model.layers.2.eh_proj.weight": torch.zeros(32, 64)}
+    assert load_hf_model(copy_dir(source, tmp_path / "mtp", add=mtp)).model.config.n_layers == 2
+    with pytest.raises(ValueError, match="unexpected tensor model.layers.2.eh_proj.weight"):
+        load_hf_model(copy_dir(source, tmp_path / "no_mtp", {"num_nextn_predict_layers": 0}, add=mtp))
+
+
+def test_partial_rotary_factor_is_refused_outside_glm(saved_qwen3, tmp_path):
+    edit = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.5 is not supported for Qwen3MoeForCausalLM"):
+        load_hf_model(copy_dir(saved_qwen3, tmp_path / "bad", edit))
 
 
 def test_sliding_window_caps_max_seq_len(tmp_path):

@@ -58,6 +58,8 @@ def test_llama_block_modules():
         ({"rope_theta": 0.0}, "rope_theta"),
         ({"head_dim": 7}, "head_dim"),
         ({"qkv_clip": -1.0}, "qkv_clip"),
+        ({"rope_fraction": 0.0}, "rope_fraction"),
+        ({"rope_fraction": 0.125}, "rope_fraction"),  # 1 of 8 head dimensions: rotation needs pairs
     ],
 )
 def test_model_config_errors_name_the_field(overrides, field):
@@ -110,6 +112,15 @@ def test_rope_scores_depend_only_on_relative_position():
 
     torch.testing.assert_close(score(5, 2), score(13, 10), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+def test_partial_rope_rotates_only_the_first_dimensions():
+    model = GPT(llama_config(rope_fraction=0.5))
+    assert model.rope.inv_freq.numel() == 2  # 4 of 8 head dimensions, in pairs
+    x = torch.randn(1, 2, 3, 8)
+    out = apply_rope(x, *model.rope.cos_sin(torch.tensor([[0, 5, 9]]), x.dtype))
+    torch.testing.assert_close(out[..., 4:], x[..., 4:], atol=0, rtol=0)
+    assert not torch.allclose(out[..., 1:, :4], x[..., 1:, :4])
 
 
 def test_grouped_query_attention_equals_multi_head_with_repeated_kv_heads():

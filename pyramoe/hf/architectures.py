@@ -11,8 +11,12 @@ routing:
 - OLMoE: q/k RMSNorm over the whole projection, optional clip_qkv, norm_topk_prob (False in OLMoE).
 - dots.llm1 (`dots1`): DeepSeek-V3 routing - sigmoid scores, score-correction bias, group-limited
   top-k, routed scaling factor, ungated shared experts, dense first layers - on Qwen3 attention. It
-  is the DeepSeek-V3-routing family pyramoe loads because DeepSeek-V3 itself uses multi-head latent
+  is a DeepSeek-V3-routing family pyramoe loads because DeepSeek-V3 itself uses multi-head latent
   attention (low-rank compressed q/kv, decoupled RoPE heads), which pyramoe's attention lacks.
+- GLM-4.5 (`glm4_moe`): the same DeepSeek-V3 routing, with q/k/v biases, partial RoPE
+  (partial_rotary_factor) and optional per-head q/k norm. Its multi-token-prediction layers
+  (num_nextn_predict_layers, stored as layers past num_hidden_layers) serve speculative decoding
+  and are skipped.
 Sliding-window attention is loaded as full attention with max_seq_len capped at the window: within
 the window the two are the same, past it pyramoe refuses the sequence.
 """
@@ -72,7 +76,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3_moe": Architecture("qwen3_moe", "Qwen3MoeForCausalLM", ("mlp",), _GUP, None, _qwen_moe_layers),
     "olmoe": Architecture("olmoe", "OlmoeForCausalLM", ("mlp",), _GUP, None, _all_moe),
     "dots1": Architecture("dots1", "Dots1ForCausalLM", ("mlp",), _GUP, "shared_experts", _first_k_dense),
+    "glm4_moe": Architecture("glm4_moe", "Glm4MoeForCausalLM", ("mlp",), _GUP, "shared_experts", _first_k_dense),
 }
+
+# Families with DeepSeek-V3 routing (sigmoid scores, score-correction bias, groups, scaling, shared experts).
+DEEPSEEK_ROUTED = ("dots1", "glm4_moe")
 
 
 def architecture_of(cfg: dict[str, Any]) -> Architecture:
@@ -99,7 +107,9 @@ def model_config(cfg: dict[str, Any], arch: Architecture, dropless: bool = True)
     placement = arch.moe_layers(cfg, n_layers)
     if not any(placement):
         raise ValueError("config.json: no MoE layer (num_experts / layer placement); pyramoe.hf loads MoE models")
-    qkv_bias = get(cfg, "qkv_bias", False) if arch.model_type == "qwen2_moe" else None
+    qkv_bias = {"qwen2_moe": get(cfg, "qkv_bias", False), "glm4_moe": get(cfg, "attention_bias", False)}.get(
+        arch.model_type
+    )
     return ModelConfig(
         vocab_size=get(cfg, "vocab_size"),
         max_seq_len=_max_seq_len(cfg),
@@ -116,21 +126,26 @@ def model_config(cfg: dict[str, Any], arch: Architecture, dropless: bool = True)
         layer_norm_eps=float(get(cfg, "rms_norm_eps", 1e-6)),
         position="rope",
         rope_theta=float(_rope_theta(cfg)),
+        rope_fraction=float(_rope_setting(cfg, "partial_rotary_factor", 1.0)),
         norm="rmsnorm",
-        qk_norm={"qwen3_moe": "head", "dots1": "head", "olmoe": "full"}.get(arch.model_type, "off"),
+        qk_norm=_qk_norm(cfg, arch),
         qkv_clip=cfg.get("clip_qkv") if arch.model_type == "olmoe" else None,
         aux_loss_coef=float(get(cfg, "router_aux_loss_coef", 0.01)),
         layers=[LayerConfig(moe=moe if is_moe else None) for is_moe in placement],
     )
 
 
+def _qk_norm(cfg: dict[str, Any], arch: Architecture) -> str:
+    if arch.model_type == "glm4_moe":
+        return "head" if cfg.get("use_qk_norm") else "off"
+    return {"qwen3_moe": "head", "dots1": "head", "olmoe": "full"}.get(arch.model_type, "off")
+
+
 def _moe_config(cfg: dict[str, Any], arch: Architecture, dropless: bool) -> MoEConfig:
-    num_experts = get(cfg, "n_routed_experts") if arch.model_type == "dots1" else _first_key(
-        cfg, "num_local_experts", "num_experts"
-    )
+    sigmoid = arch.model_type in DEEPSEEK_ROUTED
+    num_experts = get(cfg, "n_routed_experts") if sigmoid else _first_key(cfg, "num_local_experts", "num_experts")
     top_k = get(cfg, "num_experts_per_tok")
     normalised = True if arch.model_type == "mixtral" else bool(get(cfg, "norm_topk_prob", False))
-    sigmoid = arch.model_type == "dots1"
     if top_k == 1 and normalised and not sigmoid:
         # HF then weighs the one expert by 1.0; pyramoe's top-1 always uses the softmax probability.
         raise ValueError("config.json: num_experts_per_tok=1 with normalised top-k weights is not supported")
@@ -165,10 +180,15 @@ def _first_key(cfg: dict[str, Any], *keys: str) -> Any:
 
 
 def _rope_theta(cfg: dict[str, Any]) -> float:
+    return _rope_setting(cfg, "rope_theta", 10000.0)
+
+
+def _rope_setting(cfg: dict[str, Any], key: str, default: Any) -> Any:
+    """transformers 5 keeps RoPE settings in rope_parameters; older configs at the top level."""
     params = cfg.get("rope_parameters") or {}
-    if isinstance(params, dict) and params.get("rope_theta") is not None:
-        return params["rope_theta"]
-    return get(cfg, "rope_theta", 10000.0)
+    if isinstance(params, dict) and params.get(key) is not None:
+        return params[key]
+    return get(cfg, key, default)
 
 
 def _check_supported(cfg: dict[str, Any], arch: Architecture) -> None:
@@ -181,11 +201,12 @@ def _check_supported(cfg: dict[str, Any], arch: Architecture) -> None:
         rope_type = (params or {}).get("rope_type", (params or {}).get("type")) if isinstance(params, dict) else None
         if rope_type not in (None, "default"):
             raise ValueError(f"config.json: {key}.rope_type={rope_type!r} is not supported (plain RoPE only)")
-    if get(cfg, "partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"config.json: partial_rotary_factor={cfg['partial_rotary_factor']} is not supported")
-    if arch.model_type != "qwen2_moe" and cfg.get("attention_bias"):
+    partial = _rope_setting(cfg, "partial_rotary_factor", 1.0)
+    if partial != 1.0 and arch.model_type != "glm4_moe":
+        raise ValueError(f"config.json: partial_rotary_factor={partial} is not supported for {arch.hf_class}")
+    if arch.model_type not in ("qwen2_moe", "glm4_moe") and cfg.get("attention_bias"):
         raise ValueError("config.json: attention_bias=true is not supported (biases on q/k/v and o_proj)")
-    if arch.model_type == "dots1" and cfg.get("scoring_func", "sigmoid") != "sigmoid":
+    if arch.model_type in DEEPSEEK_ROUTED and cfg.get("scoring_func", "sigmoid") != "sigmoid":
         raise ValueError(f"config.json: scoring_func={cfg['scoring_func']!r} is not supported")
 
 

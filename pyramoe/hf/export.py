@@ -3,7 +3,8 @@ the per-expert hub layout, and the tokenizer (tokenizer.json + a tokenizer_confi
 PreTrainedTokenizerFast, what its save_pretrained writes). transformers is not needed to export.
 
 Which architecture: the one whose features the model has (`choose_architecture`):
-- sigmoid scores / score-correction bias / expert groups / routed scaling -> dots1 (DeepSeek-V3 routing);
+- sigmoid scores / score-correction bias / expert groups / routed scaling (DeepSeek-V3 routing) ->
+  dots1, or GLM-4.5 when the model also has q/k/v biases, partial RoPE or no q/k norm;
 - a sigmoid-gated shared expert -> Qwen2-MoE;
 - q/k norm over the full projection (or qkv clip) -> OLMoE;
 - per-head q/k norm -> Qwen3-MoE;
@@ -37,7 +38,8 @@ def choose_architecture(config: ModelConfig) -> Architecture:
     _check_common(config)
     moe = _uniform_moe(config)
     if not moe.plain_selection or moe.routed_scaling != 1.0:
-        return ARCHITECTURES["dots1"]
+        glm = config.attn_qkv_bias or config.rope_fraction != 1.0 or config.qk_norm == "off"
+        return ARCHITECTURES["glm4_moe" if glm else "dots1"]
     if moe.shared_d_ff:
         return ARCHITECTURES["qwen2_moe"]
     if config.qk_norm == "full" or config.qkv_clip is not None:
@@ -51,8 +53,10 @@ def hf_config(config: ModelConfig, arch: Architecture, eos_id: int | None = None
     """config.json for `arch`; ValueError when `config` needs something `arch` lacks."""
     moe = _uniform_moe(config)
     dense = [i for i, layer in enumerate(config.layers) if layer.moe is None]
-    _require(not config.attn_qkv_bias or arch.model_type == "qwen2_moe",
-             f"q/k/v biases without a gated shared expert ({arch.hf_class} has none)")
+    _require(not config.attn_qkv_bias or arch.model_type in ("qwen2_moe", "glm4_moe"),
+             f"q/k/v biases without a gated shared expert or DeepSeek-V3 routing ({arch.hf_class} has none)")
+    _require(config.rope_fraction == 1.0 or arch.model_type == "glm4_moe",
+             f"partial RoPE (rope_fraction) without DeepSeek-V3 routing ({arch.hf_class} rotates whole heads)")
     out: dict[str, Any] = {
         "architectures": [arch.hf_class],
         "model_type": arch.model_type,
@@ -66,7 +70,8 @@ def hf_config(config: ModelConfig, arch: Architecture, eos_id: int | None = None
         "hidden_act": "silu",
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.layer_norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta,
+                            "partial_rotary_factor": config.rope_fraction},
         "rope_theta": config.rope_theta,
         "tie_word_embeddings": config.tie_embeddings,
         "num_experts_per_tok": moe.top_k,
@@ -118,21 +123,34 @@ def _olmoe(config: ModelConfig, moe: MoEConfig, dense: list[int]) -> dict[str, A
             "clip_qkv": config.qkv_clip}
 
 
-def _dots1(config: ModelConfig, moe: MoEConfig, dense: list[int]) -> dict[str, Any]:
-    _require(config.qk_norm == "head", "DeepSeek-V3 routing without per-head q/k norm (dots1 has it)")
+def _deepseek_routed(config: ModelConfig, moe: MoEConfig, dense: list[int]) -> dict[str, Any]:
+    """Fields dots1 and GLM-4.5 share (DeepSeek-V3 routing, shared experts, dense first layers)."""
+    _require(config.qk_norm != "full", "full-width q/k norm with DeepSeek-V3 routing")
     _require(moe.router_score == "sigmoid" and moe.score_correction_bias,
-             "DeepSeek-V3 routing needs both sigmoid scores and the score-correction bias in dots1")
-    _require(dense == list(range(len(dense))), "dense layers after MoE layers (dots1 has dense first layers only)")
+             "DeepSeek-V3 routing without both sigmoid scores and the score-correction bias")
+    _require(dense == list(range(len(dense))), "dense layers after MoE layers (DeepSeek-style models have dense "
+             "first layers only)")
     width = moe.expert_d_ff or config.d_ff
     _require(moe.shared_d_ff > 0 and moe.shared_d_ff % width == 0 and not moe.shared_gate,
-             "dots1 needs an ungated shared expert a whole number of experts wide")
+             "DeepSeek-V3 routing without an ungated shared expert a whole number of experts wide")
     return {"n_routed_experts": moe.num_experts, "moe_intermediate_size": width,
             "n_shared_experts": moe.shared_d_ff // width, "first_k_dense_replace": len(dense),
-            "n_group": moe.expert_groups, "topk_group": moe.topk_groups, "routed_scaling_factor": moe.routed_scaling,
-            "layer_types": ["full_attention"] * config.n_layers, "sliding_window": None}
+            "n_group": moe.expert_groups, "topk_group": moe.topk_groups, "routed_scaling_factor": moe.routed_scaling}
 
 
-_ARCH_FIELDS = {"mixtral": _mixtral, "qwen2_moe": _qwen2, "qwen3_moe": _qwen3, "olmoe": _olmoe, "dots1": _dots1}
+def _dots1(config: ModelConfig, moe: MoEConfig, dense: list[int]) -> dict[str, Any]:
+    return {**_deepseek_routed(config, moe, dense), "layer_types": ["full_attention"] * config.n_layers,
+            "sliding_window": None}
+
+
+def _glm4(config: ModelConfig, moe: MoEConfig, dense: list[int]) -> dict[str, Any]:
+    return {**_deepseek_routed(config, moe, dense), "attention_bias": config.attn_qkv_bias,
+            "use_qk_norm": config.qk_norm == "head", "partial_rotary_factor": config.rope_fraction,
+            "num_nextn_predict_layers": 0}
+
+
+_ARCH_FIELDS = {"mixtral": _mixtral, "qwen2_moe": _qwen2, "qwen3_moe": _qwen3, "olmoe": _olmoe, "dots1": _dots1,
+                "glm4_moe": _glm4}
 
 
 def _require(cond: bool, feature: str) -> None:

@@ -47,10 +47,17 @@ def load_hf_model(directory: str | Path, dtype: torch.dtype = torch.float32, dro
     config = model_config(hf_config, arch, dropless=dropless)
     source = TensorSource(weight_files(directory))
     state = map_tensors(source, config, arch)
-    leftover = [n for n in source.untaken() if not n.endswith(_IGNORED_SUFFIXES)]
+    leftover = [n for n in source.untaken() if not n.endswith(_IGNORED_SUFFIXES) and not _mtp_layer(n, hf_config)]
     if leftover:
         raise ValueError(f"{directory}: unexpected tensor {leftover[0]} for {arch.hf_class} ({len(leftover)} in all)")
     return HFModel(build_with_weights(config, state, dtype), arch, hf_config, directory)
+
+
+def _mtp_layer(name: str, hf_config: dict[str, Any]) -> bool:
+    """A multi-token-prediction layer (GLM-4.5, DeepSeek-V3 store them after the last decoder layer)."""
+    if not hf_config.get("num_nextn_predict_layers") or not name.startswith("model.layers."):
+        return False
+    return int(name.split(".")[2]) >= hf_config["num_hidden_layers"]
 
 
 def build_with_weights(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype) -> GPT:

@@ -1,6 +1,6 @@
 """Rotary position embeddings (RoPE) in the rotate-half convention of the Llama family.
 
-Legend: B batch, T positions, H heads, Dh head width.
+Legend: B batch, T positions, H heads, Dh head width (or its rotated part, for partial RoPE).
 The inverse frequencies and angles are computed in fp32 exactly as Hugging Face's default RoPE
 does (theta^(-2i/Dh), angles = position * inv_freq, [angles | angles]), so imported checkpoints
 give the same logits to the last bit of fp32 rounding.
@@ -36,4 +36,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x_BHTD * cos + rotate_half(x_BHTD) * sin
+    """Rotate x; when cos/sin are narrower than a head (partial RoPE), only its first dimensions."""
+    rotated = cos.shape[-1]
+    if rotated == x_BHTD.shape[-1]:
+        return x_BHTD * cos + rotate_half(x_BHTD) * sin
+    x_rot, x_pass = x_BHTD[..., :rotated], x_BHTD[..., rotated:]
+    return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)

@@ -90,7 +90,7 @@ class GPT(nn.Module):
             self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
             self.rope = None
         else:
-            self.rope = RotaryEmbedding(config.attn_head_dim, config.rope_theta)
+            self.rope = RotaryEmbedding(config.rope_dim, config.rope_theta)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer, i) for i, layer in enumerate(config.layers))
         self.ln_f = make_norm(config.norm, config.d_model, config.layer_norm_eps)
