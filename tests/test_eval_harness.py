@@ -227,3 +227,42 @@ def test_lm_eval_cli_adds_the_local_tasks_and_runs(env, capsys, monkeypatch):
     cli_main(argv)
     out = capsys.readouterr().out
     assert "pyramoe_stdlib_docsig" in out and "acc" in out
+
+
+def test_hugging_face_directory_loads_through_the_same_class(env, tmp_path):
+    from pyramoe.config import LayerConfig, ModelConfig, MoEConfig
+    from pyramoe.hf.export import export_hf
+    from pyramoe.models import GPT
+
+    tokenizer_json = env / "checkpoints" / "step-0000006" / "tokenizer.json"
+    moe = LayerConfig(moe=MoEConfig(num_experts=4, top_k=2, expert_d_ff=16, dropless=True))
+    config = ModelConfig(vocab_size=300, max_seq_len=64, d_model=32, n_heads=4, n_kv_heads=2, d_ff=40,
+                         activation="swiglu", bias=False, tie_embeddings=False, position="rope", norm="rmsnorm",
+                         layers=[moe, moe])
+    model = GPT(config).eval()
+    export_hf(model, tmp_path / "hf", tokenizer_json, "<|endoftext|>")
+    hf_lm = PyramoeLM(checkpoint=str(tmp_path / "hf"), batch_size=2)
+    assert hf_lm.source.step is None and hf_lm.eot_token_id == hf_lm.pyramoe_tokenizer.eos_id
+    pairs = [("def f1(x):\n    return", " x + 1"), ("def f2", "(x):\n")]
+    got = hf_lm.loglikelihood(instances("loglikelihood", pairs), disable_tqdm=True)
+    for (context, continuation), (logp, _) in zip(pairs, got):
+        ctx, cont = split_pair(hf_lm, context, continuation)
+        with torch.no_grad():
+            logits = model(torch.tensor([(ctx + cont)[:-1]])).logits[0, -len(cont):]
+        want = F.log_softmax(logits, -1).gather(-1, torch.tensor(cont)[:, None]).sum()
+        assert logp == pytest.approx(float(want), abs=1e-4)
+
+
+def test_warns_when_a_stdlib_run_trained_on_task_files(env, tmp_path, capsys):
+    loose = tmp_path / "ckpt"
+    shutil.copytree(env / "checkpoints" / "step-0000006", loose)
+    state = json.loads((loose / "state.json").read_text())
+    state["run_config"]["train"].update(corpus="stdlib", val_percent=1.0)
+    (loose / "state.json").write_text(json.dumps(state))
+    assert main(["eval", str(loose), "--tasks", "pyramoe_stdlib_docsig", "--limit", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "val_percent=1 < 2" in err
+    state["run_config"]["train"].update(val_percent=2.0)
+    (loose / "state.json").write_text(json.dumps(state))
+    assert main(["eval", str(loose), "--tasks", "pyramoe_stdlib_docsig", "--limit", "2"]) == 0
+    assert "warning" not in capsys.readouterr().err

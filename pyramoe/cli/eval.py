@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+import torch
 
 from pyramoe.tables import format_table
 from pyramoe.train import build_model, evaluate, load_checkpoint
@@ -40,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     zeroshot.add_argument("--dtype", default="fp32", help="fp32, bf16 (autocast, CPUs with native bf16) or auto")
     zeroshot.add_argument("--build-tasks", action="store_true",
                           help="build the local tasks' files from the stdlib's validation split and say where")
+    zeroshot.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     zeroshot.add_argument("--verbose", action="store_true", help="the harness's own log lines")
     parser.set_defaults(func=main)
 
@@ -73,16 +77,25 @@ def zeroshot_main(args: argparse.Namespace) -> int:
         from pyramoe.evaluation import harness
     except ImportError as exc:
         raise ValueError(f"--tasks needs lm-evaluation-harness: pip install 'pyramoe[eval]' ({exc})") from None
-    ckpt = load_checkpoint(args.checkpoint)
     tasks = harness.parse_tasks(args.tasks)
-    results = harness.run_zeroshot(str(ckpt.path), tasks, args.limit, args.batch_size, args.dtype, args.verbose)
-    record = harness.zeroshot_record(ckpt.step, str(ckpt.path.resolve()), results, args.limit)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    model = harness.load_model(args.checkpoint, args.dtype, args.batch_size)
+    warning = harness.heldout_warning(model.source, tasks)
+    if warning:
+        print(f"pyramoe eval: warning: {warning}", file=sys.stderr)
+    results = harness.run_zeroshot(model, tasks, args.limit, args.verbose)
+    source = model.source
+    record = harness.zeroshot_record(source.step, str(source.path.resolve()), results, args.limit)
     if args.json:
         print(json.dumps(record, indent=1))
     else:
-        print(f"{ckpt.path} (step {ckpt.step}), zero-shot" + (f", --limit {args.limit}" if args.limit else ""))
+        step = f"step {source.step}" if source.step is not None else "Hugging Face directory"
+        print(f"{source.path} ({step}), zero-shot" + (f", --limit {args.limit}" if args.limit else ""))
         print(harness.table(results))
-    run_dir = run_dir_of(ckpt.path)
+    run_dir = run_dir_of(source.path) if source.step is not None else None
     if run_dir is not None:
         MetricsLog(run_dir / METRICS_FILE).write(record)
     return 0

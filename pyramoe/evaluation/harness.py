@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pyramoe.evaluation.taskdata import TASKS
+from pyramoe.data import DEFAULT_VAL_PERCENT
+from pyramoe.evaluation.taskdata import TASK_VAL_PERCENT, TASKS
 from pyramoe.tables import format_table
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -46,14 +47,31 @@ def task_manager(tasks: list[str]):
     return manager
 
 
-def run_zeroshot(
-    checkpoint: str, tasks: list[str], limit: int | None = None, batch_size: int | None = None,
-    dtype: str = "fp32", verbose: bool = False,
-) -> dict[str, Any]:
-    """simple_evaluate on a PyramoeLM; returns the harness's results dictionary."""
-    import lm_eval
-
+def load_model(checkpoint: str, dtype: str = "fp32", batch_size: int | None = None):
+    """The harness model "pyramoe" (a PyramoeLM) for a checkpoint, run or Hugging Face directory."""
     from pyramoe.evaluation.lm import PyramoeLM
+
+    return PyramoeLM(checkpoint=checkpoint, dtype=dtype, batch_size=batch_size)
+
+
+def heldout_warning(source, tasks: list[str]) -> str | None:
+    """Why the local tasks may not be held out for this model, if they may not: it trained on the
+    stdlib with a smaller validation share than the tasks' (its training split then holds task files)."""
+    if source.step is None or not any(_is_local(t) for t in tasks):
+        return None
+    from pyramoe.train.checkpoint import load_checkpoint
+
+    train = load_checkpoint(source.path).state["run_config"]["train"]
+    val_percent = float(train.get("val_percent", DEFAULT_VAL_PERCENT))
+    if train.get("corpus") == "stdlib" and val_percent < TASK_VAL_PERCENT:
+        return (f"{source.path} trained on the stdlib with val_percent={val_percent:g} < {TASK_VAL_PERCENT:g}: "
+                "some of the local tasks' files were in its training split")
+    return None
+
+
+def run_zeroshot(model, tasks: list[str], limit: int | None = None, verbose: bool = False) -> dict[str, Any]:
+    """simple_evaluate on a PyramoeLM (see `load_model`); returns the harness's results dictionary."""
+    import lm_eval
 
     if limit is not None and limit < 1:
         raise ValueError(f"--limit: must be >= 1, got {limit}")
@@ -61,7 +79,6 @@ def run_zeroshot(
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
     os.environ.setdefault("DISABLE_MULTIPROC", "1")  # bootstrap stderr in this process, not a pool per core
     manager = task_manager(tasks)
-    model = PyramoeLM(checkpoint=checkpoint, dtype=dtype, batch_size=batch_size)
     with contextlib.ExitStack() as quiet:
         if not verbose:  # progress bars and prints of the harness (stdout must stay clean for --json)
             quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))

@@ -6,15 +6,18 @@ up: `python -m pyramoe.evaluation.lm_eval_cli ...` (the `lm_eval` command line w
 the local tasks' --include_path added), `pyramoe eval CKPT --tasks ...`, or `import
 pyramoe.evaluation.lm` before `lm_eval.simple_evaluate(model="pyramoe", ...)`.
 
-    --model pyramoe --model_args checkpoint=RUN_OR_CKPT[,dtype=fp32|bf16|auto][,device=cpu|cuda]
+    --model pyramoe --model_args checkpoint=RUN_OR_CKPT_OR_HF_DIR[,dtype=fp32|bf16|auto][,device=cpu|cuda]
 
-The model's own tokenizer (the checkpoint's tokenizer.json) and MoE layers dropless: a token's
-log-likelihood never depends on the other requests in its batch.
+A pyramoe checkpoint (or a run directory: its latest) or a Hugging Face MoE directory that
+`pyramoe.hf` reads (with a tokenizer.json). The model's own tokenizer, and MoE layers dropless: a
+token's log-likelihood never depends on the other requests in its batch.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +27,8 @@ from tqdm import tqdm
 
 from pyramoe.data import Tokenizer
 from pyramoe.evaluation.scoring import Scorer, resolve_dtype
+from pyramoe.inference.engine import is_hf_directory
+from pyramoe.models import GPT
 from pyramoe.train.checkpoint import build_model, load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -55,6 +60,38 @@ def resolve_device(device: str | None) -> str:
     return str(device)
 
 
+@dataclass
+class Source:
+    """A model to evaluate, its tokenizer and end-of-text id, where it came from."""
+
+    path: Path
+    model: GPT
+    tokenizer: Tokenizer
+    eos_id: int
+    step: int | None  # None for a Hugging Face directory
+
+
+def load_source(path: str | Path) -> Source:
+    """A pyramoe checkpoint or run directory, or a Hugging Face model directory with a tokenizer.json;
+    MoE layers dropless either way."""
+    path = Path(path).expanduser()
+    if is_hf_directory(path):
+        from pyramoe.hf import load_hf_model
+
+        hf = load_hf_model(path, dtype=torch.float32, dropless=True)
+        if hf.tokenizer_path is None:
+            raise ValueError(f"{path}: no tokenizer.json (the harness needs the model's tokenizer)")
+        tokenizer = Tokenizer.from_file(hf.tokenizer_path)
+        eos = hf.hf_config.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        return Source(path, hf.model.eval(), tokenizer, eos if isinstance(eos, int) else tokenizer.eos_id, None)
+    ckpt = load_checkpoint(path)
+    if not ckpt.tokenizer_path.is_file():
+        raise ValueError(f"{ckpt.path}: incomplete checkpoint ({ckpt.tokenizer_path.name} missing)")
+    tokenizer = Tokenizer.from_file(ckpt.tokenizer_path)
+    return Source(ckpt.path, build_model(ckpt, dropless=True), tokenizer, tokenizer.eos_id, ckpt.step)
+
+
 @register_model("pyramoe")
 class PyramoeLM(TemplateLM):
     def __init__(
@@ -73,14 +110,11 @@ class PyramoeLM(TemplateLM):
         if unknown:
             raise ValueError(f"model_args: unknown argument {unknown[0]!r} "
                              "(known: checkpoint, dtype, batch_size, device)")
-        self.ckpt = load_checkpoint(checkpoint)
-        if not self.ckpt.tokenizer_path.is_file():
-            raise ValueError(f"{self.ckpt.path}: incomplete checkpoint ({self.ckpt.tokenizer_path.name} missing)")
-        self.pyramoe_tokenizer = Tokenizer.from_file(self.ckpt.tokenizer_path)
-        self.pyramoe_tokenizer.encode_specials_as_text(True)  # as the corpus was tokenized
         device = resolve_device(device)
-        model = build_model(self.ckpt, dropless=True).to(device)
-        self.scorer = Scorer(model, self.pyramoe_tokenizer.eos_id, parse_batch_size(batch_size),
+        self.source = load_source(checkpoint)
+        self.pyramoe_tokenizer = self.source.tokenizer
+        self.pyramoe_tokenizer.encode_specials_as_text(True)  # as the corpus was tokenized
+        self.scorer = Scorer(self.source.model.to(device), self.source.eos_id, parse_batch_size(batch_size),
                              resolve_dtype(str(dtype), device))
         self._device = torch.device(device)
 
@@ -88,7 +122,7 @@ class PyramoeLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
-        return self.pyramoe_tokenizer.eos_id
+        return self.source.eos_id
 
     @property
     def max_length(self) -> int:
@@ -105,7 +139,7 @@ class PyramoeLM(TemplateLM):
         return self.pyramoe_tokenizer.decode(ids)
 
     def get_model_info(self) -> dict[str, Any]:
-        return {"model_checkpoint": str(self.ckpt.path), "model_step": self.ckpt.step,
+        return {"model_checkpoint": str(self.source.path), "model_step": self.source.step,
                 "model_dtype": str(self.scorer.dtype).removeprefix("torch.")}
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:

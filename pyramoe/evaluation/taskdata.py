@@ -29,6 +29,7 @@ from typing import Any
 from pyramoe.data import DEFAULT_VAL_PERCENT, default_cache_root, load_corpus
 
 BUILDER_VERSION = 1
+TASK_VAL_PERCENT = DEFAULT_VAL_PERCENT  # the split the shipped task configs are built from
 CHOICES = 4  # multiple-choice tasks: the true answer and CHOICES - 1 distractors
 MAX_EXAMPLES = 500
 CONTEXT_CHARS = 1500  # preceding text given as context, cut at a line start
@@ -257,7 +258,7 @@ def task_dir(corpus_fingerprint: str, root: Path | None = None) -> Path:
 
 
 def build_tasks(
-    corpus: str = "stdlib", val_percent: float = DEFAULT_VAL_PERCENT, root: Path | None = None, force: bool = False
+    corpus: str = "stdlib", val_percent: float = TASK_VAL_PERCENT, root: Path | None = None, force: bool = False
 ) -> TaskFiles:
     """Build every task's JSONL from the corpus's validation documents (once; later calls reuse them)."""
     source = load_corpus(corpus, val_percent)
