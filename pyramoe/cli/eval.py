@@ -30,9 +30,11 @@ from pyramoe.train.session import load_data
 def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("eval", help="validation loss / perplexity / expert load of a checkpoint",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", metavar="CKPT", nargs="?", help="checkpoint directory or run directory")
+    parser.add_argument("checkpoint", metavar="CKPT", nargs="?",
+                        help="checkpoint directory or run directory (with --tasks also a Hugging Face directory)")
     parser.add_argument("--batches", type=int, help="validation batches (default: the run's eval_batches)")
-    parser.add_argument("--batch-size", type=int, help="default: the run's batch_size")
+    parser.add_argument("--batch-size", type=int,
+                        help="default: the run's batch_size (with --tasks: 8 sequences per forward)")
     parser.add_argument("--seq-len", type=int, help="default: the run's seq_len")
     parser.add_argument("--corpus", metavar="SPEC", help="evaluate on another corpus's validation split")
     parser.add_argument("--dropless", action="store_true", help="no capacity limit: no token is dropped")

@@ -123,7 +123,7 @@ def table(results: dict[str, Any]) -> str:
                 continue
             stderr = entry.get(f"{metric}_stderr") if "[" not in metric else None
             chance = entry["chance"] if metric.split("[")[0] in ("acc", "acc_norm", "exact_match") else None
-            rows.append([task, versions.get(task), shots.get(task, 0), entry["n"], metric,
+            rows.append([task, str(versions.get(task, "-")), shots.get(task, 0), entry["n"], metric,
                          _num(value), _num(stderr), _num(chance)])
     return format_table(["task", "version", "n-shot", "n", "metric", "value", "stderr", "chance"], rows)
 
