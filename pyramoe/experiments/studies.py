@@ -30,7 +30,7 @@ class Study:
     expected_better: str
     expected_worse: str
     seeds: tuple[int, ...] = (1, 2, 3)
-    steps: int = 500
+    steps: int = 300
     compare: str = "val_loss"  # what decides the direction: val_loss, step_time or loss_per_param
     # A str.format template over the summary's "settings" (steps, batch_size, seq_len, precision, ...;
     # distillation studies add teacher_steps, kd_stop_step, teacher_layers, student_layers, ...).
@@ -69,7 +69,6 @@ STUDIES: dict[str, Study] = {
             ),
             expected_better="second-half",
             expected_worse="first-half",
-            steps=300,
         ),
         Study(
             name="top2-vs-residual",
@@ -84,7 +83,6 @@ STUDIES: dict[str, Study] = {
             ),
             expected_better="residual",
             expected_worse="top2",
-            steps=300,
             compare="step_time",
             notes=(
                 "Direction judged on the step-time speedup of one interleaved timing run ({batch_size}x{seq_len} "
