@@ -1,6 +1,7 @@
-"""`pyramoe train` under torchrun (gloo, CPU): expert + data parallel training follows the same loss
-curve as one process on the same global batch, and a checkpoint saved at one EP size resumes at
-another (EP=2 -> 1 process, EP=2 -> EP=4) with the same losses."""
+"""`pyramoe train` under torchrun (gloo, CPU): expert, tensor and data parallel training follows the
+same loss curve as one process on the same global batch, and a checkpoint saved at one layout
+resumes at another (EP=2 -> 1 process, EP=2 -> EP=4, EP=2 -> EP=2 x TP=2 -> 1 process) with the
+same losses."""
 
 from __future__ import annotations
 
@@ -49,13 +50,14 @@ def val_losses(run_dir: str) -> dict[int, float]:
 
 
 def test_expert_parallel_training_matches_one_process_and_reshards_on_resume(tmp_path):
-    assert main(run_args(tmp_path, "one", 6, 8)) == 0
+    assert main(run_args(tmp_path, "one", 8, 8)) == 0
     reference = losses("one")
 
     done = torchrun([*run_args(tmp_path, "ep2", 3, 4), "--ep", "2"], nproc=2)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("val loss") == 1  # rank 0 alone prints the summary
     shutil.copytree("ep2", "ep4")
+    shutil.copytree("ep2", "tp")
     assert main([*run_args(tmp_path, "ep2", 6, 8), "--resume"]) == 0  # saved at EP=2, resumed in one process
 
     # EP=4 over two emulated nodes of two ranks, hierarchical all-to-all
@@ -65,20 +67,24 @@ def test_expert_parallel_training_matches_one_process_and_reshards_on_resume(tmp
         nproc=4,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    # EP=2 x TP=2: heads, MLP units and MoE tokens split over TP; saved consolidated, resumed in one process
+    done = torchrun([*run_args(tmp_path, "tp", 6, 4), "--resume", "--ep", "2", "--tp", "2"], nproc=4)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert main([*run_args(tmp_path, "tp", 8, 8), "--resume"]) == 0
 
-    for run_dir in ("ep2", "ep4"):
+    for run_dir, last in (("ep2", 6), ("ep4", 6), ("tp", 8)):
         got = losses(run_dir)
-        assert sorted(got) == list(range(1, 7))
-        for step in range(1, 7):
+        assert sorted(got) == list(range(1, last + 1))
+        for step in range(1, last + 1):
             assert got[step] == pytest.approx(reference[step], rel=2e-5), (run_dir, step)
         assert val_losses(run_dir)[6] == pytest.approx(val_losses("one")[6], rel=2e-5)
-    assert reference[6] < reference[1]
+    assert reference[8] < reference[1]
 
 
 def test_ep_without_processes_is_one_line(tmp_path, capsys):
     assert main([*run_args(tmp_path, "x", 2, 4), "--ep", "2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "--ep: 2 needs 2 processes" in err
+    assert err.count("\n") == 0 and "EP 2 x TP 1 needs at least 2 processes" in err
 
 
 def _worker_pids(rank: int) -> list[int]:

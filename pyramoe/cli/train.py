@@ -74,6 +74,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ep", type=int, default=1, metavar="N",
                        help="expert-parallel degree: each MoE layer's experts split over min(N, experts) ranks; "
                        "needs N processes (torchrun or --nproc-per-node)")
+    group.add_argument("--tp", type=int, default=1, metavar="N",
+                       help="tensor-parallel degree: attention heads, MLP units and each MoE layer's tokens split "
+                       "over N ranks (all-to-all then runs among ranks of the same TP index)")
     group.add_argument("--nproc-per-node", type=int, metavar="N",
                        help="launch N local processes with torchrun (gloo on CPU, NCCL on CUDA)")
     group.add_argument("--all-to-all", choices=("flat", "hierarchical"), default="flat",
@@ -87,13 +90,14 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def launch_of(args: argparse.Namespace) -> Launch:
-    if args.ep < 1:
-        raise ValueError(f"--ep: must be >= 1, got {args.ep}")
+    for name in ("ep", "tp"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}: must be >= 1, got {getattr(args, name)}")
     if args.dist_timeout <= 0:
         raise ValueError(f"--dist-timeout: must be > 0, got {args.dist_timeout}")
     return Launch(
         device=args.device, ep=args.ep, timeout_s=args.dist_timeout, hierarchical=args.all_to_all == "hierarchical",
-        ranks_per_node=args.ranks_per_node,
+        ranks_per_node=args.ranks_per_node, tp=args.tp,
     )
 
 
@@ -229,7 +233,8 @@ def _layout(trainer: Trainer) -> str:
     text = f" on {trainer.device}"
     if trainer.dist is not None and trainer.dist.state is not None:
         degrees = sorted(set(trainer.dist.state.layer_ep.values()))
-        text += f", {trainer.dist.topology.world_size} ranks (DP {trainer.dp}, EP {'/'.join(map(str, degrees))})"
+        topology = trainer.dist.topology
+        text += f", {topology.world_size} ranks (DP {trainer.dp}, TP {topology.tp}, EP {'/'.join(map(str, degrees))})"
     return text
 
 

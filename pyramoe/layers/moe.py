@@ -6,6 +6,7 @@ Legend: T tokens, D width, E experts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -15,6 +16,16 @@ from pyramoe.layers.dispatch import Dispatcher, LocalDispatcher
 from pyramoe.layers.experts import GroupedExperts
 from pyramoe.layers.gating import Router
 from pyramoe.layers.mlp import MLP
+
+
+class TokenSplit(Protocol):
+    """Which of the layer's tokens this process routes, and how the outputs come back together."""
+
+    aux_scale: float
+
+    def split(self, x_TD: torch.Tensor) -> torch.Tensor: ...
+
+    def gather(self, y_local: torch.Tensor, num_tokens: int) -> torch.Tensor: ...
 
 
 @dataclass
@@ -40,6 +51,9 @@ class MoELayer(nn.Module):
         self.router = Router(d_model, config)
         self.experts = GroupedExperts(config.num_experts, d_model, expert_d_ff, activation, bias)
         self.dispatcher: Dispatcher = LocalDispatcher()
+        # Tensor parallelism gives each TP rank a share of the tokens (`pyramoe.parallel.tensor`);
+        # None on a single device.
+        self.token_split: TokenSplit | None = None
         self.residual_mlp = MLP(d_model, d_ff, activation, bias) if config.use_residual else None
         # Residual-MoE (DeepSpeed's use_residual): a per-token softmax mix of the MLP and the expert.
         self.coefficient = nn.Linear(d_model, 2) if config.use_residual else None
@@ -54,8 +68,11 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, MoEStats]:
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
+        num_tokens = x_TD.shape[0]
+        if self.token_split is not None:
+            x_TD = self.token_split.split(x_TD)
         if x_TD.shape[0] == 0:
-            raise ValueError("MoELayer: got an empty batch (0 tokens)")
+            raise ValueError(f"MoELayer: got an empty batch (0 of {num_tokens} tokens on this rank)")
         routing = self.router(x_TD, generator=generator)
         plan = self.dispatcher.plan(routing, self.num_experts)
         batch = self.dispatcher.dispatch(x_TD, plan)
@@ -66,9 +83,13 @@ class MoELayer(nn.Module):
             y_TD = y_TD * coef_T2[:, :1] + self.residual_mlp(x_TD) * coef_T2[:, 1:]
         if self.shared_expert is not None:
             y_TD = y_TD + self._shared(x_TD)
+        aux_scale = 1.0
+        if self.token_split is not None:
+            y_TD = self.token_split.gather(y_TD, num_tokens)
+            aux_scale = self.token_split.aux_scale
         stats = MoEStats(
-            balance_loss=routing.balance_loss,
-            z_loss=routing.z_loss,
+            balance_loss=routing.balance_loss * aux_scale,
+            z_loss=routing.z_loss * aux_scale,
             tokens_per_expert=plan.tokens_per_expert_E.detach(),
             routed_per_expert=plan.routed_per_expert_E.detach(),
             dropped_fraction=plan.dropped_fraction.detach(),

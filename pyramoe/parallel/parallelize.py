@@ -1,14 +1,20 @@
 """Apply parallelism to a built, single-device model: one `parallelize` step.
 
-Today: expert parallelism (each MoE layer's experts sharded over an expert-parallel group, tokens
-moved by all-to-all) and data parallelism (every rank its own batch; gradients reduced). Tensor
-parallelism is not implemented yet (`tp > 1` is refused).
+- Expert parallelism: each MoE layer's experts sharded over an expert-parallel group, tokens moved
+  by all-to-all (flat or hierarchical).
+- Tensor parallelism (`topology.tp > 1`): attention heads and dense-MLP hidden units split over the
+  TP group (column/row parallel); MoE layers split their tokens over it, route and exchange them
+  among ranks of the same TP index, and all-gather the outputs (`pyramoe.parallel.tensor`).
+- Data parallelism: every data-parallel rank (group of TP ranks) its own batch.
 
 Gradients: the reference is the mean over data-parallel ranks of each rank's loss, so every
 gradient is summed over the ranks that hold a replica of the parameter and divided by DP:
-non-expert parameters over the data-parallel group; expert parameters over the expert-data-parallel
-group (their all-to-all backward already summed the contributions of the tokens of the whole
-expert-parallel group). The net factor is 1/DP for both, as in DeepSpeed.
+non-expert parameters over the data-parallel group (ranks of the same TP index); expert parameters
+over the expert-data-parallel group (their all-to-all backward already summed the contributions of
+the whole expert-parallel group's tokens). Under TP, replicated parameters that saw only this
+rank's share - an MoE layer's router, Residual-MoE, shared expert and experts (a share of the
+tokens), per-head q/k norms (a share of the heads) - are first summed over the TP group. The net
+factor is 1/DP throughout, as in DeepSpeed.
 """
 
 from __future__ import annotations
@@ -23,55 +29,67 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from pyramoe.dist import ProcessGroups, Topology, build_exchange, layer_ep
 from pyramoe.layers.moe import MoELayer
 from pyramoe.parallel.expert import AllToAllDispatcher
+from pyramoe.parallel.tensor import TPTokenSplit, shard_attention, shard_mlp
 
 
 @dataclass
 class ParallelState:
-    """What `parallelize` did: the topology, the groups, and which parameters are expert shards."""
+    """What `parallelize` did: the topology, the groups, and which parameters are shards of what."""
 
     topology: Topology
     groups: ProcessGroups
     expert_ep: dict[int, int] = field(default_factory=dict)  # id(param) -> EP degree of its layer
     layer_ep: dict[int, int] = field(default_factory=dict)  # block index -> EP degree
+    tp_partial: set[int] = field(default_factory=set)  # replicated over TP, gradient from a token share
+    tp_sharded: set[int] = field(default_factory=set)  # a different slice on every TP rank
 
-    def _group_key(self, param: nn.Parameter) -> int:
-        return self.expert_ep.get(id(param), 1)
-
-    def _group(self, ep: int) -> dist.ProcessGroup | None:
-        return self.groups.dp() if ep == 1 else self.groups.expert_dp(ep)
+    def _key(self, param: nn.Parameter) -> tuple:
+        if id(param) in self.expert_ep:
+            return ("experts", self.expert_ep[id(param)])
+        return ("tp_partial", 1) if id(param) in self.tp_partial else ("dense", 1)
 
     def sync_gradients(self, model: nn.Module) -> None:
         """All-reduce gradients (a missing one counts as zero) and divide by DP."""
         if self.topology.world_size == 1:
             return
-        buckets: dict[int, list[nn.Parameter]] = {}
+        buckets: dict[tuple, list[nn.Parameter]] = {}
         for param in _unique_parameters(model):
             if param.requires_grad:
-                buckets.setdefault(self._group_key(param), []).append(param)
-        for ep in sorted(buckets):
-            params = buckets[ep]
+                buckets.setdefault(self._key(param), []).append(param)
+        for key in sorted(buckets):
+            params = buckets[key]
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             flat = _flatten_dense_tensors([p.grad for p in params])
-            dist.all_reduce(flat, group=self._group(ep))
+            kind, ep = key
+            if kind != "dense" and self.topology.tp > 1:
+                dist.all_reduce(flat, group=self.groups.tp())
+            dist.all_reduce(flat, group=self.groups.dp() if kind != "experts" or ep == 1 else self.groups.expert_dp(ep))
             flat.div_(self.topology.dp)
             for p, synced in zip(params, _unflatten_dense_tensors(flat, [p.grad for p in params])):
                 p.grad.copy_(synced)
 
     def grad_norm(self, model: nn.Module) -> torch.Tensor:
-        """Global L2 norm of the synced gradients: replicated parameters count once, expert shards
-        are summed over their expert-parallel group."""
-        squares: dict[int, torch.Tensor] = {}
+        """Global L2 norm of the synced gradients: replicated parameters count once, TP slices are
+        summed over the TP group and expert shards over their expert-parallel group."""
+        squares: dict[tuple, torch.Tensor] = {}
         for param in _unique_parameters(model):
-            if param.grad is not None:
-                ep = self._group_key(param)
-                squares[ep] = squares.get(ep, 0.0) + param.grad.detach().float().square().sum()
+            if param.grad is None:
+                continue
+            if id(param) in self.expert_ep:
+                key = ("ep", self.expert_ep[id(param)])
+            else:
+                key = ("tp", 1) if id(param) in self.tp_sharded else ("replicated", 1)
+            squares[key] = squares.get(key, 0.0) + param.grad.detach().float().square().sum()
+        keys = set(squares) | {("ep", d) for d in self.layer_ep.values()} | ({("tp", 1)} if self.tp_sharded else set())
         total = torch.zeros(())
-        for ep in sorted(set(squares) | set(self.layer_ep.values())):
-            square = torch.as_tensor(squares.get(ep, 0.0), dtype=torch.float32)
-            if ep > 1:
-                dist.all_reduce(square, group=self.groups.ep(ep))
+        for kind, degree in sorted(keys):
+            square = torch.as_tensor(squares.get((kind, degree), 0.0), dtype=torch.float32)
+            if kind == "ep" and degree > 1:
+                dist.all_reduce(square, group=self.groups.ep(degree))
+            elif kind == "tp":
+                dist.all_reduce(square, group=self.groups.tp())
             total = total + square.cpu()
         return total.sqrt()
 
@@ -92,28 +110,42 @@ def parallelize(
     hierarchical: bool = False,
 ) -> ParallelState:
     """Shard every MoE layer's experts over min(ep, num_experts) ranks and swap in all-to-all
-    dispatch (`hierarchical`: node-local hop first when an EP group spans nodes). The model must be
-    built identically on every rank (same seed or same checkpoint)."""
-    if topology.tp > 1:
-        raise ValueError(f"tp: tensor parallelism is not implemented yet (got tp={topology.tp})")
+    dispatch (`hierarchical`: node-local hop first when an EP group spans nodes); with
+    `topology.tp > 1` also split attention, dense MLPs and MoE tokens over the TP group. The model
+    must be built identically on every rank (same seed or same checkpoint)."""
     groups = groups or ProcessGroups(topology)
     state = ParallelState(topology, groups)
     groups.dp()
+    tp_group = groups.tp() if topology.tp > 1 else None
     for index, block in enumerate(getattr(model, "blocks", [])):
         moe = getattr(block, "ffn", None)
-        if not isinstance(moe, MoELayer):
-            continue
-        degree = layer_ep(moe.num_experts, ep, topology, index)
-        state.layer_ep[index] = degree
-        if degree == 1:
-            continue
+        if tp_group is not None:
+            sharded, per_head = shard_attention(block.attn, tp_group, index)
+            state.tp_sharded.update(id(p) for p in sharded)
+            state.tp_partial.update(id(p) for p in per_head)
+            if not isinstance(moe, MoELayer):
+                state.tp_sharded.update(id(p) for p in shard_mlp(moe, tp_group, f"layers[{index}].ffn"))
+        if isinstance(moe, MoELayer):
+            _parallelize_moe(moe, index, ep, hierarchical, tp_group, state)
+    return state
+
+
+def _parallelize_moe(
+    moe: MoELayer, index: int, ep: int, hierarchical: bool, tp_group: dist.ProcessGroup | None, state: ParallelState
+) -> None:
+    topology, groups = state.topology, state.groups
+    degree = layer_ep(moe.num_experts, ep, topology, index)
+    state.layer_ep[index] = degree
+    if degree > 1:
         local = moe.num_experts // degree
         moe.experts = moe.experts.shard(topology.ep_rank(degree) * local, local)
         moe.dispatcher = AllToAllDispatcher(build_exchange(groups, degree, hierarchical), local)
         groups.expert_dp(degree)
-        for param in moe.experts.parameters():
-            state.expert_ep[id(param)] = degree
-    return state
+        state.expert_ep.update((id(p), degree) for p in moe.experts.parameters())
+    if tp_group is not None:
+        moe.token_split = TPTokenSplit(tp_group)
+        # Recorded after sharding: ids of replaced parameters may be reused by new objects.
+        state.tp_partial.update(id(p) for p in moe.parameters() if id(p) not in state.expert_ep)
 
 
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:

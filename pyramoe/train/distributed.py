@@ -30,6 +30,7 @@ from torch import nn
 
 from pyramoe.dist import Topology
 from pyramoe.parallel import ParallelState, parallelize
+from pyramoe.parallel.tensor import cut_tp, join_tp, tp_layouts
 
 Slicer = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -48,6 +49,7 @@ class Launch:
     timeout_s: float = 60.0
     hierarchical: bool = False  # all-to-all inside each node first, then across nodes
     ranks_per_node: int | None = None  # None: torchrun's LOCAL_WORLD_SIZE; smaller emulates nodes on one box
+    tp: int = 1  # tensor-parallel degree: heads, MLP units and MoE tokens split over TP ranks
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -108,10 +110,10 @@ def init_distributed(launch: Launch, device: torch.device) -> DistRun | None:
     """Join the torchrun job described by the environment; None for a single process."""
     world = world_size_from_env()
     if world == 1:
-        if launch.ep > 1:
+        if launch.ep > 1 or launch.tp > 1:
             raise ValueError(
-                f"--ep: {launch.ep} needs {launch.ep} processes; run `pyramoe train --nproc-per-node "
-                f"{launch.ep} --ep {launch.ep} ...` or launch with torchrun"
+                f"--ep/--tp: EP {launch.ep} x TP {launch.tp} needs at least {launch.ep * launch.tp} processes; run "
+                f"`pyramoe train --nproc-per-node N ...` or launch with torchrun"
             )
         return None
     rank = int(os.environ["RANK"])
@@ -124,7 +126,7 @@ def init_distributed(launch: Launch, device: torch.device) -> DistRun | None:
         )
     ranks_per_node = launch.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     try:
-        return DistRun(Topology(world, rank, ranks_per_node=ranks_per_node))
+        return DistRun(Topology(world, rank, tp=launch.tp, ranks_per_node=ranks_per_node))
     except ValueError as exc:
         raise ValueError(f"--{exc}") from None
 
@@ -136,85 +138,89 @@ def apply_parallelism(run: DistRun, model: nn.Module, ep: int, hierarchical: boo
 # -- checkpoints: gather on save, slice on load ------------------------------------------------------------
 
 
-def expert_slices(model: nn.Module, state: ParallelState) -> dict[str, tuple[int, int, int]]:
-    """name -> (EP degree, first global expert, experts held) of each sharded expert parameter."""
-    out = {}
+@dataclass
+class Shard:
+    """How one parameter of this rank relates to the single-process tensor: a run of experts
+    (dimension 0, over its expert-parallel group) or a tensor-parallel slice of fused blocks."""
+
+    group: dist.ProcessGroup
+    dim: int
+    experts: tuple[int, int] | None = None  # (first global expert, experts held)
+    blocks: tuple[int, ...] = ()  # TP: full sizes of the fused blocks along `dim`
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, local.contiguous(), group=self.group)
+        return torch.cat(parts, dim=0) if self.experts is not None else join_tp(parts, self.dim, self.blocks)
+
+    def cut(self, full: torch.Tensor) -> torch.Tensor:
+        if self.experts is not None:
+            start, count = self.experts
+            return full[start : start + count]
+        return cut_tp(full, self.dim, self.blocks, dist.get_rank(self.group), dist.get_world_size(self.group))
+
+
+def shards(model: nn.Module, state: ParallelState) -> dict[str, Shard]:
+    """name -> Shard for every parameter that is not whole on this rank."""
+    out = {name: Shard(group, dim, blocks=blocks) for name, (dim, blocks, group) in tp_layouts(model).items()}
     for module_name, module in model.named_modules():
         if not hasattr(module, "expert_offset"):
             continue
         for leaf, param in module.named_parameters(recurse=False):
             degree = state.expert_ep.get(id(param))
             if degree:
-                out[f"{module_name}.{leaf}"] = (degree, module.expert_offset, param.shape[0])
+                group = state.groups.ep(degree)
+                out[f"{module_name}.{leaf}"] = Shard(group, 0, experts=(module.expert_offset, param.shape[0]))
     return out
 
 
-def gather_experts(tensor: torch.Tensor, degree: int, state: ParallelState) -> torch.Tensor:
-    """The whole layer's tensor from the shards of its expert-parallel group (concatenated by expert)."""
-    parts = [torch.empty_like(tensor) for _ in range(degree)]
-    dist.all_gather(parts, tensor.contiguous(), group=state.groups.ep(degree))
-    return torch.cat(parts, dim=0)
+def _by_index(model: nn.Module, optimizer: torch.optim.Optimizer, by_name: dict[str, Shard]) -> dict[int, Shard]:
+    """Optimizer state index (params in group order, as `state_dict` numbers them) -> Shard."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {i: by_name[names[id(p)]] for i, p in enumerate(params) if names.get(id(p)) in by_name}
+
+
+def _index_of(key: str) -> int:
+    return int(key.split(".", 2)[1])  # optimizer tensors are named state.INDEX.NAME
 
 
 def consolidated_model(model: nn.Module, tensors: dict[str, torch.Tensor], run: DistRun) -> dict[str, torch.Tensor]:
-    slices = expert_slices(model, run.state)
-    return {
-        name: gather_experts(t, slices[name][0], run.state) if name in slices else t for name, t in tensors.items()
-    }
+    specs = shards(model, run.state)
+    return {name: specs[name].gather(t) if name in specs else t for name, t in tensors.items()}
 
 
 def consolidated_optimizer(
     model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], run: DistRun
 ) -> dict[str, torch.Tensor]:
-    """Optimizer tensors (`state.INDEX.NAME`) with expert moments gathered like their parameters."""
-    slices = _slices_by_index(model, optimizer, run.state)
+    """Optimizer tensors with sharded parameters' moments gathered like the parameters."""
+    specs = _by_index(model, optimizer, shards(model, run.state))
     out = {}
     for key, tensor in tensors.items():
-        index = int(key.split(".", 2)[1])
-        sliced = index in slices and tensor.dim() > 0
-        out[key] = gather_experts(tensor, slices[index][0], run.state) if sliced else tensor
+        spec = specs.get(_index_of(key))
+        out[key] = spec.gather(tensor) if spec is not None and tensor.dim() > 0 else tensor
     return out
 
 
 def model_slicer(model: nn.Module, run: DistRun | None) -> Slicer | None:
-    """Cuts this rank's experts out of a consolidated tensor, by parameter name."""
+    """Cuts this rank's part out of a consolidated tensor, by parameter name."""
     if run is None or run.state is None:
         return None
-    slices = expert_slices(model, run.state)
-
-    def cut(name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if name not in slices:
-            return tensor
-        _, start, count = slices[name]
-        return tensor[start : start + count]
-
-    return cut
+    specs = shards(model, run.state)
+    return lambda name, tensor: specs[name].cut(tensor) if name in specs else tensor
 
 
 def optimizer_slicer(model: nn.Module, optimizer: torch.optim.Optimizer, run: DistRun | None) -> Slicer | None:
     """Like `model_slicer`, for optimizer tensors named `state.INDEX.NAME`."""
     if run is None or run.state is None:
         return None
-    slices = _slices_by_index(model, optimizer, run.state)
+    specs = _by_index(model, optimizer, shards(model, run.state))
 
     def cut(key: str, tensor: torch.Tensor) -> torch.Tensor:
-        index = int(key.split(".", 2)[1])
-        if index not in slices or tensor.dim() == 0:
-            return tensor
-        _, start, count = slices[index]
-        return tensor[start : start + count]
+        spec = specs.get(_index_of(key))
+        return spec.cut(tensor) if spec is not None and tensor.dim() > 0 else tensor
 
     return cut
-
-
-def _slices_by_index(
-    model: nn.Module, optimizer: torch.optim.Optimizer, state: ParallelState
-) -> dict[int, tuple[int, int, int]]:
-    """Optimizer state index (params in group order, as `state_dict` numbers them) -> expert slice."""
-    by_name = expert_slices(model, state)
-    names = {id(p): n for n, p in model.named_parameters()}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    return {i: by_name[names[id(p)]] for i, p in enumerate(params) if names.get(id(p)) in by_name}
 
 
 # -- launching torchrun for one-box users ----------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""Tensor parallelism == one process: TP=2 and EP x TP (2 x 2) training steps on gloo give the loss
+and every gradient of one process running each data-parallel batch, for the GPT-2 block and the
+Llama-family block (GQA, RoPE, SwiGLU, q/k norm), dense and MoE (tokens split over TP, all-to-all
+among ranks of the same TP index, outputs all-gathered)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from distributed import run_workers
+
+from pyramoe.config import ModelConfig, build_layers
+from pyramoe.dist import Topology
+from pyramoe.models import GPT
+from pyramoe.parallel import parallelize
+
+VOCAB = 97
+
+
+def build(case: str) -> GPT:
+    torch.manual_seed(0)
+    # Dropless and no aux loss: both depend on how many tokens one router sees at once, and under
+    # TP each rank routes half of them.
+    moe = dict(top_k=2, dropless=True)
+    common = dict(vocab_size=VOCAB, max_seq_len=32, d_model=32, n_heads=4, aux_loss_coef=0.0, z_loss_coef=0.0)
+    if case == "gpt2":
+        return GPT(ModelConfig(**common, layers=build_layers(4, "every_other", 4, use_residual=True, **moe)))
+    llama = dict(n_kv_heads=2, activation="swiglu", bias=False, tie_embeddings=False, position="rope",
+                 norm="rmsnorm", qk_norm="head", d_ff=48)
+    return GPT(ModelConfig(**common, **llama, layers=build_layers(3, [1, 2], 4, expert_d_ff=24, **moe)))
+
+
+def dp_batch(dp_index: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(50 + dp_index))
+
+
+def step_loss(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    out = model(idx[:, :-1])
+    return F.cross_entropy(out.logits.flatten(0, 1), idx[:, 1:].flatten()) + out.aux_loss
+
+
+def _worker(rank: int, world: int, tp: int, ep: int, out_dir: str) -> None:
+    topology = Topology(world, rank, tp=tp)
+    results = {}
+    for case in ("gpt2", "llama"):
+        model = build(case)
+        state = parallelize(model, topology, ep=ep)
+        loss = step_loss(model, dp_batch(topology.dp_index))
+        loss.backward()
+        state.sync_gradients(model)
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        results[case] = dict(loss=loss.detach(), grads=grads, norm=state.grad_norm(model))
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def expected_slice(name: str, full: torch.Tensor, got: torch.Tensor, model: GPT, tp_index: int, tp: int,
+                   expert_offset: int | None) -> torch.Tensor:
+    """The part of a full gradient a rank holds: its experts, its heads, its hidden units."""
+    if expert_offset is not None:
+        return full[expert_offset : expert_offset + got.shape[0]]
+    if full.shape == got.shape:
+        return full
+    if name.endswith(("attn.proj.weight", "fc_out.weight")):  # row parallel: input columns
+        return full.chunk(tp, dim=1)[tp_index]
+    if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):  # column parallel per block [q | k | v]
+        blocks = model.get_submodule(name.rsplit(".", 2)[0]).split
+    elif name.endswith(("fc_in.weight", "fc_in.bias")):  # [gate | up] for SwiGLU
+        blocks = [full.shape[0] // 2] * 2 if model.config.activation == "swiglu" else [full.shape[0]]
+    else:
+        raise AssertionError(f"unexpected shard {name}")
+    return torch.cat([part.chunk(tp, dim=0)[tp_index] for part in full.split(list(blocks), dim=0)])
+
+
+@pytest.mark.parametrize(("world", "tp", "ep"), [(2, 2, 1), (4, 2, 2)])
+def test_tensor_parallel_step_matches_one_process(tmp_path, world, tp, ep):
+    run_workers(_worker, world, tmp_path, tp, ep, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    dp = world // tp
+    for case in ("gpt2", "llama"):
+        reference = build(case)
+        losses = [step_loss(reference, dp_batch(d)) for d in range(dp)]
+        torch.stack(losses).mean().backward()
+        ref_grads = {name: p.grad for name, p in reference.named_parameters()}
+        ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in ref_grads.values()]))
+        for rank, result in enumerate(ranks):
+            topology = Topology(world, rank, tp=tp)
+            got = result[case]
+            torch.testing.assert_close(got["loss"], losses[topology.dp_index].detach(), msg=f"{case} loss {rank}")
+            torch.testing.assert_close(got["norm"], ref_norm, rtol=1e-5, atol=1e-7, msg=f"{case} norm {rank}")
+            sharded = 0
+            for name, grad in got["grads"].items():
+                full = ref_grads[name]
+                offset = None
+                if ".experts." in name and grad.shape[0] != full.shape[0]:
+                    offset = topology.ep_rank(ep) * grad.shape[0]
+                want = expected_slice(name, full, grad, reference, topology.tp_index, tp, offset)
+                sharded += want.shape != full.shape
+                torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6, msg=f"{case} rank {rank} {name}")
+            assert sharded > 0
