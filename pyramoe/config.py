@@ -24,6 +24,7 @@ PLACEMENTS = ("every_other", "all", "first_half", "second_half", "none")
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 QK_NORMS = ("off", "head", "full")
+ATTENTIONS = ("standard", "latent")
 ROUTER_SCORES = ("softmax", "sigmoid")
 
 
@@ -267,7 +268,12 @@ class ModelConfig:
       only (Qwen2-MoE: True, with no output-projection bias);
     - `qk_norm`: RMSNorm of q and k per "head" (Qwen3) or over the "full" projection (OLMoE), "off";
     - `qkv_clip`: clamp q, k, v to [-c, c] after the norms (OLMoE's clip_qkv);
-    - `activation="swiglu"`; dense first layers are LayerConfig(moe=None) entries.
+    - `activation="swiglu"`; dense first layers are LayerConfig(moe=None) entries;
+    - `attention="latent"`: DeepSeek-V2/V3 multi-head latent attention (`layers/mla.py`): q from a
+      rank-`mla_q_rank` bottleneck (None: one projection), keys and values expanded per head from a
+      cached rank-`mla_kv_rank` latent, `mla_nope_dim` + `mla_rope_dim` query/key dimensions per head
+      (RoPE on the second part, its key shared by all heads) and `mla_v_dim` value dimensions;
+      `rope_interleave` rotates interleaved pairs (DeepSeek's layout) instead of halves.
     """
 
     vocab_size: int = 50257
@@ -292,6 +298,13 @@ class ModelConfig:
     qkv_bias: bool | None = None  # None: bias
     qk_norm: str = "off"
     qkv_clip: float | None = None
+    attention: str = "standard"
+    mla_q_rank: int | None = None
+    mla_kv_rank: int = 512
+    mla_rope_dim: int = 64
+    mla_nope_dim: int = 128
+    mla_v_dim: int = 128
+    rope_interleave: bool = False
 
     def __post_init__(self) -> None:
         if self.d_ff is None:
@@ -317,6 +330,8 @@ class ModelConfig:
     @property
     def rope_dim(self) -> int:
         """Dimensions of each head that RoPE rotates."""
+        if self.attention == "latent":
+            return self.mla_rope_dim
         return int(self.attn_head_dim * self.rope_fraction)
 
     @property
@@ -328,7 +343,7 @@ class ModelConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
         _require(
-            self.head_dim is not None or self.d_model % self.n_heads == 0,
+            self.head_dim is not None or self.attention == "latent" or self.d_model % self.n_heads == 0,
             "n_heads",
             f"d_model={self.d_model} is not divisible by n_heads={self.n_heads} (or set head_dim)",
         )
@@ -364,9 +379,10 @@ class ModelConfig:
             "rope_fraction",
             f"must be in (0, 1], got {self.rope_fraction}",
         )
+        rope_field = "rope_fraction" if self.rope_fraction != 1 else "head_dim"
         _require(
             self.position != "rope" or (self.rope_dim % 2 == 0 and self.rope_dim >= 2),
-            "rope_fraction" if self.rope_fraction != 1 else "head_dim",
+            "mla_rope_dim" if self.attention == "latent" else rope_field,
             f"rotary embeddings rotate pairs of dimensions, so need an even rotated width, got {self.rope_dim}",
         )
         kv = self.n_kv_heads
@@ -377,6 +393,31 @@ class ModelConfig:
         )
         _require(
             self.qkv_clip is None or self.qkv_clip > 0, "qkv_clip", f"must be > 0 (or unset), got {self.qkv_clip}"
+        )
+        self._validate_latent_attention()
+
+    def _validate_latent_attention(self) -> None:
+        _require(self.attention in ATTENTIONS, "attention", f"must be one of {ATTENTIONS}, got {self.attention!r}")
+        _require(
+            not self.rope_interleave or self.attention == "latent",
+            "rope_interleave",
+            "interleaved RoPE is implemented for attention='latent' only",
+        )
+        if self.attention != "latent":
+            return
+        _require(self.position == "rope", "attention", "'latent' attention needs position='rope'")
+        for name in ("mla_kv_rank", "mla_rope_dim", "mla_nope_dim", "mla_v_dim"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        _require(
+            self.mla_q_rank is None or (isinstance(self.mla_q_rank, int) and self.mla_q_rank >= 1),
+            "mla_q_rank",
+            f"must be a positive integer (or unset), got {self.mla_q_rank!r}",
+        )
+        _require(
+            self.qk_norm == "off" and self.qkv_clip is None and self.n_kv_heads in (None, self.n_heads),
+            "attention",
+            "'latent' attention has its own norms and a key/value per head: no qk_norm, qkv_clip or n_kv_heads",
         )
 
     # -- serialisation (checkpoints store the config as JSON) -------------------------------------

@@ -36,14 +36,20 @@ CONFIGS = {
                                                    first_k_dense_replace=1, norm_topk_prob=True,
                                                    routed_scaling_factor=1.5, attention_bias=True, use_qk_norm=True,
                                                    partial_rotary_factor=0.5),
+    "deepseek_v3": lambda **kw: transformers.DeepseekV3Config(**{
+        **_COMMON, "num_key_value_heads": 4, "intermediate_size": 48, "moe_intermediate_size": 16,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 4, "topk_group": 2,
+        "first_k_dense_replace": 1, "norm_topk_prob": True, "routed_scaling_factor": 2.5, "q_lora_rank": 12,
+        "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 12, "rope_scaling": None,
+        **kw}),
 }
 
 
-def build_hf(arch: str, seed: int = 0) -> transformers.PreTrainedModel:
+def build_hf(arch: str, seed: int = 0, **config) -> transformers.PreTrainedModel:
     """A random model whose norms, router biases and weights are all away from their initial values,
     so a wrong mapping of any of them shows in the logits."""
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[arch](**config)).eval()
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):

@@ -47,6 +47,11 @@ EXPORTABLE = {
     "glm4_moe": lambda: llama([LayerConfig(), moe(num_experts=8, router_score="sigmoid", score_correction_bias=True,
                                                   expert_groups=2, topk_groups=1, gate_norm="softmax",
                                                   shared_d_ff=16)], qkv_bias=True, rope_fraction=0.5),
+    "deepseek_v3": lambda: llama([LayerConfig(), moe(num_experts=8, router_score="sigmoid", score_correction_bias=True,
+                                                     expert_groups=4, topk_groups=2, routed_scaling=2.5,
+                                                     shared_d_ff=16)],
+                                 n_kv_heads=None, attention="latent", mla_q_rank=12, mla_kv_rank=16, mla_rope_dim=8,
+                                 mla_nope_dim=8, mla_v_dim=12, rope_interleave=True),
 }
 
 

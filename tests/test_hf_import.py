@@ -59,7 +59,24 @@ def test_hub_layout_logits_and_greedy_generation_match_transformers(arch, tmp_pa
     assert batch == [pyramoe_greedy(ours, [p], 8)[0] for p in PROMPTS]
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_deepseek_v3_without_q_latent_matches_transformers(tmp_path):
+    hf_model = build_hf("deepseek_v3", q_lora_rank=None, rope_interleave=False)
+    ours = load_hf_model(save_hf(hf_model, tmp_path / "ds")).model
+    assert ours.config.mla_q_rank is None and not ours.config.rope_interleave
+    assert_same_logits(hf_model, ours, torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(9)))
+    assert pyramoe_greedy(ours, PROMPTS, 6) == hf_greedy(hf_model, PROMPTS, 6)
+
+
+def test_deepseek_v3_with_yarn_is_refused_in_one_line(tmp_path):
+    directory = save_hf(build_hf("deepseek_v3"), tmp_path / "ds")
+    config = json.loads((directory / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 40.0, "mscale_all_dim": 1.0}
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"^config.json: rope_parameters.rope_type='yarn' is not supported"):
+        load_hf_model(directory)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3"])
 def test_right_padded_batch_logits_match_transformers(arch, tmp_path):
     hf_model = build_hf(arch)
     ours = load_hf_model(save_hf(hf_model, tmp_path / arch)).model

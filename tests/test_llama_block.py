@@ -29,6 +29,11 @@ def llama_config(**overrides) -> ModelConfig:
     return ModelConfig(**settings)
 
 
+# DeepSeek-style multi-head latent attention instead of grouped-query attention.
+LATENT = dict(attention="latent", n_kv_heads=None, qk_norm="off", mla_q_rank=12, mla_kv_rank=16, mla_rope_dim=8,
+              mla_nope_dim=8, mla_v_dim=12, rope_interleave=True)
+
+
 def test_default_config_is_the_gpt2_block():
     model = GPT(ModelConfig(vocab_size=64, max_seq_len=16, d_model=32, n_heads=4))
     assert isinstance(model.ln_f, torch.nn.LayerNorm) and model.rope is None and hasattr(model, "pos_emb")
@@ -60,6 +65,11 @@ def test_llama_block_modules():
         ({"qkv_clip": -1.0}, "qkv_clip"),
         ({"rope_fraction": 0.0}, "rope_fraction"),
         ({"rope_fraction": 0.125}, "rope_fraction"),  # 1 of 8 head dimensions: rotation needs pairs
+        ({"attention": "sparse"}, "attention"),
+        ({"rope_interleave": True}, "rope_interleave"),
+        ({**LATENT, "mla_kv_rank": 0}, "mla_kv_rank"),
+        ({**LATENT, "mla_rope_dim": 7}, "mla_rope_dim"),
+        ({**LATENT, "qk_norm": "head"}, "attention"),
     ],
 )
 def test_model_config_errors_name_the_field(overrides, field):
@@ -123,6 +133,12 @@ def test_partial_rope_rotates_only_the_first_dimensions():
     assert not torch.allclose(out[..., 1:, :4], x[..., 1:, :4])
 
 
+def test_latent_cache_holds_the_compressed_latent():
+    model = GPT(llama_config(**LATENT))
+    cache = model.new_kv_cache(2, 10)
+    assert cache.keys[0].shape == (2, 1, 10, 16) and cache.values[0].shape == (2, 1, 10, 8)
+
+
 def test_grouped_query_attention_equals_multi_head_with_repeated_kv_heads():
     torch.manual_seed(0)
     gqa = CausalSelfAttention(32, 4, bias=False, n_kv_heads=2)
@@ -136,9 +152,10 @@ def test_grouped_query_attention_equals_multi_head_with_repeated_kv_heads():
     torch.testing.assert_close(gqa(x), mha(x))
 
 
-def test_llama_kv_cache_decoding_matches_full_forward():
+@pytest.mark.parametrize("overrides", [{}, LATENT], ids=["gqa", "latent"])
+def test_llama_kv_cache_decoding_matches_full_forward(overrides):
     torch.manual_seed(0)
-    model = GPT(llama_config()).eval()
+    model = GPT(llama_config(**overrides)).eval()
     idx = torch.randint(0, 64, (2, 12))
     full = model(idx).logits
     cache = model.new_kv_cache(2, 12)
@@ -147,10 +164,11 @@ def test_llama_kv_cache_decoding_matches_full_forward():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("position", ["rope", "learned"])
-def test_left_padded_row_matches_the_unpadded_sequence(position):
+@pytest.mark.parametrize("overrides", [{"position": "rope"}, {"position": "learned"}, LATENT],
+                         ids=["rope", "learned", "latent"])
+def test_left_padded_row_matches_the_unpadded_sequence(overrides):
     torch.manual_seed(0)
-    model = GPT(llama_config(position=position)).eval()
+    model = GPT(llama_config(**overrides)).eval()
     short, long = torch.randint(1, 64, (1, 5)), torch.randint(1, 64, (1, 8))
     batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1), long])
     mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [1] * 8], dtype=torch.bool)

@@ -1,18 +1,20 @@
 """Hugging Face MoE architectures pyramoe reads: config.json -> ModelConfig, and where each tensor
 lives in the checkpoint.
 
-All five are pre-norm RMSNorm/RoPE/SwiGLU decoders named the Llama way (model.layers.N.self_attn.
-q_proj, ...); they differ in config keys, in the MoE block's name and expert tensor names, and in
-routing:
+All are pre-norm RMSNorm/RoPE/SwiGLU decoders named the Llama way (model.layers.N.self_attn.
+q_proj, ...); they differ in config keys, in the MoE block's name and expert tensor names, in
+attention and in routing:
 - Mixtral: softmax top-k renormalised, every layer MoE, experts `block_sparse_moe.experts.N.w1/w3/w2`.
 - Qwen2-MoE: q/k/v biases, a shared expert gated by sigmoid(x . w), norm_topk_prob, dense layers by
   mlp_only_layers / decoder_sparse_step.
 - Qwen3-MoE: per-head q/k RMSNorm, explicit head_dim, norm_topk_prob, dense layers as Qwen2-MoE.
 - OLMoE: q/k RMSNorm over the whole projection, optional clip_qkv, norm_topk_prob (False in OLMoE).
-- dots.llm1 (`dots1`): DeepSeek-V3 routing - sigmoid scores, score-correction bias, group-limited
-  top-k, routed scaling factor, ungated shared experts, dense first layers - on Qwen3 attention. It
-  is a DeepSeek-V3-routing family pyramoe loads because DeepSeek-V3 itself uses multi-head latent
-  attention (low-rank compressed q/kv, decoupled RoPE heads), which pyramoe's attention lacks.
+- DeepSeek-V3 (`deepseek_v3`, also Kimi-K2 / Moonlight checkpoints of that type): DeepSeek-V3
+  routing - sigmoid scores, score-correction bias, group-limited top-k, routed scaling factor,
+  ungated shared experts, dense first layers - with multi-head latent attention (`layers/mla.py`,
+  interleaved RoPE). DeepSeek-V3's own config uses YaRN RoPE scaling, which pyramoe does not
+  implement: such a config is refused (rope_parameters.rope_type='yarn'); those without scaling load.
+- dots.llm1 (`dots1`): the same routing on Qwen3 attention (per-head q/k norm).
 - GLM-4.5 (`glm4_moe`): the same DeepSeek-V3 routing, with q/k/v biases, partial RoPE
   (partial_rotary_factor) and optional per-head q/k norm. Its multi-token-prediction layers
   (num_nextn_predict_layers, stored as layers past num_hidden_layers) serve speculative decoding
@@ -77,10 +79,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "olmoe": Architecture("olmoe", "OlmoeForCausalLM", ("mlp",), _GUP, None, _all_moe),
     "dots1": Architecture("dots1", "Dots1ForCausalLM", ("mlp",), _GUP, "shared_experts", _first_k_dense),
     "glm4_moe": Architecture("glm4_moe", "Glm4MoeForCausalLM", ("mlp",), _GUP, "shared_experts", _first_k_dense),
+    "deepseek_v3": Architecture("deepseek_v3", "DeepseekV3ForCausalLM", ("mlp",), _GUP, "shared_experts",
+                                _first_k_dense),
 }
 
 # Families with DeepSeek-V3 routing (sigmoid scores, score-correction bias, groups, scaling, shared experts).
-DEEPSEEK_ROUTED = ("dots1", "glm4_moe")
+DEEPSEEK_ROUTED = ("dots1", "glm4_moe", "deepseek_v3")
 
 
 def architecture_of(cfg: dict[str, Any]) -> Architecture:
@@ -110,7 +114,7 @@ def model_config(cfg: dict[str, Any], arch: Architecture, dropless: bool = True)
     qkv_bias = {"qwen2_moe": get(cfg, "qkv_bias", False), "glm4_moe": get(cfg, "attention_bias", False)}.get(
         arch.model_type
     )
-    return ModelConfig(
+    settings = dict(
         vocab_size=get(cfg, "vocab_size"),
         max_seq_len=_max_seq_len(cfg),
         d_model=d_model,
@@ -132,6 +136,23 @@ def model_config(cfg: dict[str, Any], arch: Architecture, dropless: bool = True)
         qkv_clip=cfg.get("clip_qkv") if arch.model_type == "olmoe" else None,
         aux_loss_coef=float(get(cfg, "router_aux_loss_coef", 0.01)),
         layers=[LayerConfig(moe=moe if is_moe else None) for is_moe in placement],
+    )
+    return ModelConfig(**{**settings, **_latent_attention(cfg, arch)})
+
+
+def _latent_attention(cfg: dict[str, Any], arch: Architecture) -> dict[str, Any]:
+    if arch.model_type != "deepseek_v3":
+        return {}
+    return dict(
+        attention="latent",
+        head_dim=None,
+        n_kv_heads=None,
+        mla_q_rank=cfg.get("q_lora_rank"),
+        mla_kv_rank=get(cfg, "kv_lora_rank"),
+        mla_rope_dim=get(cfg, "qk_rope_head_dim"),
+        mla_nope_dim=get(cfg, "qk_nope_head_dim"),
+        mla_v_dim=get(cfg, "v_head_dim"),
+        rope_interleave=bool(get(cfg, "rope_interleave", True)),
     )
 
 

@@ -3,6 +3,7 @@ the per-expert hub layout, and the tokenizer (tokenizer.json + a tokenizer_confi
 PreTrainedTokenizerFast, what its save_pretrained writes). transformers is not needed to export.
 
 Which architecture: the one whose features the model has (`choose_architecture`):
+- multi-head latent attention -> DeepSeek-V3;
 - sigmoid scores / score-correction bias / expert groups / routed scaling (DeepSeek-V3 routing) ->
   dots1, or GLM-4.5 when the model also has q/k/v biases, partial RoPE or no q/k norm;
 - a sigmoid-gated shared expert -> Qwen2-MoE;
@@ -28,6 +29,7 @@ from safetensors.torch import save_file
 
 from pyramoe.config import ModelConfig, MoEConfig
 from pyramoe.hf.architectures import ARCHITECTURES, Architecture
+from pyramoe.hf.load import latent_names
 from pyramoe.models import GPT
 
 _NO_COUNTERPART = "has no Hugging Face MoE counterpart"
@@ -37,6 +39,8 @@ def choose_architecture(config: ModelConfig) -> Architecture:
     """The HF architecture that expresses `config`, or a ValueError naming the first feature none has."""
     _check_common(config)
     moe = _uniform_moe(config)
+    if config.attention == "latent":
+        return ARCHITECTURES["deepseek_v3"]
     if not moe.plain_selection or moe.routed_scaling != 1.0:
         glm = config.attn_qkv_bias or config.rope_fraction != 1.0 or config.qk_norm == "off"
         return ARCHITECTURES["glm4_moe" if glm else "dots1"]
@@ -149,8 +153,16 @@ def _glm4(config: ModelConfig, moe: MoEConfig, dense: list[int]) -> dict[str, An
             "num_nextn_predict_layers": 0}
 
 
+def _deepseek_v3(config: ModelConfig, moe: MoEConfig, dense: list[int]) -> dict[str, Any]:
+    return {**_deepseek_routed(config, moe, dense), "q_lora_rank": config.mla_q_rank,
+            "kv_lora_rank": config.mla_kv_rank, "qk_rope_head_dim": config.mla_rope_dim,
+            "qk_nope_head_dim": config.mla_nope_dim, "v_head_dim": config.mla_v_dim, "head_dim": config.mla_rope_dim,
+            "num_key_value_heads": config.n_heads, "rope_interleave": config.rope_interleave,
+            "num_nextn_predict_layers": 0, "rope_scaling": None}
+
+
 _ARCH_FIELDS = {"mixtral": _mixtral, "qwen2_moe": _qwen2, "qwen3_moe": _qwen3, "olmoe": _olmoe, "dots1": _dots1,
-                "glm4_moe": _glm4}
+                "glm4_moe": _glm4, "deepseek_v3": _deepseek_v3}
 
 
 def _require(cond: bool, feature: str) -> None:
@@ -202,6 +214,11 @@ def hf_tensors(model: GPT, arch: Architecture) -> dict[str, torch.Tensor]:
         hf, ours = f"model.layers.{i}.", f"blocks.{i}."
         out[hf + "input_layernorm.weight"] = state[ours + "ln_attn.weight"]
         out[hf + "post_attention_layernorm.weight"] = state[ours + "ln_ffn.weight"]
+        if config.attention == "latent":
+            out.update({f"{hf}self_attn.{name}": state[f"{ours}attn.{ours_name}"]
+                        for ours_name, name in latent_names(config).items()})
+            out.update(_ffn(state, arch, layer.moe is None, ours, hf))
+            continue
         for kind in ("weight", "bias"):
             if ours + f"attn.qkv.{kind}" in state:
                 q, k, v = state[ours + f"attn.qkv.{kind}"].split((q_width, kv_width, kv_width))
@@ -210,11 +227,16 @@ def hf_tensors(model: GPT, arch: Architecture) -> dict[str, torch.Tensor]:
         for norm in ("q_norm", "k_norm"):
             if ours + f"attn.{norm}.weight" in state:
                 out[f"{hf}self_attn.{norm}.weight"] = state[ours + f"attn.{norm}.weight"]
-        if layer.moe is None:
-            out.update(_mlp(state, ours + "ffn.", hf + "mlp."))
-        else:
-            out.update(_moe(state, arch, ours + "ffn.", f"{hf}{arch.moe_prefixes[0]}."))
+        out.update(_ffn(state, arch, layer.moe is None, ours, hf))
     return {name: t.to(torch.float32).contiguous().clone() for name, t in out.items()}
+
+
+def _ffn(
+    state: dict[str, torch.Tensor], arch: Architecture, dense: bool, ours: str, hf: str
+) -> dict[str, torch.Tensor]:
+    if dense:
+        return _mlp(state, ours + "ffn.", hf + "mlp.")
+    return _moe(state, arch, ours + "ffn.", f"{hf}{arch.moe_prefixes[0]}.")
 
 
 def _mlp(state: dict[str, torch.Tensor], ours: str, hf: str) -> dict[str, torch.Tensor]:

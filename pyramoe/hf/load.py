@@ -103,6 +103,8 @@ def map_tensors(source: TensorSource, config: ModelConfig, arch: Architecture) -
 
 
 def _attention(source: TensorSource, config: ModelConfig, hf: str, ours: str) -> dict[str, torch.Tensor]:
+    if config.attention == "latent":
+        return _latent_attention(source, config, hf, ours)
     out = {
         ours + "qkv.weight": torch.cat([source.get(f"{hf}{p}_proj.weight") for p in "qkv"]),
         ours + "proj.weight": source.get(hf + "o_proj.weight"),
@@ -113,6 +115,29 @@ def _attention(source: TensorSource, config: ModelConfig, hf: str, ours: str) ->
         out[ours + "q_norm.weight"] = source.get(hf + "q_norm.weight")
         out[ours + "k_norm.weight"] = source.get(hf + "k_norm.weight")
     return out
+
+
+# pyramoe LatentAttention name -> DeepSeek's (transformers') name
+LATENT_NAMES = {
+    "wq.weight": "q_proj.weight",
+    "wq_a.weight": "q_a_proj.weight",
+    "q_a_norm.weight": "q_a_layernorm.weight",
+    "wq_b.weight": "q_b_proj.weight",
+    "wkv_a.weight": "kv_a_proj_with_mqa.weight",
+    "kv_a_norm.weight": "kv_a_layernorm.weight",
+    "wkv_b.weight": "kv_b_proj.weight",
+    "proj.weight": "o_proj.weight",
+}
+
+
+def latent_names(config: ModelConfig) -> dict[str, str]:
+    """The LatentAttention tensors of `config` (q from one projection or through the q latent)."""
+    skip = ("wq_a.", "q_a_norm.", "wq_b.") if config.mla_q_rank is None else ("wq.",)
+    return {ours: hf for ours, hf in LATENT_NAMES.items() if not ours.startswith(skip)}
+
+
+def _latent_attention(source: TensorSource, config: ModelConfig, hf: str, ours: str) -> dict[str, torch.Tensor]:
+    return {ours + name: source.get(hf + hf_name) for name, hf_name in latent_names(config).items()}
 
 
 def _mlp(source: TensorSource, hf: str, ours: str, leaves: tuple[str, str, str]) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from torch import nn
 
 from pyramoe.config import LayerConfig, ModelConfig
 from pyramoe.layers.attention import CausalSelfAttention, KVCache
+from pyramoe.layers.mla import LatentAttention, LatentKVCache
 from pyramoe.layers.mlp import MLP
 from pyramoe.layers.moe import MoELayer, MoEStats
 from pyramoe.layers.norms import make_norm
@@ -42,15 +43,24 @@ def _sum_or_zero(values: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor
     return torch.stack(values).sum() if values else like.new_zeros((), dtype=torch.float32)
 
 
+def make_attention(config: ModelConfig, layer_idx: int) -> nn.Module:
+    if config.attention == "latent":
+        return LatentAttention(
+            config.d_model, config.n_heads, config.mla_q_rank, config.mla_kv_rank, config.mla_nope_dim,
+            config.mla_rope_dim, config.mla_v_dim, config.rope_interleave, config.dropout, layer_idx,
+        )
+    return CausalSelfAttention(
+        config.d_model, config.n_heads, config.bias, config.dropout, layer_idx,
+        n_kv_heads=config.n_kv_heads, head_dim=config.head_dim, qkv_bias=config.qkv_bias,
+        qk_norm=config.qk_norm, norm_eps=config.layer_norm_eps, qkv_clip=config.qkv_clip,
+    )
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: LayerConfig, layer_idx: int):
         super().__init__()
         self.ln_attn = make_norm(config.norm, config.d_model, config.layer_norm_eps)
-        self.attn = CausalSelfAttention(
-            config.d_model, config.n_heads, config.bias, config.dropout, layer_idx,
-            n_kv_heads=config.n_kv_heads, head_dim=config.head_dim, qkv_bias=config.qkv_bias,
-            qk_norm=config.qk_norm, norm_eps=config.layer_norm_eps, qkv_clip=config.qkv_clip,
-        )
+        self.attn = make_attention(config, layer_idx)
         self.ln_ffn = make_norm(config.norm, config.d_model, config.layer_norm_eps)
         if layer.moe is None:
             self.ffn: nn.Module = MLP(config.d_model, config.d_ff, config.activation, config.bias)
@@ -157,6 +167,9 @@ class GPT(nn.Module):
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         cfg = self.config
         p = self.tok_emb.weight
+        if cfg.attention == "latent":
+            return LatentKVCache(cfg.n_layers, batch_size, max_len or cfg.max_seq_len, cfg.mla_kv_rank,
+                                 cfg.mla_rope_dim, dtype=p.dtype, device=p.device)
         return KVCache(
             cfg.n_layers, batch_size, cfg.kv_heads, max_len or cfg.max_seq_len, cfg.attn_head_dim,
             dtype=p.dtype, device=p.device,
