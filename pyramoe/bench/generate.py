@@ -1,0 +1,236 @@
+"""`pyramoe bench generate`: generation throughput of pyramoe's engine against transformers' `generate`
+on the same random weights, in one run.
+
+The model is Mixtral-shaped (defaults: hidden 512, 8 layers, 8 experts top-2, intermediate 1024,
+vocab 32000), built by transformers from its config, saved, and loaded by pyramoe from that
+directory, so both run identical weights. Implementations:
+
+- pyramoe: the continuous-batching engine (`pyramoe.inference.Engine`), greedy;
+- transformers: `generate(do_sample=False)` with its grouped-GEMM experts (`grouped_mm`);
+- plain-moe: transformers with its eager experts, a Python loop over experts (a plain PyTorch MoE);
+- roofline (batch 1): bytes of weights one decode step reads (attention, norms, router, the top-k
+  experts of each layer, the LM head) / memory bandwidth measured in the same run.
+
+Decode tokens/s come from two timings, N new tokens and 1, so prefill is excluded:
+batch x (N - 1) / (t(N) - t(1)); prefill tokens/s is one prompt-batch forward. Implementations
+alternate round by round and the median over rounds is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pyramoe.bench.common import machine_info, write_json
+from pyramoe.inference import Engine, SamplingParams, resolve_dtype
+from pyramoe.tables import format_table
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--intermediate", type=int, default=1024)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 with native bf16 matmul), bf16 or fp32")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-transformers", action="store_true", help="pyramoe and the roofline only")
+    parser.add_argument("--out", default="bench-results/generate.json")
+
+
+def validate(args: argparse.Namespace) -> list[int]:
+    for name in ("hidden", "layers", "experts", "top_k", "intermediate", "heads", "kv_heads", "vocab",
+                 "prompt_len", "rounds"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.new_tokens < 2:
+        raise ValueError(f"--new-tokens: must be >= 2 (decode time is t(N) - t(1)), got {args.new_tokens}")
+    if args.top_k > args.experts:
+        raise ValueError(f"--top-k: {args.top_k} exceeds --experts {args.experts}")
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        raise ValueError(f"--batches: expected comma-separated integers, got {args.batches!r}") from None
+    if not batches or min(batches) < 1:
+        raise ValueError(f"--batches: sizes must be >= 1, got {args.batches!r}")
+    return batches
+
+
+def build_transformers(args: argparse.Namespace, dtype: torch.dtype) -> Any:
+    import transformers
+
+    config = transformers.MixtralConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        num_local_experts=args.experts, num_experts_per_tok=args.top_k, max_position_embeddings=4096,
+    )
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.to(dtype)
+
+
+def _set_experts(model: Any, implementation: str) -> bool:
+    setter = getattr(model, "set_experts_implementation", None)
+    if setter is None:
+        return False
+    try:
+        setter(implementation)
+    except (ValueError, KeyError):
+        return False
+    return True
+
+
+def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second of a streaming read (sum over a large fp32 tensor), median of `repeats`."""
+    x = torch.ones(int(gib * 2**30 / 4))
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return x.numel() * 4 / statistics.median(times)
+
+
+def decode_bytes(model: torch.nn.Module, top_k: int, num_experts: int) -> int:
+    """Weight bytes one batch-1 decode step reads: all but the embedding table and the unchosen experts."""
+    total = 0
+    for name, p in model.named_parameters():
+        if name.endswith("tok_emb.weight") and p is not model.lm_head.weight:
+            continue
+        size = p.numel() * p.element_size()
+        total += size * top_k // num_experts if ".experts." in name else size
+    return total
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def runners(args: argparse.Namespace, batch: int, prompts: torch.Tensor, engine: Engine, hf: dict[str, Any]):  # noqa: ANN201
+    """name -> fn(new_tokens) that generates greedily for `batch` prompts."""
+    ids = prompts[:batch]
+    out: dict[str, Callable[[int], Any]] = {}
+
+    def ours(n: int) -> Any:
+        engine.max_batch = batch
+        return engine.generate(ids.tolist(), SamplingParams(max_tokens=n, temperature=0))
+
+    out["pyramoe"] = ours
+    for name, model in hf.items():
+        def theirs(n: int, model: Any = model) -> Any:
+            with torch.no_grad():
+                return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False)
+        out[name] = theirs
+    return out
+
+
+def prefill_runners(prompts: torch.Tensor, engine: Engine, hf: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+    """One forward over the whole prompt batch (the engine prefills prompt by prompt)."""
+    out: dict[str, Callable[[], Any]] = {}
+
+    def ours() -> Any:
+        engine.max_batch = prompts.shape[0]
+        for row in prompts.tolist():
+            engine.add_request(row, SamplingParams(max_tokens=1, temperature=0))
+        return list(engine.stream())
+
+    out["pyramoe"] = ours
+    for name, model in hf.items():
+        def theirs(model: Any = model) -> Any:
+            with torch.no_grad():
+                return model(input_ids=prompts).logits
+        out[name] = theirs
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    batches = validate(args)
+    dtype = resolve_dtype(args.dtype, "cpu")
+    notes = [f"dtype {str(dtype).removeprefix('torch.')}", f"{torch.get_num_threads()} threads"]
+    hf: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = build_transformers(args, dtype)
+        reference.save_pretrained(tmp)
+        engine = Engine.load(tmp, dtype="bf16" if dtype == torch.bfloat16 else "fp32", max_batch=max(batches),
+                             eos_id=None)
+    if not args.no_transformers:
+        if _set_experts(reference, "grouped_mm"):
+            hf["transformers"] = reference
+            eager = build_transformers(args, dtype)
+            if _set_experts(eager, "eager"):
+                hf["plain-moe"] = eager
+        else:
+            hf["transformers"] = reference
+            notes.append("transformers has no set_experts_implementation: its default experts ran")
+    torch.manual_seed(1)
+    prompts = torch.randint(1, args.vocab, (max(batches), args.prompt_len))
+    bandwidth = measure_bandwidth()
+    roofline = bandwidth / decode_bytes(engine.model, args.top_k, args.experts)
+    notes.append(f"memory read {bandwidth / 1e9:.1f} GB/s -> batch-1 roofline {roofline:.0f} tok/s")
+    results = []
+    for batch in batches:
+        fns = runners(args, batch, prompts, engine, hf)
+        samples: dict[str, list[float]] = {name: [] for name in fns}
+        for fn in fns.values():
+            fn(2)  # warm-up
+        for _ in range(args.rounds):
+            for name, fn in fns.items():
+                long, short = _timed(lambda fn=fn: fn(args.new_tokens)), _timed(lambda fn=fn: fn(1))
+                samples[name].append(batch * (args.new_tokens - 1) / max(long - short, 1e-9))
+                print(f"  {name:12s} batch {batch:<3d} {samples[name][-1]:9.1f} tok/s", file=sys.stderr, flush=True)
+        for name, values in samples.items():
+            results.append(dict(impl=name, batch=batch, decode_tok_s=statistics.median(values), samples=values))
+    prefill = {}
+    fns = prefill_runners(prompts, engine, hf)
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(args.rounds):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    for name, values in times.items():
+        prefill[name] = prompts.numel() / statistics.median(values)
+    return {"benchmark": "generate", "shape": {k: getattr(args, k) for k in (
+        "hidden", "layers", "experts", "top_k", "intermediate", "heads", "kv_heads", "vocab", "prompt_len",
+        "new_tokens")}, "machine": machine_info(), "notes": notes, "roofline_tok_s": roofline,
+        "bandwidth_bytes_s": bandwidth, "results": results, "prefill_tok_s": prefill}
+
+
+def report(payload: dict[str, Any]) -> str:
+    rows = []
+    base = {r["batch"]: r["decode_tok_s"] for r in payload["results"] if r["impl"] == "transformers"}
+    for r in payload["results"]:
+        vs = r["decode_tok_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
+        roof = r["decode_tok_s"] / payload["roofline_tok_s"] if r["batch"] == 1 else float("nan")
+        rows.append([r["impl"], r["batch"], r["decode_tok_s"], vs, roof])
+    table = format_table(["impl", "batch", "decode tok/s", "x transformers", "of roofline (b1)"], rows)
+    prefill = ", ".join(f"{name} {value:,.0f}" for name, value in payload["prefill_tok_s"].items())
+    return f"{table}\nprefill tok/s ({payload['shape']['prompt_len']}-token prompts): {prefill}"
+
+
+def main(args: argparse.Namespace) -> int:
+    payload = run(args)
+    print(report(payload))
+    for note in payload["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {write_json(args.out, payload)}")
+    return 0

@@ -1,0 +1,38 @@
+"""`pyramoe bench generate` on a tiny shape: every implementation measured for every batch, and the
+roofline is the measured bandwidth over the weight bytes a batch-1 decode step reads."""
+
+import json
+
+import pytest
+
+from pyramoe.cli.main import main
+
+
+def test_bench_generate_tiny(tmp_path, capsys):
+    out = tmp_path / "generate.json"
+    argv = ["bench", "generate", "--hidden", "32", "--layers", "2", "--experts", "4", "--top-k", "2",
+            "--intermediate", "48", "--heads", "4", "--kv-heads", "2", "--vocab", "64", "--prompt-len", "4",
+            "--new-tokens", "3", "--batches", "1,2", "--rounds", "1", "--dtype", "fp32", "--out", str(out)]
+    assert main(argv) == 0
+    payload = json.loads(out.read_text())
+    assert {(r["impl"], r["batch"]) for r in payload["results"]} == {
+        (impl, b) for impl in ("pyramoe", "transformers", "plain-moe") for b in (1, 2)
+    }
+    hidden, heads, kv, head_dim, experts, k, inter, vocab, layers = 32, 4, 2, 8, 4, 2, 48, 64, 2
+    per_layer = (
+        hidden * (heads + 2 * kv) * head_dim + heads * head_dim * hidden  # q, k, v, o
+        + 2 * hidden  # two RMSNorm gains
+        + experts * hidden  # router
+        + k * 3 * hidden * inter  # the top-k experts' gate, up, down
+    )
+    weights = layers * per_layer + hidden + vocab * hidden  # + final norm and the LM head (fp32: 4 bytes)
+    assert payload["roofline_tok_s"] == pytest.approx(payload["bandwidth_bytes_s"] / (4 * weights))
+    assert set(payload["prefill_tok_s"]) == {"pyramoe", "transformers", "plain-moe"}
+    assert "of roofline (b1)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--new-tokens", "1"), ("--batches", "1,x"), ("--top-k", "9")])
+def test_bench_generate_bad_input_is_one_line(flag, value, capsys):
+    assert main(["bench", "generate", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and flag in err
