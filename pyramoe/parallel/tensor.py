@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyramoe.dist.tensor_ops import copy_to_tp, gather_from_tp, reduce_from_tp, split_to_tp
+from pyramoe.layers.attention import CausalSelfAttention
 
 
 def _shard_index(blocks: Sequence[int], rank: int, size: int, what: str) -> torch.Tensor:
@@ -86,6 +87,8 @@ def shard_attention(
     and the replicated ones whose gradient each rank sees only for its heads (per-head q/k norms)."""
     size = dist.get_world_size(group)
     where = f"layers[{layer}].attn"
+    if not isinstance(attn, CausalSelfAttention):
+        raise ValueError(f"tp: {where} is {type(attn).__name__}, which tensor parallelism does not slice yet")
     for name in ("n_heads", "n_kv_heads"):
         if getattr(attn, name) % size:
             raise ValueError(f"tp: {where}.{name}={getattr(attn, name)} does not split over {size} ranks")
