@@ -165,7 +165,7 @@ def test_bad_prompts(model):
         engine.add_request("abc")
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "deepseek_v3"])
 def test_engine_on_a_hugging_face_directory_matches_transformers(arch, tmp_path):
     from hf_models import build_hf, hf_greedy, save_hf
 

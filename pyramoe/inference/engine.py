@@ -98,11 +98,8 @@ class Engine:
             for block in model.blocks:
                 if block.is_moe:
                     block.ffn.config.dropless = True
-        p = next(model.parameters())
-        cfg = model.config
-        self.device = p.device
-        self.cache = SlotKVCache(cfg.n_layers, max_batch, cfg.kv_heads, self.max_len, cfg.attn_head_dim,
-                                 dtype=p.dtype, device=p.device)
+        self.device = next(model.parameters()).device
+        self.cache = SlotKVCache.for_model(model, max_batch, self.max_len)
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []  # active[i] owns slot i
         self._ids = itertools.count()

@@ -3,6 +3,7 @@
 together and join or leave between steps without touching the others.
 
 Legend: S slots, B active rows, Hkv key/value heads, L key positions, Dh head width, T new tokens.
+(Models with latent attention cache [S, 1, L, latent] instead; the slot logic is the same.)
 Active sequences always fill slots 0..B-1 (a departing one's slot is refilled by the last), so a
 decode step reads plain views, never a gather of the whole cache.
 """
@@ -17,18 +18,21 @@ class SlotKVCache:
     each forward: `prefill(slot)` writes a chunk of one sequence; `decode(positions, length)` writes
     one token per active row, row b at its own position."""
 
-    def __init__(
-        self, n_layers: int, slots: int, n_kv_heads: int, max_len: int, head_dim: int,
-        dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-    ):
-        shape = (slots, n_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.slots, self.max_len = slots, max_len
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], max_len: int):
+        """Per-layer buffers whose dimension 0 is the slot and dimension 2 the position (any head
+        and width layout: [S, Hkv, L, Dh], or MLA's [S, 1, L, latent])."""
+        self.keys, self.values = keys, values
+        self.slots, self.max_len = keys[0].shape[0], max_len
         self._slot: int | None = None
         self._rows_B: torch.Tensor | None = None
         self._positions_B: torch.Tensor | None = None
         self._length = 0
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, slots: int, max_len: int) -> SlotKVCache:
+        """Buffers shaped like the model's own cache (`model.new_kv_cache`), one slot per batch row."""
+        template = model.new_kv_cache(batch_size=slots, max_len=max_len)
+        return cls(template.keys, template.values, template.max_len)
 
     def prefill(self, slot: int) -> SlotKVCache:
         self._slot, self._positions_B = slot, None
