@@ -260,7 +260,10 @@ class ModelConfig:
     attention). The Llama family (Mixtral, Qwen-MoE, OLMoE, DeepSeek-style) sets:
     - `position="rope"` with `rope_theta` (rotary embeddings on q and k, rotate-half convention);
       `rope_fraction` < 1 rotates only the first int(head_dim * rope_fraction) dimensions of each
-      head (GLM-4.5's partial_rotary_factor);
+      head (GLM-4.5's partial_rotary_factor); `rope_scaling` = {"rope_type": "yarn", "factor",
+      "original_max_position_embeddings", optional "beta_fast", "beta_slow", "mscale",
+      "mscale_all_dim", "attention_factor", "truncate"} is YaRN context extension, with
+      transformers' key names (DeepSeek-V3, long-context Qwen3);
     - `norm="rmsnorm"` (`layer_norm_eps` is its epsilon);
     - `n_kv_heads` < n_heads: grouped-query attention (None: = n_heads); `head_dim` when it is not
       d_model // n_heads (Qwen3);
@@ -292,6 +295,7 @@ class ModelConfig:
     position: str = "learned"
     rope_theta: float = 10000.0
     rope_fraction: float = 1.0
+    rope_scaling: dict[str, Any] | None = None
     norm: str = "layernorm"
     n_kv_heads: int | None = None  # None: n_heads
     head_dim: int | None = None  # None: d_model // n_heads
@@ -379,6 +383,7 @@ class ModelConfig:
             "rope_fraction",
             f"must be in (0, 1], got {self.rope_fraction}",
         )
+        self._validate_rope_scaling()
         rope_field = "rope_fraction" if self.rope_fraction != 1 else "head_dim"
         _require(
             self.position != "rope" or (self.rope_dim % 2 == 0 and self.rope_dim >= 2),
@@ -395,6 +400,21 @@ class ModelConfig:
             self.qkv_clip is None or self.qkv_clip > 0, "qkv_clip", f"must be > 0 (or unset), got {self.qkv_clip}"
         )
         self._validate_latent_attention()
+
+    def _validate_rope_scaling(self) -> None:
+        scaling = self.rope_scaling
+        if scaling is None:
+            return
+        _require(isinstance(scaling, dict) and scaling.get("rope_type") == "yarn", "rope_scaling",
+                 f"must be None or a dict with rope_type 'yarn', got {scaling!r}")
+        factor, original = scaling.get("factor"), scaling.get("original_max_position_embeddings")
+        _require(isinstance(factor, (int, float)) and factor > 0, "rope_scaling.factor", f"must be > 0, got {factor!r}")
+        _require(isinstance(original, int) and original >= 1, "rope_scaling.original_max_position_embeddings",
+                 f"must be a positive integer, got {original!r}")
+        known = {"rope_type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                 "mscale_all_dim", "attention_factor", "truncate"}
+        unknown = sorted(set(scaling) - known)
+        _require(not unknown, f"rope_scaling.{unknown[0] if unknown else ''}", "unknown YaRN setting")
 
     def _validate_latent_attention(self) -> None:
         _require(self.attention in ATTENTIONS, "attention", f"must be one of {ATTENTIONS}, got {self.attention!r}")

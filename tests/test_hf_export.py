@@ -51,7 +51,9 @@ EXPORTABLE = {
                                                      expert_groups=4, topk_groups=2, routed_scaling=2.5,
                                                      shared_d_ff=16)],
                                  n_kv_heads=None, attention="latent", mla_q_rank=12, mla_kv_rank=16, mla_rope_dim=8,
-                                 mla_nope_dim=8, mla_v_dim=12, rope_interleave=True),
+                                 mla_nope_dim=8, mla_v_dim=12, rope_interleave=True,
+                                 rope_scaling={"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.8,
+                                               "original_max_position_embeddings": 16}),
 }
 
 

@@ -16,6 +16,7 @@ from hf_models import CONFIGS, build_hf, hf_greedy, pyramoe_greedy, save_hf
 from safetensors.torch import load_file, save_file
 
 from pyramoe.hf import load_hf_model
+from pyramoe.layers import RotaryEmbedding
 
 ARCHS = sorted(CONFIGS)
 PROMPTS = [[5, 17, 99, 3, 42, 8, 61], [11, 2], [77, 31, 120, 9]]
@@ -67,13 +68,24 @@ def test_deepseek_v3_without_q_latent_matches_transformers(tmp_path):
     assert pyramoe_greedy(ours, PROMPTS, 6) == hf_greedy(hf_model, PROMPTS, 6)
 
 
-def test_deepseek_v3_with_yarn_is_refused_in_one_line(tmp_path):
-    directory = save_hf(build_hf("deepseek_v3"), tmp_path / "ds")
-    config = json.loads((directory / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 40.0, "mscale_all_dim": 1.0}
-    (directory / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"^config.json: rope_parameters.rope_type='yarn' is not supported"):
-        load_hf_model(directory)
+YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32, "beta_slow": 1}
+
+
+@pytest.mark.parametrize(
+    "arch, yarn",
+    [("deepseek_v3", {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}), ("qwen3_moe", YARN)],
+)
+def test_yarn_rope_scaling_matches_transformers(arch, yarn, tmp_path):
+    """DeepSeek-V3's published config scales RoPE with YaRN (and its softmax by mscale^2); long-context
+    Qwen3 configs use YaRN too."""
+    hf_model = build_hf(arch, rope_parameters=yarn)
+    ours = load_hf_model(save_hf(hf_model, tmp_path / arch)).model
+    plain = RotaryEmbedding(ours.rope.head_dim, ours.rope.theta)
+    assert ours.config.rope_scaling["factor"] == 4.0 and not torch.equal(ours.rope.inv_freq, plain.inv_freq)
+    idx_BT = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(10))  # past the original 16
+    assert_same_logits(hf_model, ours, idx_BT)
+    assert pyramoe_greedy(ours, PROMPTS, 6) == hf_greedy(hf_model, PROMPTS, 6)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3"])
@@ -132,8 +144,10 @@ def copy_dir(src, dst, config_edit=None, drop=None, add=None):
     [
         ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, None, None,
          "unsupported architecture model_type='llama'"),
+        ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 4.0}}, None, None,
+         "rope_parameters.rope_type='linear' is not supported"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, None, None,
-         "rope_parameters.rope_type='yarn' is not supported"),
+         "YaRN rope scaling without original_max_position_embeddings"),
         ({"hidden_act": "gelu"}, None, None, "hidden_act='gelu' is not supported"),
         ({"attention_bias": True}, None, None, "attention_bias=true is not supported"),
         ({"num_hidden_layers": None}, None, None, "config.json: missing num_hidden_layers"),

@@ -66,6 +66,10 @@ def test_llama_block_modules():
         ({"rope_fraction": 0.0}, "rope_fraction"),
         ({"rope_fraction": 0.125}, "rope_fraction"),  # 1 of 8 head dimensions: rotation needs pairs
         ({"attention": "sparse"}, "attention"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope_scaling.original_max_position_embeddings"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8, "beta": 1}},
+         "rope_scaling.beta"),
         ({"rope_interleave": True}, "rope_interleave"),
         ({**LATENT, "mla_kv_rank": 0}, "mla_kv_rank"),
         ({**LATENT, "mla_rope_dim": 7}, "mla_rope_dim"),

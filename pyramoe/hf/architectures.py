@@ -12,13 +12,14 @@ attention and in routing:
 - DeepSeek-V3 (`deepseek_v3`, also Kimi-K2 / Moonlight checkpoints of that type): DeepSeek-V3
   routing - sigmoid scores, score-correction bias, group-limited top-k, routed scaling factor,
   ungated shared experts, dense first layers - with multi-head latent attention (`layers/mla.py`,
-  interleaved RoPE). DeepSeek-V3's own config uses YaRN RoPE scaling, which pyramoe does not
-  implement: such a config is refused (rope_parameters.rope_type='yarn'); those without scaling load.
+  interleaved RoPE, YaRN RoPE scaling with DeepSeek's softmax mscale).
 - dots.llm1 (`dots1`): the same routing on Qwen3 attention (per-head q/k norm).
 - GLM-4.5 (`glm4_moe`): the same DeepSeek-V3 routing, with q/k/v biases, partial RoPE
   (partial_rotary_factor) and optional per-head q/k norm. Its multi-token-prediction layers
   (num_nextn_predict_layers, stored as layers past num_hidden_layers) serve speculative decoding
   and are skipped.
+RoPE: plain or YaRN-scaled (`rope_parameters` in transformers 5, `rope_scaling` before); other
+scalings (linear, dynamic, llama3, longrope) are refused.
 Sliding-window attention is loaded as full attention with max_seq_len capped at the window: within
 the window the two are the same, past it pyramoe refuses the sequence.
 """
@@ -131,6 +132,7 @@ def model_config(cfg: dict[str, Any], arch: Architecture, dropless: bool = True)
         position="rope",
         rope_theta=float(_rope_theta(cfg)),
         rope_fraction=float(_rope_setting(cfg, "partial_rotary_factor", 1.0)),
+        rope_scaling=_yarn(cfg),
         norm="rmsnorm",
         qk_norm=_qk_norm(cfg, arch),
         qkv_clip=cfg.get("clip_qkv") if arch.model_type == "olmoe" else None,
@@ -212,16 +214,36 @@ def _rope_setting(cfg: dict[str, Any], key: str, default: Any) -> Any:
     return get(cfg, key, default)
 
 
+def _rope_type(params: Any) -> str | None:
+    if not isinstance(params, dict):
+        return None
+    return params.get("rope_type", params.get("type"))
+
+
+def _yarn(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """YaRN settings from rope_parameters (or the older rope_scaling), factor filled in as transformers does."""
+    params = next((cfg[k] for k in ("rope_parameters", "rope_scaling") if _rope_type(cfg.get(k)) == "yarn"), None)
+    if params is None:
+        return None
+    keep = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+            "attention_factor", "truncate")
+    scaling = {"rope_type": "yarn", **{k: params[k] for k in keep if params.get(k) is not None}}
+    if "original_max_position_embeddings" not in scaling:
+        raise ValueError("config.json: YaRN rope scaling without original_max_position_embeddings")
+    if "factor" not in scaling:
+        scaling["factor"] = get(cfg, "max_position_embeddings") / scaling["original_max_position_embeddings"]
+    return scaling
+
+
 def _check_supported(cfg: dict[str, Any], arch: Architecture) -> None:
     """One line naming the first option pyramoe's block cannot express."""
     act = get(cfg, "hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"config.json: hidden_act={act!r} is not supported (SwiGLU experts use silu)")
     for key in ("rope_parameters", "rope_scaling"):
-        params = cfg.get(key)
-        rope_type = (params or {}).get("rope_type", (params or {}).get("type")) if isinstance(params, dict) else None
-        if rope_type not in (None, "default"):
-            raise ValueError(f"config.json: {key}.rope_type={rope_type!r} is not supported (plain RoPE only)")
+        rope_type = _rope_type(cfg.get(key))
+        if rope_type not in (None, "default", "yarn"):
+            raise ValueError(f"config.json: {key}.rope_type={rope_type!r} is not supported (plain or YaRN RoPE only)")
     partial = _rope_setting(cfg, "partial_rotary_factor", 1.0)
     if partial != 1.0 and arch.model_type != "glm4_moe":
         raise ValueError(f"config.json: partial_rotary_factor={partial} is not supported for {arch.hf_class}")

@@ -75,7 +75,7 @@ def hf_config(config: ModelConfig, arch: Architecture, eos_id: int | None = None
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.layer_norm_eps,
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta,
-                            "partial_rotary_factor": config.rope_fraction},
+                            "partial_rotary_factor": config.rope_fraction, **(config.rope_scaling or {})},
         "rope_theta": config.rope_theta,
         "tie_word_embeddings": config.tie_embeddings,
         "num_experts_per_tok": moe.top_k,

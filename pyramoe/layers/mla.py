@@ -58,8 +58,10 @@ class LatentAttention(nn.Module):
         rope_interleave: bool = False,
         dropout: float = 0.0,
         layer_idx: int = 0,
+        softmax_scale: float | None = None,
     ):
         super().__init__()
+        self.softmax_scale = softmax_scale  # None: 1 / sqrt(q/k head width)
         self.n_heads, self.kv_rank = n_heads, kv_rank
         self.nope_dim, self.rope_dim, self.v_dim = nope_dim, rope_dim, v_dim
         self.rope_interleave = rope_interleave
@@ -106,7 +108,8 @@ class LatentAttention(nn.Module):
         mask = self._mask(key_mask_BL, start_pos, length, total, q.device)
         causal = key_mask_BL is None and total == length and length > 1
         dropout = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout,
+                                             scale=self.softmax_scale)
         return self.proj(out.transpose(1, 2).reshape(batch, length, -1))
 
     @staticmethod

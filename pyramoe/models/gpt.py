@@ -21,7 +21,7 @@ from pyramoe.layers.mla import LatentAttention, LatentKVCache
 from pyramoe.layers.mlp import MLP
 from pyramoe.layers.moe import MoELayer, MoEStats
 from pyramoe.layers.norms import make_norm
-from pyramoe.layers.rope import RotaryEmbedding
+from pyramoe.layers.rope import RotaryEmbedding, yarn_mscale
 
 
 @dataclass
@@ -43,11 +43,21 @@ def _sum_or_zero(values: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor
     return torch.stack(values).sum() if values else like.new_zeros((), dtype=torch.float32)
 
 
+def latent_softmax_scale(config: ModelConfig) -> float | None:
+    """DeepSeek's MLA under YaRN multiplies the softmax scale by mscale(factor, mscale_all_dim)^2."""
+    scaling = config.rope_scaling
+    if scaling is None or not scaling.get("mscale_all_dim"):
+        return None
+    mscale = yarn_mscale(scaling["factor"], scaling["mscale_all_dim"])
+    return (config.mla_nope_dim + config.mla_rope_dim) ** -0.5 * mscale * mscale
+
+
 def make_attention(config: ModelConfig, layer_idx: int) -> nn.Module:
     if config.attention == "latent":
         return LatentAttention(
             config.d_model, config.n_heads, config.mla_q_rank, config.mla_kv_rank, config.mla_nope_dim,
             config.mla_rope_dim, config.mla_v_dim, config.rope_interleave, config.dropout, layer_idx,
+            softmax_scale=latent_softmax_scale(config),
         )
     return CausalSelfAttention(
         config.d_model, config.n_heads, config.bias, config.dropout, layer_idx,
@@ -100,7 +110,7 @@ class GPT(nn.Module):
             self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model)
             self.rope = None
         else:
-            self.rope = RotaryEmbedding(config.rope_dim, config.rope_theta)
+            self.rope = RotaryEmbedding(config.rope_dim, config.rope_theta, config.rope_scaling)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, layer, i) for i, layer in enumerate(config.layers))
         self.ln_f = make_norm(config.norm, config.d_model, config.layer_norm_eps)
