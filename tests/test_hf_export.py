@@ -171,3 +171,9 @@ def test_cli_refuses_the_gpt2_block_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "learned position embeddings" in err and "Traceback" not in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--help"])
+    assert info.value.code == 0 and "usage: pyramoe export RUN_OR_CKPT OUT_DIR" in capsys.readouterr().out

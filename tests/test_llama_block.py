@@ -247,9 +247,18 @@ def test_gated_shared_expert_adds_to_routed_output():
     torch.testing.assert_close(with_shared, routed + torch.sigmoid(gate(x_TD)) * shared(x_TD))
 
 
-def test_every_llama_parameter_gets_a_gradient():
+SIGMOID_ROUTING = dict(router_score="sigmoid", score_correction_bias=True, expert_groups=2, topk_groups=1,
+                       routed_scaling=2.0, shared_d_ff=8)
+
+
+@pytest.mark.parametrize(
+    "overrides, routing",
+    [({}, dict(shared_d_ff=8, shared_gate=True)), (LATENT, SIGMOID_ROUTING)],
+    ids=["gqa-gated-shared", "latent-deepseek-routing"],
+)
+def test_every_llama_parameter_gets_a_gradient(overrides, routing):
     torch.manual_seed(0)
-    model = GPT(llama_config(layers=build_layers(2, [1], 4, top_k=2, shared_d_ff=8, shared_gate=True)))
+    model = GPT(llama_config(layers=build_layers(2, [1], 4, top_k=2, **routing), **overrides))
     out = model(torch.randint(0, 64, (2, 8)))
     (out.logits.sum() + out.aux_loss).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
@@ -277,3 +286,4 @@ def test_tiny_llama_moe_trains_and_loss_falls(tmp_path):
     losses = [r["loss"] for r in records if r.get("kind", r.get("type")) == "train"]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+    assert main(["generate", "runs/tiny-llama-moe", "--prompt", "def f1", "--max-new-tokens", "5"]) == 0
