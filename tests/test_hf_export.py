@@ -176,4 +176,4 @@ def test_cli_refuses_the_gpt2_block_in_one_line(tmp_path, capsys):
 def test_export_help(capsys):
     with pytest.raises(SystemExit) as info:
         main(["export", "--help"])
-    assert info.value.code == 0 and "usage: pyramoe export RUN_OR_CKPT OUT_DIR" in capsys.readouterr().out
+    assert info.value.code == 0 and "usage: pyramoe export [-h] RUN_OR_CKPT OUT_DIR" in capsys.readouterr().out
