@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pyramoe.inference import Engine, SamplingParams
+from pyramoe.parallel.launch import argv_without_nproc, relaunch_with_torchrun, world_size_from_env
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="auto (bf16 where the CPU multiplies bf16 natively, or on CUDA), fp32 or bf16")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
+    group = parser.add_argument_group("processes (torchrun)")
+    group.add_argument("--ep", type=int, default=1, metavar="N",
+                       help="spread each MoE layer's experts over min(N, experts) ranks; same tokens as one process")
+    group.add_argument("--tp", type=int, default=1, metavar="N",
+                       help="split attention heads and each MoE layer's tokens over N ranks")
+    group.add_argument("--nproc-per-node", type=int, metavar="N", help="launch N local processes with torchrun")
     parser.set_defaults(func=main)
 
 
@@ -52,7 +59,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    for name in ("max_new_tokens", "max_batch"):
+    for name in ("max_new_tokens", "max_batch", "ep", "tp"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -60,7 +67,19 @@ def main(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     if args.stream and len(prompts) > 1:
         raise ValueError("--stream: streams one prompt; got several")
+    if args.nproc_per_node is not None and world_size_from_env() == 1:
+        return relaunch_with_torchrun(args.nproc_per_node, argv_without_nproc(args.argv))
     engine = Engine.load(args.checkpoint, dtype=args.dtype, device=args.device, max_batch=args.max_batch)
+    run = engine.distribute(args.ep, args.tp)
+    try:
+        return _generate(engine, prompts, args, quiet=run is not None and not run.is_main)
+    finally:
+        if run is not None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _generate(engine: Engine, prompts: list[str], args: argparse.Namespace, quiet: bool) -> int:
+    """Every rank runs the same requests (in lockstep under torchrun); `quiet` ranks print nothing."""
     if engine.tokenizer is None:
         raise ValueError(f"{args.checkpoint}: no tokenizer.json; text prompts need one")
     ids = []
@@ -70,15 +89,18 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     texts = {rid: "" for rid in ids}
     generated = 0
-    if args.stream:
+    stream = args.stream and not quiet
+    if stream:
         print(prompts[0], end="", flush=True)
     for event in engine.stream():
         texts[event.request_id] += event.text
         generated += event.token_id is not None
-        if args.stream:
+        if stream:
             print(event.text, end="", flush=True)
     seconds = time.perf_counter() - start
-    if args.stream:
+    if quiet:
+        return 0
+    if stream:
         print()
     else:
         for prompt, rid in zip(prompts, ids):

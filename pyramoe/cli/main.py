@@ -7,8 +7,8 @@ import sys
 
 from pyramoe.cli import bench, distill, experiments, export, generate, plot, presets, train
 from pyramoe.cli import eval as eval_cmd
+from pyramoe.parallel.launch import DistributedFailure
 from pyramoe.runtime import configure_cpu_allocator
-from pyramoe.train.distributed import DistributedFailure
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,9 +32,15 @@ import torch
 
 from pyramoe.inference import complete
 from pyramoe.models import GPT, count_active_parameters, count_parameters
+from pyramoe.parallel.launch import (
+    DistributedFailure,
+    Launch,
+    argv_without_nproc,
+    relaunch_with_torchrun,
+    world_size_from_env,
+)
 from pyramoe.train import Checkpoint, RunConfig, build_model, create_trainer, load_checkpoint, resolve_run
 from pyramoe.train.config import load_toml, parse_override
-from pyramoe.train.distributed import DistributedFailure, Launch, relaunch_with_torchrun, world_size_from_env
 from pyramoe.train.metrics import METRICS_FILE, read_metrics, records_of
 from pyramoe.train.session import LATEST, check_plain_run
 from pyramoe.train.trainer import FitResult, Trainer
@@ -101,19 +107,6 @@ def launch_of(args: argparse.Namespace) -> Launch:
     )
 
 
-def without_nproc(argv: list[str]) -> list[str]:
-    """argv minus --nproc-per-node N (or =N): what each torchrun worker runs."""
-    out, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item == "--nproc-per-node":
-            skip = True
-        elif not item.startswith("--nproc-per-node="):
-            out.append(item)
-    return out
-
-
 def add_run_arguments(
     parser: argparse.ArgumentParser, defaults: str | None = None, tables: str = "[train] and [model] tables",
     run_dir: str = "runs/PRESET",
@@ -166,7 +159,7 @@ def main(args: argparse.Namespace) -> int:
     run, ckpt = resolve_run(config_sources(args), args.resume)
     check_plain_run(run)
     if args.nproc_per_node is not None and world_size_from_env() == 1:
-        return relaunch_with_torchrun(args.nproc_per_node, without_nproc(args.argv))
+        return relaunch_with_torchrun(args.nproc_per_node, argv_without_nproc(args.argv))
     if nothing_to_do(run, ckpt):
         return 0
     trainer = create_trainer(run, ckpt, progress=not args.quiet, launch=launch)

@@ -108,7 +108,8 @@ class Scorer:
         """Pairs that score every token of `tokens` once, each with as much context as fits: chunks of
         max_seq_len tokens, each after everything before it (cut on the left when scored)."""
         full = [prefix_id, *tokens]
-        return [(full[:a], full[a : a + self.max_len]) for a in range(1, len(full), self.max_len)]
+        n = self.max_len
+        return [(full[max(0, a - n) : a], full[a : a + n]) for a in range(1, len(full), n)]
 
     def loglikelihood_rolling(self, docs: Sequence[list[int]], prefix_id: int) -> list[float]:
         pairs, owner = [], []

@@ -64,13 +64,14 @@ class TensorSource:
 
     def __init__(self, files: list[Path]):
         self.location: dict[str, Path] = {}
+        self._handles: dict[Path, Any] = {}  # one memory-mapped reader per file, opened once
         for path in files:
             try:
-                with safe_open(str(path), framework="pt") as f:
-                    for name in f.keys():
-                        self.location[name] = path
+                handle = self._handles[path] = safe_open(str(path), framework="pt")
             except Exception as exc:  # noqa: BLE001 - safetensors raises its own (Rust) error types
                 raise ValueError(f"{path}: unreadable safetensors file ({str(exc).splitlines()[0]})") from None
+            for name in handle.keys():
+                self.location[name] = path
         self.taken: set[str] = set()
 
     def __contains__(self, name: str) -> bool:
@@ -80,8 +81,7 @@ class TensorSource:
         path = self.location.get(name)
         if path is None:
             raise ValueError(f"missing tensor {name}")
-        with safe_open(str(path), framework="pt") as f:
-            tensor = f.get_tensor(name)
+        tensor = self._handles[path].get_tensor(name)
         self.taken.add(name)
         return tensor
 

@@ -100,6 +100,7 @@ class Engine:
                     block.ffn.config.dropless = True
         self.device = next(model.parameters()).device
         self.cache = SlotKVCache.for_model(model, max_batch, self.max_len)
+        self.logits_source: int | None = None  # set by `distribute`: the rank whose logits all follow
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []  # active[i] owns slot i
         self._ids = itertools.count()
@@ -124,6 +125,23 @@ class Engine:
         ckpt = load_checkpoint(path)
         model = build_model(ckpt, dropless=True).to(device=device, dtype=torch_dtype)
         return cls(model, Tokenizer.from_file(ckpt.tokenizer_path), **kwargs)
+
+    def distribute(self, ep: int, tp: int = 1, timeout_s: float = 60.0) -> object:
+        """Join the torchrun job in the environment and spread the model over it: each MoE layer's
+        experts over min(ep, experts) ranks, heads and MoE tokens over `tp` (`pyramoe.parallel`).
+        Every rank must add the same requests in the same order; rank 0's logits decide."""
+        from pyramoe.parallel.launch import Launch, apply_parallelism, init_distributed
+
+        launch = Launch(device=str(self.device), ep=ep, tp=tp, timeout_s=timeout_s)
+        run = init_distributed(launch, self.device)
+        if run is not None:
+            apply_parallelism(run, self.model, ep)
+            self.logits_source = 0
+            if tp > 1:  # each rank caches only its key/value heads
+                self.cache = SlotKVCache([k[:, : k.shape[1] // tp].contiguous() for k in self.cache.keys],
+                                         [v[:, : v.shape[1] // tp].contiguous() for v in self.cache.values],
+                                         self.cache.max_len)
+        return run
 
     # -- requests ------------------------------------------------------------------------------------------
 
@@ -197,7 +215,7 @@ class Engine:
             chunk = ids[:, start : start + self.prefill_chunk]
             logits = self.model(chunk, kv_cache=self.cache.prefill(request.slot), start_pos=start).logits
         request.cached = ids.shape[1]
-        return logits[0, -1]
+        return self._agreed(logits[0, -1].float())
 
     def _decode(self, requests: list[Request]) -> torch.Tensor:
         """One token per request: row b feeds its last token at position `cached`, and sees its own
@@ -211,7 +229,15 @@ class Engine:
                          key_mask_BL=mask_B11L, positions_BT=positions_B[:, None])
         for request in requests:
             request.cached += 1
-        return out.logits[:, -1].float()
+        return self._agreed(out.logits[:, -1].float())
+
+    def _agreed(self, logits: torch.Tensor) -> torch.Tensor:
+        """Under torchrun every rank runs the same requests in lockstep (experts spread over them);
+        rank 0's logits decide for all, so a last-bit difference can never make ranks diverge."""
+        if self.logits_source is not None:
+            logits = logits.contiguous()
+            torch.distributed.broadcast(logits, src=self.logits_source)
+        return logits
 
     def _accept(self, request: Request, logits_V: torch.Tensor) -> TokenEvent:
         """Sample the request's next token, update its text, decide whether it is done."""

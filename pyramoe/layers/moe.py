@@ -23,6 +23,8 @@ class TokenSplit(Protocol):
 
     aux_scale: float
 
+    def splits(self, num_tokens: int) -> bool: ...
+
     def split(self, x_TD: torch.Tensor) -> torch.Tensor: ...
 
     def gather(self, y_local: torch.Tensor, num_tokens: int) -> torch.Tensor: ...
@@ -69,7 +71,8 @@ class MoELayer(nn.Module):
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         num_tokens = x_TD.shape[0]
-        if self.token_split is not None:
+        split = self.token_split is not None and self.token_split.splits(num_tokens)
+        if split:
             x_TD = self.token_split.split(x_TD)
         if x_TD.shape[0] == 0:
             raise ValueError(f"MoELayer: got an empty batch (0 of {num_tokens} tokens on this rank)")
@@ -84,7 +87,7 @@ class MoELayer(nn.Module):
         if self.shared_expert is not None:
             y_TD = y_TD + self._shared(x_TD)
         aux_scale = 1.0
-        if self.token_split is not None:
+        if split:
             y_TD = self.token_split.gather(y_TD, num_tokens)
             aux_scale = self.token_split.aux_scale
         stats = MoEStats(

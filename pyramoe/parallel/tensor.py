@@ -71,7 +71,17 @@ class TPTokenSplit:
 
     def __init__(self, group: dist.ProcessGroup):
         self.group = group
-        self.aux_scale = 1.0 / dist.get_world_size(group)
+        self.size = dist.get_world_size(group)
+        self.aux_scale = 1.0 / self.size
+
+    def splits(self, num_tokens: int) -> bool:
+        """Split unless some rank would get no token: then, at inference (a decode step of fewer
+        requests than TP ranks), every rank routes all tokens and all get the same output."""
+        if num_tokens >= self.size:
+            return True
+        if torch.is_grad_enabled():
+            raise ValueError(f"tp: {num_tokens} tokens cannot be split over {self.size} ranks for training")
+        return False
 
     def split(self, x_TD: torch.Tensor) -> torch.Tensor:
         return split_to_tp(x_TD, self.group)

@@ -14,6 +14,7 @@ import torch
 import pyramoe.train.checkpoint as ckpt_io
 from pyramoe.config import ModelConfig, moe_layer_indices
 from pyramoe.data import PreparedData, prepare_data
+from pyramoe.parallel.launch import DistRun, Launch, init_distributed
 from pyramoe.train.config import (
     DEFAULT_PRESET,
     RunConfig,
@@ -22,7 +23,6 @@ from pyramoe.train.config import (
     merge,
     run_config_from_dict,
 )
-from pyramoe.train.distributed import DistRun, Launch, init_distributed
 from pyramoe.train.metrics import METRICS_FILE
 from pyramoe.train.trainer import Trainer
 

@@ -27,10 +27,9 @@ from pyramoe.config import ModelConfig
 from pyramoe.data import PreparedData
 from pyramoe.models import GPT, GPTOutput
 from pyramoe.parallel import ParallelState
+from pyramoe.parallel.launch import DistRun, apply_parallelism
 from pyramoe.train.config import RunConfig
 from pyramoe.train.distributed import (
-    DistRun,
-    apply_parallelism,
     consolidated_model,
     consolidated_optimizer,
     model_slicer,
