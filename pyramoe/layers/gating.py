@@ -58,6 +58,15 @@ class Router(nn.Module):
             # Chooses experts, never weights them, and gets no gradient (DeepSeek-V3 adjusts it outside autograd).
             self.register_buffer("score_bias", torch.zeros(config.num_experts, dtype=torch.float32))
 
+    @torch.no_grad()
+    def nudge_score_bias(self, load_E: torch.Tensor, rate: float) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3): after a step, raise the selection bias of experts
+        that got fewer assignments than the mean by `rate` and lower the others', no gradient."""
+        if not self.config.score_correction_bias:
+            raise ValueError("train.router_bias_rate: needs model.moe.score_correction_bias=true (a bias to move)")
+        load_E = load_E.to(self.score_bias.device, torch.float32)
+        self.score_bias += rate * torch.sign(load_E.mean() - load_E)
+
     def capacity(self, num_tokens: int) -> int | None:
         cfg = self.config
         if cfg.dropless:

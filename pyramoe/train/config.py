@@ -64,6 +64,9 @@ class TrainConfig:
     run_dir: str | None = None  # None: runs/<preset>
     aux_loss_coef: float | None = None  # None: the model's (preset's) value
     z_loss_coef: float | None = None
+    # Aux-loss-free balancing (DeepSeek-V3): after every step each MoE router's per-expert selection
+    # bias (model.moe.score_correction_bias) moves by this much toward an even load. 0: off.
+    router_bias_rate: float = 0.0
 
     def validate(self) -> None:
         positive = ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_last")
@@ -84,6 +87,7 @@ class TrainConfig:
         for name in ("aux_loss_coef", "z_loss_coef"):
             value = getattr(self, name)
             _check(value is None or value >= 0, name, f"must be >= 0, got {value}")
+        _check(self.router_bias_rate >= 0, "router_bias_rate", f"must be >= 0, got {self.router_bias_rate}")
 
     @property
     def tokens_per_step(self) -> int:

@@ -62,6 +62,7 @@ class StepStats:
     grad_norm: float
     drop_rate: float  # mean over MoE layers and micro-batches
     terms: dict[str, float] = field(default_factory=dict)  # the hook's other logged scalars (e.g. kd)
+    routed: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> assignments per expert, this rank
 
 
 def train_step(
@@ -80,6 +81,7 @@ def train_step(
     n = len(batches)
     loss_sum = aux_sum = drop_sum = 0.0
     drop_count = 0
+    routed: dict[int, torch.Tensor] = {}
     term_sums: dict[str, float] = {}
     for x, y in batches:
         x, y = x.to(device), y.to(device)
@@ -92,9 +94,10 @@ def train_step(
         aux_sum += aux.item()
         for name, value in terms.items():
             term_sums[name] = term_sums.get(name, 0.0) + float(value)
-        for stats in out.moe_stats.values():
+        for index, stats in out.moe_stats.items():
             drop_sum += stats.dropped_fraction.item()
             drop_count += 1
+            routed[index] = routed[index] + stats.routed_per_expert if index in routed else stats.routed_per_expert
     if not math.isfinite(loss_sum + aux_sum):
         optimizer.zero_grad(set_to_none=True)
         raise ValueError("loss is not finite; lower train.lr or raise train.warmup")
@@ -115,6 +118,7 @@ def train_step(
         grad_norm=grad_norm,
         drop_rate=drop_sum / drop_count if drop_count else 0.0,
         terms=means,
+        routed=routed,
     )
 
 
@@ -151,6 +155,10 @@ class Trainer:
             apply_parallelism(dist_run, self.model, ep, hierarchical)
         self.model.to(self.device)
         self.optimizer = make_optimizer(self.model, self.config)
+        biased = [b for b in self.model.blocks if b.is_moe and b.ffn.config.score_correction_bias]
+        if self.config.router_bias_rate > 0 and not biased:
+            raise ValueError("train.router_bias_rate: no MoE layer has a score bias to move; "
+                             "set model.moe.score_correction_bias=true")
         self.dp = dist_run.dp if dist_run is not None else 1
         self.tokens_per_step = self.config.tokens_per_step * self.dp
         self.lr_plan = LRPlan.fresh(self.config)
@@ -327,6 +335,8 @@ class Trainer:
         )
         if self.dist is not None:
             stats = self._mean_over_ranks(stats)
+        if cfg.router_bias_rate > 0:
+            self._balance_routers(stats.routed, cfg.router_bias_rate)
         seconds = time.perf_counter() - start  # includes whatever the hook runs (a teacher's forward)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
@@ -346,12 +356,24 @@ class Trainer:
         )
         return stats.loss
 
+    def _balance_routers(self, routed: dict[int, torch.Tensor], rate: float) -> None:
+        """Aux-loss-free balancing: each router's score bias moves toward an even load, by the step's
+        routing counts over every rank (so every rank's copy moves alike)."""
+        for index, load_E in routed.items():
+            router = self.model.blocks[index].ffn.router
+            if not router.config.score_correction_bias:
+                continue
+            if self.dist is not None:
+                load_E = load_E.clone()
+                torch.distributed.all_reduce(load_E)
+            router.nudge_score_bias(load_E, rate)
+
     def _mean_over_ranks(self, stats: StepStats) -> StepStats:
         """Logged losses and drop rate averaged over ranks (the grad norm is already global)."""
         names = sorted(stats.terms)
         values = [stats.loss, stats.ce, stats.aux, stats.drop_rate] + [stats.terms[n] for n in names]
         mean = self.dist.mean(values, self._collective_device())
-        return StepStats(mean[0], mean[1], mean[2], stats.grad_norm, mean[3], dict(zip(names, mean[4:])))
+        return StepStats(mean[0], mean[1], mean[2], stats.grad_norm, mean[3], dict(zip(names, mean[4:])), stats.routed)
 
     def _eval(self, bar: tqdm) -> EvalResult:
         result = self.evaluate()
