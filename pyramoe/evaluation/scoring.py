@@ -106,7 +106,7 @@ class Scorer:
 
     def rolling_pairs(self, tokens: list[int], prefix_id: int) -> list[TokenPair]:
         """Pairs that score every token of `tokens` once, each with as much context as fits: chunks of
-        max_seq_len tokens, each after everything before it (cut on the left when scored)."""
+        max_seq_len tokens, each after (at most) the max_seq_len tokens before it."""
         full = [prefix_id, *tokens]
         n = self.max_len
         return [(full[max(0, a - n) : a], full[a : a + n]) for a in range(1, len(full), n)]
