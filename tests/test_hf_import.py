@@ -177,6 +177,9 @@ def test_missing_files_are_named(tmp_path, saved_qwen3):
     (bin_only / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ValueError, match="only pytorch_model.bin .pickle. found; pyramoe loads safetensors only"):
         load_hf_model(bin_only)
+    (bin_only / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    with pytest.raises(ValueError, match="model.safetensors: unreadable safetensors file"):
+        load_hf_model(bin_only)
 
 
 def test_multi_token_prediction_layers_are_skipped_only_when_declared(tmp_path):
