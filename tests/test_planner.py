@@ -1,0 +1,95 @@
+"""`pyramoe plan`: memory arithmetic on a hand-computed preset, placement, the paper's claims, errors."""
+
+import pytest
+
+from pyramoe.cli.main import main
+from pyramoe.cli.plan import parse_memory
+from pyramoe.parallel.planner import Hardware, Workload, make_plan, memory_per_gpu, model_sizes
+from pyramoe.presets import get_preset
+
+# tiny-moe by hand: vocab 8192, context 256, width 256, 4 blocks, MoE (8 experts, d_ff 1024) in 1 and 3.
+EMBEDDINGS = 8192 * 256 + 256 * 256 + 2 * 256  # token, position, final LayerNorm (tied head)
+NORMS = 4 * 2 * 2 * 256  # two LayerNorms per block
+ROUTERS = 2 * 8 * 256
+ATTENTION = 4 * ((3 * 256 * 256 + 3 * 256) + (256 * 256 + 256))  # qkv, proj (with biases)
+DENSE_MLP = 2 * ((1024 * 256 + 1024) + (256 * 1024 + 256))  # blocks 0 and 2
+EXPERTS = 8 * (1024 * 256 + 1024 + 256 * 1024 + 256)  # per MoE layer
+KV_CACHE = 2 * 4 * 256 * 256 * 8 * 2  # K and V, 4 layers, width 256, 256 tokens, batch 8, 16-bit
+
+
+def test_parameter_counts_by_placement():
+    sizes = model_sizes(get_preset("tiny-moe"))
+    assert sizes.replicated == EMBEDDINGS + NORMS + ROUTERS
+    assert sizes.tp_sliced == ATTENTION + DENSE_MLP
+    assert sizes.experts == {1: (8, EXPERTS), 3: (8, EXPERTS)}
+    assert sizes.active == EMBEDDINGS + NORMS + ROUTERS + ATTENTION + DENSE_MLP + 2 * EXPERTS // 8
+
+
+def test_memory_per_gpu_inference_and_training():
+    sizes = model_sizes(get_preset("tiny-moe"))
+    inference = memory_per_gpu(sizes, tp=1, eps={1: 2, 3: 2}, workload=Workload("inference", batch=8))
+    held = EMBEDDINGS + NORMS + ROUTERS + ATTENTION + DENSE_MLP + 2 * EXPERTS // 2
+    assert inference == {"parameters": 2 * held, "kv_cache": KV_CACHE}
+    train = memory_per_gpu(sizes, tp=2, eps={1: 4, 3: 4}, workload=Workload("train", micro_batch=1))
+    held = EMBEDDINGS + NORMS + ROUTERS + (ATTENTION + DENSE_MLP) / 2 + 2 * EXPERTS // 4
+    # s b h (10 + 24/t + 5 a s / (h t)) per layer, 4 layers, + fp32 logits s b V
+    activations = 4 * 256 * 256 * (10 + 24 / 2 + 5 * 4 * 256 / (256 * 2)) + 4 * 256 * 8192
+    assert train == {"parameters": pytest.approx(16 * held), "activations": pytest.approx(activations)}
+
+
+def test_smallest_count_that_holds_it():
+    one_gpu = 2 * (EMBEDDINGS + NORMS + ROUTERS + ATTENTION + DENSE_MLP + 2 * EXPERTS) + KV_CACHE
+    two_gpus = 2 * (EMBEDDINGS + NORMS + ROUTERS + ATTENTION + DENSE_MLP + EXPERTS) + KV_CACHE
+    assert two_gpus < 30e6 < one_gpu
+    hardware = Hardware(gpus_per_node=8, gpu_memory_bytes=30e6 / 0.9)
+    plan, smallest, _ = make_plan(get_preset("tiny-moe"), hardware, Workload("inference"))
+    assert plan is smallest
+    assert (plan.gpus, plan.tp, plan.dp, plan.layer_ep) == (2, 1, 2, {1: 2, 3: 2})
+    assert plan.memory_total == pytest.approx(two_gpus)
+    assert plan.all_to_all == {1: "flat", 3: "flat"}  # one node
+    assert set(plan.latency) == {"all-to-all", "tp all-reduce", "HBM reads (roofline)"}
+
+
+def test_pyramid_layers_get_their_own_ep_and_hierarchical_pays_off_across_nodes():
+    plan, _, _ = make_plan(get_preset("1.3b-prmoe-64-128"), Hardware(), Workload("inference"), gpus=128)
+    assert {plan.layer_ep[i] for i in range(1, 20, 2)} == {64} and plan.layer_ep[21] == plan.layer_ep[23] == 128
+    assert set(plan.all_to_all.values()) == {"hierarchical"}  # 8 tokens per GPU over 8-16 nodes
+    one_node, _, _ = make_plan(get_preset("1.3b-prmoe-64-128"), Hardware(), Workload("inference"), gpus=8)
+    assert set(one_node.all_to_all.values()) == {"flat"}
+
+
+@pytest.mark.parametrize("memory", ["80GB", "32GB"])
+def test_paper_claim_prmoe_mos_needs_about_half_the_gpus_of_the_standard_moe(memory):
+    """The paper: PR-MoE+MoS (1.3B base: 27B parameters) serves with the quality of the standard
+    1.3B+MoE-128 (52B) on about half the GPUs. The planner gives exactly half at 80 and 32 GB."""
+    hardware = Hardware(gpu_memory_bytes=parse_memory(memory))
+    counts = {}
+    for preset in ("1.3b-moe-128", "1.3b-prmoe-64-128", "1.3b-mos-64-128"):
+        _, smallest, _ = make_plan(get_preset(preset), hardware, Workload("inference"))
+        counts[preset] = smallest.gpus
+    assert counts["1.3b-mos-64-128"] * 2 == counts["1.3b-moe-128"]
+    assert counts["1.3b-mos-64-128"] <= counts["1.3b-prmoe-64-128"] < counts["1.3b-moe-128"]
+
+
+def test_cli_prints_plan_and_assumptions(capsys):
+    assert main(["plan", "1.3b-moe-128", "--gpus", "64", "--gpus-per-node", "8", "--gpu-memory", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "smallest GPU count that holds it: 2" in out
+    assert "on 64 GPUs: TP=1" in out and "hierarchical" in out
+    assert "ASSUMED" in out and "datasheet" in out and "predicted time per generated token" in out
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["tiny-moe", "--gpu-memory", "80XB"], "--gpu-memory"),
+    (["tiny-moe", "--mode", "serve"], "--mode"),
+    (["tiny-moe", "--gpus", "12"], "--gpus"),
+    (["tiny-moe", "--gpus", "1", "--gpu-memory", "0.03GB"], "--gpus"),
+    (["tiny-moe", "--gpu-memory", "0.001GB"], "--gpu-memory"),
+    (["tiny-moe", "--gpus-per-node", "0"], "--gpus-per-node"),
+    (["tiny-moe", "--seq-len", "100000"], "--seq-len"),
+    (["nope"], "preset"),
+])
+def test_cli_bad_input_one_line_exit_2(argv, flag, capsys):
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert flag in err and "\n" not in err
