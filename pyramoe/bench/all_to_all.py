@@ -12,10 +12,11 @@ hierarchical):
   coordinated-hierarchical  the same with the hierarchical exchange
 Schemes run interleaved (round-robin in each repeat, a barrier before each); a repeat's time is the
 slowest rank's; the table shows the median over repeats. Messages and bytes are counted from the
-collectives actually called (one extra round trip). The alpha-beta model
-(`pyramoe.dist.cost_model`) is fitted to the medians; the table shows its in-sample error and its
-error when each size is predicted from a fit to the other sizes. `--predict` prints the model's
-predictions for p = 8 ... 1024 with published (assumed) GPU link figures instead of measuring.
+collectives actually called (one extra round trip); the byte columns count rows, not the int64
+counts. The alpha-beta model (`pyramoe.dist.cost_model`) is fitted to the medians; the table shows
+its in-sample error and its error when each size is predicted from a fit to the other sizes.
+`--predict` prints the model's predictions for p = 8 ... 1024 with published (assumed) GPU link
+figures instead of measuring.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import statistics
 import tempfile
 import time
@@ -117,8 +119,8 @@ def counting_collectives(log: list[dict[str, Any]], ranks_per_node: int):
     originals = dist.all_to_all_single, dist.all_gather
     me = dist.get_rank()
 
-    def record(group, sizes: list[int]) -> None:  # noqa: ANN001
-        entry = dict(peers=0, nonempty=0, intra_peers=0, inter_peers=0, intra_bytes=0, inter_bytes=0)
+    def record(group, sizes: list[int], counts: bool) -> None:  # noqa: ANN001
+        entry = dict(counts=counts, peers=0, nonempty=0, intra_peers=0, inter_peers=0, intra_bytes=0, inter_bytes=0)
         for q, nbytes in enumerate(sizes):
             peer = dist.get_global_rank(group, q) if group is not None else q
             if peer == me:
@@ -132,13 +134,13 @@ def counting_collectives(log: list[dict[str, Any]], ranks_per_node: int):
 
     def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None, **kw):  # noqa: ANN001, A002, ANN202
         n = dist.get_world_size(group)
-        row = input[0].numel() * input.element_size() if input.dim() > 1 else input.element_size()
+        row = math.prod(input.shape[1:]) * input.element_size()
         splits = input_split_sizes or [input.shape[0] // n] * n
-        record(group, [s * row for s in splits])
+        record(group, [s * row for s in splits], input.dtype == torch.int64)
         return originals[0](output, input, output_split_sizes, input_split_sizes, group=group, **kw)
 
     def all_gather(tensor_list, tensor, group=None, **kw):  # noqa: ANN001, ANN202
-        record(group, [tensor.numel() * tensor.element_size()] * dist.get_world_size(group))
+        record(group, [tensor.numel() * tensor.element_size()] * dist.get_world_size(group), False)
         return originals[1](tensor_list, tensor, group=group, **kw)
 
     dist.all_to_all_single, dist.all_gather = all_to_all_single, all_gather
@@ -235,7 +237,9 @@ def summarize_ranks(ranks: list[dict[str, Any]], cfg: dict[str, Any]) -> list[di
 
 
 def _rank_totals(log: list[dict[str, Any]]) -> dict[str, Any]:
-    totals = {k: sum(c[k] for c in log) for k in ("intra_bytes", "inter_bytes", "intra_peers", "inter_peers")}
+    rows = [c for c in log if not c["counts"]]
+    totals = {k: sum(c[k] for c in rows) for k in ("intra_bytes", "inter_bytes")}  # rows only
+    totals["count_bytes"] = sum(c["intra_bytes"] + c["inter_bytes"] for c in log if c["counts"])
     return dict(collectives=len(log), messages=sum(c["peers"] for c in log),
                 nonempty_messages=sum(c["nonempty"] for c in log), peers_per_call=[c["peers"] for c in log], **totals)
 
@@ -324,8 +328,8 @@ def print_report(payload: dict[str, Any]) -> None:
                      f"{rank0['intra_bytes'] / 1024:.0f}", f"{rank0['inter_bytes'] / 1024:.0f}",
                      r["median_ms"], r["x_flat"], r["model_ms"], _pct(r["model_error"]), _pct(r.get("heldout_error")),
                      "yes" if r["correct"] else "NO"])
-    headers = ["tokens x width", "KiB/rank", "scheme", "peers/exchange", "messages (rank 0)", "intra KiB",
-               "inter KiB", "median ms", "x flat", "model ms", "model err", "held-out err", "correct"]
+    headers = ["tokens x width", "KiB/rank", "scheme", "peers/exchange", "messages (rank 0)", "intra KiB rows",
+               "inter KiB rows", "median ms", "x flat", "model ms", "model err", "held-out err", "correct"]
     print(format_table(headers, rows))
     print(f"model (fitted, one link): {fit['call_us']:.0f} us per collective + {fit['alpha_us']:.1f} us per message + "
           f"{fit['beta_ns_per_byte']:.3f} ns per byte ({fit['gb_per_s']:.2f} GB/s); |error| median "
