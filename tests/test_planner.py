@@ -4,7 +4,14 @@ import pytest
 
 from pyramoe.cli.main import main
 from pyramoe.cli.plan import parse_memory
-from pyramoe.parallel.planner import Hardware, Workload, make_plan, memory_per_gpu, model_sizes
+from pyramoe.parallel.planner import (
+    Hardware,
+    Workload,
+    bytes_read_per_token,
+    make_plan,
+    memory_per_gpu,
+    model_sizes,
+)
 from pyramoe.presets import get_preset
 
 # tiny-moe by hand: vocab 8192, context 256, width 256, 4 blocks, MoE (8 experts, d_ff 1024) in 1 and 3.
@@ -48,6 +55,25 @@ def test_smallest_count_that_holds_it():
     assert plan.memory_total == pytest.approx(two_gpus)
     assert plan.all_to_all == {1: "flat", 3: "flat"}  # one node
     assert set(plan.latency) == {"all-to-all", "tp all-reduce", "HBM reads (roofline)"}
+
+
+def test_decode_reads_the_experts_its_tokens_touch():
+    hardware = Hardware(gpus_per_node=8, gpu_memory_bytes=30e6 / 0.9)
+    plan, _, sizes = make_plan(get_preset("tiny-moe"), hardware, Workload("inference", batch=8))
+    # 4 local experts per MoE layer; 8 tokens spread uniformly touch 4 (1 - (3/4)^8) of them.
+    touched = 4 * (1 - 0.75**8)
+    expected = 2 * (EMBEDDINGS + NORMS + ROUTERS + ATTENTION + DENSE_MLP + 2 * touched * EXPERTS / 8)
+    assert bytes_read_per_token(plan, sizes, Workload("inference", batch=8)) == pytest.approx(expected)
+
+
+def test_training_plan_figures_quoted_in_the_readme():
+    config = get_preset("1.3b-moe-128")
+    counts = [make_plan(config, Hardware(gpu_memory_bytes=m), Workload("train"))[1].gpus for m in (80e9, 40e9)]
+    assert counts == [32, 128]
+    plan, _, _ = make_plan(config, Hardware(), Workload("train"), gpus=128)
+    assert set(plan.latency) == {"all-to-all", "tp all-reduce", "compute (roofline)"}
+    decode, _, _ = make_plan(config, Hardware(), Workload("inference"), gpus=128)
+    assert decode.latency["all-to-all"] > decode.latency["HBM reads (roofline)"]
 
 
 def test_pyramid_layers_get_their_own_ep_and_hierarchical_pays_off_across_nodes():
