@@ -323,13 +323,15 @@ def print_report(payload: dict[str, Any]) -> None:
     rows = []
     for r in payload["results"]:
         rank0 = r["per_rank"][0]
+        messages = sorted({rank["messages"] for rank in r["per_rank"]})
+        span = str(messages[0]) if len(messages) == 1 else f"{messages[0]}-{messages[-1]}"
         rows.append([f"{r['tokens']}x{r['width']}", f"{r['bytes_per_rank'] / 1024:.0f}", r["scheme"],
-                     payload["expected_peers_per_exchange"][r["scheme"]], rank0["messages"],
+                     payload["expected_peers_per_exchange"][r["scheme"]], span,
                      f"{rank0['intra_bytes'] / 1024:.0f}", f"{rank0['inter_bytes'] / 1024:.0f}",
                      r["median_ms"], r["x_flat"], r["model_ms"], _pct(r["model_error"]), _pct(r.get("heldout_error")),
                      "yes" if r["correct"] else "NO"])
-    headers = ["tokens x width", "KiB/rank", "scheme", "peers/exchange", "messages (rank 0)", "intra KiB rows",
-               "inter KiB rows", "median ms", "x flat", "model ms", "model err", "held-out err", "correct"]
+    headers = ["tokens x width", "KiB/rank", "scheme", "peers/exchange", "messages/rank", "intra KiB rows (rank 0)",
+               "inter KiB rows (rank 0)", "median ms", "x flat", "model ms", "model err", "held-out err", "correct"]
     print(format_table(headers, rows))
     print(f"model (fitted, one link): {fit['call_us']:.0f} us per collective + {fit['alpha_us']:.1f} us per message + "
           f"{fit['beta_ns_per_byte']:.3f} ns per byte ({fit['gb_per_s']:.2f} GB/s); |error| median "

@@ -273,8 +273,11 @@ def make_plan(
     smallest = smallest_plan(sizes, hardware, workload)
     plan = smallest if gpus is None else plan_at(sizes, gpus, hardware, workload)
     if plan is None or not plan.fits:
-        need = "no placement" if plan is None else f"{plan.memory_total / GB:.1f} GB per GPU"
-        raise ValueError(f"--gpus: {gpus} GPUs do not hold the model ({need}); the smallest count is {smallest.gpus}")
+        if plan is None:
+            raise ValueError(f"--gpus: the experts and heads do not split evenly over {gpus} GPUs; "
+                             f"the smallest count that holds the model is {smallest.gpus}")
+        raise ValueError(f"--gpus: {gpus} GPUs do not hold the model ({plan.memory_total / GB:.1f} GB per GPU); "
+                         f"the smallest count is {smallest.gpus}")
     for p in {id(plan): plan, id(smallest): smallest}.values():
         add_latency(p, sizes, hardware, workload)
     return plan, smallest, sizes
