@@ -1,7 +1,8 @@
 """Tensor parallelism == one process: TP=2 and EP x TP (2 x 2) training steps on gloo give the loss
 and every gradient of one process running each data-parallel batch, for the GPT-2 block and the
 Llama-family block (GQA, RoPE, SwiGLU, q/k norm), dense and MoE (tokens split over TP, all-to-all
-among ranks of the same TP index, outputs all-gathered)."""
+among ranks of the same TP index, outputs all-gathered), and with expert-slicing (every expert's
+hidden units split over TP, tokens whole)."""
 
 from __future__ import annotations
 
@@ -40,12 +41,12 @@ def step_loss(model: GPT, idx: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.logits.flatten(0, 1), idx[:, 1:].flatten()) + out.aux_loss
 
 
-def _worker(rank: int, world: int, tp: int, ep: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, tp: int, ep: int, slicing: bool, out_dir: str) -> None:
     topology = Topology(world, rank, tp=tp)
     results = {}
     for case in ("gpt2", "llama"):
         model = build(case)
-        state = parallelize(model, topology, ep=ep)
+        state = parallelize(model, topology, ep=ep, expert_slicing=slicing)
         loss = step_loss(model, dp_batch(topology.dp_index))
         loss.backward()
         state.sync_gradients(model)
@@ -58,9 +59,14 @@ def expected_slice(name: str, full: torch.Tensor, got: torch.Tensor, model: GPT,
                    expert_offset: int | None) -> torch.Tensor:
     """The part of a full gradient a rank holds: its experts, its heads, its hidden units."""
     if expert_offset is not None:
-        return full[expert_offset : expert_offset + got.shape[0]]
+        full = full[expert_offset : expert_offset + got.shape[0]]
     if full.shape == got.shape:
         return full
+    if ".experts." in name:  # expert-slicing: hidden units of every expert ([gate | up] for SwiGLU)
+        dim = 1 if name.endswith("w_in") else 2
+        halves = 2 if model.config.activation == "swiglu" and not name.endswith("w_out") else 1
+        blocks = [full.shape[dim] // halves] * halves
+        return torch.cat([part.chunk(tp, dim=dim)[tp_index] for part in full.split(blocks, dim=dim)], dim=dim)
     if name.endswith(("attn.proj.weight", "fc_out.weight")):  # row parallel: input columns
         return full.chunk(tp, dim=1)[tp_index]
     if name.endswith(("attn.qkv.weight", "attn.qkv.bias")):  # column parallel per block [q | k | v]
@@ -72,9 +78,12 @@ def expected_slice(name: str, full: torch.Tensor, got: torch.Tensor, model: GPT,
     return torch.cat([part.chunk(tp, dim=0)[tp_index] for part in full.split(list(blocks), dim=0)])
 
 
-@pytest.mark.parametrize(("world", "tp", "ep"), [(2, 2, 1), (4, 2, 2)])
-def test_tensor_parallel_step_matches_one_process(tmp_path, world, tp, ep):
-    run_workers(_worker, world, tmp_path, tp, ep, str(tmp_path))
+@pytest.mark.parametrize(
+    ("world", "tp", "ep", "slicing"),
+    [(2, 2, 1, False), (4, 2, 2, False), (2, 2, 1, True), (4, 2, 2, True)],  # True: expert-slicing
+)
+def test_tensor_parallel_step_matches_one_process(tmp_path, world, tp, ep, slicing):
+    run_workers(_worker, world, tmp_path, tp, ep, slicing, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     dp = world // tp
     for case in ("gpt2", "llama"):
@@ -92,7 +101,7 @@ def test_tensor_parallel_step_matches_one_process(tmp_path, world, tp, ep):
             for name, grad in got["grads"].items():
                 full = ref_grads[name]
                 offset = None
-                if ".experts." in name and grad.shape[0] != full.shape[0]:
+                if ".experts." in name and ep > 1:
                     offset = topology.ep_rank(ep) * grad.shape[0]
                 want = expected_slice(name, full, grad, reference, topology.tp_index, tp, offset)
                 sharded += want.shape != full.shape

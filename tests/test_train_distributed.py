@@ -58,6 +58,7 @@ def test_expert_parallel_training_matches_one_process_and_reshards_on_resume(tmp
     assert done.stdout.count("val loss") == 1  # rank 0 alone prints the summary
     shutil.copytree("ep2", "ep4")
     shutil.copytree("ep2", "tp")
+    shutil.copytree("ep2", "slice")
     assert main([*run_args(tmp_path, "ep2", 6, 8), "--resume"]) == 0  # saved at EP=2, resumed in one process
 
     # EP=4 over two emulated nodes of two ranks, hierarchical all-to-all
@@ -71,8 +72,13 @@ def test_expert_parallel_training_matches_one_process_and_reshards_on_resume(tmp
     done = torchrun([*run_args(tmp_path, "tp", 6, 4), "--resume", "--ep", "2", "--tp", "2"], nproc=4)
     assert done.returncode == 0, done.stderr[-2000:]
     assert main([*run_args(tmp_path, "tp", 8, 8), "--resume"]) == 0
+    # EP=2 x TP=2 with expert-slicing: experts' hidden units split over TP (EP shard x TP slice saved)
+    done = torchrun([*run_args(tmp_path, "slice", 6, 4), "--resume", "--ep", "2", "--tp", "2", "--expert-slicing"],
+                    nproc=4)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert main([*run_args(tmp_path, "slice", 8, 8), "--resume"]) == 0
 
-    for run_dir, last in (("ep2", 6), ("ep4", 6), ("tp", 8)):
+    for run_dir, last in (("ep2", 6), ("ep4", 6), ("tp", 8), ("slice", 8)):
         got = losses(run_dir)
         assert sorted(got) == list(range(1, last + 1))
         for step in range(1, last + 1):

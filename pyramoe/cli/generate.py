@@ -42,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="spread each MoE layer's experts over min(N, experts) ranks; same tokens as one process")
     group.add_argument("--tp", type=int, default=1, metavar="N",
                        help="split attention heads and each MoE layer's tokens over N ranks")
+    group.add_argument("--expert-slicing", action="store_true",
+                       help="with --tp: split every expert's hidden units over TP ranks instead of the MoE tokens")
     group.add_argument("--nproc-per-node", type=int, metavar="N", help="launch N local processes with torchrun")
     parser.set_defaults(func=main)
 
@@ -70,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
     if args.nproc_per_node is not None and world_size_from_env() == 1:
         return relaunch_with_torchrun(args.nproc_per_node, argv_without_nproc(args.argv))
     engine = Engine.load(args.checkpoint, dtype=args.dtype, device=args.device, max_batch=args.max_batch)
-    run = engine.distribute(args.ep, args.tp)
+    run = engine.distribute(args.ep, args.tp, expert_slicing=args.expert_slicing)
     try:
         return _generate(engine, prompts, args, quiet=run is not None and not run.is_main)
     finally:

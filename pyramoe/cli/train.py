@@ -83,6 +83,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tp", type=int, default=1, metavar="N",
                        help="tensor-parallel degree: attention heads, MLP units and each MoE layer's tokens split "
                        "over N ranks (all-to-all then runs among ranks of the same TP index)")
+    group.add_argument("--expert-slicing", action="store_true",
+                       help="with --tp: split every expert's hidden units over the TP ranks instead of the MoE tokens "
+                       "(for layers with fewer experts than ranks)")
     group.add_argument("--nproc-per-node", type=int, metavar="N",
                        help="launch N local processes with torchrun (gloo on CPU, NCCL on CUDA)")
     group.add_argument("--all-to-all", choices=("flat", "hierarchical"), default="flat",
@@ -103,7 +106,7 @@ def launch_of(args: argparse.Namespace) -> Launch:
         raise ValueError(f"--dist-timeout: must be > 0, got {args.dist_timeout}")
     return Launch(
         device=args.device, ep=args.ep, timeout_s=args.dist_timeout, hierarchical=args.all_to_all == "hierarchical",
-        ranks_per_node=args.ranks_per_node, tp=args.tp,
+        ranks_per_node=args.ranks_per_node, tp=args.tp, expert_slicing=args.expert_slicing,
     )
 
 

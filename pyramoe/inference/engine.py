@@ -126,7 +126,7 @@ class Engine:
         model = build_model(ckpt, dropless=True).to(device=device, dtype=torch_dtype)
         return cls(model, Tokenizer.from_file(ckpt.tokenizer_path), **kwargs)
 
-    def distribute(self, ep: int, tp: int = 1, timeout_s: float = 60.0) -> object:
+    def distribute(self, ep: int, tp: int = 1, timeout_s: float = 60.0, expert_slicing: bool = False) -> object:
         """Join the torchrun job in the environment and spread the model over it: each MoE layer's
         experts over min(ep, experts) ranks, heads and MoE tokens over `tp` (`pyramoe.parallel`).
         Every rank must add the same requests in the same order; rank 0's logits decide."""
@@ -135,7 +135,7 @@ class Engine:
         launch = Launch(device=str(self.device), ep=ep, tp=tp, timeout_s=timeout_s)
         run = init_distributed(launch, self.device)
         if run is not None:
-            apply_parallelism(run, self.model, ep)
+            apply_parallelism(run, self.model, ep, expert_slicing=expert_slicing)
             self.logits_source = 0
             if tp > 1:  # each rank caches only its key/value heads
                 self.cache = SlotKVCache([k[:, : k.shape[1] // tp].contiguous() for k in self.cache.keys],

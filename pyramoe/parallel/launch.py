@@ -38,6 +38,7 @@ class Launch:
     hierarchical: bool = False  # all-to-all inside each node first, then across nodes
     ranks_per_node: int | None = None  # None: torchrun's LOCAL_WORLD_SIZE; smaller emulates nodes on one box
     tp: int = 1  # tensor-parallel degree: heads, MLP units and MoE tokens split over TP ranks
+    expert_slicing: bool = False  # under TP: split every expert's hidden units instead of the MoE tokens
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -119,8 +120,10 @@ def init_distributed(launch: Launch, device: torch.device) -> DistRun | None:
         raise ValueError(f"--{exc}") from None
 
 
-def apply_parallelism(run: DistRun, model: nn.Module, ep: int, hierarchical: bool = False) -> None:
-    run.state = parallelize(model, run.topology, ep=ep, hierarchical=hierarchical)
+def apply_parallelism(
+    run: DistRun, model: nn.Module, ep: int, hierarchical: bool = False, expert_slicing: bool = False
+) -> None:
+    run.state = parallelize(model, run.topology, ep=ep, hierarchical=hierarchical, expert_slicing=expert_slicing)
 
 
 # -- launching torchrun for one-box users ----------------------------------------------------------------

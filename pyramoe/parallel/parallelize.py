@@ -29,7 +29,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from pyramoe.dist import ProcessGroups, Topology, build_exchange, layer_ep
 from pyramoe.layers.moe import MoELayer
 from pyramoe.parallel.expert import AllToAllDispatcher
-from pyramoe.parallel.tensor import TPTokenSplit, shard_attention, shard_mlp
+from pyramoe.parallel.tensor import SlicedExperts, TPTokenSplit, shard_attention, shard_mlp
 
 
 @dataclass
@@ -38,21 +38,23 @@ class ParallelState:
 
     topology: Topology
     groups: ProcessGroups
+    # Ids of live parameters only: recorded after every module swap (a replaced parameter's id may be
+    # reused by a new object).
     expert_ep: dict[int, int] = field(default_factory=dict)  # id(param) -> EP degree of its layer
     layer_ep: dict[int, int] = field(default_factory=dict)  # block index -> EP degree
-    tp_partial: set[int] = field(default_factory=set)  # replicated over TP, gradient from a token share
+    tp_partial: set[int] = field(default_factory=set)  # its gradient on a TP rank covers a share: sum over TP
     tp_sharded: set[int] = field(default_factory=set)  # a different slice on every TP rank
 
-    def _key(self, param: nn.Parameter) -> tuple:
-        if id(param) in self.expert_ep:
-            return ("experts", self.expert_ep[id(param)])
-        return ("tp_partial", 1) if id(param) in self.tp_partial else ("dense", 1)
+    def _key(self, param: nn.Parameter) -> tuple[int, bool]:
+        """(EP degree whose expert-data-parallel group reduces it, 1: the data-parallel group;
+        whether it is first summed over the TP group)."""
+        return self.expert_ep.get(id(param), 1), id(param) in self.tp_partial
 
     def sync_gradients(self, model: nn.Module) -> None:
         """All-reduce gradients (a missing one counts as zero) and divide by DP."""
         if self.topology.world_size == 1:
             return
-        buckets: dict[tuple, list[nn.Parameter]] = {}
+        buckets: dict[tuple[int, bool], list[nn.Parameter]] = {}
         for param in _unique_parameters(model):
             if param.requires_grad:
                 buckets.setdefault(self._key(param), []).append(param)
@@ -62,33 +64,31 @@ class ParallelState:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             flat = _flatten_dense_tensors([p.grad for p in params])
-            kind, ep = key
-            if kind != "dense" and self.topology.tp > 1:
+            ep, tp_sum = key
+            if tp_sum:
                 dist.all_reduce(flat, group=self.groups.tp())
-            dist.all_reduce(flat, group=self.groups.dp() if kind != "experts" or ep == 1 else self.groups.expert_dp(ep))
+            dist.all_reduce(flat, group=self.groups.dp() if ep == 1 else self.groups.expert_dp(ep))
             flat.div_(self.topology.dp)
             for p, synced in zip(params, _unflatten_dense_tensors(flat, [p.grad for p in params])):
                 p.grad.copy_(synced)
 
     def grad_norm(self, model: nn.Module) -> torch.Tensor:
-        """Global L2 norm of the synced gradients: replicated parameters count once, TP slices are
-        summed over the TP group and expert shards over their expert-parallel group."""
-        squares: dict[tuple, torch.Tensor] = {}
+        """Global L2 norm of the synced gradients: replicated parameters count once, expert shards
+        are summed over their expert-parallel group and TP slices over the TP group."""
+        squares: dict[tuple[int, bool], torch.Tensor] = {}
         for param in _unique_parameters(model):
-            if param.grad is None:
-                continue
-            if id(param) in self.expert_ep:
-                key = ("ep", self.expert_ep[id(param)])
-            else:
-                key = ("tp", 1) if id(param) in self.tp_sharded else ("replicated", 1)
-            squares[key] = squares.get(key, 0.0) + param.grad.detach().float().square().sum()
-        keys = set(squares) | {("ep", d) for d in self.layer_ep.values()} | ({("tp", 1)} if self.tp_sharded else set())
+            if param.grad is not None:
+                key = (self.expert_ep.get(id(param), 1), id(param) in self.tp_sharded)
+                squares[key] = squares.get(key, 0.0) + param.grad.detach().float().square().sum()
+        keys = set(squares) | {(d, False) for d in self.layer_ep.values()}
+        if self.tp_sharded:
+            keys |= {(1, True)}
         total = torch.zeros(())
-        for kind, degree in sorted(keys):
-            square = torch.as_tensor(squares.get((kind, degree), 0.0), dtype=torch.float32)
-            if kind == "ep" and degree > 1:
-                dist.all_reduce(square, group=self.groups.ep(degree))
-            elif kind == "tp":
+        for ep, sliced in sorted(keys):
+            square = torch.as_tensor(squares.get((ep, sliced), 0.0), dtype=torch.float32)
+            if ep > 1:
+                dist.all_reduce(square, group=self.groups.ep(ep))
+            if sliced:
                 dist.all_reduce(square, group=self.groups.tp())
             total = total + square.cpu()
         return total.sqrt()
@@ -108,11 +108,14 @@ def parallelize(
     ep: int = 1,
     groups: ProcessGroups | None = None,
     hierarchical: bool = False,
+    expert_slicing: bool = False,
 ) -> ParallelState:
     """Shard every MoE layer's experts over min(ep, num_experts) ranks and swap in all-to-all
     dispatch (`hierarchical`: node-local hop first when an EP group spans nodes); with
-    `topology.tp > 1` also split attention, dense MLPs and MoE tokens over the TP group. The model
-    must be built identically on every rank (same seed or same checkpoint)."""
+    `topology.tp > 1` also split attention and dense MLPs over the TP group, and MoE layers either
+    split their tokens over it (coordinated, default) or their experts' hidden units
+    (`expert_slicing`). The model must be built identically on every rank (same seed or same
+    checkpoint)."""
     groups = groups or ProcessGroups(topology)
     state = ParallelState(topology, groups)
     groups.dp()
@@ -126,12 +129,13 @@ def parallelize(
             if not isinstance(moe, MoELayer):
                 state.tp_sharded.update(id(p) for p in shard_mlp(moe, tp_group, f"layers[{index}].ffn"))
         if isinstance(moe, MoELayer):
-            _parallelize_moe(moe, index, ep, hierarchical, tp_group, state)
+            _parallelize_moe(moe, index, ep, hierarchical, tp_group, expert_slicing, state)
     return state
 
 
 def _parallelize_moe(
-    moe: MoELayer, index: int, ep: int, hierarchical: bool, tp_group: dist.ProcessGroup | None, state: ParallelState
+    moe: MoELayer, index: int, ep: int, hierarchical: bool, tp_group: dist.ProcessGroup | None,
+    expert_slicing: bool, state: ParallelState,
 ) -> None:
     topology, groups = state.topology, state.groups
     degree = layer_ep(moe.num_experts, ep, topology, index)
@@ -141,11 +145,16 @@ def _parallelize_moe(
         moe.experts = moe.experts.shard(topology.ep_rank(degree) * local, local)
         moe.dispatcher = AllToAllDispatcher(build_exchange(groups, degree, hierarchical), local)
         groups.expert_dp(degree)
-        state.expert_ep.update((id(p), degree) for p in moe.experts.parameters())
-    if tp_group is not None:
+    if tp_group is not None and expert_slicing:
+        moe.experts = SlicedExperts(moe.experts, tp_group, f"layers[{index}]")
+        # Tokens are whole on every TP rank: the router and b_out get whole gradients; the slices
+        # are summed over TP only in the norm.
+        state.tp_sharded.update(id(p) for name, p in moe.experts.named_parameters() if name != "b_out")
+    elif tp_group is not None:
         moe.token_split = TPTokenSplit(tp_group)
-        # Recorded after sharding: ids of replaced parameters may be reused by new objects.
-        state.tp_partial.update(id(p) for p in moe.parameters() if id(p) not in state.expert_ep)
+        state.tp_partial.update(id(p) for p in moe.parameters())
+    if degree > 1:
+        state.expert_ep.update((id(p), degree) for p in moe.experts.parameters())
 
 
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:

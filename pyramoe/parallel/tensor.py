@@ -6,10 +6,12 @@ split over them (the paper's parallelism-coordinated communication).
   ([q | k | v], [gate | up]), so each rank computes whole heads / whole hidden units.
 - Row-parallel (attention out, MLP out): rank r keeps the matching input columns; the partial sums
   are all-reduced and the bias is added once, after the reduction.
-- MoE: the TP ranks hold the same tokens, so each routes only its 1/TP share, the all-to-all runs
-  among ranks of the same TP index (the expert-parallel groups), and the outputs are all-gathered
-  inside the TP group. Its aux losses are scaled by 1/TP, so the objective holds their mean over
-  the shares.
+- MoE, coordinated (default): the TP ranks hold the same tokens, so each routes only its 1/TP
+  share, the all-to-all runs among ranks of the same TP index (the expert-parallel groups), and
+  the outputs are all-gathered inside the TP group. Its aux losses are scaled by 1/TP, so the
+  objective holds their mean over the shares.
+- MoE, expert-slicing: every expert's hidden units split over the TP group instead (`SlicedExperts`),
+  the tokens not split: for fewer experts than ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from torch import nn
 
 from pyramoe.dist.tensor_ops import copy_to_tp, gather_from_tp, reduce_from_tp, split_to_tp
 from pyramoe.layers.attention import CausalSelfAttention
+from pyramoe.layers.experts import grouped_linear
+from pyramoe.layers.mlp import activate
 
 
 def _shard_index(blocks: Sequence[int], rank: int, size: int, what: str) -> torch.Tensor:
@@ -133,6 +137,11 @@ def tp_layouts(model: nn.Module) -> dict[str, tuple[int, tuple[int, ...], dist.P
                 out[f"{prefix}.bias"] = (0, module.blocks, module.group)
         elif isinstance(module, RowParallelLinear):
             out[f"{prefix}.weight"] = (1, module.blocks, module.group)
+        elif isinstance(module, SlicedExperts):
+            out[f"{prefix}.w_in"] = (1, module.blocks_in, module.group)
+            out[f"{prefix}.w_out"] = (2, module.blocks_out, module.group)
+            if module.b_in is not None:
+                out[f"{prefix}.b_in"] = (2, module.blocks_in, module.group)
     return out
 
 
@@ -147,3 +156,47 @@ def join_tp(parts: Sequence[torch.Tensor], dim: int, blocks: Sequence[int]) -> t
     shares = [b // size for b in blocks]
     split = [p.split(shares, dim=dim) for p in parts]
     return torch.cat([split[r][b] for b in range(len(blocks)) for r in range(size)], dim=dim)
+
+
+class SlicedExperts(nn.Module):
+    """Expert-slicing: every expert's hidden units split over the TP group, for layers with fewer
+    experts than ranks to spread them over. Each rank holds all (local) experts' slices of w_in
+    (gate and up halves alike for SwiGLU), b_in and w_out; the tokens are not split, the partial
+    outputs are all-reduced in the TP group and b_out (whole on every rank) is added after.
+    Parameter names match `GroupedExperts`, so checkpoints stay in the single-process layout."""
+
+    def __init__(self, experts: nn.Module, group: dist.ProcessGroup, where: str):
+        super().__init__()
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        d_ff = experts.w_out.shape[2]
+        self.blocks_in = (d_ff, d_ff) if experts.activation == "swiglu" else (d_ff,)
+        self.blocks_out = (d_ff,)
+        self.group, self.activation = group, experts.activation
+        self.num_experts, self.expert_offset = experts.num_experts, experts.expert_offset
+        rows = _shard_index(self.blocks_in, rank, size, f"{where}.experts").to(experts.w_in.device)
+        cols = _shard_index(self.blocks_out, rank, size, f"{where}.experts").to(experts.w_in.device)
+        self.w_in = nn.Parameter(experts.w_in.detach().index_select(1, rows).clone())
+        self.w_out = nn.Parameter(experts.w_out.detach().index_select(2, cols).clone())
+        self.b_in = None if experts.b_in is None else nn.Parameter(experts.b_in.detach().index_select(2, rows).clone())
+        self.b_out = None if experts.b_out is None else nn.Parameter(experts.b_out.detach().clone())
+
+    def forward(
+        self, x_rows: torch.Tensor, tokens_per_expert: torch.Tensor, rows_per_expert: int | None
+    ) -> torch.Tensor:
+        x = copy_to_tp(x_rows, self.group)
+        if rows_per_expert is not None:
+            x, counts = x.view(self.num_experts, rows_per_expert, -1), None
+        else:
+            counts = tokens_per_expert.tolist()
+        h = grouped_linear(x, self.w_in, self.b_in, counts)
+        y = grouped_linear(activate(h, self.activation), self.w_out, None, counts)
+        y = reduce_from_tp(y if counts is not None else y.flatten(0, 1), self.group)
+        if self.b_out is None:
+            return y
+        if counts is None:
+            rows_E = torch.full((self.num_experts,), rows_per_expert, device=y.device)
+        else:
+            rows_E = tokens_per_expert.to(y.device)
+        experts_E = torch.arange(self.num_experts, device=y.device)
+        expert_N = torch.repeat_interleave(experts_E, rows_E, output_size=y.shape[0])
+        return y + self.b_out[:, 0].to(y.dtype).index_select(0, expert_N)

@@ -36,36 +36,50 @@ Slicer = Callable[[str, torch.Tensor], torch.Tensor]
 @dataclass
 class Shard:
     """How one parameter of this rank relates to the single-process tensor: a run of experts
-    (dimension 0, over its expert-parallel group) or a tensor-parallel slice of fused blocks."""
+    (dimension 0, over its expert-parallel group), a tensor-parallel slice of fused blocks, or both
+    (expert-slicing under EP)."""
 
-    group: dist.ProcessGroup
-    dim: int
-    experts: tuple[int, int] | None = None  # (first global expert, experts held)
-    blocks: tuple[int, ...] = ()  # TP: full sizes of the fused blocks along `dim`
+    experts: tuple[dist.ProcessGroup, int, int] | None = None  # (EP group, first global expert, held)
+    tp: tuple[dist.ProcessGroup, int, tuple[int, ...]] | None = None  # (TP group, dim, full block sizes)
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(parts, local.contiguous(), group=self.group)
-        return torch.cat(parts, dim=0) if self.experts is not None else join_tp(parts, self.dim, self.blocks)
+        t = local
+        if self.tp is not None:
+            group, dim, blocks = self.tp
+            t = join_tp(_all_gather(t, group), dim, blocks)
+        if self.experts is not None:
+            t = torch.cat(_all_gather(t, self.experts[0]), dim=0)
+        return t
 
     def cut(self, full: torch.Tensor) -> torch.Tensor:
+        t = full
         if self.experts is not None:
-            start, count = self.experts
-            return full[start : start + count]
-        return cut_tp(full, self.dim, self.blocks, dist.get_rank(self.group), dist.get_world_size(self.group))
+            _, start, count = self.experts
+            t = t[start : start + count]
+        if self.tp is not None:
+            group, dim, blocks = self.tp
+            t = cut_tp(t, dim, blocks, dist.get_rank(group), dist.get_world_size(group))
+        return t
+
+
+def _all_gather(t: torch.Tensor, group: dist.ProcessGroup) -> list[torch.Tensor]:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return parts
 
 
 def shards(model: nn.Module, state: ParallelState) -> dict[str, Shard]:
     """name -> Shard for every parameter that is not whole on this rank."""
-    out = {name: Shard(group, dim, blocks=blocks) for name, (dim, blocks, group) in tp_layouts(model).items()}
+    out = {name: Shard(tp=(group, dim, blocks)) for name, (dim, blocks, group) in tp_layouts(model).items()}
     for module_name, module in model.named_modules():
         if not hasattr(module, "expert_offset"):
             continue
         for leaf, param in module.named_parameters(recurse=False):
             degree = state.expert_ep.get(id(param))
             if degree:
-                group = state.groups.ep(degree)
-                out[f"{module_name}.{leaf}"] = Shard(group, 0, experts=(module.expert_offset, param.shape[0]))
+                name = f"{module_name}.{leaf}"
+                tp = out[name].tp if name in out else None
+                out[name] = Shard(experts=(state.groups.ep(degree), module.expert_offset, param.shape[0]), tp=tp)
     return out
 
 

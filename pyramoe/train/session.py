@@ -183,7 +183,7 @@ def create_trainer(
         model_config = resumed_model_config(run, ckpt, data.vocab_size)
     trainer = Trainer(
         run, model_config, data, progress, device=device, dist_run=dist_run, ep=launch.ep,
-        hierarchical=launch.hierarchical,
+        hierarchical=launch.hierarchical, expert_slicing=launch.expert_slicing,
     )
     if ckpt is not None:
         trainer.restore(ckpt)

@@ -139,7 +139,7 @@ class Trainer:
     def __init__(
         self, run: RunConfig, model_config: ModelConfig, data: PreparedData, progress: bool = True,
         device: torch.device | None = None, dist_run: DistRun | None = None, ep: int = 1,
-        hierarchical: bool = False,
+        hierarchical: bool = False, expert_slicing: bool = False,
     ):
         self.run = run
         self.config = run.train
@@ -152,7 +152,7 @@ class Trainer:
         torch.manual_seed(self.config.seed)  # every rank builds the same model, then keeps its shard
         self.model = GPT(model_config)
         if dist_run is not None:
-            apply_parallelism(dist_run, self.model, ep, hierarchical)
+            apply_parallelism(dist_run, self.model, ep, hierarchical, expert_slicing)
         self.model.to(self.device)
         self.optimizer = make_optimizer(self.model, self.config)
         biased = [b for b in self.model.blocks if b.is_moe and b.ffn.config.score_correction_bias]
