@@ -47,8 +47,8 @@ def build_setup(config: ModelConfig) -> dict[str, Any]:
     return {"model": model, "optimizer": optimizer, "times": []}
 
 
-def random_batch(vocab_size: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
+def random_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
     x = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=generator)
     return x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
@@ -150,7 +150,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--force-bf16", action="store_true", help="run bf16 even without native bf16 matmul")
-    parser.add_argument("--out", default="bench-results/train_step.json", help="JSON output path")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="N > 1: expert-parallel scaling of the first preset on N local processes x 1 thread "
+                        "against 1 process x 1 thread on the same per-rank batch (and the all-to-all share)")
+    parser.add_argument("--out", default=None,
+                        help="JSON output path (default bench-results/train_step.json, or train_step_scaling.json)")
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -163,7 +167,13 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads: must be >= 1, got {args.threads}")
     if args.precision not in ("fp32", "bf16"):
         raise ValueError(f"--precision: must be fp32 or bf16, got {args.precision!r}")
+    if args.nproc < 1:
+        raise ValueError(f"--nproc: must be >= 1, got {args.nproc}")
     names = [n.strip() for n in args.presets.split(",") if n.strip()]
+    if args.nproc > 1 and names:
+        args.preset = names[0]
+        get_preset(names[0])
+        return
     if len(names) < 2:
         raise ValueError("--presets: need at least two presets (the last is the baseline)")
     for name in names:
@@ -172,9 +182,16 @@ def validate(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     validate(args)
+    if args.nproc > 1:
+        from pyramoe.bench.scaling import report, run_scaling
+
+        payload = {"benchmark": "train-step-scaling", "machine": machine_info(), **run_scaling(args)}
+        print(report(payload))
+        print(f"wrote {write_json(args.out or 'bench-results/train_step_scaling.json', payload)}")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     payload = run(args)
     print_report(payload)
-    print(f"wrote {write_json(args.out, payload)}")
+    print(f"wrote {write_json(args.out or 'bench-results/train_step.json', payload)}")
     return 0
