@@ -158,6 +158,7 @@ def copy_dir(src, dst, config_edit=None, drop=None, add=None):
          "unexpected tensor model.layers.1.mlp.experts.8.up_proj.weight"),
         ({"num_local_experts": 4}, None, None, "unexpected tensor model.layers.1.mlp.experts.4."),
         ({"moe_intermediate_size": 8}, None, None, "blocks.1.ffn.experts.w_in: checkpoint shape (8, 32, 32)"),
+        ({"num_experts_per_tok": 1}, None, None, "num_experts_per_tok=1 with normalised top-k weights"),
     ],
 )
 def test_errors_are_one_line_naming_what_is_missing(saved_qwen3, tmp_path, edit, drop, add, fragment):

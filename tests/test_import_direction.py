@@ -16,12 +16,11 @@ ALLOWED = {
     "layers": {"config", "layers"},  # single-device: never dist
     "models": {"config", "layers", "models"},
     "parallel": {"config", "dist", "layers", "models", "parallel"},
-    "hf": {"config", "layers", "models", "hf"},
+    "hf": {"config", "layers", "models", "hf"},  # beside parallel: checkpoints in/out, single-device
     # Training and inference are siblings: the engine loads training checkpoints.
     "train": {"config", "dist", "layers", "models", "parallel", "presets", "data", "train"},
     "inference": {"config", "runtime", "layers", "models", "parallel", "hf", "data", "train", "inference"},
     "evaluation": {"config", "runtime", "tables", "models", "hf", "data", "train", "inference", "evaluation"},
-    "hf": {"config", "layers", "models", "hf"},  # beside parallel: checkpoints in/out, single-device
 }
 
 

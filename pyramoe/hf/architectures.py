@@ -169,8 +169,8 @@ def _moe_config(cfg: dict[str, Any], arch: Architecture, dropless: bool) -> MoEC
     num_experts = get(cfg, "n_routed_experts") if sigmoid else _first_key(cfg, "num_local_experts", "num_experts")
     top_k = get(cfg, "num_experts_per_tok")
     normalised = True if arch.model_type == "mixtral" else bool(get(cfg, "norm_topk_prob", False))
-    if top_k == 1 and normalised and not sigmoid:
-        # HF then weighs the one expert by 1.0; pyramoe's top-1 always uses the softmax probability.
+    if top_k == 1 and normalised:
+        # HF then weighs the one expert by 1.0; pyramoe's top-1 always uses its raw score (Switch, DeepSpeed).
         raise ValueError("config.json: num_experts_per_tok=1 with normalised top-k weights is not supported")
     settings: dict[str, Any] = dict(
         num_experts=num_experts,
@@ -181,8 +181,8 @@ def _moe_config(cfg: dict[str, Any], arch: Architecture, dropless: bool) -> MoEC
         gate_norm="after_drop" if normalised else "softmax",
     )
     if arch.model_type == "qwen2_moe":
-        settings.update(shared_d_ff=get(cfg, "shared_expert_intermediate_size", 0), shared_gate=True)
-        settings["shared_gate"] = settings["shared_d_ff"] > 0
+        shared = get(cfg, "shared_expert_intermediate_size", 0)
+        settings.update(shared_d_ff=shared, shared_gate=shared > 0)
     if sigmoid:
         settings.update(
             router_score="sigmoid",
