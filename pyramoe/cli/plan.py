@@ -79,6 +79,7 @@ def print_plan(plan: Plan, sizes: ModelSizes, hardware: Hardware, workload: Work
     else:
         print(f"  - {workload.param_bytes} bytes per parameter (16-bit weights), KV cache of {workload.batch} "
               f"sequences x {seq} tokens in 16 bits; other activations ignored")
-    print("  - placement as pyramoe.parallel.parallelize: MoE layers not TP-sliced, experts over "
+    print("  - placement as pyramoe.parallel.parallelize without expert-slicing: MoE layers not TP-sliced, "
+          "experts over "
           "EP = min(DP, experts), the rest replicated; rows spread evenly over experts; gradient all-reduce, "
           "overlap and kernel time not modelled")

@@ -1,8 +1,9 @@
 """Deployment planner: the fewest GPUs that hold a model, its EP/TP/DP degrees, the all-to-all scheme
 per MoE layer and a predicted step (training) or token (inference) latency.
 
-Placement follows what `pyramoe.parallel.parallelize` does: with TP = t, attention and dense MLPs are
-sliced over t ranks of a node; MoE layers are not TP-sliced (their tokens are split instead) and
+Placement follows what `pyramoe.parallel.parallelize` does without expert-slicing (which the planner
+does not consider yet): with TP = t, attention and dense MLPs are sliced over t ranks of a node; MoE
+layers are not TP-sliced (their tokens are split instead) and
 each MoE layer's experts go over EP = min(DP, experts) ranks (DP = N / t); everything else
 (embeddings, norms, routers, the residual MLP of PR-MoE layers) is replicated. The planner takes the
 smallest t that fits, since TP adds all-reduces to every layer.
