@@ -196,11 +196,15 @@ class Engine:
         """Admit waiting requests into free slots, then one decode step for every active request."""
         events: list[TokenEvent] = []
         decoding = list(self.active)
+        admitted = []
         while self.waiting and len(self.active) < self.max_batch:
             request = self.waiting.popleft()
             request.slot = len(self.active)
             self.active.append(request)
-            events.append(self._accept(request, self._prefill(request)))
+            admitted.append(request)
+        for group in _same_length_runs(admitted):
+            for request, logits_V in zip(group, self._prefill(group)):
+                events.append(self._accept(request, logits_V))
         if decoding:
             logits_BV = self._decode(decoding)
             for request, logits_V in zip(decoding, logits_BV):
@@ -209,13 +213,16 @@ class Engine:
             self._release(request)
         return events
 
-    def _prefill(self, request: Request) -> torch.Tensor:
-        ids = torch.tensor([request.prompt_ids], device=self.device)
+    def _prefill(self, requests: list[Request]) -> torch.Tensor:
+        """Prompts of one length in consecutive slots, together, `prefill_chunk` tokens per forward;
+        returns each one's last logits."""
+        ids = torch.tensor([r.prompt_ids for r in requests], device=self.device)
         for start in range(0, ids.shape[1], self.prefill_chunk):
             chunk = ids[:, start : start + self.prefill_chunk]
-            logits = self.model(chunk, kv_cache=self.cache.prefill(request.slot), start_pos=start).logits
-        request.cached = ids.shape[1]
-        return self._agreed(logits[0, -1].float())
+            logits = self.model(chunk, kv_cache=self.cache.prefill(requests[0].slot), start_pos=start).logits
+        for request in requests:
+            request.cached = ids.shape[1]
+        return self._agreed(logits[:, -1].float())
 
     def _decode(self, requests: list[Request]) -> torch.Tensor:
         """One token per request: row b feeds its last token at position `cached`, and sees its own
@@ -299,6 +306,18 @@ class Engine:
             r = requests[request_id]
             out.append(Completion(r.id, r.prompt_ids, r.output_ids, r.text, r.finish_reason or "length"))
         return out
+
+
+def _same_length_runs(requests: list[Request]) -> list[list[Request]]:
+    """Consecutive requests (hence consecutive slots) whose prompts have one length: each run is
+    prefilled as one batch, with no padding."""
+    runs: list[list[Request]] = []
+    for request in requests:
+        if runs and len(runs[-1][0].prompt_ids) == len(request.prompt_ids):
+            runs[-1].append(request)
+        else:
+            runs.append([request])
+    return runs
 
 
 def _cut_at_stop(request: Request, stops: tuple[str, ...]) -> bool:

@@ -35,6 +35,7 @@ class SlotKVCache:
         return cls(template.keys, template.values, template.max_len)
 
     def prefill(self, slot: int) -> SlotKVCache:
+        """The next forward writes a chunk of the sequences in slots [slot, slot + its batch size)."""
         self._slot, self._positions_B = slot, None
         return self
 
@@ -49,11 +50,11 @@ class SlotKVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self._positions_B is None:
-            assert self._slot is not None and k_BHTd.shape[0] == 1
+            assert self._slot is not None and self._slot + k_BHTd.shape[0] <= self.slots
             end = start_pos + k_BHTd.shape[2]
             if end > self.max_len:
                 raise ValueError(f"kv cache: position {end} exceeds max_len={self.max_len}")
-            rows = slice(self._slot, self._slot + 1)
+            rows = slice(self._slot, self._slot + k_BHTd.shape[0])
             keys[rows, :, start_pos:end] = k_BHTd
             values[rows, :, start_pos:end] = v_BHTd
             return keys[rows, :, :end], values[rows, :, :end]

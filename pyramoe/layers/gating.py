@@ -36,6 +36,7 @@ class Routing:
     expert_idx_TK: torch.Tensor  # int64 expert ids, column 0 is each token's first choice
     weights_TK: torch.Tensor  # fp32 combine weights, differentiable w.r.t. the router
     priority_TK: torch.Tensor | None  # fp32 drop priority (lower keeps first); None: by position
+    # Both aux losses are 0 in eval mode under torch.no_grad (inference), where nothing reads them.
     balance_loss: torch.Tensor  # Switch/GShard load-balancing loss (1.0 when perfectly balanced)
     z_loss: torch.Tensor  # ST-MoE router z-loss: mean(logsumexp(logits)^2)
     capacity: int | None  # None: dropless
@@ -106,13 +107,17 @@ class Router(nn.Module):
         if rules.drop_policy == "random" and self.training:
             priority_TK = torch.rand(expert_idx_TK.shape, generator=generator, device=x_TD.device)
 
-        counted_TK = expert_idx_TK if rules.balance_loss == "all" else expert_idx_TK[:, :1]
+        if self.training or torch.is_grad_enabled():
+            counted_TK = expert_idx_TK if rules.balance_loss == "all" else expert_idx_TK[:, :1]
+            balance_loss, z_loss = load_balancing_loss(probs_TE, counted_TK), router_z_loss(logits_TE)
+        else:  # inference: nothing will read them, and a decode step is mostly such small ops
+            balance_loss = z_loss = logits_TE.new_zeros(())
         return Routing(
             expert_idx_TK=expert_idx_TK,
             weights_TK=weights_TK,
             priority_TK=priority_TK,
-            balance_loss=load_balancing_loss(probs_TE, counted_TK),
-            z_loss=router_z_loss(logits_TE),
+            balance_loss=balance_loss,
+            z_loss=z_loss,
             capacity=self.capacity(x_TD.shape[0]),
             normalize_after_drop=cfg.top_k > 1 and rules.gate_norm == "after_drop",
             scale=cfg.routed_scaling,
