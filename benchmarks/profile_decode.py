@@ -1,0 +1,38 @@
+"""Profile the engine's decode step on the Mixtral-shaped benchmark model (batch 1), top functions by
+own time. Usage: python benchmarks/profile_decode.py [--dtype bf16|fp32] [--tokens N]"""
+
+import argparse
+import cProfile
+import pstats
+import tempfile
+import time
+
+import torch
+
+from pyramoe.bench import generate as bench
+from pyramoe.inference import Engine, SamplingParams
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--dtype", default="bf16")
+parser.add_argument("--tokens", type=int, default=33)
+parser.add_argument("--batch", type=int, default=1)
+cli = parser.parse_args()
+args = argparse.ArgumentParser()
+bench.add_arguments(args)
+shape = args.parse_args([])
+dtype = torch.bfloat16 if cli.dtype == "bf16" else torch.float32
+reference = bench.build_transformers(shape, dtype)
+with tempfile.TemporaryDirectory() as tmp:
+    reference.save_pretrained(tmp)
+    engine = Engine.load(tmp, dtype=cli.dtype, max_batch=cli.batch, eos_id=None)
+prompts = torch.randint(1, shape.vocab, (cli.batch, 16)).tolist()
+params = SamplingParams(max_tokens=cli.tokens, temperature=0)
+engine.generate(prompts, SamplingParams(max_tokens=3, temperature=0))
+start = time.perf_counter()
+engine.generate(prompts, params)
+print(f"{cli.batch * cli.tokens / (time.perf_counter() - start):.1f} tok/s ({cli.dtype}, {torch.get_num_threads()} threads)")
+profile = cProfile.Profile()
+profile.enable()
+engine.generate(prompts, params)
+profile.disable()
+pstats.Stats(profile).sort_stats("tottime").print_stats(28)
