@@ -11,7 +11,7 @@ import pytest
 
 from pyramoe.cli.main import main
 from pyramoe.experiments import STUDIES, render_results, run_study, runner
-from pyramoe.experiments.plan import STUDENT_SEED_OFFSET, plan_arm
+from pyramoe.experiments.plan import STUDENT_SEED_OFFSET, config_key, plan_arm
 from pyramoe.experiments.runner import RESULT_FILE, add_teacher, retained_pct, run_arm, verdict
 from pyramoe.experiments.studies import Arm, Study
 from pyramoe.train.trainer import Trainer
@@ -88,6 +88,30 @@ def test_key_follows_the_resolved_model_not_how_it_is_spelled(tmp_path):
     assert plans[0].key == plans[1].key
     wider = plan_arm(TINY, Arm("moe", "tiny-moe", {**SMALL, "d_model": 64}), 1, tmp_path, tiny_train(tmp_path), 4)
     assert wider.key != plans[0].key
+
+
+def test_settings_at_their_defaults_do_not_change_the_key(tmp_path):
+    """A setting added to the code later, at a default that changes nothing, keeps old keys - and a
+    result stored under an older key is reused when its stored settings come to the same key."""
+    plan = plan_arm(TINY, TINY.arms[1], 1, tmp_path / "runs", tiny_train(tmp_path), steps=4)
+    older = json.loads(json.dumps(plan.config))
+    del older["train"]["router_bias_rate"]  # as saved by code that did not have the setting
+    for layer in older["model_config"]["layers"]:
+        if layer.get("moe"):
+            del layer["moe"]["shared_gate"]
+    assert config_key(older) == plan.key
+    changed = json.loads(json.dumps(plan.config))
+    changed["train"]["router_bias_rate"] = 0.01
+    assert config_key(changed) != plan.key
+
+    old_dir = plan.run_dir.with_name("moe-seed1-0123456789")
+    old_dir.mkdir(parents=True)
+    stored = {"arm": "moe", "seed": 1, "train_seed": 1, "val_loss": 0.5, "val_losses": {"4": 0.5}, "parameters": 1,
+              "active_parameters": 1, "n_layers": 2, "d_model": 32, "tokens": 1, "key": "0123456789",
+              "config": older}
+    (old_dir / RESULT_FILE).write_text(json.dumps(stored))
+    assert runner.same_run_elsewhere(plan).val_loss == 0.5
+    assert json.loads((plan.run_dir / RESULT_FILE).read_text())["key"] == plan.key
 
 
 def test_result_with_another_key_is_not_read_back(tmp_path):

@@ -4,8 +4,10 @@ hash of them, so that a finished result is reused only for the very settings tha
 A run directory is `ROOT/STUDY/ARM-seedN-KEY`, where KEY hashes the resolved settings: the train
 settings (steps, seed, batch, LR, ... every `TrainConfig` field except the bookkeeping ones in
 `NOT_KEYED`), the model config the preset and overrides build (so one model spelled two ways is one
-run), or for a student its [distill] settings and its teacher's own key. Other settings land in another directory; a
-`result.json` whose stored key differs from its directory's is never read back.
+run), or for a student its [distill] settings and its teacher's own key - each without the settings
+at their defaults, so that a field added later at a neutral default keeps the keys. Other settings
+land in another directory; a `result.json` whose stored key differs from its directory's is never
+read back (but see `runner.same_run_elsewhere`).
 
 Students of a Mixture-of-Students study train on seed + STUDENT_SEED_OFFSET: the seed also orders
 the training batches, so a student on its teacher's seed would replay the teacher's batches.
@@ -13,6 +15,7 @@ the training batches, so a student on its teacher's seed would replay the teache
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -48,9 +51,48 @@ class ArmPlan:
 
 
 def config_key(config: dict[str, Any]) -> str:
-    """A short, stable hash of resolved settings (JSON with sorted keys)."""
-    text = json.dumps(config, sort_keys=True, default=str)
+    """A short, stable hash of resolved settings (JSON with sorted keys), settings at their defaults
+    left out: a setting added to the code later, at a default that changes nothing, keeps old keys."""
+    text = json.dumps(canonical(config), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def canonical(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` without the train, distill, model and MoE settings that equal their defaults."""
+    from pyramoe.config import ModelConfig, MoEConfig
+    from pyramoe.train.config import TrainConfig
+    from pyramoe.train.kd import DistillConfig
+
+    def model(m: dict[str, Any]) -> dict[str, Any]:
+        pruned = _without_defaults({k: v for k, v in m.items() if k != "layers"}, ModelConfig)
+        layers = [{"moe": _without_defaults(layer["moe"], MoEConfig)} if layer.get("moe") else layer
+                  for layer in m.get("layers", [])]
+        return {**pruned, "layers": layers} if "layers" in m else pruned
+
+    out = dict(config)
+    if isinstance(out.get("train"), dict):
+        out["train"] = _without_defaults(out["train"], TrainConfig)
+    if isinstance(out.get("distill"), dict):
+        out["distill"] = _without_defaults(out["distill"], DistillConfig)
+    if isinstance(out.get("model_config"), dict):
+        out["model_config"] = model(out["model_config"])
+    if isinstance(out.get("models"), dict):
+        out["models"] = {name: model(m) for name, m in out["models"].items()}
+    return out
+
+
+def _without_defaults(values: dict[str, Any], cls: type) -> dict[str, Any]:
+    defaults = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+
+    def same(a: Any, b: Any) -> bool:
+        return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+    return {k: v for k, v in values.items() if not (k in defaults and same(v, defaults[k]))}
 
 
 def arm_train_settings(plan_seed: int, steps: int, train: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from pyramoe.bench.common import machine_label, write_json
 from pyramoe.config import ModelConfig
-from pyramoe.experiments.plan import STUDENT_SEED_OFFSET, ArmPlan, plan_arm
+from pyramoe.experiments.plan import STUDENT_SEED_OFFSET, ArmPlan, config_key, plan_arm
 from pyramoe.experiments.studies import Study
 from pyramoe.experiments.timing import measure_step_times, speedups
 from pyramoe.experiments.verdicts import fewer_params_verdict, loss_verdict, paired_differences, step_time_verdict
@@ -61,13 +61,15 @@ def read_result(plan: ArmPlan) -> RunResult | None:
 
 
 def same_run_elsewhere(plan: ArmPlan) -> RunResult | None:
-    """The result of a run with the very same key in another study (e.g. an identical arm under
-    another name), renamed to this arm; recorded in this run's directory with where it came from."""
+    """The result of a run with the very same settings in another directory - an identical arm in
+    another study, or this arm keyed by older code whose stored settings come to the same key -
+    recorded in this run's directory with where it came from."""
     root = plan.run_dir.parent.parent
-    for path in sorted(root.glob(f"*/*-seed{plan.seed}-{plan.key}/{RESULT_FILE}")):
+    for path in sorted(root.glob(f"*/*-seed{plan.seed}-*/{RESULT_FILE}")):
         data = json.loads(path.read_text())
-        if data.get("key") == plan.key and path.parent != plan.run_dir:
-            data = {**data, "arm": plan.arm.name, "reused_from": str(path.parent)}
+        same = data.get("key") == plan.key or config_key(data.get("config") or {}) == plan.key
+        if same and path.parent != plan.run_dir:
+            data = {**data, "arm": plan.arm.name, "key": plan.key, "reused_from": str(path.parent)}
             write_json(plan.run_dir / RESULT_FILE, data)
             return read_result(plan)
     return None
