@@ -8,8 +8,9 @@ the fused layout of Hugging Face MoE experts; MKL's batched GEMM ran both expert
 with the weight as a transposed operand than with [E, in, out].
 
 `expert_offset` records which of the layer's experts this module holds, [expert_offset,
-expert_offset + num_experts). Today every MoELayer builds all its experts with offset 0 and nothing
-reads the offset; the distributed work will build shards from it and key state dicts by global id.
+expert_offset + num_experts): a MoELayer builds all its experts (offset 0); expert parallelism
+(`pyramoe.parallel`) replaces them with a `shard` per rank, and consolidated checkpoints put each
+shard back at its global expert ids.
 """
 
 from __future__ import annotations
