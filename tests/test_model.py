@@ -94,3 +94,21 @@ def test_chunk_without_cache_is_causal():
     changed[0, -1] = (idx[0, -1] + 1) % 97
     early, late = model(idx, start_pos=4).logits, model(changed, start_pos=4).logits
     torch.testing.assert_close(early[:, :-1], late[:, :-1])
+
+
+def test_padding_skips_the_moe_layers_and_their_statistics():
+    """Left-padded batch: real tokens get the logits of their unpadded sequence; pad tokens are not
+    routed, so each MoE layer's routed count is exactly the real tokens x top_k."""
+    model = GPT(small_config(top_k=2, dropless=True)).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    idx = torch.zeros(2, 6, dtype=torch.long)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        idx[row, 6 - len(prompt):] = torch.tensor(prompt)
+        mask[row, 6 - len(prompt):] = True
+    out = model(idx, key_mask_BL=mask, positions_BT=(mask.long().cumsum(-1) - 1).clamp_min(0))
+    for stats in out.moe_stats.values():
+        assert stats.routed_per_expert.sum().item() == 9 * 2
+    for row, prompt in enumerate(prompts):
+        alone = model(torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(out.logits[row, 6 - len(prompt):], alone, rtol=1e-4, atol=1e-5)

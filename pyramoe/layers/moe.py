@@ -67,9 +67,24 @@ class MoELayer(nn.Module):
     def num_experts(self) -> int:
         return self.config.num_experts
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, MoEStats]:
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MoEStats]:
+        """`token_mask` (bool, x's shape without the last dimension): only the True tokens are routed;
+        the others (padding) get output 0 and count in no statistic."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
+        if token_mask is not None and not bool(token_mask.all()) and bool(token_mask.any()):
+            real_N = token_mask.reshape(-1).nonzero().squeeze(1)
+            y_ND, stats = self._route_and_mix(x_TD.index_select(0, real_N), generator)
+            y_TD = torch.zeros_like(x_TD).index_copy(0, real_N, y_ND.to(x_TD.dtype))
+            return y_TD.view(shape), stats
+        y_TD, stats = self._route_and_mix(x_TD, generator)
+        return y_TD.view(shape), stats
+
+    def _route_and_mix(
+        self, x_TD: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, MoEStats]:
         num_tokens = x_TD.shape[0]
         split = self.token_split is not None and self.token_split.splits(num_tokens)
         if split:
@@ -98,7 +113,7 @@ class MoELayer(nn.Module):
             dropped_fraction=plan.dropped_fraction.detach(),
             capacity=routing.capacity,
         )
-        return y_TD.view(shape), stats
+        return y_TD, stats
 
     def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
         shared_TD = self.shared_expert(x_TD)

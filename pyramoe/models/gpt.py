@@ -89,12 +89,13 @@ class Block(nn.Module):
         start_pos: int,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         key_mask_BL: torch.Tensor | None = None,
+        token_mask_BT: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, MoEStats | None]:
         x = x + self.dropout(self.attn(self.ln_attn(x), kv_cache, start_pos, rope, key_mask_BL))
         h = self.ln_ffn(x)
         stats = None
         if self.is_moe:
-            h, stats = self.ffn(h)
+            h, stats = self.ffn(h, token_mask=token_mask_BT)
         else:
             h = self.ffn(h)
         return x + self.dropout(h), stats
@@ -147,8 +148,8 @@ class GPT(nn.Module):
 
         Padded batches (prompts of different lengths): `key_mask_BL` marks the real tokens among all
         key slots [0, start_pos + T), and `positions_BT` gives each token its position in its own
-        sequence (e.g. mask.cumsum(-1) - 1 for left padding). Padding tokens still pass the MoE layers
-        (dropless, they change no other token's output) and count in their load statistics.
+        sequence (e.g. mask.cumsum(-1) - 1 for left padding). Padding tokens skip the MoE layers
+        (their FFN output is 0): they take no expert capacity and count in no load statistics.
         """
         length = idx_BT.shape[1]
         if start_pos + length > self.config.max_seq_len:
@@ -165,8 +166,9 @@ class GPT(nn.Module):
             rope = self.rope.cos_sin(positions.expand(idx_BT.shape[0], length), x.dtype)
         x = self.drop(x)
         moe_stats: dict[int, MoEStats] = {}
+        token_mask_BT = key_mask_BL[:, -length:].bool() if key_mask_BL is not None and key_mask_BL.dim() == 2 else None
         for i, block in enumerate(self.blocks):
-            x, stats = block(x, kv_cache, start_pos, rope, key_mask_BL)
+            x, stats = block(x, kv_cache, start_pos, rope, key_mask_BL, token_mask_BT)
             if stats is not None:
                 moe_stats[i] = stats
         logits = self.lm_head(self.ln_f(x))
