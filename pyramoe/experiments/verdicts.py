@@ -103,4 +103,4 @@ def fewer_params_verdict(better: str, worse: str, params: tuple[int, int], paire
     loss = quality(paired)
     outcome = {"better": HOLDS, "on par": HOLDS, "worse": CONTRADICTED}.get(loss, INCONCLUSIVE)
     return (f"{outcome}: {better} has {ratio:.0%} of {worse}'s parameters and its validation loss is {loss} "
-            f"(on par: every paired difference within {PAR_TOLERANCE}; {describe_paired(paired)})")
+            f"(on par would need every paired difference within {PAR_TOLERANCE}; {describe_paired(paired)})")
