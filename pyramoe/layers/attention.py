@@ -13,6 +13,9 @@ from torch import nn
 from pyramoe.layers.norms import RMSNorm
 from pyramoe.layers.rope import apply_rope
 
+# torch >= 2.5 attends grouped-query heads in SDPA itself (enable_gqa); older torch repeats k/v.
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
 
 class KVCache:
     """Preallocated per-layer key/value buffers for incremental decoding."""
@@ -99,26 +102,30 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, start_pos, k, v)
+        gqa = {}
         if self.n_kv_heads != self.n_heads:
-            group = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            if _SDPA_GQA:  # each key/value head serves its group of query heads without a copy
+                gqa = {"enable_gqa": True}
+            else:
+                group = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         dropout = self.dropout if self.training else 0.0
         total = k.shape[2]
         if key_mask_BL is not None:
             # A [B, 1, T, L] mask is used as given: an engine whose rows sit at different positions
             # (continuous batching) knows which key slots each query may see; slots are not shared.
             mask = key_mask_BL if key_mask_BL.dim() == 4 else padded_causal_mask(key_mask_BL, start_pos, length, total)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, **gqa)
         elif length == 1 or total == length:
             # One new position may attend to every key; with keys == queries the mask is the plain causal one.
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, dropout_p=dropout, **gqa)
         else:
             # Keys are positions [end - total, end): the cached prefix (if any) then the new ones.
             end = start_pos + length
             query_pos = torch.arange(start_pos, end, device=x_BTD.device)
             key_pos = torch.arange(end - total, end, device=x_BTD.device)
             mask_TL = query_pos.unsqueeze(1) >= key_pos.unsqueeze(0)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TL, dropout_p=dropout)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TL, dropout_p=dropout, **gqa)
         return self.proj(out.transpose(1, 2).reshape(batch, length, -1))
 
     def _project(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
