@@ -134,3 +134,16 @@ def test_a_killed_rank_ends_the_job_quickly(tmp_path):
             job.kill()
     assert job.returncode != 0
     assert "a rank failed" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("layout", "fragment"),
+    [
+        (["--ep", "3"], "layers[1].ep: expert-parallel degree 3"),
+        (["--tp", "3"], "--tp: 3 does not divide world size 2"),
+    ],
+)
+def test_a_layout_that_cannot_fit_is_refused_before_launching(tmp_path, capsys, layout, fragment):
+    assert main([*run_args(tmp_path, "x", 2, 4), "--nproc-per-node", "2", *layout]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and fragment in err

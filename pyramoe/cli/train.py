@@ -36,11 +36,12 @@ from pyramoe.parallel.launch import (
     DistributedFailure,
     Launch,
     argv_without_nproc,
+    check_layout,
     relaunch_with_torchrun,
     world_size_from_env,
 )
 from pyramoe.train import Checkpoint, RunConfig, build_model, create_trainer, load_checkpoint, resolve_run
-from pyramoe.train.config import load_toml, parse_override
+from pyramoe.train.config import build_model_config, load_toml, parse_override
 from pyramoe.train.metrics import METRICS_FILE, read_metrics, records_of
 from pyramoe.train.session import LATEST, check_plain_run
 from pyramoe.train.trainer import FitResult, Trainer
@@ -162,6 +163,8 @@ def main(args: argparse.Namespace) -> int:
     run, ckpt = resolve_run(config_sources(args), args.resume)
     check_plain_run(run)
     if args.nproc_per_node is not None and world_size_from_env() == 1:
+        model = ckpt.model_config() if ckpt is not None else build_model_config(run, run.train.vocab_size)
+        check_layout(model, args.nproc_per_node, launch)  # one line here rather than one per rank
         return relaunch_with_torchrun(args.nproc_per_node, argv_without_nproc(args.argv))
     if nothing_to_do(run, ckpt):
         return 0

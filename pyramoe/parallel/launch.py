@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pyramoe.dist import Topology
+from pyramoe.dist import Topology, layer_ep
 from pyramoe.parallel.parallelize import ParallelState, parallelize
 
 
@@ -118,6 +118,25 @@ def init_distributed(launch: Launch, device: torch.device) -> DistRun | None:
         return DistRun(Topology(world, rank, tp=launch.tp, ranks_per_node=ranks_per_node))
     except ValueError as exc:
         raise ValueError(f"--{exc}") from None
+
+
+def check_layout(config: object, nproc: int, launch: Launch) -> None:
+    """The checks every rank would make, made once before launching `nproc` local processes: the
+    topology fits, each MoE layer's EP degree fits, heads split over TP. ValueError, one line."""
+    if nproc < 1:
+        raise ValueError(f"--nproc-per-node: must be >= 1, got {nproc}")
+    try:
+        topology = Topology(nproc, 0, tp=launch.tp, ranks_per_node=launch.ranks_per_node)
+    except ValueError as exc:
+        raise ValueError(f"--{exc}") from None
+    for index, layer in enumerate(config.layers):
+        if layer.moe is not None:
+            layer_ep(layer.moe.num_experts, launch.ep, topology, index)
+    if launch.tp > 1:
+        for name in ("n_heads", "kv_heads"):
+            heads = getattr(config, name)
+            if heads % launch.tp:
+                raise ValueError(f"--tp: model.{name}={heads} does not split over {launch.tp} ranks")
 
 
 def apply_parallelism(
