@@ -29,27 +29,13 @@ from pyramoe.layers.experts import grouped_linear
 from pyramoe.layers.mlp import activate
 
 
-def _shard_index(blocks: Sequence[int], rank: int, size: int, what: str) -> torch.Tensor:
-    """Indices of rank's share of each consecutive block of the given sizes."""
-    index, offset = [], 0
-    for block in blocks:
-        if block % size:
-            raise ValueError(f"tp: {what} of size {block} does not split over {size} ranks")
-        share = block // size
-        index.append(torch.arange(offset + rank * share, offset + (rank + 1) * share))
-        offset += block
-    return torch.cat(index)
-
-
 class ColumnParallelLinear(nn.Module):
     def __init__(self, linear: nn.Linear, blocks: Sequence[int], group: dist.ProcessGroup, what: str):
         super().__init__()
-        rank, size = dist.get_rank(group), dist.get_world_size(group)
-        rows = _shard_index(blocks, rank, size, what).to(linear.weight.device)
         self.group = group
         self.blocks = tuple(blocks)  # the fused blocks of the full output rows, each split over TP
-        self.weight = nn.Parameter(linear.weight.detach().index_select(0, rows).clone())
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().index_select(0, rows).clone())
+        self.weight = _slice(linear.weight, 0, blocks, group, what)
+        self.bias = None if linear.bias is None else _slice(linear.bias, 0, blocks, group, what)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(copy_to_tp(x, self.group), self.weight, self.bias)
@@ -58,11 +44,9 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     def __init__(self, linear: nn.Linear, blocks: Sequence[int], group: dist.ProcessGroup, what: str):
         super().__init__()
-        rank, size = dist.get_rank(group), dist.get_world_size(group)
-        cols = _shard_index(blocks, rank, size, what).to(linear.weight.device)
         self.group = group
         self.blocks = tuple(blocks)  # of the full input columns
-        self.weight = nn.Parameter(linear.weight.detach().index_select(1, cols).clone())
+        self.weight = _slice(linear.weight, 1, blocks, group, what)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,9 +129,21 @@ def tp_layouts(model: nn.Module) -> dict[str, tuple[int, tuple[int, ...], dist.P
     return out
 
 
-def cut_tp(full: torch.Tensor, dim: int, blocks: Sequence[int], rank: int, size: int) -> torch.Tensor:
-    """This rank's slice of a full tensor: its share of every block along `dim`."""
+def cut_tp(
+    full: torch.Tensor, dim: int, blocks: Sequence[int], rank: int, size: int, what: str = "tensor"
+) -> torch.Tensor:
+    """This rank's slice of a full tensor: its share of every block along `dim` (fused blocks such
+    as [q | k | v] or [gate | up] are split one by one). ValueError when a block does not split."""
+    for block in blocks:
+        if block % size:
+            raise ValueError(f"tp: {what} of size {block} does not split over {size} ranks")
     return torch.cat([block.chunk(size, dim=dim)[rank] for block in full.split(list(blocks), dim=dim)], dim=dim)
+
+
+def _slice(t: torch.Tensor, dim: int, blocks: Sequence[int], group: dist.ProcessGroup, what: str) -> nn.Parameter:
+    """This rank's slice of a module's tensor, as a parameter of its own."""
+    part = cut_tp(t.detach(), dim, blocks, dist.get_rank(group), dist.get_world_size(group), what)
+    return nn.Parameter(part.clone())
 
 
 def join_tp(parts: Sequence[torch.Tensor], dim: int, blocks: Sequence[int]) -> torch.Tensor:
@@ -167,17 +163,15 @@ class SlicedExperts(nn.Module):
 
     def __init__(self, experts: nn.Module, group: dist.ProcessGroup, where: str):
         super().__init__()
-        rank, size = dist.get_rank(group), dist.get_world_size(group)
         d_ff = experts.w_out.shape[2]
         self.blocks_in = (d_ff, d_ff) if experts.activation == "swiglu" else (d_ff,)
         self.blocks_out = (d_ff,)
         self.group, self.activation = group, experts.activation
         self.num_experts, self.expert_offset = experts.num_experts, experts.expert_offset
-        rows = _shard_index(self.blocks_in, rank, size, f"{where}.experts").to(experts.w_in.device)
-        cols = _shard_index(self.blocks_out, rank, size, f"{where}.experts").to(experts.w_in.device)
-        self.w_in = nn.Parameter(experts.w_in.detach().index_select(1, rows).clone())
-        self.w_out = nn.Parameter(experts.w_out.detach().index_select(2, cols).clone())
-        self.b_in = None if experts.b_in is None else nn.Parameter(experts.b_in.detach().index_select(2, rows).clone())
+        what = f"{where}.experts"
+        self.w_in = _slice(experts.w_in, 1, self.blocks_in, group, what)
+        self.w_out = _slice(experts.w_out, 2, self.blocks_out, group, what)
+        self.b_in = None if experts.b_in is None else _slice(experts.b_in, 2, self.blocks_in, group, what)
         self.b_out = None if experts.b_out is None else nn.Parameter(experts.b_out.detach().clone())
 
     def forward(
