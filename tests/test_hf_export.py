@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 from hf_models import build_hf, save_hf
+from safetensors import safe_open
 
 from pyramoe.cli.main import main
 from pyramoe.config import LayerConfig, ModelConfig, MoEConfig, build_layers
@@ -131,12 +132,47 @@ def test_tiny_llama_moe_is_qwen3_moe():
     assert choose_architecture(get_preset("tiny-llama-moe")).hf_class == "Qwen3MoeForCausalLM"
 
 
-def train_tiny(tmp_path: Path, preset: str) -> Path:
+def safetensors_dtypes(directory: Path) -> set[str]:
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+        return {f.get_slice(name).get_dtype() for name in f.keys()}
+
+
+def assert_bf16_matches(model: GPT, directory: Path) -> None:
+    """transformers loads the bf16 export as bf16 (dtype="auto"), with logits close to pyramoe's in bf16."""
+    config = json.loads((directory / "config.json").read_text())
+    assert config["dtype"] == config["torch_dtype"] == "bfloat16"
+    assert safetensors_dtypes(directory) == {"BF16"}
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype="auto").eval()
+    assert {p.dtype for p in hf_model.parameters()} == {torch.bfloat16}
+    ours = model.to(torch.bfloat16)
+    idx_BT = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs_BTV, ours_BTV = hf_model(idx_BT).logits.float(), ours(idx_BT).logits.float()
+    scale = ours_BTV.abs().max().item()
+    torch.testing.assert_close(theirs_BTV, ours_BTV, atol=0.015 * scale, rtol=0.01)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_bf16_export_is_bf16_and_loads_in_transformers_with_pyramoe_bf16_logits(arch, tmp_path):
+    model = random_model(EXPORTABLE[arch]())
+    export_hf(model, tmp_path / "fp32")
+    assert safetensors_dtypes(tmp_path / "fp32") == {"F32"}
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["dtype"] == "float32"
+    export_hf(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    size = {name: (tmp_path / name / "model.safetensors").stat().st_size for name in ("fp32", "bf16")}
+    assert size["bf16"] < 0.55 * size["fp32"]
+    assert_bf16_matches(model, tmp_path / "bf16")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        export_hf(model, tmp_path / "fp16", dtype=torch.float16)
+
+
+def train_tiny(tmp_path: Path, preset: str, *settings: str) -> Path:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"def f{i}(x):\n    return x + {i % 11}\n\n" for i in range(200)))
     argv = ["train", "--preset", preset, "--corpus", str(corpus), "--steps", "2", "--batch-size", "2",
             "--seq-len", "16", "--set", "train.vocab_size=300", "--set", "train.val_percent=10",
             "--set", "train.eval_every=2", "--set", "train.eval_batches=1", "--set", "model.d_model=32",
+            *[arg for setting in settings for arg in ("--set", setting)],
             "--run-dir", str(tmp_path / preset), "--quiet"]
     assert main(argv) == 0
     return tmp_path / preset
@@ -164,6 +200,18 @@ def test_cli_exports_a_trained_run_with_its_tokenizer(tmp_path, capsys):
 
 
 @pytest.mark.usefixtures("tiny_run_env")
+def test_cli_dtype_defaults_to_fp32_and_auto_follows_the_training_precision(tmp_path, capsys):
+    run_dir = train_tiny(tmp_path, "tiny-llama-moe", "train.precision=bf16")
+    assert main(["export", str(run_dir), str(tmp_path / "default")]) == 0
+    assert safetensors_dtypes(tmp_path / "default") == {"F32"}
+    assert main(["export", str(run_dir), str(tmp_path / "auto"), "--dtype", "auto"]) == 0
+    assert "bfloat16" in capsys.readouterr().out.splitlines()[-1]
+    assert_bf16_matches(build_model(load_checkpoint(run_dir), dropless=True), tmp_path / "auto")
+    assert main(["export", str(run_dir), str(tmp_path / "fp32"), "--dtype", "fp32"]) == 0
+    assert safetensors_dtypes(tmp_path / "fp32") == {"F32"}
+
+
+@pytest.mark.usefixtures("tiny_run_env")
 def test_cli_refuses_the_gpt2_block_in_one_line(tmp_path, capsys):
     run_dir = train_tiny(tmp_path, "tiny-moe")
     capsys.readouterr()
@@ -176,4 +224,5 @@ def test_cli_refuses_the_gpt2_block_in_one_line(tmp_path, capsys):
 def test_export_help(capsys):
     with pytest.raises(SystemExit) as info:
         main(["export", "--help"])
-    assert info.value.code == 0 and "usage: pyramoe export [-h] RUN_OR_CKPT OUT_DIR" in capsys.readouterr().out
+    usage = "usage: pyramoe export [-h] [--dtype {fp32,bf16,auto}] RUN_OR_CKPT OUT_DIR"
+    assert info.value.code == 0 and usage in capsys.readouterr().out

@@ -14,6 +14,8 @@ A feature with no counterpart (learned positions, LayerNorm, biases, GELU, Resid
 that differ from each other as in PR-MoE, ...) is a ValueError naming it.
 
 HF MoE layers never drop tokens: the exported model computes what pyramoe computes dropless.
+Tensors are written in fp32 (what checkpoints store) or bf16 (`dtype`); config.json's `dtype` (and
+`torch_dtype`, its older name) says which, so transformers' `dtype="auto"` loads them as written.
 Legend: E experts, F expert width.
 """
 
@@ -33,6 +35,16 @@ from pyramoe.hf.load import latent_names
 from pyramoe.models import GPT
 
 _NO_COUNTERPART = "has no Hugging Face MoE counterpart"
+# The dtypes an export writes, by the names config.json gives them.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """config.json's name for `dtype` ("float32", "bfloat16"); ValueError for any other."""
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"export: dtype must be float32 or bfloat16, got {dtype}")
 
 
 def choose_architecture(config: ModelConfig) -> Architecture:
@@ -53,8 +65,10 @@ def choose_architecture(config: ModelConfig) -> Architecture:
     return ARCHITECTURES["mixtral"]
 
 
-def hf_config(config: ModelConfig, arch: Architecture, eos_id: int | None = None) -> dict[str, Any]:
-    """config.json for `arch`; ValueError when `config` needs something `arch` lacks."""
+def hf_config(
+    config: ModelConfig, arch: Architecture, eos_id: int | None = None, dtype: torch.dtype = torch.float32
+) -> dict[str, Any]:
+    """config.json for `arch` with tensors in `dtype`; ValueError when `config` needs something `arch` lacks."""
     moe = _uniform_moe(config)
     dense = [i for i, layer in enumerate(config.layers) if layer.moe is None]
     _require(not config.attn_qkv_bias or arch.model_type in ("qwen2_moe", "glm4_moe"),
@@ -85,7 +99,8 @@ def hf_config(config: ModelConfig, arch: Architecture, eos_id: int | None = None
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
         "use_cache": True,
-        "dtype": "float32",
+        "dtype": dtype_name(dtype),
+        "torch_dtype": dtype_name(dtype),  # what transformers < 4.56 and other readers look for
         "bos_token_id": None,
         "eos_token_id": eos_id,
         "pad_token_id": None,
@@ -202,8 +217,9 @@ def _uniform_moe(config: ModelConfig) -> MoEConfig:
 # -- tensors --------------------------------------------------------------------------------------
 
 
-def hf_tensors(model: GPT, arch: Architecture) -> dict[str, torch.Tensor]:
-    """The model's weights under `arch`'s hub names (per-expert layout), contiguous fp32 copies."""
+def hf_tensors(model: GPT, arch: Architecture, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The model's weights under `arch`'s hub names (per-expert layout), contiguous copies in `dtype`."""
+    dtype_name(dtype)
     config = model.config
     state = {k: v.detach() for k, v in model.state_dict().items()}
     out = {"model.embed_tokens.weight": state["tok_emb.weight"], "model.norm.weight": state["ln_f.weight"]}
@@ -228,7 +244,7 @@ def hf_tensors(model: GPT, arch: Architecture) -> dict[str, torch.Tensor]:
             if ours + f"attn.{norm}.weight" in state:
                 out[f"{hf}self_attn.{norm}.weight"] = state[ours + f"attn.{norm}.weight"]
         out.update(_ffn(state, arch, layer.moe is None, ours, hf))
-    return {name: t.to(torch.float32).contiguous().clone() for name, t in out.items()}
+    return {name: t.to(dtype).contiguous().clone() for name, t in out.items()}
 
 
 def _ffn(
@@ -267,16 +283,19 @@ def _moe(state: dict[str, torch.Tensor], arch: Architecture, ours: str, hf: str)
 
 
 def export_hf(
-    model: GPT, out_dir: str | Path, tokenizer_json: Path | None = None, eos_token: str | None = None
+    model: GPT, out_dir: str | Path, tokenizer_json: Path | None = None, eos_token: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Architecture:
-    """Write `model` (and the tokenizer, if given) as an HF checkpoint into the new directory `out_dir`."""
+    """Write `model` (and the tokenizer, if given) as an HF checkpoint into the new directory `out_dir`,
+    its tensors in `dtype` (float32 or bfloat16)."""
+    dtype_name(dtype)
     arch = choose_architecture(model.config)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"{out_dir}: exists and is not an empty directory")
     eos_id = _token_id(tokenizer_json, eos_token)
-    config = hf_config(model.config, arch, eos_id)
-    tensors = hf_tensors(model, arch)
+    config = hf_config(model.config, arch, eos_id, dtype)
+    tensors = hf_tensors(model, arch, dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
