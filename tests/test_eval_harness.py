@@ -266,3 +266,18 @@ def test_warns_when_a_stdlib_run_trained_on_task_files(env, tmp_path, capsys):
     (loose / "state.json").write_text(json.dumps(state))
     assert main(["eval", str(loose), "--tasks", "pyramoe_stdlib_docsig", "--limit", "2"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_in_process_accuracy_equals_the_harness(env, tmp_path, capsys):
+    """pyramoe.evaluation.accuracy (what `pyramoe experiments` stores) gives the harness's acc numbers."""
+    from pyramoe.evaluation.accuracy import ACCURACY_TASKS, checkpoint_accuracy
+
+    loose = tmp_path / "ckpt"  # outside the run: no metrics record
+    shutil.copytree(env / "checkpoints" / "step-0000006", loose)
+    limit = 8
+    assert main(["eval", str(loose), "--tasks", ",".join(ACCURACY_TASKS), "--limit", str(limit), "--json"]) == 0
+    harness = json.loads(capsys.readouterr().out)["tasks"]
+    direct = checkpoint_accuracy(loose, limit=limit, batch_size=3)
+    for task in ACCURACY_TASKS:
+        assert direct[task] == {"acc": pytest.approx(harness[task]["acc"]), "n": limit,
+                                "chance": harness[task]["chance"]}

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from pyramoe.experiments import STUDIES, Study, get_study, render_results, run_study
-from pyramoe.experiments.report import report_table, seed_table
+from pyramoe.experiments.report import accuracy_seed_table, accuracy_table, report_table, seed_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
                         help="extra train settings for every run (e.g. train.threads=1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-zeroshot", action="store_true",
+                        help="do not score the runs' final checkpoints on the local zero-shot accuracy tasks")
     parser.set_defaults(func=main)
 
 
@@ -41,11 +43,16 @@ def main(args: argparse.Namespace) -> int:
     docs = Path(args.docs)
     for name in names:
         study = _with_budget(STUDIES[name], args.steps, args.teacher_steps)
-        summary = run_study(study, Path(args.root), docs, train=train, seeds=seeds, progress=not args.quiet)
+        summary = run_study(study, Path(args.root), docs, train=train, seeds=seeds, progress=not args.quiet,
+                            zeroshot=False if args.no_zeroshot else None)
         print(f"\n== {study.title} ==")
         print(report_table(summary))
         print(seed_table(summary))
         print(f"direction: {summary['verdict']}")
+        if summary.get("paired_accuracy") is not None:
+            print(accuracy_table(summary))
+            print(accuracy_seed_table(summary))
+            print(f"direction (zero-shot accuracy): {summary['accuracy_verdict']}")
     print(f"wrote {render_results(docs, STUDIES)}")
     return 0
 

@@ -1,5 +1,9 @@
 """A study's report: tables, a validation-loss plot and docs/results.md, all from its summary JSON.
 
+Zero-shot accuracy (when the study's runs were scored): per arm and task the mean (min-max) over seeds,
+each task's chance level, the paired differences of the mean accuracy by seed, and for a distillation
+study each student's accuracy as a percentage of its teacher's.
+
 Every figure states the settings and machine it was measured with, read from the summary.
 """
 
@@ -64,6 +68,79 @@ def _loss_at(arm: dict[str, Any], seed: int | str) -> float:
     return by_seed[str(seed)]
 
 
+def _task_label(task: str) -> str:
+    return task.removeprefix("pyramoe_stdlib_")
+
+
+def _acc_cell(stats: dict[str, float]) -> str:
+    return f"{stats['mean']:.3f} ({stats['min']:.3f}-{stats['max']:.3f})"
+
+
+def accuracy_table(summary: dict[str, Any]) -> str:
+    """One row per arm: each task's zero-shot accuracy and their mean, mean (min-max) over seeds; the
+    teacher's (one seed) and each student's mean as a percentage of it for a distillation study; chance."""
+    zeroshot = summary["zeroshot"]
+    names = [*zeroshot["examples"], "mean"]
+    headers = ["arm", "seeds", *[f"{_task_label(n)} (n={zeroshot['examples'][n]})" if n != "mean" else "mean"
+                                 for n in names]]
+    teacher = summary.get("teacher_accuracy")
+    if teacher is not None:
+        headers.append("% of teacher (min-max)")
+    rows = []
+    for name, arm in summary["arms"].items():
+        row = [name, len(arm["seeds"]), *[_acc_cell(arm["accuracy"][n]) for n in names]]
+        if teacher is not None:
+            pct = arm["accuracy_pct_of_teacher"]
+            row.append(f"{pct['mean']:.1f}% ({pct['min']:.1f}-{pct['max']:.1f})")
+        rows.append(row)
+    if teacher is not None:
+        rows.append([f"teacher (seed {summary['teacher']['seed']})", 1, *[f"{teacher[n]:.3f}" for n in names],
+                     "100%"])
+    chance = zeroshot["chance"]
+    rows.append(["chance", "-", *[f"{chance[n]:.3f}" for n in names], *(["-"] if teacher is not None else [])])
+    return format_table(headers, rows)
+
+
+def accuracy_seed_table(summary: dict[str, Any]) -> str:
+    """Mean zero-shot accuracy per seed and arm, and the paired difference the accuracy verdict is judged on
+    (the expected-better arm minus the other)."""
+    arms = list(summary["arms"])
+    paired = summary["paired_accuracy"]
+    rows = []
+    for seed, diff in paired["diffs"].items():
+        accs = [f"{_by_seed_str(summary['arms'][a]['accuracy_by_seed'])[str(seed)]['mean']:.3f}" for a in arms]
+        rows.append([seed, *accs, f"{diff:+.3f}"])
+    rows.append(["mean", *[f"{summary['arms'][a]['accuracy']['mean']['mean']:.3f}" for a in arms],
+                 f"{paired['mean']:+.3f}"])
+    return format_table(["seed", *[f"{a} acc" for a in arms], "paired diff"], rows)
+
+
+def _by_seed_str(values: dict[Any, Any]) -> dict[str, Any]:
+    return {str(k): v for k, v in values.items()}
+
+
+def accuracy_line(summary: dict[str, Any]) -> str:
+    z = summary["zeroshot"]
+    s = z["settings"]
+    limit = "every example" if s["limit"] is None else f"the first {s['limit']} examples"
+    cost = z["seconds_per_checkpoint"]
+    return (f"Zero-shot accuracy of each run's final checkpoint on pyramoe's local tasks ({limit} of each, the "
+            f"same for every model; {s['dtype']}, MoE layers dropless; lm-eval's `acc`, computed in-process by "
+            "pyramoe/evaluation/accuracy.py): mean (min-max) over seeds, *mean* is the mean over the tasks. "
+            f"Scoring took {cost['mean']:.0f} s per checkpoint ({cost['min']:.0f}-{cost['max']:.0f}) on "
+            f"{'/'.join(map(str, z.get('threads') or ['?']))} thread(s).")
+
+
+def direction_line(summary: dict[str, Any]) -> str:
+    """The verdict on validation loss and, when scored, on zero-shot accuracy."""
+    loss = summary["verdict"]
+    accuracy = summary.get("accuracy_verdict")
+    if accuracy is None:
+        return f"**Direction:** {loss} (zero-shot accuracy not measured)."
+    return (f"**Direction:** {loss.split(':')[0]} on validation loss, {accuracy.split(':')[0]} on zero-shot "
+            f"accuracy. Loss: {loss}. Accuracy: {accuracy}.")
+
+
 def settings_line(summary: dict[str, Any]) -> str:
     s = summary["settings"]
     return (f"{s['steps']} steps of {s['batch_size']}x{s['seq_len']} tokens per run ({s['tokens_per_run']:,} tokens), "
@@ -109,7 +186,10 @@ def study_section(study: Study, summary: dict[str, Any], image_dir: str) -> list
                   f"{timing['batch_size']}x{timing['seq_len']} tokens, {timing['precision']}, "
                   f"{timing['threads']} threads; \"time / {timing['baseline']}\" is the median (min-max) "
                   "of each round's ratio.", ""]
-    lines += [f"![{study.name}]({image_dir}{study.name}.png)", "", f"**Direction:** {summary['verdict']}.", ""]
+    if summary.get("paired_accuracy") is not None:
+        lines += [accuracy_line(summary), "", "```", accuracy_table(summary), "", accuracy_seed_table(summary),
+                  "```", ""]
+    lines += [f"![{study.name}]({image_dir}{study.name}.png)", "", direction_line(summary), ""]
     if study.notes:
         lines += [study.notes.format(**summary["settings"]), ""]
     return lines

@@ -3,23 +3,39 @@
 Runs are keyed by their full settings (pyramoe/experiments/plan.py). A finished run leaves
 `result.json` (with its key and settings) and is read back only under the same key; an interrupted
 run resumes from its latest checkpoint, or restarts cleanly when it saved none.
+
+Every finished run's final checkpoint is then scored zero-shot on pyramoe's local accuracy tasks
+(pyramoe/evaluation/accuracy.py: the numbers `pyramoe eval --tasks` gives, computed in-process), once:
+the accuracies are stored in its result.json under a key of the task data and eval settings, so a
+re-report reads them back and a change of tasks or settings scores again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import statistics
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from pyramoe.bench.common import machine_label, write_json
 from pyramoe.config import ModelConfig
 from pyramoe.experiments.plan import STUDENT_SEED_OFFSET, ArmPlan, config_key, plan_arm
 from pyramoe.experiments.studies import Study
 from pyramoe.experiments.timing import measure_step_times, speedups
-from pyramoe.experiments.verdicts import fewer_params_verdict, loss_verdict, paired_differences, step_time_verdict
+from pyramoe.experiments.verdicts import (
+    accuracy_verdict,
+    fewer_params_verdict,
+    loss_verdict,
+    paired_differences,
+    speed_outcome,
+    step_time_verdict,
+)
 from pyramoe.models import count_active_parameters, count_parameters
 from pyramoe.train import checkpoint as ckpt_io
 from pyramoe.train.distill import create_distill_trainer, resolve_distill_run
@@ -28,6 +44,10 @@ from pyramoe.train.session import LATEST, create_trainer, resolve_run
 from pyramoe.train.trainer import Trainer
 
 RESULT_FILE = "result.json"
+# Zero-shot scoring of each run's final checkpoint: every record of each local accuracy task (None: no
+# limit; cloze 500, nextline 500, docsig 170 with the default corpus), fp32, MoE layers dropless.
+ZEROSHOT_LIMIT: int | None = None
+ZEROSHOT_DTYPE = "fp32"
 
 
 @dataclass
@@ -42,6 +62,8 @@ class RunResult:
     n_layers: int
     d_model: int
     tokens: int
+    # {"key", "settings", "checkpoint", "seconds", "tasks": {task: {"acc", "n", "chance"}}} once scored
+    zeroshot: dict[str, Any] | None = None
 
 
 # -- one run ----------------------------------------------------------------------------------------------
@@ -55,7 +77,7 @@ def read_result(plan: ArmPlan) -> RunResult | None:
     data = json.loads(path.read_text())
     if data.get("key") != plan.key:
         return None
-    values = {f.name: data[f.name] for f in fields(RunResult)}
+    values = {f.name: data[f.name] for f in fields(RunResult) if f.name in data or f.default is dataclasses.MISSING}
     values["val_losses"] = {int(k): v for k, v in values["val_losses"].items()}
     return RunResult(**values)
 
@@ -67,12 +89,43 @@ def same_run_elsewhere(plan: ArmPlan) -> RunResult | None:
     root = plan.run_dir.parent.parent
     for path in sorted(root.glob(f"*/*-seed{plan.seed}-*/{RESULT_FILE}")):
         data = json.loads(path.read_text())
-        same = data.get("key") == plan.key or config_key(data.get("config") or {}) == plan.key
+        same = data.get("key") == plan.key or stored_settings_key(data.get("config") or {}, root) == plan.key
         if same and path.parent != plan.run_dir:
             data = {**data, "arm": plan.arm.name, "key": plan.key, "reused_from": str(path.parent)}
             write_json(plan.run_dir / RESULT_FILE, data)
             return read_result(plan)
     return None
+
+
+def stored_settings_key(config: dict[str, Any], root: Path, depth: int = 0) -> str:
+    """The key that stored settings come to under the current code. A student's settings name its
+    teacher by the teacher's key when it trained; that is replaced by the key the teacher's own stored
+    settings come to now, so that a student keyed by older code is found like any other run."""
+    distill = config.get("distill")
+    teacher = distill.get("teacher") if isinstance(distill, dict) else None
+    if isinstance(teacher, str) and depth < 4:
+        for path in sorted(root.glob(f"*/*-{teacher}/{RESULT_FILE}")):
+            stored = json.loads(path.read_text()).get("config")
+            if stored:
+                current = stored_settings_key(stored, root, depth + 1)
+                config = {**config, "distill": {**distill, "teacher": current}}
+                break
+    return config_key(config)
+
+
+def checkpoint_run_dir(run_dir: Path) -> Path:
+    """The directory that holds a run's checkpoints: its own, or for a result reused from another
+    directory (`reused_from`), that one's (followed on, looked up by study and run name under the
+    same root)."""
+    root, seen = run_dir.parent.parent, set()
+    while ckpt_io.latest_checkpoint(ckpt_io.checkpoint_root(run_dir)) is None:
+        path = run_dir / RESULT_FILE
+        origin = json.loads(path.read_text()).get("reused_from") if path.is_file() else None
+        if not origin or run_dir in seen:
+            raise FileNotFoundError(f"{run_dir}: no checkpoint, and no run it was reused from that has one")
+        seen.add(run_dir)
+        run_dir = root / Path(origin).parent.name / Path(origin).name
+    return run_dir
 
 
 def open_trainer(plan: ArmPlan, progress: bool) -> Trainer:
@@ -122,6 +175,62 @@ def run_arm(plan: ArmPlan, progress: bool = True) -> RunResult:
     return result
 
 
+# -- zero-shot accuracy ----------------------------------------------------------------------------------
+
+
+def zeroshot_settings(limit: int | None = None, dtype: str | None = None) -> dict[str, Any]:
+    """What a stored accuracy must have been measured with (task data hashed, tasks, limit, dtype)."""
+    from pyramoe.evaluation.accuracy import ACCURACY_TASKS, eval_settings
+    from pyramoe.evaluation.taskdata import build_tasks
+
+    limit = ZEROSHOT_LIMIT if limit is None else limit
+    return eval_settings(ACCURACY_TASKS, limit, dtype or ZEROSHOT_DTYPE, build_tasks())
+
+
+def score_checkpoint(checkpoint: Path, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """task -> {"acc", "n", "chance"} of a checkpoint (the tasks and limit of `settings`)."""
+    from pyramoe.evaluation.accuracy import checkpoint_accuracy
+
+    return checkpoint_accuracy(checkpoint, settings["tasks"], settings["limit"], settings["dtype"])
+
+
+def _stored_zeroshot(run_dir: Path, key: str) -> dict[str, Any] | None:
+    path = run_dir / RESULT_FILE
+    stored = json.loads(path.read_text()).get("zeroshot") if path.is_file() else None
+    return stored if isinstance(stored, dict) and stored.get("key") == key else None
+
+
+def _store_zeroshot(run_dir: Path, entry: dict[str, Any]) -> None:
+    path = run_dir / RESULT_FILE
+    write_json(path, {**json.loads(path.read_text()), "zeroshot": entry})
+
+
+def add_zeroshot(plan: ArmPlan, result: RunResult, settings: dict[str, Any]) -> RunResult:
+    """The run's result with the zero-shot accuracies of its final checkpoint: read back when stored
+    under these settings (in its own result.json, or in the one of the run it was reused from), else
+    scored now and stored in both."""
+    from pyramoe.evaluation.accuracy import settings_key
+
+    key = settings_key(settings)
+    if result.zeroshot is not None and result.zeroshot.get("key") == key:
+        return result
+    source = checkpoint_run_dir(plan.run_dir)
+    entry = _stored_zeroshot(source, key)
+    if entry is None:
+        checkpoint = ckpt_io.latest_checkpoint(ckpt_io.checkpoint_root(source))
+        step = ckpt_io.load_checkpoint(checkpoint).step
+        if step != max(result.val_losses):
+            raise ValueError(f"{checkpoint}: step {step}, but the run's final step is {max(result.val_losses)}")
+        start = time.perf_counter()
+        tasks = score_checkpoint(checkpoint, settings)
+        entry = {"key": key, "settings": settings, "checkpoint": f"{source.name}/{checkpoint.name}",
+                 "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads(), "tasks": tasks}
+        if source != plan.run_dir:
+            _store_zeroshot(source, entry)
+    _store_zeroshot(plan.run_dir, entry)
+    return dataclasses.replace(result, zeroshot=entry)
+
+
 # -- summary ---------------------------------------------------------------------------------------------
 
 
@@ -135,7 +244,30 @@ def arm_summary(arm_name: str, preset: str, model: dict[str, Any], results: list
         "val_loss_spread": max(losses) - min(losses),
         "parameters": mine[0].parameters, "active_parameters": mine[0].active_parameters,
         "n_layers": mine[0].n_layers, "d_model": mine[0].d_model,
-    }
+    } | accuracy_summary(mine)
+
+
+def run_accuracy(result: RunResult | dict[str, Any]) -> dict[str, float] | None:
+    """task -> accuracy and "mean" (over the tasks) of a scored run; None when it was not scored."""
+    zeroshot = result.zeroshot if isinstance(result, RunResult) else result.get("zeroshot")
+    if not zeroshot:
+        return None
+    accs = {task: entry["acc"] for task, entry in zeroshot["tasks"].items()}
+    return accs | {"mean": statistics.mean(accs.values())}
+
+
+def accuracy_summary(results: list[RunResult]) -> dict[str, Any]:
+    """An arm's zero-shot accuracy by seed, and per task (and their mean) its mean, min, max and spread
+    over seeds; nothing when a run of the arm was not scored."""
+    by_seed = {r.seed: run_accuracy(r) for r in results}
+    if not by_seed or any(acc is None for acc in by_seed.values()):
+        return {}
+    stats = {}
+    for name in next(iter(by_seed.values())):
+        values = [acc[name] for acc in by_seed.values()]
+        stats[name] = {"mean": statistics.mean(values), "min": min(values), "max": max(values),
+                       "spread": max(values) - min(values)}
+    return {"accuracy_by_seed": by_seed, "accuracy": stats}
 
 
 def run_settings(plan: ArmPlan) -> dict[str, Any]:
@@ -163,6 +295,35 @@ def _by_seed(arm: dict[str, Any]) -> dict[int, float]:
     return {int(seed): loss for seed, loss in arm["val_loss_by_seed"].items()}
 
 
+def _mean_accuracy_by_seed(arm: dict[str, Any]) -> dict[int, float]:
+    return {int(seed): acc["mean"] for seed, acc in arm["accuracy_by_seed"].items()}
+
+
+def add_accuracy(study: Study, summary: dict[str, Any]) -> None:
+    """Paired mean-accuracy differences (expected-better arm minus the other) and the accuracy verdict,
+    when every run was scored; with the tasks' example counts, chance levels and settings."""
+    better, worse = summary["arms"][study.expected_better], summary["arms"][study.expected_worse]
+    scored = [r["zeroshot"] for r in summary["runs"] if r.get("zeroshot")]
+    if "accuracy" not in better or "accuracy" not in worse or not scored:
+        return
+    tasks = scored[0]["tasks"]
+    chance = {task: entry["chance"] for task, entry in tasks.items()}
+    seconds = [z["seconds"] for z in scored]
+    summary["zeroshot"] = {
+        "settings": scored[0]["settings"], "examples": {task: entry["n"] for task, entry in tasks.items()},
+        "chance": chance | {"mean": statistics.mean(chance.values())},
+        "seconds_per_checkpoint": {"mean": statistics.mean(seconds), "min": min(seconds), "max": max(seconds)},
+        "threads": sorted({z.get("threads") for z in scored if z.get("threads")}),
+    }
+    paired = paired_differences(_mean_accuracy_by_seed(better), _mean_accuracy_by_seed(worse))  # better - worse
+    summary["paired_accuracy"] = paired
+    speed = None
+    if study.compare == "step_time" and summary.get("step_time"):
+        speed = speed_outcome(speedups(summary["step_time"], study.expected_better), study.speedup_threshold)
+    summary["accuracy_verdict"] = accuracy_verdict(study.compare, study.expected_better, study.expected_worse,
+                                                   paired, speed)
+
+
 def summarize(
     study: Study, plans: list[ArmPlan], results: list[RunResult], step_time: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -175,6 +336,7 @@ def summarize(
     better, worse = arms[study.expected_better], arms[study.expected_worse]
     summary["paired"] = paired_differences(_by_seed(worse), _by_seed(better))
     summary["verdict"] = verdict(study, summary)
+    add_accuracy(study, summary)
     return summary
 
 
@@ -183,11 +345,27 @@ def retained_pct(teacher_loss: float, student_loss: float) -> float:
     return 100.0 * teacher_loss / student_loss
 
 
+def accuracy_pct_of_teacher(teacher_acc: float, student_acc: float) -> float:
+    """The student's zero-shot accuracy as a percentage of its teacher's (the paper's 99.1-99.5%)."""
+    return 100.0 * student_acc / teacher_acc
+
+
 def add_teacher(summary: dict[str, Any], teacher: RunResult, teacher_plan: ArmPlan, plans: list[ArmPlan]) -> None:
-    """Teacher row, retained_pct per student arm and the distillation settings the notes state."""
+    """Teacher row, retained_pct per student arm (and, when scored, each student's accuracy as a
+    percentage of the teacher's: of the mean over seeds, and its min-max over seeds) and the
+    distillation settings the notes state."""
     summary["teacher"] = asdict(teacher)
+    teacher_acc = run_accuracy(teacher)
     for arm in summary["arms"].values():
         arm["retained_pct"] = retained_pct(teacher.val_loss, arm["val_loss_mean"])
+        if teacher_acc is not None and "accuracy" in arm:
+            by_seed = [accuracy_pct_of_teacher(teacher_acc["mean"], a["mean"])
+                       for a in arm["accuracy_by_seed"].values()]
+            arm["accuracy_pct_of_teacher"] = {
+                "mean": accuracy_pct_of_teacher(teacher_acc["mean"], arm["accuracy"]["mean"]["mean"]),
+                "min": min(by_seed), "max": max(by_seed)}
+    if teacher_acc is not None:
+        summary["teacher_accuracy"] = teacher_acc
     stops = [p.config["distill"].get("kd_stop_step") for p in plans
              if p.config["distill"]["kd_schedule"] == "stop" and p.config["distill"]["kd_weight"] > 0]
     student = next(iter(summary["arms"].values()))
@@ -212,22 +390,36 @@ def time_arms(study: Study, plans: list[ArmPlan], root: Path) -> dict[str, Any] 
 
 def run_study(
     study: Study, root: Path, docs: Path, train: dict[str, Any] | None = None,
-    seeds: tuple[int, ...] | None = None, progress: bool = True,
+    seeds: tuple[int, ...] | None = None, progress: bool = True, zeroshot: bool | None = None,
 ) -> dict[str, Any]:
-    """Train every arm x seed (the teacher first, once, for a distillation study), time the arms, and
-    write docs/NAME.json and docs/NAME.png."""
+    """Train every arm x seed (the teacher first, once, for a distillation study), score each final
+    checkpoint zero-shot (when `zeroshot`, default: the study's), time the arms, and write
+    docs/NAME.json and docs/NAME.png."""
     from pyramoe.experiments.report import plot_study
 
     seeds, train = seeds or study.seeds, train or {}
+    zeroshot = study.zeroshot if zeroshot is None else zeroshot
+    scoring = zeroshot_settings() if zeroshot else None
+
+    def finish(plan: ArmPlan) -> RunResult:
+        result = run_arm(plan, progress)
+        if scoring is None:
+            return result
+        if train.get("threads"):
+            torch.set_num_threads(int(train["threads"]))
+        return add_zeroshot(plan, result, scoring)
+
     teacher_plan = teacher = None
     if study.teacher is not None:
         teacher_plan = plan_arm(study, study.teacher, seeds[0], root, train, study.teacher_steps)
-        teacher = run_arm(teacher_plan, progress)
+        teacher = finish(teacher_plan)
+        # students load the teacher from where its checkpoint is (its key names it in theirs)
+        teacher_plan = dataclasses.replace(teacher_plan, run_dir=checkpoint_run_dir(teacher_plan.run_dir))
     results, plans = [], []
     for seed in seeds:
         for arm in study.arms:
             plans.append(plan_arm(study, arm, seed, root, train, study.steps, teacher_plan))
-            results.append(run_arm(plans[-1], progress))
+            results.append(finish(plans[-1]))
     summary = summarize(study, plans, results, time_arms(study, plans, root))
     if teacher is not None and teacher_plan is not None:
         add_teacher(summary, teacher, teacher_plan, plans)

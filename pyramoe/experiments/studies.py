@@ -39,6 +39,7 @@ class Study:
     teacher_steps: int = 0
     speedup_threshold: float = 1.10  # step_time: the claim's "more than 10% faster"
     timing_rounds: int = 10  # interleaved step-time rounds per arm
+    zeroshot: bool = False  # score every run's final checkpoint on the local accuracy tasks (runner.add_zeroshot)
 
 
 _EVERY_OTHER_8 = {"moe_placement": "every_other", "num_experts": 8}
@@ -48,6 +49,7 @@ STUDIES: dict[str, Study] = {
     for s in (
         Study(
             name="moe-vs-dense",
+            zeroshot=True,
             title="MoE vs dense with the same active parameters",
             paper_finding=(
                 "1.3B+MoE-128 reaches a clearly lower validation loss than the 1.3B dense base at the "
@@ -59,6 +61,7 @@ STUDIES: dict[str, Study] = {
         ),
         Study(
             name="half-moe",
+            zeroshot=True,
             title="First-Half-MoE vs Second-Half-MoE",
             paper_finding=(
                 "Second-Half-MoE (MoE in the deeper half) reaches a lower validation loss than First-Half-MoE."
@@ -72,6 +75,7 @@ STUDIES: dict[str, Study] = {
         ),
         Study(
             name="top2-vs-residual",
+            zeroshot=True,
             title="Top-2 MoE vs Residual-MoE (top-1 + a fixed MLP)",
             paper_finding=(
                 "Residual-MoE matches Top2-MoE's validation loss and is more than 10% faster, "
@@ -91,6 +95,7 @@ STUDIES: dict[str, Study] = {
         ),
         Study(
             name="prmoe-vs-moe",
+            zeroshot=True,
             title="PR-MoE vs standard MoE: parameters vs validation loss",
             paper_finding=(
                 "PR-MoE (fewer experts in shallow layers + Residual-MoE) reaches about the quality of "
@@ -110,6 +115,7 @@ STUDIES: dict[str, Study] = {
         ),
         Study(
             name="mos",
+            zeroshot=True,
             title="Mixture-of-Students: no KD vs full KD vs staged KD",
             paper_finding=(
                 "A PR-MoE student with 12.5% fewer layers trained with KD all the way ends up worse than "

@@ -8,6 +8,10 @@ paired difference of the expected sign and their mean larger than their spread (
 Step time is judged on the per-round speedups of one interleaved timing run against the claim's own
 threshold (e.g. "more than 10% faster" is 1.10): holds when the lower quartile of the rounds' speedups
 is at or above it, contradicted when the upper quartile is below it, inconclusive otherwise.
+
+Zero-shot accuracy is judged by the same rules on the paired differences of the mean accuracy over the
+local tasks (expected-better arm minus the other: positive is the expected direction, as higher is
+better), with ACC_PAR_TOLERANCE in place of PAR_TOLERANCE where a claim is "about the same quality".
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 MIN_SEEDS = 2
 PAR_TOLERANCE = 0.02  # validation-loss difference (nats) within which two arms count as on par
+ACC_PAR_TOLERANCE = 0.01  # mean zero-shot accuracy difference (1 point) within which two arms are on par
 
 HOLDS, INCONCLUSIVE, CONTRADICTED = "holds", "inconclusive", "contradicted"
 
@@ -43,12 +48,12 @@ def paired_outcome(paired: dict[str, Any]) -> str:
     return INCONCLUSIVE
 
 
-def quality(paired: dict[str, Any]) -> str:
-    """The expected-better arm's loss vs the other's: better / on par / worse / unclear."""
+def quality(paired: dict[str, Any], tolerance: float = PAR_TOLERANCE) -> str:
+    """The expected-better arm's loss (or accuracy) vs the other's: better / on par / worse / unclear."""
     outcome = paired_outcome(paired)
     if outcome == HOLDS:
         return "better"
-    if paired["n"] >= MIN_SEEDS and max(abs(paired["min"]), abs(paired["max"])) <= PAR_TOLERANCE:
+    if paired["n"] >= MIN_SEEDS and max(abs(paired["min"]), abs(paired["max"])) <= tolerance:
         return "on par"
     if outcome == CONTRADICTED:
         return "worse"
@@ -104,3 +109,31 @@ def fewer_params_verdict(better: str, worse: str, params: tuple[int, int], paire
     outcome = {"better": HOLDS, "on par": HOLDS, "worse": CONTRADICTED}.get(loss, INCONCLUSIVE)
     return (f"{outcome}: {better} has {ratio:.0%} of {worse}'s parameters and its validation loss is {loss} "
             f"(on par would need every paired difference within {PAR_TOLERANCE}; {describe_paired(paired)})")
+
+
+def accuracy_verdict(
+    compare: str, better: str, worse: str, paired: dict[str, Any], speed: str | None = None,
+) -> str:
+    """The claim judged on zero-shot accuracy; `paired` holds better - worse mean accuracy per seed.
+
+    val_loss: the expected-better arm's accuracy is higher (the loss verdict's rule). loss_per_param:
+    at least on par (every paired difference within ACC_PAR_TOLERANCE) or higher. step_time: the
+    speed outcome `speed`, unless the accuracy is worse."""
+    detail = describe_paired(paired)
+    if paired["n"] < MIN_SEEDS:
+        return f"{INCONCLUSIVE}: {paired['n']} seed(s); a verdict needs at least {MIN_SEEDS} ({detail})"
+    if compare in ("loss_per_param", "step_time"):
+        level = quality(paired, ACC_PAR_TOLERANCE)
+        if compare == "step_time":
+            outcome = CONTRADICTED if level == "worse" else (speed or INCONCLUSIVE)
+            return (f"{outcome}: the step-time outcome, as {better}'s mean accuracy vs {worse}'s is {level} "
+                    f"(required: not worse; {detail})")
+        outcome = {"better": HOLDS, "on par": HOLDS, "worse": CONTRADICTED}.get(level, INCONCLUSIVE)
+        return (f"{outcome}: {better}'s mean accuracy is {level} vs {worse}'s (on par would need every paired "
+                f"difference within {ACC_PAR_TOLERANCE}; {detail})")
+    outcome = paired_outcome(paired)
+    if outcome == HOLDS:
+        return f"{HOLDS}: {better}'s mean accuracy is higher than {worse}'s on every seed; {detail}"
+    if outcome == CONTRADICTED:
+        return f"{CONTRADICTED}: {better}'s mean accuracy is lower than {worse}'s on every seed; {detail}"
+    return f"{INCONCLUSIVE}: the paired differences do not exceed their spread; {detail}"

@@ -1,0 +1,106 @@
+"""Zero-shot accuracy on the local tasks computed in-process, without lm-evaluation-harness.
+
+The same numbers as `pyramoe eval CKPT --tasks ...` (the harness with the "pyramoe" model), from the
+same scoring code (`scoring.Scorer`): each request is encoded as the harness's TemplateLM does
+(trailing context whitespace moves to the continuation; the continuation's ids are those of the whole
+text after the context's), the model is the checkpoint's with MoE layers dropless, and a row longer
+than max_seq_len + 1 tokens keeps its last max_seq_len + 1 (the context is cut on the left).
+
+    cloze      acc = greedy decoding gives exactly the target (the harness's is_greedy)
+    nextline   acc = the true line has the highest log-likelihood of the 4 (the harness's "acc",
+    docsig         unnormalised; ties go to the first choice, as numpy's argmax)
+
+`limit` keeps each task's first `limit` records (the same records for every model), as --limit does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pyramoe.evaluation.scoring import Scorer, TokenPair, resolve_dtype
+from pyramoe.evaluation.taskdata import TaskFiles, build_tasks, read_task
+
+ACCURACY_TASKS = ("pyramoe_stdlib_cloze", "pyramoe_stdlib_nextline", "pyramoe_stdlib_docsig")
+SCORING_VERSION = 1  # bump when what a stored accuracy means changes (encoding, truncation, metric)
+
+
+def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str) -> TokenPair:
+    """(context ids, continuation ids) as the harness's TemplateLM builds them for a causal model."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    ctx = encode(context)
+    return ctx, encode(context + continuation)[len(ctx) :]
+
+
+def _requests(task: str, records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    if task == "pyramoe_stdlib_cloze":
+        return [(r["context"], r["target"]) for r in records]
+    return [(r["context"], choice) for r in records for choice in r["choices"]]
+
+
+def _accuracy(task: str, records: Sequence[dict[str, Any]], scored: list[tuple[float, bool]]) -> float:
+    if task == "pyramoe_stdlib_cloze":
+        return sum(greedy for _, greedy in scored) / len(records)
+    hits, at = 0, 0
+    for record in records:
+        logps = [logp for logp, _ in scored[at : at + len(record["choices"])]]
+        at += len(record["choices"])
+        hits += max(range(len(logps)), key=lambda i: (logps[i], -i)) == record["label"]
+    return hits / len(records)
+
+
+def task_accuracy(
+    scorer: Scorer, encode: Callable[[str], list[int]], tasks: Sequence[str] = ACCURACY_TASKS,
+    limit: int | None = None, files: TaskFiles | None = None,
+) -> dict[str, dict[str, Any]]:
+    """task -> {"acc", "n", "chance"} for the local accuracy tasks."""
+    files = files or build_tasks()
+    out = {}
+    for task in tasks:
+        if task not in ACCURACY_TASKS:
+            raise ValueError(f"accuracy: {task!r} is not one of the local accuracy tasks ({', '.join(ACCURACY_TASKS)})")
+        records = read_task(task, files)[:limit]
+        pairs = [encode_pair(encode, context, continuation) if context else ([scorer.pad_id], encode(continuation))
+                 for context, continuation in _requests(task, records)]  # empty context: the prefix token
+        scored = scorer.loglikelihood(pairs)
+        out[task] = {"acc": _accuracy(task, records, scored), "n": len(records), "chance": files.meta["chance"][task]}
+    return out
+
+
+def eval_settings(tasks: Sequence[str], limit: int | None, dtype: str, files: TaskFiles) -> dict[str, Any]:
+    """What a stored accuracy depends on besides the checkpoint: the task files' contents (hashed),
+    the tasks, the per-task limit, the dtype and the scoring code's version."""
+    digest = hashlib.sha256()
+    for task in tasks:
+        digest.update(files.path(task).read_bytes())
+    return {"tasks": list(tasks), "limit": limit, "dtype": dtype, "dropless": True,
+            "scoring_version": SCORING_VERSION, "task_data": digest.hexdigest()[:16],
+            "task_fingerprint": files.meta.get("fingerprint")}
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def checkpoint_accuracy(
+    checkpoint: str | Path, tasks: Sequence[str] = ACCURACY_TASKS, limit: int | None = None, dtype: str = "fp32",
+    batch_size: int = 8, files: TaskFiles | None = None,
+) -> dict[str, dict[str, Any]]:
+    """A pyramoe checkpoint (or run directory: its latest) loaded dropless, scored on the local tasks."""
+    from pyramoe.data import Tokenizer
+    from pyramoe.train.checkpoint import build_model, load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    tokenizer = Tokenizer.from_file(ckpt.tokenizer_path)
+    tokenizer.encode_specials_as_text(True)  # as the harness model does (and the corpus was tokenized)
+    model = build_model(ckpt, dropless=True).eval()
+    scorer = Scorer(model, tokenizer.eos_id, batch_size, resolve_dtype(dtype))
+    with torch.no_grad():
+        return task_accuracy(scorer, tokenizer.encode, tasks, limit, files)
