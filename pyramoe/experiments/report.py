@@ -174,6 +174,10 @@ def plot_study(summary: dict[str, Any], path: Path) -> Path:
 
 
 def study_section(study: Study, summary: dict[str, Any], image_dir: str) -> list[str]:
+    if study.compare == "inference":
+        from pyramoe.experiments.inference_study import inference_section
+
+        return inference_section(study, summary, image_dir, settings_line(summary))
     seeds = ",".join(str(s) for s in next(iter(summary["arms"].values()))["seeds"])
     lines = [
         f"**Measured** (`pyramoe experiments {study.name}`: {settings_line(summary)}; seeds {seeds}; "

@@ -280,6 +280,10 @@ def run_settings(plan: ArmPlan) -> dict[str, Any]:
 
 def verdict(study: Study, summary: dict[str, Any]) -> str:
     """The paper's direction judged on paired differences by seed (see pyramoe/experiments/verdicts.py)."""
+    if study.compare == "inference":  # decode speed against the quality-equivalent dense arm
+        from pyramoe.experiments.inference_study import inference_verdict
+
+        return inference_verdict(summary)
     better, worse = summary["arms"][study.expected_better], summary["arms"][study.expected_worse]
     paired = paired_differences(_by_seed(worse), _by_seed(better))
     if study.compare == "step_time":
@@ -379,7 +383,7 @@ def add_teacher(summary: dict[str, Any], teacher: RunResult, teacher_plan: ArmPl
 
 def time_arms(study: Study, plans: list[ArmPlan], root: Path) -> dict[str, Any] | None:
     """Interleaved step times of the arms' models (plain arms only: students' steps include a teacher)."""
-    if study.teacher is not None:
+    if study.teacher is not None or study.compare == "inference":  # the inference study times decoding
         return None
     first = {p.arm.name: p for p in reversed(plans)}  # one plan per arm
     configs = {name: ModelConfig.from_dict(p.config["model_config"]) for name, p in first.items()}
@@ -421,6 +425,10 @@ def run_study(
             plans.append(plan_arm(study, arm, seed, root, train, study.steps, teacher_plan))
             results.append(finish(plans[-1]))
     summary = summarize(study, plans, results, time_arms(study, plans, root))
+    if study.compare == "inference":  # re-timed on every call; the runs are reused
+        from pyramoe.experiments.inference_study import time_inference_study
+
+        time_inference_study(study, summary, plans, train, progress)
     if teacher is not None and teacher_plan is not None:
         add_teacher(summary, teacher, teacher_plan, plans)
     write_json(docs / f"{study.name}.json", summary)
