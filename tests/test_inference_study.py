@@ -177,3 +177,8 @@ def test_study_trains_once_and_re_times_on_every_call(tmp_path, monkeypatch):
     monkeypatch.setattr(inference_study, "measure_inference", lambda *a, **k: calls.append(1) or original(*a, **k))
     again = run_study(TINY, tmp_path / "runs", docs, train=train, progress=False)
     assert calls == [1] and again["runs"] == summary["runs"]  # re-timed, not retrained
+    # Another study with these arms reuses the runs and times the checkpoints they were reused from.
+    other = run_study(Study(**{**TINY.__dict__, "name": "tiny-2"}), tmp_path / "runs", docs, train=train,
+                      progress=False)
+    checkpoints = other["inference"]["timing"]["checkpoints"]
+    assert calls == [1, 1] and all("/tiny-inference/" in path for path in checkpoints.values())

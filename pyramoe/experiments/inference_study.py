@@ -275,17 +275,12 @@ def add_inference(summary: dict[str, Any], moe: str, timing: dict[str, Any] | No
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    """The run's latest checkpoint, or that of the run its result was reused from."""
-    import json
-
+    """The run's latest checkpoint, or that of the run its result was reused from (followed on)."""
+    from pyramoe.experiments.runner import checkpoint_run_dir
     from pyramoe.train import checkpoint as ckpt_io
 
-    latest = ckpt_io.latest_checkpoint(ckpt_io.checkpoint_root(run_dir))
-    if latest is None:
-        source = json.loads((run_dir / "result.json").read_text()).get("reused_from")
-        latest = ckpt_io.latest_checkpoint(ckpt_io.checkpoint_root(Path(source))) if source else None
-    if latest is None:
-        raise ValueError(f"{run_dir}: no checkpoint to time (nor in the run it was reused from)")
+    latest = ckpt_io.latest_checkpoint(ckpt_io.checkpoint_root(checkpoint_run_dir(run_dir)))
+    assert latest is not None  # checkpoint_run_dir raises when there is none
     return latest
 
 
