@@ -1,6 +1,6 @@
 """`pyramoe train` under torchrun (gloo, CPU): expert, tensor and data parallel training follows the
-same loss curve as one process on the same global batch, and a checkpoint saved at one layout
-resumes at another (EP=2 -> 1 process, EP=2 -> EP=4, EP=2 -> EP=2 x TP=2 -> 1 process) with the
+same loss curve as one process on the same global batch, and a checkpoint saved (sharded) at one
+layout resumes at another (EP=2 -> 1 process, EP=2 -> EP=4, EP=2 -> EP=2 x TP=2 -> 1 process) with the
 same losses."""
 
 from __future__ import annotations
@@ -56,6 +56,12 @@ def test_expert_parallel_training_matches_one_process_and_reshards_on_resume(tmp
     done = torchrun([*run_args(tmp_path, "ep2", 3, 4), "--ep", "2"], nproc=2)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("val loss") == 1  # rank 0 alone prints the summary
+    saved = Path("ep2", "checkpoints", "step-0000003")  # sharded: each rank its files, no gather
+    assert sorted(p.name for p in saved.glob("*.safetensors*")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+        "optimizer-00001-of-00002.safetensors", "optimizer-00002-of-00002.safetensors",
+        "optimizer.safetensors.index.json",
+    ]
     shutil.copytree("ep2", "ep4")
     shutil.copytree("ep2", "tp")
     shutil.copytree("ep2", "slice")

@@ -29,12 +29,7 @@ from pyramoe.models import GPT, GPTOutput
 from pyramoe.parallel import ParallelState
 from pyramoe.parallel.launch import DistRun, apply_parallelism
 from pyramoe.train.config import RunConfig
-from pyramoe.train.distributed import (
-    consolidated_model,
-    consolidated_optimizer,
-    model_slicer,
-    optimizer_slicer,
-)
+from pyramoe.train.distributed import model_parts, optimizer_parts, optimizer_rank_parts, rank_parts
 from pyramoe.train.evaluate import EvalResult, autocast, evaluate
 from pyramoe.train.metrics import METRICS_FILE, MetricsLog
 from pyramoe.train.optim import LRPlan, apply_settings, make_optimizer, resume_plan, set_lr
@@ -185,8 +180,8 @@ class Trainer:
 
     def restore(self, ckpt: ckpt_io.Checkpoint) -> None:
         """Continue exactly where `ckpt` stopped."""
-        ckpt_io.load_model_weights(self.model, ckpt, model_slicer(self.model, self.dist))
-        ckpt_io.load_optimizer_state(self.optimizer, ckpt, optimizer_slicer(self.model, self.optimizer, self.dist))
+        ckpt_io.load_model_weights(self.model, ckpt, model_parts(self.model, self.dist))
+        ckpt_io.load_optimizer_state(self.optimizer, ckpt, optimizer_parts(self.model, self.optimizer, self.dist))
         apply_settings(self.optimizer, self.config)
         try:
             rng = ckpt.state["rng"]
@@ -209,26 +204,27 @@ class Trainer:
         self.metrics.write(record)
 
     def save(self) -> Path:
-        """Checkpoint the current step (once per step). Under torchrun every rank takes part (expert
-        shards are gathered) and rank 0 writes."""
+        """Checkpoint the current step (once per step). Under torchrun every rank writes its own
+        shard files (sharded layout) and rank 0 the index and state; in one process, one file each."""
         existing = ckpt_io.checkpoint_path(self.checkpoint_root, self.step)
         if self.saved_step == self.step and (existing / ckpt_io.STATE_FILE).is_file():
             return existing
         tensors = ckpt_io.model_tensors(self.model)
         opt_tensors, groups = ckpt_io.optimizer_tensors(self.optimizer)
+        if self.is_main and not self.tokenizer_file.is_file():
+            self.data.tokenizer.save(self.tokenizer_file)
         if self.dist is not None and self.dist.state is not None:
-            tensors = consolidated_model(self.model, tensors, self.dist)
-            opt_tensors = consolidated_optimizer(self.model, self.optimizer, opt_tensors, self.dist)
-        path = existing
-        if self.is_main:
-            if not self.tokenizer_file.is_file():
-                self.data.tokenizer.save(self.tokenizer_file)
+            path = ckpt_io.save_sharded_checkpoint(
+                self.checkpoint_root, self.step, tensors, rank_parts(self.model), (opt_tensors, groups),
+                optimizer_rank_parts(self.model, self.optimizer), self._state_record(), self.tokenizer_file,
+                self.config.keep_last, self.discard_after,
+            )
+            self.dist.barrier()  # no rank goes on (or exits) before older checkpoints are pruned
+        else:
             path = ckpt_io.save_checkpoint(
                 self.checkpoint_root, self.step, tensors, (opt_tensors, groups), self._state_record(),
                 self.tokenizer_file, self.config.keep_last, self.discard_after,
             )
-        if self.dist is not None:
-            self.dist.barrier()  # no rank goes on (or exits) before the checkpoint is complete
         self.saved_step, self.discard_after = self.step, None
         return path
 
