@@ -4,9 +4,12 @@ import pytest
 
 from pyramoe.cli.main import main
 from pyramoe.cli.plan import parse_memory
+from pyramoe.dist import cost_model as cm
 from pyramoe.parallel.planner import (
     Hardware,
+    Plan,
     Workload,
+    add_latency,
     bytes_read_per_token,
     make_plan,
     memory_per_gpu,
@@ -68,8 +71,11 @@ def test_decode_reads_the_experts_its_tokens_touch():
 
 def test_training_plan_figures_quoted_in_the_readme():
     config = get_preset("1.3b-moe-128")
-    counts = [make_plan(config, Hardware(gpu_memory_bytes=m), Workload("train"))[1].gpus for m in (80e9, 40e9)]
-    assert counts == [32, 128]
+    counts = [make_plan(config, Hardware(gpu_memory_bytes=m), Workload("train"))[1] for m in (80e9, 40e9)]
+    assert [(p.gpus, p.tp, p.expert_slicing) for p in counts] == [(16, 2, True), (32, 4, True)]
+    whole = [make_plan(config, Hardware(gpu_memory_bytes=m), Workload("train"), expert_slicing=False)[1].gpus
+             for m in (80e9, 40e9)]
+    assert whole == [32, 128]  # experts kept whole under TP: every TP rank holds its EP shard's experts
     plan, _, _ = make_plan(config, Hardware(), Workload("train"), gpus=128)
     assert set(plan.latency) == {"all-to-all", "tp all-reduce", "compute (roofline)"}
     decode, _, _ = make_plan(config, Hardware(), Workload("inference"), gpus=128)
@@ -94,7 +100,48 @@ def test_paper_claim_prmoe_mos_needs_about_half_the_gpus_of_the_standard_moe(mem
         _, smallest, _ = make_plan(get_preset(preset), hardware, Workload("inference"))
         counts[preset] = smallest.gpus
     assert counts["1.3b-mos-64-128"] * 2 == counts["1.3b-moe-128"]
-    assert counts["1.3b-mos-64-128"] <= counts["1.3b-prmoe-64-128"] < counts["1.3b-moe-128"]
+    # At 32 GB expert-slicing (TP=2) brings the standard MoE down to 4 GPUs, as many as PR-MoE, whose
+    # residual MLPs - replicated, not sliced - leave it nothing to gain; without it PR-MoE needs fewer.
+    assert counts["1.3b-mos-64-128"] <= counts["1.3b-prmoe-64-128"] <= counts["1.3b-moe-128"]
+    whole = {preset: make_plan(get_preset(preset), hardware, Workload("inference"), expert_slicing=False)[1].gpus
+             for preset in counts}
+    assert whole["1.3b-mos-64-128"] * 2 == whole["1.3b-moe-128"]
+    assert whole["1.3b-mos-64-128"] <= whole["1.3b-prmoe-64-128"] < whole["1.3b-moe-128"]
+
+
+def test_expert_slicing_holds_a_tp_slice_of_each_expert_and_pays_all_tokens_and_an_all_reduce():
+    sizes = model_sizes(get_preset("tiny-moe"))
+    sliced = memory_per_gpu(sizes, tp=2, eps={1: 1, 3: 1}, workload=Workload("inference"), expert_slicing=True)
+    two_gpus = 2 * (EMBEDDINGS + NORMS + ROUTERS + (ATTENTION + DENSE_MLP) / 2 + 2 * EXPERTS / 2) + KV_CACHE / 2
+    assert sum(sliced.values()) == pytest.approx(two_gpus)
+    # 20 MB: on 2 GPUs neither EP=2 (25.3 MB) nor TP=2 with whole experts (27.5 MB) fits, TP=2 with
+    # sliced experts (19.0 MB) does; keeping experts whole takes 4 GPUs (TP=2, EP=2: 19.0 MB).
+    hardware = Hardware(gpus_per_node=8, gpu_memory_bytes=20e6 / 0.9)
+    plan, _, _ = make_plan(get_preset("tiny-moe"), hardware, Workload("inference"))
+    assert (plan.gpus, plan.tp, plan.layer_ep, plan.expert_slicing) == (2, 2, {1: 1, 3: 1}, True)
+    assert plan.memory_total == pytest.approx(two_gpus)
+    whole, _, _ = make_plan(get_preset("tiny-moe"), hardware, Workload("inference"), expert_slicing=False)
+    assert (whole.gpus, whole.tp, whole.layer_ep, whole.expert_slicing) == (4, 2, {1: 2, 3: 2}, False)
+
+    # Communication on 4 nodes of 8: EP=8 among the ranks of one TP index (4 per node) on all 8 tokens
+    # (coordinated: half of them, then an all-gather), and a ring all-reduce of the expert outputs in
+    # each TP pair.
+    hardware = Hardware(gpus_per_node=8)
+    memory = {"kv_cache": 0.0}
+    sliced = Plan(32, 2, 16, {1: 8, 3: 8}, memory, True, expert_slicing=True)
+    coordinated = Plan(32, 2, 16, {1: 8, 3: 8}, memory, True)
+    for p in (sliced, coordinated):
+        add_latency(p, sizes, hardware, Workload("inference", batch=8))
+    nbytes = 8 * 256 * 2 * 1  # tokens x width x 16 bits x top-1
+    exchange = min(cm.predict(hardware.network, cm.round_trip(kind, 8, 4, nbytes)) for kind in ("flat", "hierarchical"))
+    assert sliced.latency["all-to-all"] == pytest.approx(2 * exchange)
+    link = hardware.network.intra
+    ring = hardware.network.call_s + 2 * (link.alpha_s + nbytes / 2 * link.beta_s_per_byte)
+    assert sliced.latency["expert-slicing all-reduce"] == pytest.approx(2 * ring)
+    assert "expert-slicing all-reduce" not in coordinated.latency
+    half = min(cm.predict(hardware.network, cm.round_trip(f"coordinated{kind}", 16, 8, nbytes, 2))
+               for kind in ("", "-hierarchical"))
+    assert coordinated.latency["all-to-all"] == pytest.approx(2 * half)
 
 
 def test_cli_prints_plan_and_assumptions(capsys):
@@ -103,6 +150,11 @@ def test_cli_prints_plan_and_assumptions(capsys):
     assert "smallest GPU count that holds it: 2" in out
     assert "on 64 GPUs: TP=1" in out and "hierarchical" in out
     assert "ASSUMED" in out and "datasheet" in out and "predicted time per generated token" in out
+    assert main(["plan", "1.3b-moe-128", "--gpu-memory", "32GB"]) == 0
+    out = capsys.readouterr().out
+    assert "smallest GPU count that holds it: 4 (TP=2, expert-slicing, DP=2" in out and "64 x 1/2" in out
+    assert main(["plan", "1.3b-moe-128", "--gpu-memory", "32GB", "--no-expert-slicing"]) == 0
+    assert "smallest GPU count that holds it: 8 (TP=1, DP=8" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,flag", [

@@ -1,9 +1,11 @@
 """`pyramoe plan PRESET`: the fewest GPUs that hold a model and how to lay it out on them.
 
 Prints the smallest GPU count that holds the preset (parameters, optimizer state and activations for
-training; parameters and KV cache for inference), the TP/DP degrees, each MoE layer's EP degree
-and all-to-all scheme (flat or hierarchical, from the alpha-beta cost model) and the predicted
-latency per training step or generated token, with every assumption. See pyramoe/parallel/planner.py.
+training; parameters and KV cache for inference), the TP/DP degrees, whether the MoE layers split
+their tokens or their experts' hidden units over TP (expert-slicing; --no-expert-slicing keeps
+experts whole), each MoE layer's EP degree and all-to-all scheme (flat or hierarchical, from the
+alpha-beta cost model) and the predicted latency per training step or generated token, with every
+assumption. See pyramoe/parallel/planner.py.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's context)")
     parser.add_argument("--micro-batch", type=int, default=1, help="train: sequences per data-parallel rank")
     parser.add_argument("--batch", type=int, default=8, help="inference: sequences decoding per data-parallel rank")
+    parser.add_argument("--no-expert-slicing", dest="expert_slicing", action="store_false",
+                        help="never split experts' hidden units over TP (MoE layers split their tokens instead)")
     parser.set_defaults(func=main)
 
 
@@ -44,10 +48,11 @@ def main(args: argparse.Namespace) -> int:
     config = get_preset(args.preset)
     hardware = Hardware(gpus_per_node=args.gpus_per_node, gpu_memory_bytes=parse_memory(args.gpu_memory))
     workload = Workload(mode=args.mode, seq_len=args.seq_len, micro_batch=args.micro_batch, batch=args.batch)
-    plan, smallest, sizes = make_plan(config, hardware, workload, args.gpus)
+    plan, smallest, sizes = make_plan(config, hardware, workload, args.gpus, args.expert_slicing)
     print(f"plan: {args.preset} ({sizes.total / 1e9:.2f}B parameters, {sizes.active / 1e9:.2f}B active per token), "
           f"{workload.mode}, {hardware.gpu_memory_bytes / GB:g} GB GPUs, {hardware.gpus_per_node} per node")
-    print(f"smallest GPU count that holds it: {smallest.gpus} (TP={smallest.tp}, DP={smallest.dp}, "
+    slicing = ", expert-slicing" if smallest.expert_slicing else ""
+    print(f"smallest GPU count that holds it: {smallest.gpus} (TP={smallest.tp}{slicing}, DP={smallest.dp}, "
           f"{smallest.memory_total / GB:.1f} GB per GPU)")
     print_plan(plan, sizes, hardware, workload)
     return 0
@@ -56,12 +61,14 @@ def main(args: argparse.Namespace) -> int:
 def print_plan(plan: Plan, sizes: ModelSizes, hardware: Hardware, workload: Workload) -> None:
     usable = hardware.gpu_memory_bytes * hardware.usable_fraction / GB
     parts = ", ".join(f"{name} {value / GB:.1f} GB" for name, value in plan.memory.items())
-    print(f"\non {plan.gpus} GPUs: TP={plan.tp} (attention, dense MLPs), DP={plan.dp}; per GPU {parts} = "
+    sliced = "attention, dense MLPs, experts' hidden units" if plan.expert_slicing else "attention, dense MLPs"
+    print(f"\non {plan.gpus} GPUs: TP={plan.tp} ({sliced}), DP={plan.dp}; per GPU {parts} = "
           f"{plan.memory_total / GB:.1f} of {usable:.1f} GB usable")
     groups: dict[tuple, list[int]] = {}
     for index, ep in plan.layer_ep.items():
         experts, _ = sizes.experts[index]
-        groups.setdefault((experts, ep, plan.dp // ep, experts // ep, plan.all_to_all[index]), []).append(index)
+        per_gpu = f"{experts // ep} x 1/{plan.tp}" if plan.expert_slicing else experts // ep
+        groups.setdefault((experts, ep, plan.dp // ep, per_gpu, plan.all_to_all[index]), []).append(index)
     rows = [[",".join(map(str, layers)), *key] for key, layers in groups.items()]
     if rows:
         print(format_table(["MoE layers", "experts", "EP", "expert DP", "experts per GPU", "all-to-all"], rows))
@@ -79,7 +86,8 @@ def print_plan(plan: Plan, sizes: ModelSizes, hardware: Hardware, workload: Work
     else:
         print(f"  - {workload.param_bytes} bytes per parameter (16-bit weights), KV cache of {workload.batch} "
               f"sequences x {seq} tokens in 16 bits; other activations ignored")
-    print("  - placement as pyramoe.parallel.parallelize without expert-slicing: MoE layers not TP-sliced, "
-          "experts over "
-          "EP = min(DP, experts), the rest replicated; rows spread evenly over experts; gradient all-reduce, "
+    print("  - placement as pyramoe.parallel.parallelize: experts over EP = min(DP, experts); under TP the MoE "
+          "layers split their tokens (coordinated) or, where that does not fit, every expert's hidden units "
+          "(expert-slicing: an all-to-all of all tokens and an all-reduce of the expert outputs); the rest "
+          "replicated; rows spread evenly over experts; gradient all-reduce, "
           "overlap and kernel time not modelled")

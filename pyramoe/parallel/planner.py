@@ -1,12 +1,15 @@
 """Deployment planner: the fewest GPUs that hold a model, its EP/TP/DP degrees, the all-to-all scheme
 per MoE layer and a predicted step (training) or token (inference) latency.
 
-Placement follows what `pyramoe.parallel.parallelize` does without expert-slicing (which the planner
-does not consider yet): with TP = t, attention and dense MLPs are sliced over t ranks of a node; MoE
-layers are not TP-sliced (their tokens are split instead) and
-each MoE layer's experts go over EP = min(DP, experts) ranks (DP = N / t); everything else
-(embeddings, norms, routers, the residual MLP of PR-MoE layers) is replicated. The planner takes the
-smallest t that fits, since TP adds all-reduces to every layer.
+Placement follows what `pyramoe.parallel.parallelize` does: with TP = t, attention and dense MLPs
+are sliced over t ranks of a node, and each MoE layer's experts go over EP = min(DP, experts) ranks
+(DP = N / t). The MoE layers either split their tokens over the TP group (coordinated, the default:
+every TP rank holds its EP shard's experts whole) or, with expert-slicing (`--expert-slicing`), every
+expert's hidden units over it (a GPU holds 1/t of its EP shard's experts: t times less expert memory,
+for the price of an all-reduce of the expert outputs in the TP group and an all-to-all of all the
+tokens instead of 1/t of them). Everything else (embeddings, norms, routers, the residual MLP of
+PR-MoE layers) is replicated. The planner takes the smallest t that fits, coordinated before
+expert-slicing at the same t, since TP adds all-reduces to every layer.
 
 Memory per GPU (bytes): the parameters it holds times `bytes_per_param` (training: 16, fp32 weights
 and gradients and two fp32 Adam moments, pyramoe's trainer without ZeRO; inference: 2, fp16/bf16
@@ -16,10 +19,12 @@ KV cache of `batch` sequences of `seq_len` tokens (16-bit, K and V per layer, he
 A GPU may use `usable_fraction` of its memory (the rest: CUDA context, allocator, workspace).
 
 Latency: the MoE layers' all-to-all from `pyramoe.dist.cost_model` (per layer the faster of flat and
-hierarchical; coordinated under TP), TP all-reduces (ring: 2 (t-1) messages, 2 (t-1)/t of the bytes,
-two per layer) and a roofline term: training 6 x active parameters x tokens / (GPUs x peak FLOP/s x
-MFU); inference the time to read, per token, each GPU's non-expert weights, the local experts its
-tokens touch (expected count under uniform routing) and its KV cache from HBM.
+hierarchical; coordinated under TP, or among the EP group's ranks of one TP index on all the tokens
+under expert-slicing, plus the ring all-reduce of the expert outputs), TP all-reduces (ring: 2 (t-1)
+messages, 2 (t-1)/t of the bytes, two per layer) and a roofline term: training 6 x active parameters
+x tokens / (GPUs x peak FLOP/s x MFU); inference the time to read, per token, each GPU's non-expert
+weights, the local experts its tokens touch (expected count under uniform routing; 1/t of each under
+expert-slicing) and its KV cache from HBM.
 Gradient all-reduce, pipeline bubbles, overlap and kernel time are not modelled. Every hardware
 figure is an assumption printed with the plan (`Hardware.describe`).
 """
@@ -115,6 +120,7 @@ class Plan:
     layer_ep: dict[int, int]
     memory: dict[str, float]  # bytes per GPU by part
     fits: bool
+    expert_slicing: bool = False  # MoE layers: experts' hidden units split over TP (else their tokens)
     all_to_all: dict[int, str] = field(default_factory=dict)  # layer -> "flat" / "hierarchical"
     latency: dict[str, float] = field(default_factory=dict)  # seconds by part
 
@@ -150,9 +156,13 @@ def layer_eps(sizes: ModelSizes, dp: int) -> dict[int, int] | None:
     return eps
 
 
-def memory_per_gpu(sizes: ModelSizes, tp: int, eps: dict[int, int], workload: Workload) -> dict[str, float]:
+def memory_per_gpu(
+    sizes: ModelSizes, tp: int, eps: dict[int, int], workload: Workload, expert_slicing: bool = False
+) -> dict[str, float]:
     config = sizes.config
-    params = sizes.replicated + sizes.tp_sliced / tp + sum(sizes.experts[i][1] / ep for i, ep in eps.items())
+    per_expert_shard = tp if expert_slicing else 1  # expert-slicing: 1/t of each local expert
+    params = (sizes.replicated + sizes.tp_sliced / tp
+              + sum(sizes.experts[i][1] / (ep * per_expert_shard) for i, ep in eps.items()))
     memory = {"parameters": params * workload.param_bytes}
     s = workload.seq_len or config.max_seq_len
     h, a, layers = config.d_model, config.n_heads, config.n_layers
@@ -183,26 +193,37 @@ def tp_options(config: ModelConfig, gpus: int, gpus_per_node: int) -> list[int]:
     return out
 
 
-def plan_at(sizes: ModelSizes, gpus: int, hardware: Hardware, workload: Workload) -> Plan | None:
-    """The fitting plan with the smallest TP at `gpus` GPUs, else the smallest-memory one (fits=False)."""
+def plan_at(
+    sizes: ModelSizes, gpus: int, hardware: Hardware, workload: Workload, expert_slicing: bool = True
+) -> Plan | None:
+    """The fitting plan with the smallest TP at `gpus` GPUs - at one TP, MoE tokens split over it
+    before expert-slicing (when allowed and the experts' hidden units split over t) - else the
+    smallest-memory one (fits=False)."""
     best = None
     for tp in tp_options(sizes.config, gpus, hardware.gpus_per_node):
         eps = layer_eps(sizes, gpus // tp)
         if eps is None:
             continue
-        memory = memory_per_gpu(sizes, tp, eps, workload)
-        fits = sum(memory.values()) <= hardware.gpu_memory_bytes * hardware.usable_fraction
-        plan = Plan(gpus, tp, gpus // tp, eps, memory, fits)
-        if fits:
-            return plan
-        if best is None or plan.memory_total < best.memory_total:
-            best = plan
+        slicings = [False] + ([True] if expert_slicing and tp > 1 and _experts_slice(sizes.config, tp) else [])
+        for slicing in slicings:
+            memory = memory_per_gpu(sizes, tp, eps, workload, slicing)
+            fits = sum(memory.values()) <= hardware.gpu_memory_bytes * hardware.usable_fraction
+            plan = Plan(gpus, tp, gpus // tp, eps, memory, fits, slicing)
+            if fits:
+                return plan
+            if best is None or plan.memory_total < best.memory_total:
+                best = plan
     return best
 
 
-def smallest_plan(sizes: ModelSizes, hardware: Hardware, workload: Workload) -> Plan:
+def _experts_slice(config: ModelConfig, tp: int) -> bool:
+    """Every MoE layer's expert hidden size splits over t (what `SlicedExperts` needs)."""
+    return all((layer.moe.expert_d_ff or config.d_ff) % tp == 0 for layer in config.layers if layer.moe is not None)
+
+
+def smallest_plan(sizes: ModelSizes, hardware: Hardware, workload: Workload, expert_slicing: bool = True) -> Plan:
     for gpus in candidate_counts(hardware.gpus_per_node):
-        plan = plan_at(sizes, gpus, hardware, workload)
+        plan = plan_at(sizes, gpus, hardware, workload, expert_slicing)
         if plan is not None and plan.fits:
             return plan
     raise ValueError("--gpu-memory: the model does not fit on any GPU count up to 65536 with this placement")
@@ -215,13 +236,17 @@ def add_latency(plan: Plan, sizes: ModelSizes, hardware: Hardware, workload: Wor
     tokens = workload.micro_batch * (workload.seq_len or config.max_seq_len) if train else workload.batch
     nbytes = tokens * config.d_model * workload.activation_bytes
     passes = 2 if train else 1  # backward repeats the forward exchanges
-    a2a = 0.0
+    a2a = reduce = 0.0
     for index, ep in plan.layer_ep.items():
         top_k = config.layers[index].moe.top_k
-        best = _best_scheme(ep, plan.tp, hardware, nbytes * top_k)
+        best = _best_scheme(ep, plan.tp, hardware, nbytes * top_k, plan.expert_slicing)
         plan.all_to_all[index] = best[0]
         a2a += passes * best[1]
+        if plan.expert_slicing:  # the partial expert outputs of the rows a GPU received
+            reduce += passes * _ring_all_reduce(plan.tp, nbytes * top_k, hardware)
     plan.latency["all-to-all"] = a2a
+    if plan.expert_slicing:
+        plan.latency["expert-slicing all-reduce"] = reduce
     plan.latency["tp all-reduce"] = passes * 2 * config.n_layers * _ring_all_reduce(plan.tp, nbytes, hardware)
     if train:
         flops = 6 * sizes.active * tokens * plan.dp
@@ -236,19 +261,29 @@ def bytes_read_per_token(plan: Plan, sizes: ModelSizes, workload: Workload) -> f
     local experts its tokens touch - m = batch x top_k tokens over L local experts, uniformly, touch
     L (1 - (1 - 1/L)^m) of them on average."""
     params = sizes.replicated + sizes.tp_sliced / plan.tp
+    shard = plan.tp if plan.expert_slicing else 1
     for index, ep in plan.layer_ep.items():
         experts, total = sizes.experts[index]
         local = experts // ep
         arriving = workload.batch * sizes.config.layers[index].moe.top_k
         touched = local * (1 - (1 - 1 / local) ** arriving)
-        params += touched * total / experts
+        params += touched * total / experts / shard
     return params * workload.param_bytes
 
 
-def _best_scheme(ep: int, tp: int, hardware: Hardware, nbytes: float) -> tuple[str, float]:
-    """(scheme, seconds) of the faster of flat and hierarchical for one MoE layer's forward."""
+def _best_scheme(
+    ep: int, tp: int, hardware: Hardware, nbytes: float, expert_slicing: bool = False
+) -> tuple[str, float]:
+    """(scheme, seconds) of the faster of flat and hierarchical for one MoE layer's forward. Under
+    expert-slicing the exchange runs among the EP group's ranks of one TP index (G / t of them per
+    node) on all the tokens; otherwise, under TP, coordinated (1/t of the tokens, then all-gather)."""
     if ep == 1:
         return "none", 0.0
+    if expert_slicing:
+        per_node = max(1, hardware.gpus_per_node // tp)
+        options = [(kind, cm.predict(hardware.network, cm.round_trip(kind, ep, per_node, nbytes)))
+                   for kind in ("flat", "hierarchical")]
+        return min(options, key=lambda o: o[1])
     p, prefix = ep * tp, ("coordinated" if tp > 1 else "")
     options = []
     for kind in ("flat", "hierarchical"):
@@ -266,13 +301,14 @@ def _ring_all_reduce(tp: int, nbytes: float, hardware: Hardware) -> float:
 
 
 def make_plan(
-    config: ModelConfig, hardware: Hardware, workload: Workload, gpus: int | None = None
+    config: ModelConfig, hardware: Hardware, workload: Workload, gpus: int | None = None, expert_slicing: bool = True
 ) -> tuple[Plan, Plan, ModelSizes]:
-    """(the plan at `gpus` - or at the smallest count when None -, the smallest plan, sizes)."""
+    """(the plan at `gpus` - or at the smallest count when None -, the smallest plan, sizes);
+    `expert_slicing=False` keeps every MoE layer's experts whole under TP."""
     check_inputs(config, hardware, workload, gpus)
     sizes = model_sizes(config)
-    smallest = smallest_plan(sizes, hardware, workload)
-    plan = smallest if gpus is None else plan_at(sizes, gpus, hardware, workload)
+    smallest = smallest_plan(sizes, hardware, workload, expert_slicing)
+    plan = smallest if gpus is None else plan_at(sizes, gpus, hardware, workload, expert_slicing)
     if plan is None or not plan.fits:
         if plan is None:
             raise ValueError(f"--gpus: the experts and heads do not split evenly over {gpus} GPUs; "
