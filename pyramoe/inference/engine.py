@@ -230,7 +230,10 @@ class Engine:
         assert [r.slot for r in requests] == list(range(len(requests)))
         positions_B = torch.tensor([r.cached for r in requests], device=self.device)
         length = int(positions_B.max()) + 1
-        mask_B11L = (torch.arange(length, device=self.device) <= positions_B[:, None])[:, None, None, :]
+        visible_BL = torch.arange(length, device=self.device) <= positions_B[:, None]
+        # Additive (0 / -inf, the model's dtype): SDPA would otherwise convert a bool mask in every layer.
+        mask_B11L = torch.zeros(visible_BL.shape, dtype=self.cache.keys[0].dtype, device=self.device)
+        mask_B11L = mask_B11L.masked_fill_(~visible_BL, float("-inf"))[:, None, None, :]
         tokens_B1 = torch.tensor([[r.output_ids[-1]] for r in requests], device=self.device)
         out = self.model(tokens_B1, kv_cache=self.cache.decode(positions_B, length), start_pos=length - 1,
                          key_mask_BL=mask_B11L, positions_BT=positions_B[:, None])

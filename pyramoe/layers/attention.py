@@ -51,7 +51,8 @@ class CausalSelfAttention(nn.Module):
     """Multi-head (n_kv_heads == n_heads) or grouped-query attention, with optional RoPE, q/k
     RMSNorm and q/k/v clipping. q, k and v come from one fused projection, rows [q | k | v].
 
-    `key_mask_BL` may also be a full bool [B, 1, T, L] attention mask, used as given.
+    `key_mask_BL` may also be a full [B, 1, T, L] attention mask (bool, or additive 0/-inf in the
+    activations' dtype), used as given.
     `key_mask_BL` (bool, True for real tokens) covers every key slot [0, start_pos + T) of the
     batch; with it, queries see the keys at or before their own slot that are real tokens, plus
     always their own (a padding query would otherwise see no key at all, and softmax would give NaN).
@@ -97,9 +98,7 @@ class CausalSelfAttention(nn.Module):
         key_mask_BL: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, length, _ = x_BTD.shape
-        q, k, v = self._project(x_BTD)  # [B, H|Hkv, T, Dh]
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = self._project(x_BTD, rope)  # [B, H|Hkv, T, Dh], RoPE applied
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, start_pos, k, v)
         gqa = {}
@@ -128,9 +127,21 @@ class CausalSelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TL, dropout_p=dropout, **gqa)
         return self.proj(out.transpose(1, 2).reshape(batch, length, -1))
 
-    def _project(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _project(
+        self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, length, _ = x_BTD.shape
-        q, k, v = self.qkv(x_BTD).split(self.split, dim=-1)
+        qkv = self.qkv(x_BTD)
+        if self.qk_norm == "off" and self.qkv_clip is None:
+            # q and k rotated together, as one view of the fused projection: a decode step is mostly
+            # small ops, and this halves those of RoPE.
+            heads_BHTD = qkv.view(batch, length, -1, self.head_dim).transpose(1, 2)
+            qk_heads = self.n_heads + self.n_kv_heads
+            qk = heads_BHTD[:, :qk_heads]
+            if rope is not None:
+                qk = apply_rope(qk, *rope)
+            return qk[:, : self.n_heads], qk[:, self.n_heads :], heads_BHTD[:, qk_heads:]
+        q, k, v = qkv.split(self.split, dim=-1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.qkv_clip is not None:
@@ -140,7 +151,10 @@ class CausalSelfAttention(nn.Module):
         v = v.view(batch, length, self.n_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
 
 
 def padded_causal_mask(key_mask_BL: torch.Tensor, start_pos: int, length: int, total: int) -> torch.Tensor:

@@ -9,13 +9,20 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pyramoe.config import MoEConfig
-from pyramoe.layers.dispatch import Dispatcher, LocalDispatcher
+from pyramoe.layers.dispatch import Dispatcher, LocalDispatcher, combine_weights
 from pyramoe.layers.experts import GroupedExperts
-from pyramoe.layers.gating import Router
-from pyramoe.layers.mlp import MLP
+from pyramoe.layers.gating import Router, Routing
+from pyramoe.layers.mlp import MLP, activate
+
+# Inference on the CPU with at most this many (token, choice) assignments (a decode step of up to
+# 32 sequences at top-2) runs the experts straight from the router's choices: grouping a handful of
+# rows in Python costs less than the sort/scatter dispatch, whose dozens of small ops dominate a
+# decode step. Same experts, same weights, same result.
+FEW_ASSIGNMENTS = 64
 
 
 class TokenSplit(Protocol):
@@ -92,28 +99,67 @@ class MoELayer(nn.Module):
         if x_TD.shape[0] == 0:
             raise ValueError(f"MoELayer: got an empty batch (0 of {num_tokens} tokens on this rank)")
         routing = self.router(x_TD, generator=generator)
-        plan = self.dispatcher.plan(routing, self.num_experts)
-        batch = self.dispatcher.dispatch(x_TD, plan)
-        expert_out = self.experts(batch.rows, batch.tokens_per_expert, batch.rows_per_expert)
-        y_TD = self.dispatcher.combine(expert_out, batch, plan)
+        if self._few_assignments(routing):
+            y_TD = self._mix_few(x_TD, routing)
+            tokens_E = routed_E = torch.bincount(routing.expert_idx_TK.reshape(-1), minlength=self.num_experts)
+            dropped = routing.z_loss.new_zeros(())
+        else:
+            plan = self.dispatcher.plan(routing, self.num_experts)
+            batch = self.dispatcher.dispatch(x_TD, plan)
+            expert_out = self.experts(batch.rows, batch.tokens_per_expert, batch.rows_per_expert)
+            y_TD = self.dispatcher.combine(expert_out, batch, plan)
+            tokens_E, routed_E, dropped = plan.tokens_per_expert_E, plan.routed_per_expert_E, plan.dropped_fraction
         if self.residual_mlp is not None:
             coef_T2 = torch.softmax(self.coefficient(x_TD), dim=-1)
             y_TD = y_TD * coef_T2[:, :1] + self.residual_mlp(x_TD) * coef_T2[:, 1:]
         if self.shared_expert is not None:
             y_TD = y_TD + self._shared(x_TD)
-        aux_scale = 1.0
+        balance_loss, z_loss = routing.balance_loss, routing.z_loss
         if split:
             y_TD = self.token_split.gather(y_TD, num_tokens)
-            aux_scale = self.token_split.aux_scale
-        stats = MoEStats(
-            balance_loss=routing.balance_loss * aux_scale,
-            z_loss=routing.z_loss * aux_scale,
-            tokens_per_expert=plan.tokens_per_expert_E.detach(),
-            routed_per_expert=plan.routed_per_expert_E.detach(),
-            dropped_fraction=plan.dropped_fraction.detach(),
-            capacity=routing.capacity,
-        )
+            balance_loss, z_loss = balance_loss * self.token_split.aux_scale, z_loss * self.token_split.aux_scale
+        if torch.is_grad_enabled():  # (statistics must not keep the graph alive)
+            tokens_E, routed_E, dropped = tokens_E.detach(), routed_E.detach(), dropped.detach()
+        stats = MoEStats(balance_loss, z_loss, tokens_E, routed_E, dropped, routing.capacity)
         return y_TD, stats
+
+    def _few_assignments(self, routing: Routing) -> bool:
+        """Dropless CPU inference on one process with few assignments: `_mix_few` applies."""
+        return (
+            routing.capacity is None
+            and not self.training
+            and not torch.is_grad_enabled()
+            and routing.expert_idx_TK.device.type == "cpu"
+            and routing.expert_idx_TK.numel() <= FEW_ASSIGNMENTS
+            and type(self.dispatcher) is LocalDispatcher
+            and type(self.experts) is GroupedExperts
+        )
+
+    def _mix_few(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Each chosen expert runs once on its tokens (read straight from the router's choices), and
+        its weighted output is added into theirs: a decode step in a few ops per expert."""
+        experts, num_tokens = self.experts, x_TD.shape[0]
+        top_k = routing.expert_idx_TK.shape[1]
+        weight_A = combine_weights(routing, None).reshape(-1).to(x_TD.dtype)
+        assignments_by_expert: dict[int, list[int]] = {}
+        for a, e in enumerate(routing.expert_idx_TK.reshape(-1).tolist()):
+            assignments_by_expert.setdefault(e, []).append(a)
+        y_TD = torch.zeros_like(x_TD)
+        for e, assignments in sorted(assignments_by_expert.items()):
+            if num_tokens == 1:
+                x_rows, weight_rows = x_TD, weight_A[assignments[0]]
+            else:
+                tokens_R = torch.tensor([a // top_k for a in assignments])
+                x_rows = x_TD.index_select(0, tokens_R)
+                weight_rows = weight_A.index_select(0, torch.tensor(assignments)).unsqueeze(1)
+            h = F.linear(x_rows, experts.w_in[e], None if experts.b_in is None else experts.b_in[e, 0])
+            y_rows = F.linear(activate(h, experts.activation), experts.w_out[e],
+                              None if experts.b_out is None else experts.b_out[e, 0])
+            if num_tokens == 1:
+                y_TD.add_(y_rows * weight_rows)
+            else:
+                y_TD.index_add_(0, tokens_R, y_rows * weight_rows)
+        return y_TD
 
     def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
         shared_TD = self.shared_expert(x_TD)

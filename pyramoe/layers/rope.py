@@ -76,6 +76,19 @@ def yarn_frequencies(dim: int, theta: float, scaling: dict[str, Any]) -> tuple[t
     return inv_freq, attention_factor
 
 
+_SIGNS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _half_signs(width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[-1, ..., -1, 1, ..., 1] of `width`, cached."""
+    key = (width, dtype, device)
+    if key not in _SIGNS:
+        signs = torch.ones(width, dtype=dtype, device=device)
+        signs[: width // 2] = -1.0
+        _SIGNS[key] = signs
+    return _SIGNS[key]
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -85,6 +98,8 @@ def apply_rope(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     """Rotate x; when cos/sin are narrower than a head (partial RoPE), only its first dimensions."""
     rotated = cos.shape[-1]
     if rotated == x_BHTD.shape[-1]:
-        return x_BHTD * cos + rotate_half(x_BHTD) * sin
+        # rotate_half(x) * sin == roll(x, half) * [-sin | sin], bit for bit (a sign flip is exact),
+        # in fewer ops than the slices, negation and concatenation.
+        return x_BHTD * cos + x_BHTD.roll(rotated // 2, -1) * (sin * _half_signs(rotated, sin.dtype, sin.device))
     x_rot, x_pass = x_BHTD[..., :rotated], x_BHTD[..., rotated:]
     return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)

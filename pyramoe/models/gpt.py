@@ -173,7 +173,10 @@ class GPT(nn.Module):
                 moe_stats[i] = stats
         logits = self.lm_head(self.ln_f(x))
         cfg = self.config
-        aux_terms = [cfg.aux_loss_coef * s.balance_loss + cfg.z_loss_coef * s.z_loss for s in moe_stats.values()]
+        if self.training or torch.is_grad_enabled():
+            aux_terms = [cfg.aux_loss_coef * s.balance_loss + cfg.z_loss_coef * s.z_loss for s in moe_stats.values()]
+        else:  # inference: the routers return no aux losses (see `Routing`)
+            aux_terms = []
         return GPTOutput(logits=logits, aux_loss=_sum_or_zero(aux_terms, logits), moe_stats=moe_stats)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:

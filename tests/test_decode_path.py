@@ -1,0 +1,113 @@
+"""The inference fast paths give what the general paths give: the MoE layer's few-assignment mix
+(decode steps) against sort/scatter dispatch, RoPE by roll against rotate-half, q and k rotated
+together against separately, and an additive engine mask against a bool one."""
+
+import pytest
+import torch
+
+from pyramoe.config import MoEConfig
+from pyramoe.layers import moe as moe_module
+from pyramoe.layers.attention import CausalSelfAttention
+from pyramoe.layers.moe import MoELayer
+from pyramoe.layers.rope import RotaryEmbedding, apply_rope, rotate_half
+
+CASES = [
+    dict(activation="swiglu", bias=False, moe=dict(num_experts=8, top_k=2)),
+    dict(activation="gelu", bias=True, moe=dict(num_experts=4, top_k=1)),
+    dict(activation="swiglu", bias=False, moe=dict(num_experts=8, top_k=3, gate_norm="softmax")),
+    dict(activation="gelu", bias=True, moe=dict(num_experts=4, top_k=1, use_residual=True)),
+    dict(activation="swiglu", bias=False, moe=dict(num_experts=8, top_k=2, shared_d_ff=24, shared_gate=True,
+                                                  router_score="sigmoid", score_correction_bias=True,
+                                                  routed_scaling=2.5)),
+]
+
+
+def _layer(case: dict) -> MoELayer:
+    torch.manual_seed(0)
+    config = MoEConfig(dropless=True, **case["moe"])
+    layer = MoELayer(16, 32, config, case["activation"], case["bias"]).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+        if config.score_correction_bias:
+            layer.router.score_bias.normal_(0, 0.3)
+    return layer
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("tokens", [1, 5, 16])
+def test_few_assignment_mix_equals_dispatch(case, tokens, monkeypatch):
+    layer = _layer(case)
+    x = torch.randn(tokens, 16)
+    calls = []
+    original = MoELayer._mix_few
+    monkeypatch.setattr(MoELayer, "_mix_few", lambda self, *a: calls.append(1) or original(self, *a))
+    with torch.no_grad():
+        fast, fast_stats = layer(x)
+        assert calls, "the fast path did not run"
+        monkeypatch.setattr(moe_module, "FEW_ASSIGNMENTS", 0)
+        reference, ref_stats = layer(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fast_stats.tokens_per_expert, ref_stats.tokens_per_expert)
+    assert float(fast_stats.dropped_fraction) == 0.0
+
+
+def test_fast_path_only_for_inference():
+    layer = _layer(CASES[0])
+    x = torch.randn(3, 16, requires_grad=True)
+    calls = []
+    layer._mix_few = lambda *a: calls.append(1)
+    layer(x)  # grad enabled: the general path (training semantics, aux losses)
+    layer.train()
+    with torch.no_grad():
+        layer(x)
+    layer.eval()
+    layer.config.dropless = False  # capacity: drops are the general path's business
+    with torch.no_grad():
+        layer(x)
+    assert not calls
+
+
+def test_rope_by_roll_is_rotate_half_bit_for_bit():
+    torch.manual_seed(0)
+    rope = RotaryEmbedding(16, 10000.0)
+    for dtype in (torch.float32, torch.bfloat16):
+        cos, sin = rope.cos_sin(torch.arange(7)[None], dtype)
+        x = torch.randn(1, 3, 7, 16).to(dtype)
+        assert torch.equal(apply_rope(x, cos, sin), x * cos + rotate_half(x) * sin)
+
+
+def test_joint_qk_rope_equals_separate():
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(32, 4, bias=False, n_kv_heads=2)
+    cos, sin = RotaryEmbedding(8, 10000.0).cos_sin(torch.arange(5)[None], torch.float32)
+    x = torch.randn(1, 5, 32)
+    q, k, v = attn._project(x, (cos, sin))
+    q_ref, k_ref, v_ref = attn.qkv(x).split(attn.split, dim=-1)
+    q_ref = q_ref.view(1, 5, 4, 8).transpose(1, 2)
+    k_ref = k_ref.view(1, 5, 2, 8).transpose(1, 2)
+    assert torch.equal(q, apply_rope(q_ref, cos, sin))
+    assert torch.equal(k, apply_rope(k_ref, cos, sin))
+    assert torch.equal(v, v_ref.view(1, 5, 2, 8).transpose(1, 2))
+
+
+def test_additive_mask_equals_bool_mask():
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(32, 4, bias=False).eval()
+    x = torch.randn(2, 1, 32)
+    visible = torch.tensor([[True, True, False], [True, True, True]])
+    cache_k = torch.randn(2, 4, 3, 8)
+    cache_v = torch.randn(2, 4, 3, 8)
+
+    class Cache:
+        def update(self, layer, start, k, v):
+            keys, values = cache_k.clone(), cache_v.clone()
+            keys[:, :, 2:3], values[:, :, 2:3] = k, v
+            return keys, values
+
+    additive = torch.zeros(2, 3).masked_fill_(~visible, float("-inf"))[:, None, None, :]
+    with torch.no_grad():
+        a = attn(x, Cache(), 2, key_mask_BL=visible[:, None, None, :])
+        b = attn(x, Cache(), 2, key_mask_BL=additive)
+    assert torch.equal(a, b)
