@@ -5,6 +5,7 @@ same losses."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -49,7 +50,7 @@ def val_losses(run_dir: str) -> dict[int, float]:
     return {r["step"]: r["val_loss"] for r in records_of(read_metrics(Path(run_dir) / "metrics.jsonl"), "eval")}
 
 
-def test_expert_parallel_training_matches_one_process_and_reshards_on_resume(tmp_path):
+def test_expert_parallel_training_matches_one_process_and_reshards_on_resume(tmp_path, capsys):
     assert main(run_args(tmp_path, "one", 8, 8)) == 0
     reference = losses("one")
 
@@ -62,6 +63,9 @@ def test_expert_parallel_training_matches_one_process_and_reshards_on_resume(tmp
         "optimizer-00001-of-00002.safetensors", "optimizer-00002-of-00002.safetensors",
         "optimizer.safetensors.index.json",
     ]
+    capsys.readouterr()
+    assert main(["eval", str(saved), "--batch-size", "8", "--json"]) == 0  # one process reads the pieces
+    assert json.loads(capsys.readouterr().out)["val_loss"] == pytest.approx(val_losses("ep2")[3], rel=2e-5)
     shutil.copytree("ep2", "ep4")
     shutil.copytree("ep2", "tp")
     shutil.copytree("ep2", "slice")
