@@ -111,3 +111,67 @@ def test_additive_mask_equals_bool_mask():
         a = attn(x, Cache(), 2, key_mask_BL=visible[:, None, None, :])
         b = attn(x, Cache(), 2, key_mask_BL=additive)
     assert torch.equal(a, b)
+
+
+# -- weights prepacked for oneDNN -------------------------------------------------------------------------
+
+packing = pytest.importorskip("pyramoe.inference.packing")
+needs_packing = pytest.mark.skipif(not packing.packing_available(), reason="oneDNN packing unavailable")
+
+
+@needs_packing
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_linear_equals_linear(dtype):
+    from pyramoe.layers.packed import PackedLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48).to(dtype)
+    x = torch.randn(3, 5, 64).to(dtype)
+    with torch.no_grad():
+        expected = linear(x)
+        got = PackedLinear(linear)(x)
+    assert got.shape == expected.shape
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, expected)
+    else:  # another summation order
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_packing
+@pytest.mark.parametrize("case", CASES[:2])
+@pytest.mark.parametrize("tokens", [1, 7, 40])
+def test_packed_moe_layer_equals_plain(case, tokens):
+    layer = _layer(case)
+    x = torch.randn(tokens, 16)
+    with torch.no_grad():
+        expected, _ = layer(x)
+        assert packing.pack_model(layer) > 0
+        assert layer.experts.w_in is None and layer.experts.packed is not None
+        got, _ = layer(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_packing
+def test_engine_packs_at_first_step_and_generates_the_same_tokens():
+    from pyramoe.config import ModelConfig
+    from pyramoe.inference import Engine, SamplingParams
+    from pyramoe.layers.packed import PackedLinear
+    from pyramoe.models import GPT
+    from pyramoe.presets import get_preset
+
+    torch.manual_seed(0)
+    config = ModelConfig.from_dict({**get_preset("tiny-llama-moe").to_dict(), "vocab_size": 97, "max_seq_len": 64})
+    model = GPT(config).to(torch.bfloat16)
+    twin = GPT(config).to(torch.bfloat16)
+    twin.load_state_dict(model.state_dict())
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    plain = Engine(twin, max_batch=2, pack_weights=False).generate(prompts, params)
+    engine = Engine(model, max_batch=2)
+    assert engine.packed_weights == 0
+    packed = engine.generate(prompts, params)
+    assert engine.packed_weights > 0 and isinstance(model.lm_head, PackedLinear)
+    assert [c.token_ids for c in packed] == [c.token_ids for c in plain]
+    with pytest.raises(ValueError, match="distribute"):
+        engine.distribute(ep=2)
+

@@ -23,6 +23,7 @@ import torch
 
 from pyramoe.data import Tokenizer
 from pyramoe.inference.kv_cache import SlotKVCache
+from pyramoe.inference.packing import pack_model
 from pyramoe.inference.sampling import SamplingParams, sample_token
 from pyramoe.models import GPT
 from pyramoe.runtime import cpu_has_native_bf16
@@ -71,7 +72,8 @@ class Engine:
 
     `max_batch` requests decode together; `max_len` bounds prompt + generated tokens per request
     (the KV cache is max_batch x max_len per layer); prompts are prefilled `prefill_chunk` tokens
-    per forward.
+    per forward. On the CPU the model's weights are prepacked for oneDNN at the first step
+    (`pack_weights`, `pyramoe.inference.packing`): from then on the model serves this engine only.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class Engine:
         prefill_chunk: int = 512,
         eos_id: int | None = None,
         dropless: bool = True,
+        pack_weights: bool = True,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
@@ -101,6 +104,9 @@ class Engine:
         self.device = next(model.parameters()).device
         self.cache = SlotKVCache.for_model(model, max_batch, self.max_len)
         self.logits_source: int | None = None  # set by `distribute`: the rank whose logits all follow
+        # CPU weights are prepacked for oneDNN at the first step (after any `distribute`).
+        self.pack_weights = pack_weights and self.device.type == "cpu"
+        self.packed_weights = 0
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []  # active[i] owns slot i
         self._ids = itertools.count()
@@ -132,6 +138,8 @@ class Engine:
         Every rank must add the same requests in the same order; rank 0's logits decide."""
         from pyramoe.parallel.launch import Launch, apply_parallelism, init_distributed
 
+        if self.packed_weights:
+            raise ValueError("engine: distribute() must come before the first step (the weights are packed)")
         launch = Launch(device=str(self.device), ep=ep, tp=tp, timeout_s=timeout_s)
         run = init_distributed(launch, self.device)
         if run is not None:
@@ -194,6 +202,8 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
         """Admit waiting requests into free slots, then one decode step for every active request."""
+        if self.pack_weights and not self.packed_weights:
+            self.packed_weights = pack_model(self.model) or -1
         events: list[TokenEvent] = []
         decoding = list(self.active)
         admitted = []

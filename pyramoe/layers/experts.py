@@ -16,9 +16,11 @@ shard back at its global expert ids.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pyramoe.layers.mlp import activate
+from pyramoe.layers.packed import packed_linear
 
 
 class GroupedExperts(nn.Module):
@@ -42,6 +44,9 @@ class GroupedExperts(nn.Module):
         self.b_out = nn.Parameter(torch.zeros(num_experts, 1, d_model)) if bias else None
         nn.init.normal_(self.w_in, std=0.02)
         nn.init.normal_(self.w_out, std=0.02)
+        # Inference only: per-expert weights prepacked for oneDNN (`pyramoe.layers.packed`), which
+        # then replace w_in and w_out.
+        self.packed: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @property
     def global_expert_ids(self) -> range:
@@ -66,6 +71,8 @@ class GroupedExperts(nn.Module):
     ) -> torch.Tensor:
         """x_rows is either padded ([E*S, D], expert e owns rows e*S..e*S+S) or compact
         ([N, D], expert e owns the next tokens_per_expert[e] rows)."""
+        if self.packed is not None:
+            return self._forward_packed(x_rows, tokens_per_expert, rows_per_expert)
         if rows_per_expert is None and use_device_grouped_mm(x_rows):
             return self._forward_grouped_mm(x_rows, tokens_per_expert)
         if rows_per_expert is not None:
@@ -78,6 +85,23 @@ class GroupedExperts(nn.Module):
         y = grouped_linear(activate(h, self.activation), self.w_out, self.b_out, counts)
         return y.flatten(0, 1) if counts is None else y
 
+
+    def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """Local expert e on its rows (inference: a decode step calls it per chosen expert)."""
+        b_in = None if self.b_in is None else self.b_in[e, 0]
+        b_out = None if self.b_out is None else self.b_out[e, 0]
+        if self.packed is not None:
+            h = packed_linear(x_ND, self.packed[0][e], b_in)
+            return packed_linear(activate(h, self.activation), self.packed[1][e], b_out)
+        h = F.linear(x_ND, self.w_in[e], b_in)
+        return F.linear(activate(h, self.activation), self.w_out[e], b_out)
+
+    def _forward_packed(
+        self, x_rows: torch.Tensor, tokens_per_expert: torch.Tensor, rows_per_expert: int | None
+    ) -> torch.Tensor:
+        sizes = rows_per_expert if rows_per_expert is not None else tokens_per_expert.tolist()
+        outs = [self.expert_forward(e, x_e) if x_e.shape[0] else x_e for e, x_e in enumerate(x_rows.split(sizes))]
+        return torch.cat(outs)
 
     def _forward_grouped_mm(self, x_ND: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """Compact rows on a GPU: one grouped GEMM per projection from device-side offsets, so no

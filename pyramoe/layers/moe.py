@@ -9,14 +9,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pyramoe.config import MoEConfig
 from pyramoe.layers.dispatch import Dispatcher, LocalDispatcher, combine_weights
 from pyramoe.layers.experts import GroupedExperts
 from pyramoe.layers.gating import Router, Routing
-from pyramoe.layers.mlp import MLP, activate
+from pyramoe.layers.mlp import MLP
 
 # Inference on the CPU with at most this many (token, choice) assignments (a decode step of up to
 # 32 sequences at top-2) runs the experts straight from the router's choices: grouping a handful of
@@ -152,9 +151,7 @@ class MoELayer(nn.Module):
                 tokens_R = torch.tensor([a // top_k for a in assignments])
                 x_rows = x_TD.index_select(0, tokens_R)
                 weight_rows = weight_A.index_select(0, torch.tensor(assignments)).unsqueeze(1)
-            h = F.linear(x_rows, experts.w_in[e], None if experts.b_in is None else experts.b_in[e, 0])
-            y_rows = F.linear(activate(h, experts.activation), experts.w_out[e],
-                              None if experts.b_out is None else experts.b_out[e, 0])
+            y_rows = experts.expert_forward(e, x_rows)
             if num_tokens == 1:
                 y_TD.add_(y_rows * weight_rows)
             else:

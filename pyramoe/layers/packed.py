@@ -1,0 +1,53 @@
+"""Weights prepacked for oneDNN: CPU inference without a repack of every weight on every call.
+
+PyTorch's CPU linear hands oneDNN a plain [out, in] weight, which oneDNN copies into its blocked
+layout before each multiply. A decode step reads each weight once per token, so that copy is most
+of its cost: measured on the bench model's shapes (2-core AVX512-BF16 VM, one thread, batch 1), the
+packed bf16 GEMV ran 1.9-2.4x faster, fp32 1.0-1.9x, and 1.2-2.4x at 16-256 rows; bf16 results are
+identical to F.linear's, fp32 ones differ in the last bits (another summation order).
+
+`pyramoe.inference.packing.pack_model` swaps each plain nn.Linear of a model for a `PackedLinear` and
+gives each `GroupedExperts` one packed weight per expert, freeing the plain copies.
+
+Legend: N rows, I input width, O output width, E experts, F expert hidden width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES and weight.dim() == 2 and packing_available()
+
+
+def pack_weight(weight_OI: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked layout of an [out, in] weight (tuned for few rows: a decode step)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight_OI.detach().contiguous(), 1)
+
+
+def packed_linear(x_NI: torch.Tensor, packed: torch.Tensor, bias_O: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x_NI, packed, bias_O, "none", [], "")
+
+
+class PackedLinear(nn.Module):
+    """An inference-only nn.Linear whose weight is prepacked for oneDNN."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("packed_weight", pack_weight(linear.weight), persistent=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.packed_weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed"
