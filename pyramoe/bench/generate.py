@@ -184,6 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(1)
     prompts = torch.randint(1, args.vocab, (max(batches), args.prompt_len))
     bandwidth = measure_bandwidth()
+    assert not engine.packed_weights, "decode bytes are counted from the plain weights, before packing"
     roofline = bandwidth / decode_bytes(engine.model, args.top_k, args.experts)
     notes.append(f"memory read {bandwidth / 1e9:.1f} GB/s -> batch-1 roofline {roofline:.0f} tok/s")
     results = []
