@@ -5,6 +5,7 @@ Legend: T tokens, D width, E experts.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -135,28 +136,27 @@ class MoELayer(nn.Module):
         )
 
     def _mix_few(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Each chosen expert runs once on its tokens (read straight from the router's choices), and
-        its weighted output is added into theirs: a decode step in a few ops per expert."""
-        experts, num_tokens = self.experts, x_TD.shape[0]
+        """Each chosen expert runs once on its tokens (grouped in Python from the router's choices),
+        and its weighted output is added into theirs: a decode step in a few ops per expert."""
+        experts = self.experts
         top_k = routing.expert_idx_TK.shape[1]
         weight_A = combine_weights(routing, None).reshape(-1).to(x_TD.dtype)
-        assignments_by_expert: dict[int, list[int]] = {}
-        for a, e in enumerate(routing.expert_idx_TK.reshape(-1).tolist()):
-            assignments_by_expert.setdefault(e, []).append(a)
-        y_TD = torch.zeros_like(x_TD)
-        for e, assignments in sorted(assignments_by_expert.items()):
-            if num_tokens == 1:
-                x_rows, weight_rows = x_TD, weight_A[assignments[0]]
-            else:
-                tokens_R = torch.tensor([a // top_k for a in assignments])
-                x_rows = x_TD.index_select(0, tokens_R)
-                weight_rows = weight_A.index_select(0, torch.tensor(assignments)).unsqueeze(1)
-            y_rows = experts.expert_forward(e, x_rows)
-            if num_tokens == 1:
-                y_TD.add_(y_rows * weight_rows)
-            else:
-                y_TD.index_add_(0, tokens_R, y_rows * weight_rows)
-        return y_TD
+        expert_A = routing.expert_idx_TK.reshape(-1).tolist()
+        if x_TD.shape[0] == 1:
+            y_TD = torch.zeros_like(x_TD)
+            for a, e in sorted(enumerate(expert_A), key=lambda pair: pair[1]):
+                y_TD.add_(experts.expert_forward(e, x_TD) * weight_A[a])
+            return y_TD
+        order = sorted(range(len(expert_A)), key=expert_A.__getitem__)  # stable: by expert, then assignment
+        token_R = torch.tensor([a // top_k for a in order])
+        x_RD = x_TD.index_select(0, token_R)
+        y_parts, start = [], 0
+        for e, group in itertools.groupby(expert_A[a] for a in order):
+            rows = len(list(group))
+            y_parts.append(experts.expert_forward(e, x_RD[start : start + rows]))
+            start += rows
+        y_RD = torch.cat(y_parts) * weight_A.index_select(0, torch.tensor(order)).unsqueeze(1)
+        return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)
 
     def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
         shared_TD = self.shared_expert(x_TD)
