@@ -175,3 +175,17 @@ def test_engine_packs_at_first_step_and_generates_the_same_tokens():
     with pytest.raises(ValueError, match="distribute"):
         engine.distribute(ep=2)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_the_reference_formula_bit_for_bit(dtype):
+    from pyramoe.layers.norms import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(48, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = (torch.randn(4, 3, 48) * 5).to(dtype)
+    x32 = x.float()
+    expected = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    assert torch.equal(norm(x), expected)
