@@ -47,6 +47,7 @@ def test_quality_equivalent_is_the_smallest_dense_arm_at_or_below_the_moe_loss()
     assert [c["arm"] for c in qe["candidates"]] == ["dense", "dense-ff1.25x", "dense-ff1.5x", "dense-ff2x"]
     assert [c["reaches"] for c in qe["candidates"]] == [False, False, True, True]
     assert qe["candidates"][1]["mean_diff"] == pytest.approx(0.01)
+    assert qe["candidates"][1]["diffs"] == pytest.approx({"1": -0.01, "2": 0.02, "3": 0.02})
     # Exactly the MoE's loss counts as reaching it; nothing at or below it: no quality-equivalent arm.
     assert quality_equivalent({"moe-8": MOE, "d": arm(6, dict(MOE["val_loss_by_seed"]))}, "moe-8")["arm"] == "d"
     assert quality_equivalent({k: ARMS[k] for k in ("moe-8", "dense", "dense-ff1.25x")}, "moe-8")["arm"] is None
@@ -108,6 +109,7 @@ def test_report_section_renders_from_a_summary(tmp_path):
     section = text.split(f"## {STUDIES['inference'].title}")[1]
     assert "up to 4.5x faster" in section  # the paper's claim
     assert "dense-ff1.5x (q-eq)" in section and "quality-equivalent" in section and "above MoE loss" in section
+    assert "-0.010, +0.020, +0.020" in section  # dense-ff1.25x - moe-8 by seed
     assert "1.50 (1.50-1.50)" in section and "0.67 (0.67-0.67)" in section  # per-batch speedups
     assert "5.5 of 8" in section and "1.0 of 8" in section  # experts a decode step touched
     assert "**Direction:** MoE faster than quality-equivalent dense at batch 1: holds" in section

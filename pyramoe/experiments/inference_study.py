@@ -52,14 +52,11 @@ PREFILL_BATCH = 16
 # -- which dense model is quality-equivalent ------------------------------------------------------------------
 
 
-def mean_paired_difference(dense: dict[str, Any], moe: dict[str, Any]) -> tuple[float, int]:
-    """Mean over the seeds both arms ran of (dense loss - MoE loss), and how many seeds that was."""
+def paired_by_seed(dense: dict[str, Any], moe: dict[str, Any]) -> dict[str, float]:
+    """dense loss - MoE loss on each seed both arms ran (seeds as strings, as JSON keeps them)."""
     d = {str(k): v for k, v in dense["val_loss_by_seed"].items()}
     m = {str(k): v for k, v in moe["val_loss_by_seed"].items()}
-    seeds = sorted(set(d) & set(m))
-    if not seeds:
-        return float("nan"), 0
-    return statistics.mean(d[s] - m[s] for s in seeds), len(seeds)
+    return {seed: d[seed] - m[seed] for seed in sorted(set(d) & set(m), key=int)}
 
 
 def quality_equivalent(arms: dict[str, dict[str, Any]], moe: str) -> dict[str, Any]:
@@ -71,9 +68,10 @@ def quality_equivalent(arms: dict[str, dict[str, Any]], moe: str) -> dict[str, A
     for name, arm in sorted(arms.items(), key=lambda item: (item[1]["parameters"], item[0])):
         if name == moe or arm["parameters"] != arm["active_parameters"]:
             continue
-        diff, seeds = mean_paired_difference(arm, arms[moe])
-        candidates.append({"arm": name, "parameters": arm["parameters"], "mean_diff": diff, "seeds": seeds,
-                           "reaches": seeds > 0 and diff <= 0.0})
+        diffs = paired_by_seed(arm, arms[moe])
+        diff = statistics.mean(diffs.values()) if diffs else float("nan")
+        candidates.append({"arm": name, "parameters": arm["parameters"], "mean_diff": diff, "seeds": len(diffs),
+                           "diffs": diffs, "reaches": bool(diffs) and diff <= 0.0})
     chosen = next((c["arm"] for c in candidates if c["reaches"]), None)
     return {"arm": chosen, "moe": moe, "candidates": candidates}
 
@@ -327,13 +325,15 @@ def selection_table(summary: dict[str, Any]) -> str:
     qe = summary["inference"]["quality_equivalent"]
     moe = summary["arms"][qe["moe"]]
     rows = [[qe["moe"], f"{moe['parameters'] / 1e6:.2f}M", f"{moe['active_parameters'] / 1e6:.2f}M",
-             f"{moe['val_loss_mean']:.3f}", "-", "MoE"]]
+             f"{moe['val_loss_mean']:.3f}", "-", "-", "MoE"]]
     for c in qe["candidates"]:
         arm = summary["arms"][c["arm"]]
         role = "quality-equivalent" if c["arm"] == qe["arm"] else ("reaches" if c["reaches"] else "above MoE loss")
+        per_seed = ", ".join(f"{d:+.3f}" for d in c.get("diffs", {}).values())
         rows.append([c["arm"], f"{arm['parameters'] / 1e6:.2f}M", f"{arm['active_parameters'] / 1e6:.2f}M",
-                     f"{arm['val_loss_mean']:.3f}", f"{c['mean_diff']:+.3f}", role])
-    return format_table(["arm", "params", "active", "val loss (mean)", "dense - MoE (paired)", "role"], rows)
+                     f"{arm['val_loss_mean']:.3f}", f"{c['mean_diff']:+.3f}", per_seed, role])
+    headers = ["arm", "params", "active", "val loss (mean)", "dense - MoE (mean)", "by seed", "role"]
+    return format_table(headers, rows)
 
 
 def timing_table(summary: dict[str, Any]) -> str:
