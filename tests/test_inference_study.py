@@ -145,6 +145,10 @@ def test_measure_inference_times_each_model_at_each_batch():
     assert out["decode"]["1"]["moe"]["experts_touched"]["mean"] == 1.0  # top-1: one expert per token
     assert 1.0 <= out["decode"]["4"]["moe"]["experts_touched"]["mean"] <= 4.0
     assert out["prefill"]["moe"]["tokens"] == 16 * 8 and out["prefill"]["dense"]["tok_s"] > 0
+    # Bytes as the weights were before the engine prepacked them: one expert of 4 per MoE layer at batch 1.
+    fresh = {"moe": tiny_model(True).to(torch.bfloat16), "dense": tiny_model(False, d_ff=96).to(torch.bfloat16)}
+    assert out["decode"]["1"]["moe"]["bytes_per_step"] == decode_bytes(fresh["moe"], 1.0) > 0
+    assert out["decode"]["4"]["dense"]["bytes_per_step"] == decode_bytes(fresh["dense"], None)
 
 
 SMALL = {"d_model": 32, "n_layers": 2, "max_seq_len": 32}
@@ -171,6 +175,8 @@ def test_study_trains_once_and_re_times_on_every_call(tmp_path, monkeypatch):
     assert set(timing["decode"]["1"]) == {"moe", "dense", "dense-wide"} and timing["rounds"] == 2
     assert timing["prompt_len"] == 16 and timing["new_tokens"] == 15  # cut to max_seq_len 32
     assert summary["verdict"] == inference_verdict(summary)
+    assert "paired_accuracy" not in summary and "accuracy" not in summary["arms"]["moe"]  # not a scored study
+    assert summary["inference"]["timing"]["decode"]["1"]["moe"]["bytes_per_step"] > 0
     assert json.loads((docs / "tiny-inference.json").read_text())["inference"]["timing"]["rounds"] == 2
 
     calls = []

@@ -43,9 +43,9 @@ from pyramoe.tables import format_table
 
 BATCHES = (1, 16)
 PROMPT_LEN = 64
-NEW_TOKENS = 32
-ROUNDS = 7
-WARMUP = 1
+NEW_TOKENS = 64
+ROUNDS = 15
+WARMUP = 2
 PREFILL_BATCH = 16
 
 
@@ -175,6 +175,8 @@ def measure_inference(
     round by round (the order rotated each round). Per model and batch: step times (ms), median ms per
     token, tokens/s, and the distinct experts a decode step touched; prefill tokens/s of the prompts."""
     names = list(models)
+    # Weight bytes before any engine runs: the engine prepacks the weights in place (out of named_parameters).
+    weights = {name: (decode_bytes(model, 0.0), decode_bytes(model, None)) for name, model in models.items()}
     out: dict[str, Any] = {"batches": list(batches), "new_tokens": new_tokens, "prompt_len": len(prompts[0]),
                            "rounds": rounds, "warmup": warmup, "decode": {}, "prefill": {}}
     for batch in batches:
@@ -192,9 +194,13 @@ def measure_inference(
         for name, model in models.items():
             ms = statistics.median(steps[name])
             touched = experts_touched(model, rows, min(new_tokens, 8))
+            shared, every_expert = weights[name]
+            read = every_expert
+            if touched is not None:
+                read = shared + (every_expert - shared) * touched["mean"] / touched["of"]
             out["decode"][str(batch)][name] = {
                 "step_ms": steps[name], "ms_per_token": ms, "tok_s": batch * 1e3 / ms,
-                "experts_touched": touched, "bytes_per_step": decode_bytes(model, touched["mean"] if touched else None),
+                "experts_touched": touched, "bytes_per_step": int(read),
             }
     rows = prompts[:PREFILL_BATCH]
     engines = {name: _engine(model, len(rows)) for name, model in models.items()}
@@ -396,6 +402,12 @@ def time_inference_study(study: Any, summary: dict[str, Any], plans: list[Any], 
     run_dirs = {p.arm.name: p.run_dir for p in plans if p.seed == first}
     log = print if progress else None
     add_inference(summary, study.expected_better, time_study(run_dirs, rounds=ROUNDS, log=log))
+    if not getattr(study, "zeroshot", False):  # runs reused from a scored study carry accuracies: not compared here
+        for key in ("zeroshot", "paired_accuracy", "accuracy_verdict"):
+            summary.pop(key, None)
+        for arm in summary["arms"].values():
+            arm.pop("accuracy", None)
+            arm.pop("accuracy_by_seed", None)
     if progress:
         print(selection_table(summary))
         print(timing_table(summary))
