@@ -170,12 +170,15 @@ STUDIES: dict[str, Study] = {
                 "tokens chose, counted in an untimed pass). At batch 1 moe-8 reads one of its 8 experts per MoE "
                 "layer: the same-active dense model's bytes, fewer than the wider dense arms'. At batch 16 its "
                 "tokens choose most experts (\"experts/step\"), so it reads up to its 2.4x larger weights, while "
-                "a dense model reads the same bytes at any batch. In the paper the quality-equivalent dense model "
-                "has about 5x the MoE's active parameters (6.7B vs 1.3B), so the MoE reads far less even with "
-                "extra experts; here moe-8 gains only about 0.02 nats over the same-active dense model, so its "
-                "quality-equivalent dense arm is barely larger. Bytes are not all of a step at this size (a few "
-                "MB of weights): the times are what the engine measured. moe-8's validation loss is measured at "
-                "its eval capacity factor (2.0); the engine runs it dropless."
+                "a dense model reads the same bytes at any batch. So at batch 1 the gap between moe-8's and the "
+                "same-active dense model's ms/token is what routing costs (router, top-1 choice, dispatch to the "
+                "chosen expert in each of the 2 MoE layers). In the paper the "
+                "quality-equivalent dense model has about 5x the MoE's active parameters (6.7B vs 1.3B), so the MoE "
+                "reads far less even with extra experts; here moe-8 gains only about 0.02 nats over the "
+                "same-active dense model, so its quality-equivalent dense arm is barely larger (1.2x the bytes at "
+                "batch 1): at batch 1 the MoE can save at most that, against its routing, and at batch 16 it "
+                "reads more than the dense arm. moe-8's "
+                "validation loss is measured at its eval capacity factor (2.0); the engine runs it dropless."
             ),
         ),
     )
