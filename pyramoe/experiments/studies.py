@@ -144,7 +144,7 @@ STUDIES: dict[str, Study] = {
         ),
         Study(
             name="inference",
-            title="Inference: MoE vs the quality-equivalent dense model (decode latency and throughput)",
+            title="Inference: MoE vs the quality-equivalent dense model",
             paper_finding=(
                 "At the same quality, MoE inference is faster and cheaper than dense: 1.3B+MoE-128 (52B "
                 "parameters) matches the 6.7B dense model's quality, and DeepSpeed-MoE serves such models up to "
