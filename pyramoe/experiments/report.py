@@ -127,8 +127,8 @@ def accuracy_line(summary: dict[str, Any]) -> str:
     return (f"Zero-shot accuracy of each run's final checkpoint on pyramoe's local tasks ({limit} of each, the "
             f"same for every model; {s['dtype']}, MoE layers dropless; lm-eval's `acc`, computed in-process by "
             "pyramoe/evaluation/accuracy.py): mean (min-max) over seeds, *mean* is the mean over the tasks. "
-            f"Scoring took {cost['mean']:.0f} s per checkpoint ({cost['min']:.0f}-{cost['max']:.0f}) on "
-            f"{'/'.join(map(str, z.get('threads') or ['?']))} thread(s).")
+            f"Scoring took {cost['mean']:.0f} s per checkpoint ({cost['min']:.0f}-{cost['max']:.0f}; wall time) with "
+            f"{'/'.join(map(str, z.get('threads') or ['?']))} torch thread(s).")
 
 
 def direction_line(summary: dict[str, Any]) -> str:
@@ -212,6 +212,9 @@ def render_results(docs: Path, studies: dict[str, Study]) -> Path:
         "of each claim, not its size. Verdicts use paired differences by seed (arms share each seed's",
         "initialisation and batch order): *holds* needs at least 2 seeds, every paired difference of the",
         "expected sign and their mean above their spread; *contradicted* is the same the other way.",
+        "Each run's final checkpoint is also scored zero-shot on pyramoe's local tasks (built from the",
+        "corpus's held-out validation files; chance levels shown), and the direction is judged on the",
+        "paired differences of the mean accuracy over those tasks by the same rules.",
         "",
     ]
     for study in studies.values():
