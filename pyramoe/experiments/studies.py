@@ -158,14 +158,15 @@ STUDIES: dict[str, Study] = {
                 Arm("dense", "tiny-dense"),
                 Arm("dense-ff1.5x", "tiny-dense", {"d_ff": 1536}),
                 Arm("dense-ff2x", "tiny-dense", {"d_ff": 2048}),
+                Arm("dense-ff3x", "tiny-dense", {"d_ff": 3072}),
             ),
             expected_better="moe-8",
             expected_worse="dense",
             compare="inference",
             notes=(
-                "Arms: moe-8, the dense model with its active parameters, and dense models with a 1.5x and 2x wider "
-                "FFN, trained alike ({steps} steps, same corpus and seeds). Why the speeds come out as they do: a "
-                "decode step reads the weights it uses (\"MB read/step\", bf16: every weight but the embedding "
+                "Arms: moe-8, the dense model with its active parameters, and dense models with a 1.5x, 2x and "
+                "3x wider FFN, trained alike ({steps} steps, same corpus and seeds). Why the speeds come out as they "
+                "do: a decode step reads the weights it uses (\"MB read/step\", bf16: every weight but the embedding "
                 "lookups - the tied table once, as the LM head - and of each MoE layer only the experts the step's "
                 "tokens chose, counted in an untimed pass). At batch 1 moe-8 reads one of its 8 experts per MoE "
                 "layer: the same-active dense model's bytes, fewer than the wider dense arms'. At batch 16 its "
