@@ -203,3 +203,15 @@ def test_checkpoint_dir_follows_reused_from(tmp_path):
     (middle / RESULT_FILE).write_text(json.dumps({}))
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoint_run_dir(last)
+
+
+def test_accuracy_table_with_an_unscored_arm():
+    base = STUDIES["moe-vs-dense"]
+    study = Study(**{**base.__dict__, "arms": (*base.arms, Arm("extra", "tiny-dense"))})
+    runs = [_run("dense", 1, (0.10, 0.40, 0.30)), _run("moe-8", 1, (0.12, 0.44, 0.31)),
+            _run("dense", 2, (0.20, 0.40, 0.36)), _run("moe-8", 2, (0.21, 0.44, 0.38))]
+    runs += [RunResult("extra", seed, seed, 4.0, {10: 4.0}, 100, 50, 2, 32, 1000, None) for seed in (1, 2)]
+    summary = _study_summary(study, runs)
+    assert "accuracy" not in summary["arms"]["extra"] and summary["accuracy_verdict"].startswith("holds")
+    extra_row = next(line for line in accuracy_table(summary).splitlines() if line.strip().startswith("extra"))
+    assert extra_row.split() == ["extra", "2", "-", "-", "-", "-"]

@@ -88,6 +88,9 @@ def accuracy_table(summary: dict[str, Any]) -> str:
         headers.append("% of teacher (min-max)")
     rows = []
     for name, arm in summary["arms"].items():
+        if "accuracy" not in arm:  # an arm whose runs were not all scored (e.g. reused from an unscored study)
+            rows.append([name, len(arm["seeds"]), *["-" for _ in names], *(["-"] if teacher is not None else [])])
+            continue
         row = [name, len(arm["seeds"]), *[_acc_cell(arm["accuracy"][n]) for n in names]]
         if teacher is not None:
             pct = arm["accuracy_pct_of_teacher"]
