@@ -4,6 +4,7 @@ roofline is the measured bandwidth over the weight bytes a batch-1 decode step r
 import json
 
 import pytest
+import torch
 
 from pyramoe.cli.main import main
 
@@ -28,7 +29,25 @@ def test_bench_generate_tiny(tmp_path, capsys):
     weights = layers * per_layer + hidden + vocab * hidden  # + final norm and the LM head (fp32: 4 bytes)
     assert payload["roofline_tok_s"] == pytest.approx(payload["bandwidth_bytes_s"] / (4 * weights))
     assert set(payload["prefill_tok_s"]) == {"pyramoe", "transformers", "plain-moe"}
-    assert "of roofline (b1)" in capsys.readouterr().out
+    assert payload["gemv_floor_tok_s"] > 0
+    printed = capsys.readouterr().out
+    assert "of roofline (b1)" in printed and "of GEMV floor (b1)" in printed
+
+
+def test_gemv_shapes_of_a_decode_step():
+    from pyramoe.bench.generate import decode_gemv_shapes
+    from pyramoe.config import ModelConfig
+    from pyramoe.models import GPT
+    from pyramoe.presets import get_preset
+
+    config = ModelConfig.from_dict({**get_preset("tiny-llama-moe").to_dict(), "vocab_size": 50})
+    model = GPT(config)
+    shapes = decode_gemv_shapes(model, top_k=2)
+    moe_blocks = [b for b in model.blocks if b.is_moe]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(shapes) == len(linears) + 4 * len(moe_blocks)  # two projections of two experts per MoE layer
+    w_in = moe_blocks[0].ffn.experts.w_in
+    assert shapes.count(tuple(w_in.shape[1:])) >= 2 * len(moe_blocks) and (50, config.d_model) in shapes
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--new-tokens", "1"), ("--batches", "1,x"), ("--top-k", "9")])

@@ -9,7 +9,9 @@ directory, so both run identical weights. Implementations:
 - transformers: `generate(do_sample=False)` with its grouped-GEMM experts (`grouped_mm`);
 - plain-moe: transformers with its eager experts, a Python loop over experts (a plain PyTorch MoE);
 - roofline (batch 1): bytes of weights one decode step reads (attention, norms, router, the top-k
-  experts of each layer, the LM head) / memory bandwidth measured in the same run.
+  experts of each layer, the LM head) / memory bandwidth measured in the same run;
+- GEMV floor (batch 1): the time of that step's weight multiplies alone, on fresh weights packed as
+  the engine packs them: what the kernels allow before any other op of the step.
 
 Decode tokens/s come from two timings, N new tokens and 1, so prefill is excluded:
 batch x (N - 1) / (t(N) - t(1)); prefill tokens/s is one prompt-batch forward. Implementations
@@ -19,6 +21,7 @@ alternate round by round and the median over rounds is reported.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -30,6 +33,8 @@ import torch
 
 from pyramoe.bench.common import machine_info, write_json
 from pyramoe.inference import Engine, SamplingParams, resolve_dtype
+from pyramoe.layers.experts import GroupedExperts
+from pyramoe.layers.packed import can_pack, pack_weight, packed_linear
 from pyramoe.tables import format_table
 
 
@@ -105,6 +110,38 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
         x.sum()
         times.append(time.perf_counter() - start)
     return x.numel() * 4 / statistics.median(times)
+
+
+def decode_gemv_shapes(model: torch.nn.Module, top_k: int) -> list[tuple[int, int]]:
+    """[out, in] of every weight multiply of a batch-1 decode step: each nn.Linear (the LM head
+    included) and, per MoE layer, top_k experts' two projections. Call before the engine packs."""
+    shapes = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            shapes.append(tuple(module.weight.shape))
+        elif isinstance(module, GroupedExperts):
+            shapes += [tuple(module.w_in.shape[1:]), tuple(module.w_out.shape[1:])] * top_k
+    return shapes
+
+
+def measure_gemv_floor(shapes: list[tuple[int, int]], dtype: torch.dtype, repeats: int = 9) -> float:
+    """Seconds that the step's weight multiplies alone take at batch 1 (fresh random weights, packed
+    as the engine packs them where it can): the floor below which no eager decode step can go with
+    these kernels, against the roofline's pure memory read."""
+    weights = [torch.randn(shape).to(dtype) for shape in shapes]
+    if all(can_pack(w) for w in weights):
+        weights = [pack_weight(w) for w in weights]
+        multiply = functools.partial(packed_linear, bias_O=None)
+    else:
+        multiply = torch.nn.functional.linear
+    inputs = [torch.randn(1, shape[1]).to(dtype) for shape in shapes]
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        for x, w in zip(inputs, weights):
+            multiply(x, w)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def decode_bytes(model: torch.nn.Module, top_k: int, num_experts: int) -> int:
@@ -187,6 +224,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     assert not engine.packed_weights, "decode bytes are counted from the plain weights, before packing"
     roofline = bandwidth / decode_bytes(engine.model, args.top_k, args.experts)
     notes.append(f"memory read {bandwidth / 1e9:.1f} GB/s -> batch-1 roofline {roofline:.0f} tok/s")
+    gemv_floor = 1.0 / measure_gemv_floor(decode_gemv_shapes(engine.model, args.top_k), dtype)
+    notes.append(f"the batch-1 step's weight multiplies alone (packed oneDNN GEMVs): {gemv_floor:.0f} tok/s")
     results = []
     for batch in batches:
         fns = runners(args, batch, prompts, engine, hf)
@@ -213,7 +252,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"benchmark": "generate", "shape": {k: getattr(args, k) for k in (
         "hidden", "layers", "experts", "top_k", "intermediate", "heads", "kv_heads", "vocab", "prompt_len",
         "new_tokens")}, "machine": machine_info(), "notes": notes, "roofline_tok_s": roofline,
-        "bandwidth_bytes_s": bandwidth, "results": results, "prefill_tok_s": prefill}
+        "bandwidth_bytes_s": bandwidth, "gemv_floor_tok_s": gemv_floor, "results": results,
+        "prefill_tok_s": prefill}
 
 
 def report(payload: dict[str, Any]) -> str:
@@ -222,8 +262,10 @@ def report(payload: dict[str, Any]) -> str:
     for r in payload["results"]:
         vs = r["decode_tok_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
         roof = r["decode_tok_s"] / payload["roofline_tok_s"] if r["batch"] == 1 else float("nan")
-        rows.append([r["impl"], r["batch"], r["decode_tok_s"], vs, roof])
-    table = format_table(["impl", "batch", "decode tok/s", "x transformers", "of roofline (b1)"], rows)
+        floor = r["decode_tok_s"] / payload["gemv_floor_tok_s"] if r["batch"] == 1 else float("nan")
+        rows.append([r["impl"], r["batch"], r["decode_tok_s"], vs, roof, floor])
+    table = format_table(["impl", "batch", "decode tok/s", "x transformers", "of roofline (b1)",
+                          "of GEMV floor (b1)"], rows)
     prefill = ", ".join(f"{name} {value:,.0f}" for name, value in payload["prefill_tok_s"].items())
     return f"{table}\nprefill tok/s ({payload['shape']['prompt_len']}-token prompts): {prefill}"
 
