@@ -102,15 +102,17 @@ def test_additive_mask_equals_bool_mask():
 
     class Cache:
         def update(self, layer, start, k, v):
-            keys, values = cache_k.clone(), cache_v.clone()
+            keys, values = cache_k[: k.shape[0]].clone(), cache_v[: k.shape[0]].clone()
             keys[:, :, 2:3], values[:, :, 2:3] = k, v
             return keys, values
 
     additive = torch.zeros(2, 3).masked_fill_(~visible, float("-inf"))[:, None, None, :]
     with torch.no_grad():
         a = attn(x, Cache(), 2, key_mask_BL=visible[:, None, None, :])
-        b = attn(x, Cache(), 2, key_mask_BL=additive)
-    assert torch.equal(a, b)
+        b = attn(x, Cache(), 2, key_mask_BL=additive)  # (batched: through decode_attention)
+        one = attn(x[:1], Cache(), 2, key_mask_BL=additive[:1])  # (one row: through SDPA)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a[:1], one, rtol=1e-5, atol=1e-6)
 
 
 # -- weights prepacked for oneDNN -------------------------------------------------------------------------
@@ -189,3 +191,46 @@ def test_rms_norm_is_the_reference_formula_bit_for_bit(dtype):
     x32 = x.float()
     expected = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
     assert torch.equal(norm(x), expected)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2)])
+def test_decode_attention_equals_sdpa(heads, kv_heads):
+    from pyramoe.layers.attention import decode_attention
+
+    torch.manual_seed(0)
+    batch, length, head_dim = 5, 9, 16
+    q = torch.randn(batch, heads, 1, head_dim)
+    k, v = torch.randn(batch, kv_heads, length, head_dim), torch.randn(batch, kv_heads, length, head_dim)
+    visible = torch.arange(length) <= torch.tensor([8, 3, 0, 5, 8])[:, None]
+    mask = torch.zeros(batch, length).masked_fill_(~visible, float("-inf"))[:, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1), attn_mask=mask)
+    got = decode_attention(q, k, v, mask)
+    torch.testing.assert_close(got, expected.reshape(batch, heads * head_dim), rtol=1e-5, atol=1e-6)
+    bf16 = decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask.bfloat16())
+    torch.testing.assert_close(bf16.float(), expected.reshape(batch, -1), rtol=0.02, atol=0.02)
+
+
+def test_batched_decode_runs_decode_attention_and_matches_sdpa(monkeypatch):
+    import pyramoe.layers.attention as attention
+
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(32, 4, bias=False, n_kv_heads=2).eval()
+    keys, values = torch.randn(3, 2, 6, 8), torch.randn(3, 2, 6, 8)
+
+    class Cache:
+        def update(self, layer, start, k, v):
+            return torch.cat([keys[:, :, :5], k], 2), torch.cat([values[:, :, :5], v], 2)
+
+    visible = torch.arange(6) <= torch.tensor([5, 2, 4])[:, None]
+    mask = torch.zeros(3, 6).masked_fill_(~visible, float("-inf"))[:, None, None, :]
+    x = torch.randn(3, 1, 32)
+    calls = []
+    original = attention.decode_attention
+    monkeypatch.setattr(attention, "decode_attention", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        fast = attn(x, Cache(), 5, key_mask_BL=mask)
+        assert calls
+        reference = attn(x, Cache(), 5, key_mask_BL=visible[:, None, None, :])  # bool mask: SDPA
+    assert len(calls) == 1
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)

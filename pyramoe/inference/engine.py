@@ -217,8 +217,9 @@ class Engine:
                 events.append(self._accept(request, logits_V))
         if decoding:
             logits_BV = self._decode(decoding)
-            for request, logits_V in zip(decoding, logits_BV):
-                events.append(self._accept(request, logits_V))
+            greedy_B = logits_BV.argmax(-1).tolist()  # one op for every greedy request of the step
+            for request, logits_V, greedy in zip(decoding, logits_BV, greedy_B):
+                events.append(self._accept(request, logits_V, greedy))
         for request in [r for r in self.active if r.finished]:
             self._release(request)
         return events
@@ -259,10 +260,14 @@ class Engine:
             torch.distributed.broadcast(logits, src=self.logits_source)
         return logits
 
-    def _accept(self, request: Request, logits_V: torch.Tensor) -> TokenEvent:
-        """Sample the request's next token, update its text, decide whether it is done."""
+    def _accept(self, request: Request, logits_V: torch.Tensor, greedy: int | None = None) -> TokenEvent:
+        """Sample the request's next token (`greedy`: its argmax, when already known), update its
+        text, decide whether it is done."""
         params = request.params
-        token = sample_token(logits_V.float(), params, request.generator)
+        if greedy is not None and params.temperature == 0:
+            token = greedy
+        else:
+            token = sample_token(logits_V.float(), params, request.generator)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos or self.eos_id is None else {self.eos_id})
         if token in stop_ids:
             request.finish_reason = "stop"
