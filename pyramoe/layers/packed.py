@@ -1,9 +1,9 @@
 """Weights prepacked for oneDNN: CPU inference without a repack of every weight on every call.
 
-PyTorch's CPU linear hands oneDNN a plain [out, in] weight, which oneDNN copies into its blocked
-layout before each multiply. A decode step reads each weight once per token, so that copy is most
-of its cost: measured on the bench model's shapes (2-core AVX512-BF16 VM, one thread, batch 1), the
-packed bf16 GEMV ran 1.9-2.4x faster, fp32 1.0-1.9x, and 1.2-2.4x at 16-256 rows; bf16 results are
+PyTorch's CPU linear runs oneDNN's matmul on the plain [out, in] weight at every call (ONEDNN_VERBOSE
+shows `brg_matmul` with weights `ba`). Reordered once into oneDNN's blocked layout (`AB16b64a2b` for
+bf16), the inner-product kernel ran the bench model's batch-1 GEMVs 1.9-2.4x faster in bf16 and
+1.0-1.9x in fp32, and 1.2-2.4x at 16-256 rows (2-core AVX512-BF16 VM, one thread); bf16 results are
 identical to F.linear's, fp32 ones differ in the last bits (another summation order).
 
 `pyramoe.inference.packing.pack_model` swaps each plain nn.Linear of a model for a `PackedLinear` and
