@@ -119,10 +119,13 @@ def test_additive_mask_equals_bool_mask():
 
 packing = pytest.importorskip("pyramoe.inference.packing")
 needs_packing = pytest.mark.skipif(not packing.packing_available(), reason="oneDNN packing unavailable")
+needs_bf16_packing = pytest.mark.skipif(
+    not packing.packing_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+    reason="no oneDNN bf16 kernels on this CPU")
 
 
 @needs_packing
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16_packing)])
 def test_packed_linear_equals_linear(dtype):
     from pyramoe.layers.packed import PackedLinear
 
@@ -153,7 +156,7 @@ def test_packed_moe_layer_equals_plain(case, tokens):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@needs_packing
+@needs_bf16_packing
 def test_engine_packs_at_first_step_and_generates_the_same_tokens():
     from pyramoe.config import ModelConfig
     from pyramoe.inference import Engine, SamplingParams

@@ -25,7 +25,12 @@ def packing_available() -> bool:
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES and weight.dim() == 2 and packing_available()
+    """A 2-D CPU weight in fp32, or in bf16 where oneDNN has bf16 kernels for this CPU (AVX512 and up)."""
+    if weight.device.type != "cpu" or weight.dtype not in PACKABLE_DTYPES or weight.dim() != 2:
+        return False
+    if not packing_available():
+        return False
+    return weight.dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pack_weight(weight_OI: torch.Tensor) -> torch.Tensor:
