@@ -143,9 +143,10 @@ class MoELayer(nn.Module):
         weight_A = combine_weights(routing, None).reshape(-1).to(x_TD.dtype)
         expert_A = routing.expert_idx_TK.reshape(-1).tolist()
         if x_TD.shape[0] == 1:
-            y_TD = torch.zeros_like(x_TD)
+            y_TD = None
             for a, e in sorted(enumerate(expert_A), key=lambda pair: pair[1]):
-                y_TD.add_(experts.expert_forward(e, x_TD) * weight_A[a])
+                y_choice = experts.expert_forward(e, x_TD) * weight_A[a]
+                y_TD = y_choice if y_TD is None else y_TD.add_(y_choice)
             return y_TD
         order = sorted(range(len(expert_A)), key=expert_A.__getitem__)  # stable: by expert, then assignment
         token_R = torch.tensor([a // top_k for a in order])
