@@ -176,3 +176,29 @@ def test_engine_on_a_hugging_face_directory_matches_transformers(arch, tmp_path)
     engine = Engine.load(directory, dtype="fp32", max_batch=2, eos_id=None)
     got = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
     assert [c.token_ids for c in got] == expected
+
+
+def test_incremental_text_is_the_decoded_output_at_every_step():
+    """The engine decodes a short window per token; its text must equal decoding the whole output,
+    held back only while a character is incomplete (byte-level BPE splits multi-byte characters)."""
+    from pyramoe.data import Tokenizer
+    from pyramoe.inference.engine import Engine as EngineClass
+    from pyramoe.inference.engine import Request
+    from pyramoe.inference.sampling import SamplingParams as Params
+
+    docs = ["def größe(x):\n    return 'naïve café ✓ 数据' + x\n" * 20, "print('héllo wörld — ok')\n" * 20]
+    tok = Tokenizer.train(docs, vocab_size=300)
+    engine = EngineClass.__new__(EngineClass)
+    engine.tokenizer = tok
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        request = Request("r", [1], Params(), None)
+        full_ids = tok.encode(docs[trial % 2][trial * 7 :][:80])
+        ids = full_ids if trial % 3 else torch.randint(0, tok.vocab_size, (60,), generator=generator).tolist()
+        for token in ids:
+            request.output_ids.append(token)
+            engine._extend_text(request)
+            full = tok.decode(request.output_ids)
+            assert full.startswith(request.text)
+            if not full.endswith("\ufffd"):
+                assert request.text == full

@@ -49,6 +49,10 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of `text` already sent in events
+    # Incremental detokenization: output_ids[prefix_offset:read_offset] decode to the end of `text`
+    # (context for the next token's text); None: decode the whole output every step.
+    prefix_offset: int | None = 0
+    read_offset: int = 0
     cached: int = 0  # tokens in the KV cache
     slot: int | None = None
     finish_reason: str | None = None
@@ -271,16 +275,39 @@ class Engine:
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos or self.eos_id is None else {self.eos_id})
         if token in stop_ids:
             request.finish_reason = "stop"
+            if self.tokenizer is not None and request.read_offset < len(request.output_ids):
+                request.text = self.tokenizer.decode(request.output_ids)  # with a pending partial character
             return self._event(request, token)
         request.output_ids.append(token)
         if self.tokenizer is not None:
-            request.text = self.tokenizer.decode(request.output_ids)
+            self._extend_text(request)
             if _cut_at_stop(request, params.stop):
                 request.finish_reason = "stop"
         # The new token is fed (and cached) at position `cached` by the next step: no room, no step.
         if not request.finished and (len(request.output_ids) >= params.max_tokens or request.cached >= self.max_len):
             request.finish_reason = "length"
+            if self.tokenizer is not None and request.read_offset < len(request.output_ids):
+                request.text = self.tokenizer.decode(request.output_ids)  # with a pending partial character
         return self._event(request, token)
+
+    def _extend_text(self, request: Request) -> None:
+        """Add the new token's text to `request.text` by decoding a short window (the last complete
+        piece as context, then what follows), not the whole output: decoding everything each step
+        cost 0.18 ms per request at 2,000 tokens. Text of a token that ends inside a character waits
+        until the character is complete. A tokenizer whose window does not extend its context's text
+        gets whole-output decoding."""
+        ids, decode = request.output_ids, self.tokenizer.decode
+        if request.prefix_offset is None:
+            request.text = decode(ids)
+            return
+        context = decode(ids[request.prefix_offset : request.read_offset])
+        window = decode(ids[request.prefix_offset :])
+        if not window.startswith(context):
+            request.prefix_offset = None
+            request.text = decode(ids)
+        elif len(window) > len(context) and not window.endswith("\ufffd"):
+            request.text += window[len(context) :]
+            request.prefix_offset, request.read_offset = request.read_offset, len(ids)
 
     def _event(self, request: Request, token: int | None) -> TokenEvent:
         end = len(request.text)
