@@ -44,8 +44,8 @@ def sample_token(logits_V: torch.Tensor, params: SamplingParams, generator: torc
     """The next token from one row of logits (fp32): greedy, or temperature + top-k + top-p."""
     if params.temperature == 0:
         return int(logits_V.argmax())
-    # Sampled on the CPU, where each request's generator lives: a seed gives the same tokens
-    # whichever device computed the logits.
+    # Sampled on the CPU, where each request's generator lives, whichever device computed the logits
+    # (torch.multinomial refuses a CPU generator for CUDA probabilities).
     logits_V = logits_V.float().cpu() / params.temperature
     if 0 < params.top_k < logits_V.numel():
         threshold = torch.topk(logits_V, params.top_k).values[-1]
