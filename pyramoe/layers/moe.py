@@ -18,10 +18,11 @@ from pyramoe.layers.experts import GroupedExperts
 from pyramoe.layers.gating import Router, Routing
 from pyramoe.layers.mlp import MLP
 
-# Inference on the CPU with at most this many (token, choice) assignments (a decode step of up to
-# 32 sequences at top-2) runs the experts straight from the router's choices: grouping a handful of
-# rows in Python costs less than the sort/scatter dispatch, whose dozens of small ops dominate a
-# decode step. Same experts, same weights, same result.
+# Inference with at most this many (token, choice) assignments (a decode step of up to 32 sequences
+# at top-2) runs the experts straight from the router's choices: grouping a handful of rows in
+# Python costs less than the sort/scatter dispatch, whose dozens of small ops dominate a decode step
+# (on CUDA too: H100, bench model, 53 -> 73 tok/s at batch 1, 968 -> 1,032 at 16). Same experts, same
+# weights, same result.
 FEW_ASSIGNMENTS = 64
 
 
@@ -124,12 +125,11 @@ class MoELayer(nn.Module):
         return y_TD, stats
 
     def _few_assignments(self, routing: Routing) -> bool:
-        """Dropless CPU inference on one process with few assignments: `_mix_few` applies."""
+        """Dropless inference on one process with few assignments: `_mix_few` applies."""
         return (
             routing.capacity is None
             and not self.training
             and not torch.is_grad_enabled()
-            and routing.expert_idx_TK.device.type == "cpu"
             and routing.expert_idx_TK.numel() <= FEW_ASSIGNMENTS
             and type(self.dispatcher) is LocalDispatcher
             and type(self.experts) is GroupedExperts
@@ -149,14 +149,14 @@ class MoELayer(nn.Module):
                 y_TD = y_choice if y_TD is None else y_TD.add_(y_choice)
             return y_TD
         order = sorted(range(len(expert_A)), key=expert_A.__getitem__)  # stable: by expert, then assignment
-        token_R = torch.tensor([a // top_k for a in order])
+        token_R = torch.tensor([a // top_k for a in order], device=x_TD.device)
         x_RD = x_TD.index_select(0, token_R)
         y_parts, start = [], 0
         for e, group in itertools.groupby(expert_A[a] for a in order):
             rows = len(list(group))
             y_parts.append(experts.expert_forward(e, x_RD[start : start + rows]))
             start += rows
-        y_RD = torch.cat(y_parts) * weight_A.index_select(0, torch.tensor(order)).unsqueeze(1)
+        y_RD = torch.cat(y_parts) * weight_A.index_select(0, torch.tensor(order, device=x_TD.device)).unsqueeze(1)
         return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)
 
     def _shared(self, x_TD: torch.Tensor) -> torch.Tensor:
