@@ -101,7 +101,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self._project(x_BTD, rope)  # [B, H|Hkv, T, Dh], RoPE applied
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, start_pos, k, v)
-        if _batched_decode(q, key_mask_BL, self.training):
+        if _use_decode_attention(q, key_mask_BL, self.training):
             return self.proj(decode_attention(q, k, v, key_mask_BL).reshape(batch, 1, -1))
         gqa = {}
         if self.n_kv_heads != self.n_heads:
@@ -159,7 +159,7 @@ class CausalSelfAttention(nn.Module):
         return q, k, v
 
 
-def _batched_decode(q_BHTD: torch.Tensor, mask: torch.Tensor | None, training: bool) -> bool:
+def _use_decode_attention(q_BHTD: torch.Tensor, mask: torch.Tensor | None, training: bool) -> bool:
     """A decode step with an additive mask (the engine's) where `decode_attention` measured faster
     than SDPA: on the CPU with several rows (SDPA's flash kernel took 4x as long at 16 rows, 8 heads),
     on CUDA with one row (H100, bench model: 85 against 73 tok/s; at 16 rows SDPA won, 1,032 against
