@@ -14,6 +14,29 @@ from typing import Any
 import torch
 
 
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds one call of `fn` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def decode_bytes(model: torch.nn.Module, experts_read: float | None) -> int:
+    """Weight bytes one decode step reads: every weight but the embedding lookups (token rows unless
+    the table is also the LM head, learned positions), and of each MoE layer's experts only the
+    `experts_read` it touches (mean distinct experts per layer; None: all of them)."""
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    total = 0.0
+    for name, p in model.named_parameters():
+        if (name.endswith("tok_emb.weight") and p is not head) or name.endswith("pos_emb.weight"):
+            continue
+        size = p.numel() * p.element_size()
+        if ".experts." in name and experts_read is not None:
+            size = size * experts_read / p.shape[0]
+        total += size
+    return int(total)
+
+
 def time_call(fn: Callable[[], Any], repeats: int, warmup: int) -> dict[str, float]:
     """Median and spread (ms) of `repeats` calls after `warmup` calls."""
     for _ in range(warmup):

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from pyramoe.bench.common import machine_info, write_json
+from pyramoe.bench.common import decode_bytes, machine_info, timed, write_json
 from pyramoe.inference import Engine, SamplingParams, resolve_dtype
 from pyramoe.layers.experts import GroupedExperts
 from pyramoe.layers.packed import can_pack, pack_weight, packed_linear
@@ -144,23 +144,6 @@ def measure_gemv_floor(shapes: list[tuple[int, int]], dtype: torch.dtype, repeat
     return statistics.median(times[1:])
 
 
-def decode_bytes(model: torch.nn.Module, top_k: int, num_experts: int) -> int:
-    """Weight bytes one batch-1 decode step reads: all but the embedding table and the unchosen experts."""
-    total = 0
-    for name, p in model.named_parameters():
-        if name.endswith("tok_emb.weight") and p is not model.lm_head.weight:
-            continue
-        size = p.numel() * p.element_size()
-        total += size * top_k // num_experts if ".experts." in name else size
-    return total
-
-
-def _timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def runners(args: argparse.Namespace, batch: int, prompts: torch.Tensor, engine: Engine, hf: dict[str, Any]):  # noqa: ANN201
     """name -> fn(new_tokens) that generates greedily for `batch` prompts."""
     ids = prompts[:batch]
@@ -222,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompts = torch.randint(1, args.vocab, (max(batches), args.prompt_len))
     bandwidth = measure_bandwidth()
     assert not engine.packed_weights, "decode bytes are counted from the plain weights, before packing"
-    roofline = bandwidth / decode_bytes(engine.model, args.top_k, args.experts)
+    roofline = bandwidth / decode_bytes(engine.model, experts_read=args.top_k)
     notes.append(f"memory read {bandwidth / 1e9:.1f} GB/s -> batch-1 roofline {roofline:.0f} tok/s")
     gemv_floor = 1.0 / measure_gemv_floor(decode_gemv_shapes(engine.model, args.top_k), dtype)
     notes.append(f"the batch-1 step's weight multiplies alone (packed oneDNN GEMVs): {gemv_floor:.0f} tok/s")
@@ -234,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fn(2)  # warm-up
         for _ in range(args.rounds):
             for name, fn in fns.items():
-                long, short = _timed(lambda fn=fn: fn(args.new_tokens)), _timed(lambda fn=fn: fn(1))
+                long, short = timed(lambda fn=fn: fn(args.new_tokens)), timed(lambda fn=fn: fn(1))
                 samples[name].append(batch * (args.new_tokens - 1) / max(long - short, 1e-9))
                 print(f"  {name:12s} batch {batch:<3d} {samples[name][-1]:9.1f} tok/s", file=sys.stderr, flush=True)
         for name, values in samples.items():
@@ -246,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(args.rounds):
         for name, fn in fns.items():
-            times[name].append(_timed(fn))
+            times[name].append(timed(fn))
     for name, values in times.items():
         prefill[name] = prompts.numel() / statistics.median(values)
     return {"benchmark": "generate", "shape": {k: getattr(args, k) for k in (

@@ -31,13 +31,13 @@ trained runs (their result.json), so the verdict can be re-checked on an idle ma
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pyramoe.bench.common import decode_bytes, timed
 from pyramoe.experiments.verdicts import CONTRADICTED, HOLDS, INCONCLUSIVE
 from pyramoe.tables import format_table
 
@@ -77,12 +77,6 @@ def quality_equivalent(arms: dict[str, dict[str, Any]], moe: str) -> dict[str, A
 
 
 # -- timing ----------------------------------------------------------------------------------------------------
-
-
-def _timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def text_prompts(tokenizer: Any, count: int, length: int) -> list[list[int]]:
@@ -144,26 +138,10 @@ def experts_touched(model: torch.nn.Module, prompts: list[list[int]], new_tokens
     return {"mean": statistics.mean(counts), "of": layers[0].num_experts, "top_k": layers[0].config.top_k}
 
 
-def decode_bytes(model: torch.nn.Module, experts_read: float | None) -> int:
-    """Weight bytes one decode step reads: every weight but the embedding lookups (token rows unless
-    the table is also the LM head, learned positions), and of each MoE layer's experts only the
-    `experts_read` it touches (mean distinct experts per layer)."""
-    head = getattr(getattr(model, "lm_head", None), "weight", None)
-    total = 0.0
-    for name, p in model.named_parameters():
-        if (name.endswith("tok_emb.weight") and p is not head) or name.endswith("pos_emb.weight"):
-            continue
-        size = p.numel() * p.element_size()
-        if ".experts." in name and experts_read is not None:
-            size = size * experts_read / p.shape[0]
-        total += size
-    return int(total)
-
-
 def decode_step_ms(engine: Any, prompts: list[list[int]], new_tokens: int) -> float:
     """One decode step's time (ms): generating `new_tokens` minus generating 1, per further token."""
-    long = _timed(lambda: _generate(engine, prompts, new_tokens))
-    short = _timed(lambda: _generate(engine, prompts, 1))
+    long = timed(lambda: _generate(engine, prompts, new_tokens))
+    short = timed(lambda: _generate(engine, prompts, 1))
     return max(long - short, 1e-9) / (new_tokens - 1) * 1e3
 
 
@@ -207,7 +185,7 @@ def measure_inference(
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(warmup + rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            t = _timed(lambda engine=engines[name]: _generate(engine, rows, 1))
+            t = timed(lambda engine=engines[name]: _generate(engine, rows, 1))
             if r >= warmup:
                 times[name].append(t)
     tokens = sum(len(p) for p in rows)
