@@ -110,7 +110,7 @@ class Engine:
         self.logits_source: int | None = None  # set by `distribute`: the rank whose logits all follow
         # CPU weights are prepacked for oneDNN at the first step (after any `distribute`).
         self.pack_weights = pack_weights and self.device.type == "cpu"
-        self.packed_weights = 0
+        self.packed_weights: int | None = None  # how many weights the first step packed
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []  # active[i] owns slot i
         self._ids = itertools.count()
@@ -206,8 +206,8 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
         """Admit waiting requests into free slots, then one decode step for every active request."""
-        if self.pack_weights and not self.packed_weights:
-            self.packed_weights = pack_model(self.model) or -1
+        if self.pack_weights and self.packed_weights is None:
+            self.packed_weights = pack_model(self.model)
         events: list[TokenEvent] = []
         decoding = list(self.active)
         admitted = []
