@@ -21,8 +21,8 @@ from pyramoe.layers.mlp import MLP
 # Inference with at most this many (token, choice) assignments (a decode step of up to 32 sequences
 # at top-2) runs the experts straight from the router's choices: grouping a handful of rows in
 # Python costs less than the sort/scatter dispatch, whose dozens of small ops dominate a decode step
-# (on CUDA too: H100, bench model, 53 -> 73 tok/s at batch 1, 968 -> 1,032 at 16). Same experts, same
-# weights, same result.
+# (on CUDA too: H100, bench model, 53 -> 73 tok/s at batch 1, 968 -> 1,032 at 16). Same experts and
+# weights; the result differs only in summation order (tests/test_decode_path.py).
 FEW_ASSIGNMENTS = 64
 
 

@@ -3,7 +3,8 @@
 PyTorch's CPU linear runs oneDNN's matmul on the plain [out, in] weight at every call (ONEDNN_VERBOSE
 shows `brg_matmul` with weights `ba`). Reordered once into oneDNN's blocked layout (`AB16b64a2b` for
 bf16), the inner-product kernel ran the bench model's batch-1 GEMVs 1.9-2.4x faster in bf16 and
-1.0-1.9x in fp32, and 1.2-2.4x at 16-256 rows (2-core AVX512-BF16 VM, one thread); bf16 results are
+1.0-1.9x in fp32, and 1.2-2.4x at 16-256 rows (2-core AVX512-BF16 VM shared with other jobs, one
+thread); bf16 results are
 identical to F.linear's, fp32 ones differ in the last bits (another summation order).
 
 `pyramoe.inference.packing.pack_model` swaps each plain nn.Linear of a model for a `PackedLinear` and
