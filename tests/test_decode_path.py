@@ -171,8 +171,8 @@ def test_engine_packs_at_first_step_and_generates_the_same_tokens():
     twin.load_state_dict(model.state_dict())
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13]]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    plain = Engine(twin, max_batch=2, pack_weights=False).generate(prompts, params)
-    engine = Engine(model, max_batch=2)
+    plain = Engine(twin, max_batch=2, pack_weights=False, native=False).generate(prompts, params)
+    engine = Engine(model, max_batch=2, native=False)
     assert engine.packed_weights is None  # not before the first step
     packed = engine.generate(prompts, params)
     assert engine.packed_weights > 0 and isinstance(model.lm_head, PackedLinear)

@@ -110,7 +110,7 @@ def _generate(engine: Engine, prompts: list[str], args: argparse.Namespace, quie
     prompt_tokens = sum(len(r) for r in (engine.tokenizer.encode(p) for p in prompts))
     print(f"{len(prompts)} prompt(s), {prompt_tokens} prompt tokens, {generated} tokens generated in {seconds:.2f} s "
           f"({generated / max(seconds, 1e-9):,.1f} tok/s, {next(engine.model.parameters()).dtype}, "
-          f"batch up to {engine.max_batch})", file=sys.stderr)
+          f"batch up to {engine.max_batch}, {engine.decode_path} decode step)", file=sys.stderr)
     return 0
 
 

@@ -97,10 +97,10 @@ def text_prompts(tokenizer: Any, count: int, length: int) -> list[list[int]]:
     raise ValueError(f"inference study: fewer than {count} stdlib files of {length} tokens")
 
 
-def _engine(model: torch.nn.Module, batch: int) -> Any:
+def _engine(model: torch.nn.Module, batch: int, **options: Any) -> Any:
     from pyramoe.inference import Engine
 
-    return Engine(model, None, max_batch=batch, eos_id=None)
+    return Engine(model, None, max_batch=batch, eos_id=None, **options)
 
 
 def _generate(engine: Any, prompts: list[list[int]], new_tokens: int) -> Any:
@@ -129,7 +129,9 @@ def experts_touched(model: torch.nn.Module, prompts: list[list[int]], new_tokens
 
     handles = [layer.register_forward_hook(hook) for layer in layers]
     try:
-        _generate(_engine(model, batch), prompts, new_tokens)
+        # The PyTorch decode step (the native one runs the MoE layers without calling their modules),
+        # on plain weights (packing would keep the timed engines off the native step).
+        _generate(_engine(model, batch, native=False, pack_weights=False), prompts, new_tokens)
     finally:
         for handle in handles:
             handle.remove()

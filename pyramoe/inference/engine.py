@@ -23,6 +23,7 @@ import torch
 
 from pyramoe.data import Tokenizer
 from pyramoe.inference.kv_cache import SlotKVCache
+from pyramoe.inference.native import NativeDecoder, unsupported_reason
 from pyramoe.inference.packing import pack_model
 from pyramoe.inference.sampling import SamplingParams, sample_token
 from pyramoe.models import GPT
@@ -76,8 +77,12 @@ class Engine:
 
     `max_batch` requests decode together; `max_len` bounds prompt + generated tokens per request
     (the KV cache is max_batch x max_len per layer); prompts are prefilled `prefill_chunk` tokens
-    per forward. On the CPU the model's weights are prepacked for oneDNN at the first step
-    (`pack_weights`, `pyramoe.inference.packing`): from then on the model serves this engine only.
+    per forward. On the CPU, decode steps run natively (`native`, `pyramoe.inference.native`: the
+    whole step in one compiled call) where the machine can build it and the model is one it computes;
+    otherwise the model's weights are prepacked for oneDNN at the first step (`pack_weights`,
+    `pyramoe.inference.packing`) and decode steps run in PyTorch. Either way, from the first step on
+    the model serves this engine only. `decode_path` says which ran ("native" or "pytorch", with
+    `native_unavailable` giving why not).
     """
 
     def __init__(
@@ -90,6 +95,7 @@ class Engine:
         eos_id: int | None = None,
         dropless: bool = True,
         pack_weights: bool = True,
+        native: bool = True,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
@@ -111,6 +117,10 @@ class Engine:
         # CPU weights are prepacked for oneDNN at the first step (after any `distribute`).
         self.pack_weights = pack_weights and self.device.type == "cpu"
         self.packed_weights: int | None = None  # how many weights the first step packed
+        self.native = native and self.device.type == "cpu"
+        self.native_decoder: NativeDecoder | None = None
+        self.native_unavailable: str | None = None if self.native else "native=False or not on the CPU"
+        self._prepared = False
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []  # active[i] owns slot i
         self._ids = itertools.count()
@@ -142,8 +152,8 @@ class Engine:
         Every rank must add the same requests in the same order; rank 0's logits decide."""
         from pyramoe.parallel.launch import Launch, apply_parallelism, init_distributed
 
-        if self.packed_weights:
-            raise ValueError("engine: distribute() must come before the first step (the weights are packed)")
+        if self._prepared:
+            raise ValueError("engine: distribute() must come before the first step (the weights are prepared)")
         launch = Launch(device=str(self.device), ep=ep, tp=tp, timeout_s=timeout_s)
         run = init_distributed(launch, self.device)
         if run is not None:
@@ -206,8 +216,8 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
         """Admit waiting requests into free slots, then one decode step for every active request."""
-        if self.pack_weights and self.packed_weights is None:
-            self.packed_weights = pack_model(self.model)
+        if not self._prepared:
+            self._prepare()
         events: list[TokenEvent] = []
         decoding = list(self.active)
         admitted = []
@@ -228,6 +238,22 @@ class Engine:
             self._release(request)
         return events
 
+    def _prepare(self) -> None:
+        """At the first step (after any `distribute`): the native decode step where it applies, else
+        weights packed for oneDNN."""
+        self._prepared = True
+        if self.native:
+            self.native_unavailable = unsupported_reason(self.model, self.cache)
+            if self.native_unavailable is None:
+                self.native_decoder = NativeDecoder(self.model, self.cache, self.cache.slots)
+                return
+        if self.pack_weights:
+            self.packed_weights = pack_model(self.model)
+
+    @property
+    def decode_path(self) -> str:
+        return "native" if self.native_decoder is not None else "pytorch"
+
     def _prefill(self, requests: list[Request]) -> torch.Tensor:
         """Prompts of one length in consecutive slots, together, `prefill_chunk` tokens per forward;
         returns each one's last logits."""
@@ -244,6 +270,12 @@ class Engine:
         key slots [0, cached] only."""
         assert [r.slot for r in requests] == list(range(len(requests)))
         positions_B = torch.tensor([r.cached for r in requests], device=self.device)
+        if self.native_decoder is not None:
+            tokens_B = torch.tensor([r.output_ids[-1] for r in requests])
+            logits_BV = self.native_decoder.step(tokens_B, positions_B)
+            for request in requests:
+                request.cached += 1
+            return logits_BV
         length = int(positions_B.max()) + 1
         visible_BL = torch.arange(length, device=self.device) <= positions_B[:, None]
         # Additive (0 / -inf, the model's dtype): SDPA would otherwise convert a bool mask in every layer.

@@ -1,0 +1,618 @@
+// One decode step of a pyramoe GPT on the CPU, from the embedded tokens to the logits, in one call.
+//
+// Why: an eager PyTorch decode step of the benchmark model is ~650 small ops at ~5 us of dispatch
+// each, more than the weight reads themselves; here the step is plain loops, every weight matrix is
+// streamed once per step (a batch's rows share each read), bf16 weights go through AVX512-BF16 dot
+// products where the CPU has them, and only the matrix products run on several threads.
+//
+// Built at first use by pyramoe/inference/native/build.py (g++ -O3 -march=native -fopenmp) and
+// driven through ctypes by pyramoe/inference/native/step.py, which fills the structs below from a
+// model. Activations stay fp32; matrices and the KV cache are bf16 or fp32 (the model's dtype).
+//
+// Legend: B rows (one token each), D width, H/Hkv query/key-value heads, Dh head width, G = H/Hkv,
+// E experts, F hidden width of an MLP or expert, A (token, expert) assignments, V vocabulary.
+
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+extern "C" {
+
+struct PmMlp {  // a dense MLP: in [F or 2F (SwiGLU: gate | up), D], out [D, F]; biases fp32 or null
+  const void *in_w, *out_w;
+  const float *in_b, *out_b;
+  int64_t ff;
+};
+
+struct PmLayer {
+  const float *attn_norm_w, *attn_norm_b;  // b: LayerNorm only
+  const void *qkv_w, *o_w;                 // [(H + 2 Hkv) Dh, D], [D, H Dh]
+  const float *qkv_b, *o_b;
+  const float *q_norm_w, *k_norm_w;        // per head (Dh) or full (H Dh, Hkv Dh) gains, or null
+  void *k_cache, *v_cache;                 // [slots, Hkv, max_len, Dh]
+  const float *ffn_norm_w, *ffn_norm_b;
+  int64_t is_moe;
+  PmMlp mlp;                               // the dense FFN, or Residual-MoE's MLP (ff 0: none)
+  // MoE
+  int64_t num_experts, top_k, expert_ff;
+  const float *router_w;                   // [E, D] fp32
+  const float *score_bias;                 // [E] or null (DeepSeek-V3 selection bias)
+  int64_t router_sigmoid, plain_selection, groups, topk_groups, renormalize;
+  double routed_scale;
+  const void *exp_in_w, *exp_out_w;        // [E, F or 2F, D], [E, D, F]
+  const float *exp_in_b, *exp_out_b;       // [E, F or 2F], [E, D] or null
+  PmMlp shared;                            // shared expert (ff 0: none)
+  const float *shared_gate_w;              // [D] or null
+  const float *coef_w, *coef_b;            // Residual-MoE mixing [2, D], [2], or null
+};
+
+struct PmModel {
+  int64_t n_layers, d_model, n_heads, n_kv_heads, head_dim, rot_dim, vocab, slots, max_len;
+  int64_t bf16;        // matrices and KV cache: 1 bf16, 0 fp32
+  int64_t rmsnorm;     // 1 RMSNorm, 0 LayerNorm
+  int64_t swiglu;      // 1 SwiGLU, 0 GELU (erf)
+  int64_t qk_norm;     // 0 off, 1 per head, 2 full projection
+  double eps, qkv_clip;  // qkv_clip <= 0: none
+  const float *final_norm_w, *final_norm_b;
+  const void *head_w;  // [V, D]
+  PmLayer *layers;
+  int64_t threads;
+  int64_t max_rows;    // the B the workspace was sized for
+  int64_t max_ff;      // the widest F of any MLP or expert
+  int64_t max_experts;
+};
+
+}  // extern "C"
+
+namespace {
+
+// ---- numbers -------------------------------------------------------------------------------------
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+inline float load_f(const void *p, int64_t i, bool bf16) {
+  return bf16 ? bf16_to_f32(static_cast<const uint16_t *>(p)[i]) : static_cast<const float *>(p)[i];
+}
+
+inline void store_f(void *p, int64_t i, float v, bool bf16) {
+  if (bf16) static_cast<uint16_t *>(p)[i] = f32_to_bf16(v);
+  else static_cast<float *>(p)[i] = v;
+}
+
+inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+inline float gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
+
+// ---- matrix products: y[m, n] = x[m, :] . W[n, :] + b[n] ----------------------------------------
+
+// One product of a phase: rows [0, M) of x (fp32, and its bf16 copy for bf16 weights), W [N, K].
+struct Job {
+  const float *x;
+  const uint16_t *xb;
+  int64_t M, K, N;
+  const void *W;
+  const float *bias;
+  float *y;  // [M, N]
+};
+
+constexpr int64_t kRowBlock = 16;  // weight rows per unit of work (the threads split these)
+
+// Portable kernel: any K, fp32 or bf16 weights (the compiler vectorises the 16 lanes).
+template <typename WT>
+void rows_generic(const Job &j, int64_t n0, int64_t n1) {
+  const WT *W = static_cast<const WT *>(j.W);
+  for (int64_t n = n0; n < n1; ++n) {
+    const WT *w = W + n * j.K;
+    for (int64_t m = 0; m < j.M; ++m) {
+      const float *x = j.x + m * j.K;
+      float acc[16] = {0};
+      int64_t k = 0;
+      for (; k + 16 <= j.K; k += 16)
+        for (int l = 0; l < 16; ++l) {
+          float wv;
+          if constexpr (sizeof(WT) == 2) wv = bf16_to_f32(w[k + l]);
+          else wv = w[k + l];
+          acc[l] += x[k + l] * wv;
+        }
+      float sum = 0;
+      for (int l = 0; l < 16; ++l) sum += acc[l];
+      for (; k < j.K; ++k) {
+        float wv;
+        if constexpr (sizeof(WT) == 2) wv = bf16_to_f32(w[k]);
+        else wv = w[k];
+        sum += x[k] * wv;
+      }
+      j.y[m * j.N + n] = sum + (j.bias ? j.bias[n] : 0.0f);
+    }
+  }
+}
+
+#if defined(__AVX512BF16__)
+constexpr bool kNativeBf16 = true;
+
+// R weight rows x MB rows of x, K a multiple of 32: each 64-byte piece of a weight row is loaded
+// once and multiplied into every row of x (vdpbf16ps: 32 bf16 products per instruction).
+template <int R, int MB>
+inline void tile_bf16(const Job &j, int64_t n, int64_t m) {
+  const uint16_t *W = static_cast<const uint16_t *>(j.W);
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < MB; ++b) acc[r][b] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < j.K; k += 32) {
+    __m512i w[R];
+    for (int r = 0; r < R; ++r) w[r] = _mm512_loadu_si512(W + (n + r) * j.K + k);
+    for (int b = 0; b < MB; ++b) {
+      __m512i xv = _mm512_loadu_si512(j.xb + (m + b) * j.K + k);
+      for (int r = 0; r < R; ++r)
+        acc[r][b] = _mm512_dpbf16_ps(acc[r][b], reinterpret_cast<__m512bh &>(xv), reinterpret_cast<__m512bh &>(w[r]));
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < MB; ++b)
+      j.y[(m + b) * j.N + n + r] = _mm512_reduce_add_ps(acc[r][b]) + (j.bias ? j.bias[n + r] : 0.0f);
+}
+
+template <int R>
+inline void tiles_for_rows(const Job &j, int64_t n) {
+  int64_t m = 0;
+  for (; m + 4 <= j.M; m += 4) tile_bf16<R, 4>(j, n, m);
+  switch (j.M - m) {
+    case 3: tile_bf16<R, 3>(j, n, m); break;
+    case 2: tile_bf16<R, 2>(j, n, m); break;
+    case 1: tile_bf16<R, 1>(j, n, m); break;
+    default: break;
+  }
+}
+
+void rows_bf16(const Job &j, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) tiles_for_rows<4>(j, n);
+  for (; n < n1; ++n) tiles_for_rows<1>(j, n);
+}
+#else
+constexpr bool kNativeBf16 = false;
+void rows_bf16(const Job &j, int64_t n0, int64_t n1) { rows_generic<uint16_t>(j, n0, n1); }
+#endif
+
+void run_rows(const Job &j, int64_t n0, int64_t n1, bool bf16) {
+  if (!bf16) rows_generic<float>(j, n0, n1);
+  else if (kNativeBf16 && j.K % 32 == 0) rows_bf16(j, n0, n1);
+  else rows_generic<uint16_t>(j, n0, n1);
+}
+
+// All jobs of a phase in one parallel region, split by blocks of weight rows.
+void run_jobs(std::vector<Job> &jobs, bool bf16, int threads, uint16_t *xb_scratch) {
+  if (jobs.empty()) return;
+  std::vector<int64_t> first_block(jobs.size() + 1, 0);
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    Job &j = jobs[i];
+    if (bf16 && kNativeBf16 && j.K % 32 == 0) {  // the kernel reads x as bf16
+      for (int64_t i2 = 0; i2 < j.M * j.K; ++i2) xb_scratch[i2] = f32_to_bf16(j.x[i2]);
+      j.xb = xb_scratch;
+      xb_scratch += j.M * j.K;
+    }
+    first_block[i + 1] = first_block[i] + (j.N + kRowBlock - 1) / kRowBlock;
+  }
+  const int64_t blocks = first_block.back();
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    size_t i = std::upper_bound(first_block.begin(), first_block.end(), blk) - first_block.begin() - 1;
+    const Job &j = jobs[i];
+    int64_t n0 = (blk - first_block[i]) * kRowBlock;
+    run_rows(j, n0, std::min(n0 + kRowBlock, j.N), bf16);
+  }
+}
+
+// ---- the step ------------------------------------------------------------------------------------
+
+struct Workspace {  // carved from the caller's buffer (sizes from pm_workspace_bytes)
+  float *h, *qkv, *att, *tmp, *moe, *router, *act, *gate_up, *expert_out, *mlp_h, *scores;
+  float *expert_x;
+  uint16_t *xb;
+  int64_t *assign_token;
+  float *assign_weight;
+  int64_t *assign_expert;
+};
+
+int64_t widest(const PmModel &m) { return std::max(m.d_model, m.n_heads * m.head_dim); }
+
+// Sizes in elements; the order here is the order in the buffer.
+void workspace_layout(const PmModel &m, int64_t B, int64_t *counts) {
+  const int64_t D = m.d_model, qkv = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim;
+  int64_t top_k = 1;
+  for (int64_t l = 0; l < m.n_layers; ++l) top_k = std::max(top_k, m.layers[l].top_k);
+  const int64_t A = B * top_k + 2 * B;  // expert assignments, then the shared expert and the MLP
+  const int64_t F2 = 2 * m.max_ff;
+  const int64_t G = m.n_heads / m.n_kv_heads;
+  counts[0] = B * D;                      // h
+  counts[1] = B * qkv;                    // qkv
+  counts[2] = B * m.n_heads * m.head_dim; // att
+  counts[3] = B * widest(m);              // tmp
+  counts[4] = B * D;                      // moe
+  counts[5] = B * std::max<int64_t>(m.max_experts, 2);  // router (and the residual coefficients)
+  counts[6] = A * m.max_ff;               // act
+  counts[7] = A * F2;                     // gate_up
+  counts[8] = A * D;                      // expert_out
+  counts[9] = B * D;                      // mlp_h
+  counts[10] = m.threads * G * m.max_len; // scores
+  counts[11] = A * D;                     // expert_x
+  counts[12] = A * std::max(D, m.max_ff) + B * qkv + B * m.vocab;  // xb (uint16, counted as floats: generous)
+  counts[13] = A;                         // assign_token (int64: 2 floats each)
+  counts[14] = A;                         // assign_weight
+  counts[15] = A;                         // assign_expert (int64)
+}
+
+constexpr int kParts = 16;
+
+Workspace carve(const PmModel &m, int64_t B, void *buffer) {
+  int64_t counts[kParts];
+  workspace_layout(m, B, counts);
+  char *p = static_cast<char *>(buffer);
+  auto take = [&](int64_t n, int64_t elem) {
+    char *at = p;
+    p += ((n * elem + 63) / 64) * 64;
+    return at;
+  };
+  Workspace w;
+  float **floats[] = {&w.h, &w.qkv, &w.att, &w.tmp, &w.moe, &w.router, &w.act, &w.gate_up, &w.expert_out,
+                      &w.mlp_h, &w.scores, &w.expert_x};
+  for (int i = 0; i < 12; ++i) *floats[i] = reinterpret_cast<float *>(take(counts[i], 4));
+  w.xb = reinterpret_cast<uint16_t *>(take(counts[12], 4));
+  w.assign_token = reinterpret_cast<int64_t *>(take(counts[13], 8));
+  w.assign_weight = reinterpret_cast<float *>(take(counts[14], 4));
+  w.assign_expert = reinterpret_cast<int64_t *>(take(counts[15], 8));
+  return w;
+}
+
+void norm_rows(const PmModel &m, const float *x, const float *w, const float *b, float *y, int64_t B) {
+  const int64_t D = m.d_model;
+  for (int64_t r = 0; r < B; ++r) {
+    const float *xr = x + r * D;
+    float *yr = y + r * D;
+    if (m.rmsnorm) {
+      double ss = 0;
+      for (int64_t i = 0; i < D; ++i) ss += double(xr[i]) * xr[i];
+      const float inv = 1.0f / std::sqrt(float(ss / D) + float(m.eps));
+      for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * inv * w[i];
+    } else {
+      double mean = 0, var = 0;
+      for (int64_t i = 0; i < D; ++i) mean += xr[i];
+      mean /= D;
+      for (int64_t i = 0; i < D; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+      const float inv = 1.0f / std::sqrt(float(var / D) + float(m.eps));
+      for (int64_t i = 0; i < D; ++i) yr[i] = float(xr[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
+    }
+  }
+}
+
+void rms_inplace(float *x, int64_t n, const float *w, double eps) {
+  double ss = 0;
+  for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
+  const float inv = 1.0f / std::sqrt(float(ss / n) + float(eps));
+  for (int64_t i = 0; i < n; ++i) x[i] = x[i] * inv * w[i];
+}
+
+// q/k norms, clipping, RoPE on one row's fused [q | k | v] projection.
+void prepare_qkv(const PmModel &m, const PmLayer &L, float *qkv, const float *cos, const float *sin) {
+  const int64_t H = m.n_heads, Hkv = m.n_kv_heads, Dh = m.head_dim;
+  float *q = qkv, *k = qkv + H * Dh;
+  if (m.qk_norm == 2) {
+    rms_inplace(q, H * Dh, L.q_norm_w, m.eps);
+    rms_inplace(k, Hkv * Dh, L.k_norm_w, m.eps);
+  }
+  if (m.qkv_clip > 0) {
+    const float c = float(m.qkv_clip);
+    for (int64_t i = 0; i < (H + 2 * Hkv) * Dh; ++i) qkv[i] = std::min(c, std::max(-c, qkv[i]));
+  }
+  if (m.qk_norm == 1) {
+    for (int64_t h = 0; h < H; ++h) rms_inplace(q + h * Dh, Dh, L.q_norm_w, m.eps);
+    for (int64_t h = 0; h < Hkv; ++h) rms_inplace(k + h * Dh, Dh, L.k_norm_w, m.eps);
+  }
+  const int64_t half = m.rot_dim / 2;
+  if (half == 0) return;
+  for (int64_t h = 0; h < H + Hkv; ++h) {  // q heads then k heads: contiguous
+    float *v = qkv + h * Dh;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = v[i], b = v[i + half];
+      v[i] = a * cos[i] - b * sin[i];
+      v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+// Row r's key/value go to its cache slot at pos[r]; its queries attend to slots [0, pos[r]].
+void attention(const PmModel &m, const PmLayer &L, const Workspace &w, const int64_t *pos, int64_t B) {
+  const int64_t H = m.n_heads, Hkv = m.n_kv_heads, Dh = m.head_dim, G = H / Hkv, S = m.max_len;
+  const int64_t qkv_width = (H + 2 * Hkv) * Dh;
+  const bool bf16 = m.bf16;
+  for (int64_t r = 0; r < B; ++r) {
+    const float *k = w.qkv + r * qkv_width + H * Dh, *v = k + Hkv * Dh;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const int64_t at = ((r * Hkv + h) * S + pos[r]) * Dh;
+      for (int64_t d = 0; d < Dh; ++d) {
+        store_f(L.k_cache, at + d, k[h * Dh + d], bf16);
+        store_f(L.v_cache, at + d, v[h * Dh + d], bf16);
+      }
+    }
+  }
+  const float scale = 1.0f / std::sqrt(float(Dh));
+  const int threads = int(m.threads);
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && B * Hkv > 1)
+  for (int64_t rh = 0; rh < B * Hkv; ++rh) {
+    const int64_t r = rh / Hkv, h = rh % Hkv, len = pos[r] + 1;
+    float *scores = w.scores + int64_t(omp_get_thread_num()) * G * S;
+    const int64_t base = (r * Hkv + h) * S * Dh;
+    for (int64_t g = 0; g < G; ++g) {
+      const float *q = w.qkv + r * qkv_width + (h * G + g) * Dh;
+      float *s = scores + g * S;
+      float top = -INFINITY;
+      for (int64_t l = 0; l < len; ++l) {
+        float dot = 0;
+        if (bf16) {
+          const uint16_t *kr = static_cast<const uint16_t *>(L.k_cache) + base + l * Dh;
+          for (int64_t d = 0; d < Dh; ++d) dot += q[d] * bf16_to_f32(kr[d]);
+        } else {
+          const float *kr = static_cast<const float *>(L.k_cache) + base + l * Dh;
+          for (int64_t d = 0; d < Dh; ++d) dot += q[d] * kr[d];
+        }
+        s[l] = dot * scale;
+        top = std::max(top, s[l]);
+      }
+      float total = 0;
+      for (int64_t l = 0; l < len; ++l) total += (s[l] = std::exp(s[l] - top));
+      float *out = w.att + r * H * Dh + (h * G + g) * Dh;
+      for (int64_t d = 0; d < Dh; ++d) out[d] = 0;
+      for (int64_t l = 0; l < len; ++l) {
+        const float p = s[l] / total;
+        if (bf16) {
+          const uint16_t *vr = static_cast<const uint16_t *>(L.v_cache) + base + l * Dh;
+          for (int64_t d = 0; d < Dh; ++d) out[d] += p * bf16_to_f32(vr[d]);
+        } else {
+          const float *vr = static_cast<const float *>(L.v_cache) + base + l * Dh;
+          for (int64_t d = 0; d < Dh; ++d) out[d] += p * vr[d];
+        }
+      }
+    }
+  }
+}
+
+void activate_rows(const PmModel &m, const float *in, float *out, int64_t rows, int64_t ff) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *x = in + r * (m.swiglu ? 2 * ff : ff);
+    float *y = out + r * ff;
+    if (m.swiglu)
+      for (int64_t i = 0; i < ff; ++i) y[i] = silu(x[i]) * x[ff + i];
+    else
+      for (int64_t i = 0; i < ff; ++i) y[i] = gelu(x[i]);
+  }
+}
+
+// Top-k experts of each row and their combine weights, as the router and combine_weights compute
+// them for dropless inference.
+int64_t route(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B) {
+  const int64_t E = L.num_experts, K = L.top_k, D = m.d_model;
+  int64_t a = 0;
+  std::vector<float> score(E), choice(E);
+  std::vector<int64_t> order(E);
+  for (int64_t r = 0; r < B; ++r) {
+    const float *h = w.h + r * D;
+    float *logit = w.router + r * E;
+    for (int64_t e = 0; e < E; ++e) {
+      float acc = 0;
+      const float *we = L.router_w + e * D;
+      for (int64_t i = 0; i < D; ++i) acc += h[i] * we[i];
+      logit[e] = acc;
+    }
+    if (L.router_sigmoid) {
+      for (int64_t e = 0; e < E; ++e) score[e] = 1.0f / (1.0f + std::exp(-logit[e]));
+    } else {
+      const float top = *std::max_element(logit, logit + E);
+      float total = 0;
+      for (int64_t e = 0; e < E; ++e) total += (score[e] = std::exp(logit[e] - top));
+      for (int64_t e = 0; e < E; ++e) score[e] /= total;
+    }
+    for (int64_t e = 0; e < E; ++e)
+      choice[e] = L.plain_selection ? logit[e] : score[e] + (L.score_bias ? L.score_bias[e] : 0.0f);
+    if (!L.plain_selection && L.groups > 1) {  // keep the topk_groups groups with the best two-choice sums
+      const int64_t per = E / L.groups;
+      std::vector<std::pair<float, int64_t>> group_score(L.groups);
+      for (int64_t g = 0; g < L.groups; ++g) {
+        std::vector<float> c(choice.begin() + g * per, choice.begin() + (g + 1) * per);
+        std::partial_sort(c.begin(), c.begin() + std::min<int64_t>(2, per), c.end(), std::greater<float>());
+        group_score[g] = {per >= 2 ? c[0] + c[1] : c[0], g};
+      }
+      std::stable_sort(group_score.begin(), group_score.end(),
+                       [](auto &x, auto &y) { return x.first > y.first; });
+      for (int64_t g = L.topk_groups; g < L.groups; ++g)
+        for (int64_t e = 0; e < per; ++e) choice[group_score[g].second * per + e] = -INFINITY;
+    }
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return choice[x] > choice[y]; });
+    float total = 0;
+    for (int64_t k = 0; k < K; ++k) total += score[order[k]];
+    const float norm = L.renormalize ? 1.0f / std::max(total, 1.1920929e-07f) : 1.0f;
+    for (int64_t k = 0; k < K; ++k, ++a) {
+      w.assign_token[a] = r;
+      w.assign_expert[a] = order[k];
+      w.assign_weight[a] = score[order[k]] * norm * float(L.routed_scale);
+    }
+  }
+  return a;
+}
+
+Job mlp_in_job(const PmModel &m, const PmMlp &mlp, const float *x, int64_t rows, float *y) {
+  return Job{x, nullptr, rows, m.d_model, (m.swiglu ? 2 : 1) * mlp.ff, mlp.in_w, mlp.in_b, y};
+}
+
+Job mlp_out_job(const PmModel &m, const PmMlp &mlp, const float *x, int64_t rows, float *y) {
+  return Job{x, nullptr, rows, mlp.ff, m.d_model, mlp.out_w, mlp.out_b, y};
+}
+
+// The FFN of a block: y[B, D] (added to the residual by the caller).
+void ffn(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B, float *y) {
+  const int64_t D = m.d_model;
+  const bool bf16 = m.bf16;
+  const int threads = int(m.threads);
+  const int64_t esz = bf16 ? 2 : 4;
+  // Every product of the block's first projection (each chosen expert on its rows, the shared
+  // expert, the MLP) runs in one parallel region, then every second projection in another.
+  std::vector<Job> in_jobs, out_jobs;
+  std::vector<PmMlp> mlps;
+  std::vector<int64_t> first_rows;
+  int64_t rows = 0;
+  auto add = [&](const PmMlp &mlp, const float *x, int64_t n) {
+    in_jobs.push_back(mlp_in_job(m, mlp, x, n, w.gate_up + rows * 2 * m.max_ff));
+    mlps.push_back(mlp);
+    first_rows.push_back(rows);
+    rows += n;
+  };
+  int64_t assignments = 0;
+  if (L.is_moe) {
+    assignments = route(m, L, w, B);
+    // Group the assignments by expert (stable): each chosen expert reads its weights once.
+    std::vector<int64_t> order(assignments);
+    for (int64_t a = 0; a < assignments; ++a) order[a] = a;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t x, int64_t z) { return w.assign_expert[x] < w.assign_expert[z]; });
+    std::vector<int64_t> token(assignments), expert(assignments);
+    std::vector<float> weight(assignments);
+    for (int64_t i = 0; i < assignments; ++i) {
+      token[i] = w.assign_token[order[i]];
+      expert[i] = w.assign_expert[order[i]];
+      weight[i] = w.assign_weight[order[i]];
+      std::memcpy(w.expert_x + i * D, w.h + token[i] * D, D * 4);
+    }
+    std::copy(token.begin(), token.end(), w.assign_token);
+    std::copy(weight.begin(), weight.end(), w.assign_weight);
+    const int64_t F = L.expert_ff, width = (m.swiglu ? 2 : 1) * F;
+    for (int64_t i = 0; i < assignments;) {
+      const int64_t e = expert[i];
+      int64_t n = 1;
+      while (i + n < assignments && expert[i + n] == e) ++n;
+      PmMlp one{static_cast<const char *>(L.exp_in_w) + e * width * D * esz,
+                static_cast<const char *>(L.exp_out_w) + e * D * F * esz,
+                L.exp_in_b ? L.exp_in_b + e * width : nullptr, L.exp_out_b ? L.exp_out_b + e * D : nullptr, F};
+      add(one, w.expert_x + i * D, n);
+      i += n;
+    }
+    if (L.shared.ff) add(L.shared, w.h, B);
+  }
+  if (L.mlp.ff) add(L.mlp, w.h, B);
+  run_jobs(in_jobs, bf16, threads, w.xb);
+  for (size_t p = 0; p < mlps.size(); ++p) {
+    const int64_t first = first_rows[p], n = in_jobs[p].M;
+    // Each product's rows are packed at its own width ((2)F in, F out).
+    activate_rows(m, w.gate_up + first * 2 * m.max_ff, w.act + first * m.max_ff, n, mlps[p].ff);
+    out_jobs.push_back(mlp_out_job(m, mlps[p], w.act + first * m.max_ff, n, w.expert_out + first * D));
+  }
+  run_jobs(out_jobs, bf16, threads, w.xb);
+  // Combine.
+  for (int64_t i = 0; i < B * D; ++i) y[i] = 0;
+  if (L.is_moe) {
+    for (int64_t a = 0; a < assignments; ++a) {
+      float *yr = y + w.assign_token[a] * D;
+      const float *o = w.expert_out + a * D, wt = w.assign_weight[a];
+      for (int64_t i = 0; i < D; ++i) yr[i] += wt * o[i];
+    }
+  }
+  int64_t next = assignments;
+  if (L.is_moe && L.shared.ff) {
+    for (int64_t r = 0; r < B; ++r) {
+      float gate = 1.0f;
+      if (L.shared_gate_w) {
+        float g = 0;
+        for (int64_t i = 0; i < D; ++i) g += w.h[r * D + i] * L.shared_gate_w[i];
+        gate = 1.0f / (1.0f + std::exp(-g));
+      }
+      const float *o = w.expert_out + (next + r) * D;
+      for (int64_t i = 0; i < D; ++i) y[r * D + i] += gate * o[i];
+    }
+    next += B;
+  }
+  if (L.mlp.ff) {
+    const float *o = w.expert_out + next * D;
+    if (!L.is_moe) {
+      std::memcpy(y, o, B * D * 4);
+    } else {  // Residual-MoE: a per-token softmax mix of the expert output and the MLP's
+      for (int64_t r = 0; r < B; ++r) {
+        float c[2];
+        for (int j = 0; j < 2; ++j) {
+          c[j] = L.coef_b ? L.coef_b[j] : 0.0f;
+          for (int64_t i = 0; i < D; ++i) c[j] += w.h[r * D + i] * L.coef_w[j * D + i];
+        }
+        const float top = std::max(c[0], c[1]);
+        const float e0 = std::exp(c[0] - top), e1 = std::exp(c[1] - top);
+        const float c0 = e0 / (e0 + e1), c1 = e1 / (e0 + e1);
+        for (int64_t i = 0; i < D; ++i) y[r * D + i] = y[r * D + i] * c0 + o[r * D + i] * c1;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int64_t pm_workspace_bytes(const PmModel *m, int64_t B) {
+  int64_t counts[kParts];
+  workspace_layout(*m, B, counts);
+  const int64_t elem[kParts] = {4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 8, 4, 8};
+  int64_t total = 0;
+  for (int i = 0; i < kParts; ++i) total += ((counts[i] * elem[i] + 63) / 64) * 64;
+  return total;
+}
+
+int64_t pm_native_bf16() { return kNativeBf16 ? 1 : 0; }
+
+// x: [B, D] the embedded tokens (overwritten); pos: [B] each row's position (= its cache slot's
+// length before this token); cos/sin: [B, rot_dim]; logits: [B, V]. Rows are cache slots 0..B-1.
+int64_t pm_decode_step(const PmModel *mp, float *x, const int64_t *pos, int64_t B, const float *cos,
+                       const float *sin, float *logits, void *workspace) {
+  const PmModel &m = *mp;
+  if (B < 1 || B > m.max_rows || B > m.slots) return 1;
+  for (int64_t r = 0; r < B; ++r)
+    if (pos[r] < 0 || pos[r] >= m.max_len) return 2;
+  Workspace w = carve(m, m.max_rows, workspace);
+  const int64_t D = m.d_model, qkv_width = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim;
+  const bool bf16 = m.bf16;
+  const int threads = int(m.threads);
+  for (int64_t l = 0; l < m.n_layers; ++l) {
+    const PmLayer &L = m.layers[l];
+    norm_rows(m, x, L.attn_norm_w, L.attn_norm_b, w.h, B);
+    std::vector<Job> jobs{Job{w.h, nullptr, B, D, qkv_width, L.qkv_w, L.qkv_b, w.qkv}};
+    run_jobs(jobs, bf16, threads, w.xb);
+    for (int64_t r = 0; r < B; ++r)
+      prepare_qkv(m, L, w.qkv + r * qkv_width, cos ? cos + r * m.rot_dim : nullptr,
+                  sin ? sin + r * m.rot_dim : nullptr);
+    attention(m, L, w, pos, B);
+    jobs = {Job{w.att, nullptr, B, m.n_heads * m.head_dim, D, L.o_w, L.o_b, w.tmp}};
+    run_jobs(jobs, bf16, threads, w.xb);
+    for (int64_t i = 0; i < B * D; ++i) x[i] += w.tmp[i];
+    norm_rows(m, x, L.ffn_norm_w, L.ffn_norm_b, w.h, B);
+    ffn(m, L, w, B, w.moe);
+    for (int64_t i = 0; i < B * D; ++i) x[i] += w.moe[i];
+  }
+  norm_rows(m, x, m.final_norm_w, m.final_norm_b, w.h, B);
+  std::vector<Job> head{Job{w.h, nullptr, B, D, m.vocab, m.head_w, nullptr, logits}};
+  run_jobs(head, bf16, threads, w.xb);
+  return 0;
+}
+
+}  // extern "C"

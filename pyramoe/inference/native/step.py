@@ -1,0 +1,234 @@
+"""The native decode step (`decode_step.cpp`) bound to a model and a KV cache.
+
+`NativeDecoder.for_model(model, cache, max_rows)` checks that the model is one the native step
+computes (standard or grouped-query attention, RMSNorm or LayerNorm, SwiGLU or GELU, dense, MoE,
+shared-expert and Residual-MoE blocks, softmax or sigmoid routers with DeepSeek-V3 selection, fp32
+or bf16 on one CPU process, dropless) and returns None with the reason otherwise
+(`unsupported_reason`); the engine then keeps the PyTorch step. Matrices and the KV cache are read
+where the model keeps them (no copy); norm gains, biases and router weights get fp32 copies.
+
+Legend: B rows, D width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import nn
+
+from pyramoe.inference.native.build import build_error, load_library
+from pyramoe.layers.attention import CausalSelfAttention
+from pyramoe.layers.dispatch import LocalDispatcher
+from pyramoe.layers.experts import GroupedExperts
+from pyramoe.layers.mlp import MLP
+from pyramoe.layers.moe import MoELayer
+from pyramoe.layers.norms import RMSNorm
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+class _Mlp(ctypes.Structure):
+    _fields_ = [("in_w", _P), ("out_w", _P), ("in_b", _P), ("out_b", _P), ("ff", _I)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("attn_norm_w", _P), ("attn_norm_b", _P), ("qkv_w", _P), ("o_w", _P), ("qkv_b", _P), ("o_b", _P),
+        ("q_norm_w", _P), ("k_norm_w", _P), ("k_cache", _P), ("v_cache", _P), ("ffn_norm_w", _P),
+        ("ffn_norm_b", _P), ("is_moe", _I), ("mlp", _Mlp), ("num_experts", _I), ("top_k", _I),
+        ("expert_ff", _I), ("router_w", _P), ("score_bias", _P), ("router_sigmoid", _I),
+        ("plain_selection", _I), ("groups", _I), ("topk_groups", _I), ("renormalize", _I),
+        ("routed_scale", ctypes.c_double), ("exp_in_w", _P), ("exp_out_w", _P), ("exp_in_b", _P),
+        ("exp_out_b", _P), ("shared", _Mlp), ("shared_gate_w", _P), ("coef_w", _P), ("coef_b", _P),
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        ("n_layers", _I), ("d_model", _I), ("n_heads", _I), ("n_kv_heads", _I), ("head_dim", _I),
+        ("rot_dim", _I), ("vocab", _I), ("slots", _I), ("max_len", _I), ("bf16", _I), ("rmsnorm", _I),
+        ("swiglu", _I), ("qk_norm", _I), ("eps", ctypes.c_double), ("qkv_clip", ctypes.c_double),
+        ("final_norm_w", _P), ("final_norm_b", _P), ("head_w", _P), ("layers", ctypes.POINTER(_Layer)),
+        ("threads", _I), ("max_rows", _I), ("max_ff", _I), ("max_experts", _I),
+    ]
+
+
+def unsupported_reason(model: nn.Module, cache: object) -> str | None:
+    """Why the native step cannot run this model and cache (None: it can)."""
+    if load_library() is None:
+        return f"native library unavailable: {build_error()}"
+    cfg = model.config
+    if type(model.lm_head) is not nn.Linear:
+        return "weights packed for oneDNN"
+    weight = model.lm_head.weight
+    if weight.device.type != "cpu":
+        return "not on the CPU"
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        return f"dtype {weight.dtype}"
+    if cfg.attention == "latent":
+        return "latent attention"
+    if cfg.norm not in ("rmsnorm", "layernorm") or cfg.activation not in ("swiglu", "gelu"):
+        return f"norm {cfg.norm} / activation {cfg.activation}"
+    if any(k.dtype != weight.dtype or not k.is_contiguous() for k in [*cache.keys, *cache.values]):
+        return "KV cache layout"
+    for block in model.blocks:
+        attn = block.attn
+        if type(attn) is not CausalSelfAttention or type(attn.qkv) is not nn.Linear or type(attn.proj) is not nn.Linear:
+            return "attention is parallelised or packed"
+        if attn.n_heads % attn.n_kv_heads:
+            return "query heads not a multiple of key/value heads"
+        if block.is_moe:
+            reason = _moe_unsupported(block.ffn)
+            if reason:
+                return reason
+        elif type(block.ffn) is not MLP or type(block.ffn.fc_in) is not nn.Linear:
+            return "dense FFN is parallelised or packed"
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    if any(p.dtype != weight.dtype for p in matrices):
+        return "mixed weight dtypes"
+    return None
+
+
+def _moe_unsupported(moe: MoELayer) -> str | None:
+    if type(moe.dispatcher) is not LocalDispatcher or moe.token_split is not None:
+        return "experts are spread over processes"
+    if type(moe.experts) is not GroupedExperts or moe.experts.w_in is None:
+        return "experts are sharded or packed"
+    if not moe.config.dropless:
+        return "MoE layers with a capacity (the native step is dropless)"
+    if moe.residual_mlp is not None and type(moe.residual_mlp.fc_in) is not nn.Linear:
+        return "Residual-MoE MLP is packed"
+    return None
+
+
+class NativeDecoder:
+    """Runs decode steps of `model` natively, rows 0..B-1 of `cache` (a SlotKVCache or KVCache)."""
+
+    def __init__(self, model: nn.Module, cache: object, max_rows: int):
+        self.library = load_library()
+        assert self.library is not None
+        self.model, self.cache, self.max_rows = model, cache, max_rows
+        self._keep: list[torch.Tensor] = []  # fp32 copies the structs point into
+        self.struct = self._describe()
+        self.library.pm_workspace_bytes.restype = _I
+        self.library.pm_decode_step.restype = _I
+        size = self.library.pm_workspace_bytes(ctypes.byref(self.struct), _I(max_rows))
+        self.workspace = torch.empty(size, dtype=torch.uint8)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, cache: object, max_rows: int) -> NativeDecoder | None:
+        return None if unsupported_reason(model, cache) else cls(model, cache, max_rows)
+
+    def _ptr(self, tensor: torch.Tensor | None, fp32: bool = False) -> int | None:
+        if tensor is None:
+            return None
+        tensor = tensor.detach()
+        if fp32:
+            tensor = tensor.float().contiguous().clone()
+        else:
+            assert tensor.is_contiguous()
+        self._keep.append(tensor)
+        return tensor.data_ptr()
+
+    def _mlp(self, mlp: MLP | None) -> _Mlp:
+        if mlp is None:
+            return _Mlp()
+        fc_in, fc_out = mlp.fc_in, mlp.fc_out
+        return _Mlp(self._ptr(fc_in.weight), self._ptr(fc_out.weight), self._ptr(fc_in.bias, True),
+                    self._ptr(fc_out.bias, True), fc_out.in_features)
+
+    def _norm(self, norm: nn.Module) -> tuple[int | None, int | None]:
+        return self._ptr(norm.weight, True), self._ptr(getattr(norm, "bias", None), True)
+
+    def _layer(self, index: int, block: nn.Module) -> _Layer:
+        attn = block.attn
+        layer = _Layer()
+        layer.attn_norm_w, layer.attn_norm_b = self._norm(block.ln_attn)
+        layer.ffn_norm_w, layer.ffn_norm_b = self._norm(block.ln_ffn)
+        layer.qkv_w, layer.qkv_b = self._ptr(attn.qkv.weight), self._ptr(attn.qkv.bias, True)
+        layer.o_w, layer.o_b = self._ptr(attn.proj.weight), self._ptr(attn.proj.bias, True)
+        if attn.qk_norm != "off":
+            layer.q_norm_w, layer.k_norm_w = self._ptr(attn.q_norm.weight, True), self._ptr(attn.k_norm.weight, True)
+        layer.k_cache, layer.v_cache = self._ptr(self.cache.keys[index]), self._ptr(self.cache.values[index])
+        if not block.is_moe:
+            layer.mlp = self._mlp(block.ffn)
+            return layer
+        moe, cfg = block.ffn, block.ffn.config
+        experts = moe.experts
+        layer.is_moe = 1
+        layer.mlp = self._mlp(moe.residual_mlp)
+        layer.num_experts, layer.top_k, layer.expert_ff = experts.num_experts, cfg.top_k, experts.w_out.shape[2]
+        layer.router_w = self._ptr(moe.router.weight, True)
+        layer.score_bias = self._ptr(getattr(moe.router, "score_bias", None), True)
+        layer.router_sigmoid = int(cfg.router_score == "sigmoid")
+        layer.plain_selection = int(cfg.plain_selection)
+        layer.groups, layer.topk_groups = cfg.expert_groups, cfg.topk_groups
+        # Dropless: "before_drop" and "after_drop" both divide the k weights by their sum.
+        layer.renormalize = int(cfg.top_k > 1 and moe.router.rules.gate_norm in ("before_drop", "after_drop"))
+        layer.routed_scale = cfg.routed_scaling
+        layer.exp_in_w, layer.exp_out_w = self._ptr(experts.w_in), self._ptr(experts.w_out)
+        if experts.b_in is not None:
+            layer.exp_in_b = self._ptr(experts.b_in.squeeze(1), True)
+            layer.exp_out_b = self._ptr(experts.b_out.squeeze(1), True)
+        layer.shared = self._mlp(moe.shared_expert)
+        if moe.shared_expert_gate is not None:
+            layer.shared_gate_w = self._ptr(moe.shared_expert_gate.weight.reshape(-1), True)
+        if moe.coefficient is not None:
+            layer.coef_w, layer.coef_b = self._ptr(moe.coefficient.weight, True), self._ptr(moe.coefficient.bias, True)
+        return layer
+
+    def _describe(self) -> _Model:
+        model, cfg = self.model, self.model.config
+        blocks = list(model.blocks)
+        layers = (_Layer * len(blocks))(*(self._layer(i, b) for i, b in enumerate(blocks)))
+        self._layers = layers
+        attn = blocks[0].attn
+        ffs = [1]
+        for block in blocks:
+            ffn = block.ffn
+            mlps = [ffn] if not block.is_moe else [ffn.residual_mlp, ffn.shared_expert]
+            ffs += [m.fc_out.in_features for m in mlps if m is not None]
+            if block.is_moe:
+                ffs.append(ffn.experts.w_out.shape[2])
+        experts = [b.ffn.num_experts for b in blocks if b.is_moe] or [1]
+        struct = _Model(
+            n_layers=len(blocks), d_model=cfg.d_model, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads,
+            head_dim=attn.head_dim, rot_dim=cfg.rope_dim if model.rope is not None else 0,
+            vocab=cfg.vocab_size, slots=self.cache.keys[0].shape[0], max_len=self.cache.keys[0].shape[2],
+            bf16=int(model.lm_head.weight.dtype == torch.bfloat16), rmsnorm=int(isinstance(blocks[0].ln_attn, RMSNorm)),
+            swiglu=int(cfg.activation == "swiglu"), qk_norm={"off": 0, "head": 1, "full": 2}[attn.qk_norm],
+            eps=cfg.layer_norm_eps, qkv_clip=attn.qkv_clip or 0.0,
+            threads=torch.get_num_threads(), max_rows=self.max_rows, max_ff=max(ffs), max_experts=max(experts),
+        )
+        struct.final_norm_w, struct.final_norm_b = self._norm(model.ln_f)
+        struct.head_w = self._ptr(model.lm_head.weight)
+        struct.layers = ctypes.cast(layers, ctypes.POINTER(_Layer))
+        return struct
+
+    @torch.no_grad()
+    def step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] (fp32) for one token per row: row b (cache slot b) feeds tokens_B[b] at
+        position positions_B[b], and attends to its slot's positions [0, positions_B[b]]."""
+        model = self.model
+        rows = tokens_B.shape[0]
+        if not 1 <= rows <= self.max_rows:
+            raise ValueError(f"native decode: {rows} rows, sized for 1..{self.max_rows}")
+        x_BD = model.tok_emb(tokens_B).float()
+        if model.rope is None:
+            x_BD += model.pos_emb(positions_B).float()
+            cos = sin = None
+        else:
+            tables = model.rope.cos_sin(positions_B[:, None], torch.float32)
+            cos, sin = (t.reshape(rows, -1).contiguous() for t in tables)
+        self.struct.threads = torch.get_num_threads()
+        positions = positions_B.to(torch.int64).contiguous()
+        logits_BV = torch.empty(rows, model.config.vocab_size)
+        status = self.library.pm_decode_step(
+            ctypes.byref(self.struct), _P(x_BD.data_ptr()), _P(positions.data_ptr()), _I(rows),
+            _P(None if cos is None else cos.data_ptr()), _P(None if sin is None else sin.data_ptr()),
+            _P(logits_BV.data_ptr()), _P(self.workspace.data_ptr()))
+        if status != 0:
+            raise ValueError(f"native decode: bad rows or positions (status {status}, max_len {self.struct.max_len})")
+        return logits_BV
