@@ -86,7 +86,8 @@ def _logits_both_ways(model: GPT, lengths: list[int]) -> tuple[torch.Tensor, tor
         mask = mask.masked_fill_(torch.arange(width) > positions_B[:, None], float("-inf"))[:, None, None, :]
         reference = model(tokens_B[:, None], kv_cache=caches[0].decode(positions_B, width), start_pos=width - 1,
                           key_mask_BL=mask, positions_BT=positions_B[:, None]).logits[:, -1].float()
-        native = NativeDecoder(model, caches[1], rows + 1).step(tokens_B, positions_B)
+        native, greedy = NativeDecoder(model, caches[1], rows + 1).step(tokens_B, positions_B)
+        assert greedy == native.argmax(-1).tolist()
         for layer in range(model.config.n_layers):  # the native step wrote the same keys and values
             for ours, theirs in ((caches[1].keys, caches[0].keys), (caches[1].values, caches[0].values)):
                 torch.testing.assert_close(ours[layer][:rows], theirs[layer][:rows], rtol=0.02, atol=0.02)
@@ -125,6 +126,31 @@ def test_engine_tokens_equal_with_requests_joining_and_leaving():
     sampled = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
     assert ([c.token_ids for c in Engine(model, max_batch=2).generate(prompts[:3], sampled)]
             == [c.token_ids for c in Engine(pytorch.model, max_batch=2, native=False).generate(prompts[:3], sampled)])
+
+
+@pytest.mark.parametrize("name", ["qwen3 (q/k norm per head)", "gpt-2 top-2"])
+def test_native_prefill_equals_pytorch(name):
+    """Prompt positions as rows (two prompts together, split over calls of at most 8 rows): the last
+    positions' logits and the cached keys equal a PyTorch forward over the prompts."""
+    model = _model(CASES[name], torch.float32)
+    prompts = torch.randint(0, 101, (2, 11), generator=torch.Generator().manual_seed(2))
+    reference_cache, native_cache = (SlotKVCache.for_model(model, 3, 32) for _ in range(2))
+    with torch.no_grad():
+        reference = model(prompts, kv_cache=reference_cache.prefill(1), start_pos=0).logits[:, -1]
+    decoder = NativeDecoder(model, native_cache, 8)
+    for start in range(0, 11, 4):  # rows: prompt 0's positions of the chunk, then prompt 1's
+        n = min(4, 11 - start)
+        positions = torch.arange(start, start + n).repeat(2)
+        slots = torch.tensor([1, 2]).repeat_interleave(n)
+        logits, greedy = decoder.forward(prompts[:, start : start + n].reshape(-1), slots, positions,
+                                         torch.tensor([n - 1, 2 * n - 1]))
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=2e-5)
+    assert greedy == reference.argmax(-1).tolist()
+    for layer in range(model.config.n_layers):
+        torch.testing.assert_close(native_cache.keys[layer][1:3, :, :11], reference_cache.keys[layer][1:3, :, :11])
+    assert native_cache.keys[0][0].abs().sum() == 0  # slot 0 untouched
+    with pytest.raises(ValueError, match="token"):
+        decoder.forward(torch.tensor([101]), torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
 
 
 def test_engine_keeps_pytorch_where_native_does_not_apply(monkeypatch):

@@ -29,6 +29,10 @@ from pyramoe.inference.sampling import SamplingParams, sample_token
 from pyramoe.models import GPT
 from pyramoe.runtime import cpu_has_native_bf16
 
+# Rows of one native prefill call (prompt positions of one or more requests): enough to share each
+# weight read among many tokens, a workspace of a few MB for models of the benchmark's size.
+NATIVE_PREFILL_ROWS = 256
+
 
 @dataclass
 class TokenEvent:
@@ -227,11 +231,11 @@ class Engine:
             self.active.append(request)
             admitted.append(request)
         for group in _same_length_runs(admitted):
-            for request, logits_V in zip(group, self._prefill(group)):
-                events.append(self._accept(request, logits_V))
+            logits_BV, greedy_B = self._prefill(group)
+            for request, logits_V, greedy in zip(group, logits_BV, greedy_B):
+                events.append(self._accept(request, logits_V, greedy))
         if decoding:
-            logits_BV = self._decode(decoding)
-            greedy_B = logits_BV.argmax(-1).tolist()  # one op for every greedy request of the step
+            logits_BV, greedy_B = self._decode(decoding)
             for request, logits_V, greedy in zip(decoding, logits_BV, greedy_B):
                 events.append(self._accept(request, logits_V, greedy))
         for request in [r for r in self.active if r.finished]:
@@ -245,7 +249,9 @@ class Engine:
         if self.native:
             self.native_unavailable = unsupported_reason(self.model, self.cache)
             if self.native_unavailable is None:
-                self.native_decoder = NativeDecoder(self.model, self.cache, self.cache.slots)
+                # Rows for a decode step of every slot, and for prefill chunks.
+                rows = max(self.cache.slots, NATIVE_PREFILL_ROWS)
+                self.native_decoder = NativeDecoder(self.model, self.cache, rows)
                 return
         if self.pack_weights:
             self.packed_weights = pack_model(self.model)
@@ -254,28 +260,49 @@ class Engine:
     def decode_path(self) -> str:
         return "native" if self.native_decoder is not None else "pytorch"
 
-    def _prefill(self, requests: list[Request]) -> torch.Tensor:
+    def _prefill(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
         """Prompts of one length in consecutive slots, together, `prefill_chunk` tokens per forward;
-        returns each one's last logits."""
+        returns each one's last logits and their argmax."""
+        if self.native_decoder is not None:
+            return self._prefill_native(requests)
         ids = torch.tensor([r.prompt_ids for r in requests], device=self.device)
         for start in range(0, ids.shape[1], self.prefill_chunk):
             chunk = ids[:, start : start + self.prefill_chunk]
             logits = self.model(chunk, kv_cache=self.cache.prefill(requests[0].slot), start_pos=start).logits
         for request in requests:
             request.cached = ids.shape[1]
-        return self._agreed(logits[:, -1].float())
+        logits_BV = self._agreed(logits[:, -1].float())
+        return logits_BV, logits_BV.argmax(-1).tolist()
 
-    def _decode(self, requests: list[Request]) -> torch.Tensor:
+    def _prefill_native(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
+        """The same with the native forward: every prompt's next positions as rows of one call (as
+        many as its workspace holds), logits of the last positions only."""
+        ids_BP = torch.tensor([r.prompt_ids for r in requests])
+        batch, length = ids_BP.shape
+        per_call = max(1, min(self.prefill_chunk, self.native_decoder.max_rows // batch))
+        slots_B = torch.arange(requests[0].slot, requests[0].slot + batch)
+        for start in range(0, length, per_call):
+            n = min(per_call, length - start)
+            positions_BN = torch.arange(start, start + n).expand(batch, n)
+            last_rows = torch.arange(batch) * n + n - 1 if start + n == length else torch.empty(0, dtype=torch.int64)
+            logits_BV, greedy_B = self.native_decoder.forward(
+                ids_BP[:, start : start + n].reshape(-1), slots_B.repeat_interleave(n), positions_BN.reshape(-1),
+                last_rows)
+        for request in requests:
+            request.cached = length
+        return logits_BV, greedy_B
+
+    def _decode(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
         """One token per request: row b feeds its last token at position `cached`, and sees its own
         key slots [0, cached] only."""
         assert [r.slot for r in requests] == list(range(len(requests)))
         positions_B = torch.tensor([r.cached for r in requests], device=self.device)
         if self.native_decoder is not None:
             tokens_B = torch.tensor([r.output_ids[-1] for r in requests])
-            logits_BV = self.native_decoder.step(tokens_B, positions_B)
+            logits_BV, greedy_B = self.native_decoder.step(tokens_B, positions_B)
             for request in requests:
                 request.cached += 1
-            return logits_BV
+            return logits_BV, greedy_B
         length = int(positions_B.max()) + 1
         visible_BL = torch.arange(length, device=self.device) <= positions_B[:, None]
         # Additive (0 / -inf, the model's dtype): SDPA would otherwise convert a bool mask in every layer.
@@ -286,7 +313,8 @@ class Engine:
                          key_mask_BL=mask_B11L, positions_BT=positions_B[:, None])
         for request in requests:
             request.cached += 1
-        return self._agreed(out.logits[:, -1].float())
+        logits_BV = self._agreed(out.logits[:, -1].float())
+        return logits_BV, logits_BV.argmax(-1).tolist()  # one op for every greedy request of the step
 
     def _agreed(self, logits: torch.Tensor) -> torch.Tensor:
         """Under torchrun every rank runs the same requests in lockstep (experts spread over them);

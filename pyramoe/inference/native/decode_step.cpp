@@ -65,11 +65,25 @@ struct PmModel {
   int64_t max_rows;    // the B the workspace was sized for
   int64_t max_ff;      // the widest F of any MLP or expert
   int64_t max_experts;
+  const void *tok_emb, *pos_emb;  // [V, D], [max positions, D] or null
+  const float *inv_freq;          // [rot_dim / 2] (RoPE) or null
+  double rope_factor;             // YaRN's attention factor (1: none)
 };
 
 }  // extern "C"
 
 namespace {
+
+// Seconds spent per phase of the step since the last reset (pm_profile): for benchmarks/decode_breakdown.py.
+enum Phase { kNorms, kQkv, kAttention, kOutProj, kRouting, kExpertIn, kActivation, kExpertOut, kCombine, kHead,
+             kPhases };
+double g_profile[kPhases] = {0};
+struct PhaseTimer {
+  Phase phase;
+  double start = omp_get_wtime();
+  explicit PhaseTimer(Phase p) : phase(p) {}
+  ~PhaseTimer() { g_profile[phase] += omp_get_wtime() - start; }
+};
 
 // ---- numbers -------------------------------------------------------------------------------------
 
@@ -98,6 +112,71 @@ inline void store_f(void *p, int64_t i, float v, bool bf16) {
 }
 
 inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+#if defined(__AVX512F__)
+// exp on 16 lanes (Cephes' expf polynomial after reduction by ln 2; within 2 ulp of expf): the
+// SwiGLU and softmax exponentials were a tenth of a batch-16 step as scalar calls.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365447504019f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// y[i] = exp(x[i] - shift) for i < n; returns their sum.
+inline float exp_shifted(const float *x, float *y, int64_t n, float shift) {
+  int64_t i = 0;
+  float total = 0;
+#if defined(__AVX512F__)
+  __m512 sum = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_set1_ps(shift)));
+    _mm512_storeu_ps(y + i, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  total = _mm512_reduce_add_ps(sum);
+#endif
+  for (; i < n; ++i) total += (y[i] = std::exp(x[i] - shift));
+  return total;
+}
+
+// y[i] = silu(gate[i]) * up[i]
+inline void swiglu(const float *gate, const float *up, float *y, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    const __m512 g = _mm512_loadu_ps(gate + i);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+    const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    _mm512_storeu_ps(y + i, _mm512_mul_ps(s, _mm512_loadu_ps(up + i)));
+  }
+#endif
+  for (; i < n; ++i) y[i] = silu(gate[i]) * up[i];
+}
+
+inline float dot(const float *a, const float *b, int64_t n) {
+  float acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+inline float dot_bf16(const float *a, const uint16_t *b, int64_t n) {
+  float acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * bf16_to_f32(b[i]);
+  return acc;
+}
 inline float gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
 
 // ---- matrix products: y[m, n] = x[m, :] . W[n, :] + b[n] ----------------------------------------
@@ -146,6 +225,10 @@ void rows_generic(const Job &j, int64_t n0, int64_t n1) {
 
 #if defined(__AVX512BF16__)
 constexpr bool kNativeBf16 = true;
+#ifndef PM_PREFETCH_ROWS
+#define PM_PREFETCH_ROWS 8
+#endif
+constexpr int64_t kPrefetchRows = PM_PREFETCH_ROWS;
 
 // R weight rows x MB rows of x, K a multiple of 32: each 64-byte piece of a weight row is loaded
 // once and multiplied into every row of x (vdpbf16ps: 32 bf16 products per instruction).
@@ -155,8 +238,13 @@ inline void tile_bf16(const Job &j, int64_t n, int64_t m) {
   __m512 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < MB; ++b) acc[r][b] = _mm512_setzero_ps();
+  // The hardware prefetchers alone kept a core at ~half the memory bandwidth: ask for the rows
+  // PM_PREFETCH_ROWS ahead while this tile computes.
+  const uint16_t *ahead = W + std::min(n + kPrefetchRows, j.N - 1) * j.K;
   for (int64_t k = 0; k < j.K; k += 32) {
     __m512i w[R];
+    if (m == 0)
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char *>(ahead + r * j.K + k), _MM_HINT_T0);
     for (int r = 0; r < R; ++r) w[r] = _mm512_loadu_si512(W + (n + r) * j.K + k);
     for (int b = 0; b < MB; ++b) {
       __m512i xv = _mm512_loadu_si512(j.xb + (m + b) * j.K + k);
@@ -223,7 +311,7 @@ void run_jobs(std::vector<Job> &jobs, bool bf16, int threads, uint16_t *xb_scrat
 // ---- the step ------------------------------------------------------------------------------------
 
 struct Workspace {  // carved from the caller's buffer (sizes from pm_workspace_bytes)
-  float *h, *qkv, *att, *tmp, *moe, *router, *act, *gate_up, *expert_out, *mlp_h, *scores;
+  float *h, *qkv, *att, *tmp, *moe, *router, *act, *gate_up, *expert_out, *x, *scores;
   float *expert_x;
   uint16_t *xb;
   int64_t *assign_token;
@@ -250,8 +338,8 @@ void workspace_layout(const PmModel &m, int64_t B, int64_t *counts) {
   counts[6] = A * m.max_ff;               // act
   counts[7] = A * F2;                     // gate_up
   counts[8] = A * D;                      // expert_out
-  counts[9] = B * D;                      // mlp_h
-  counts[10] = m.threads * G * m.max_len; // scores
+  counts[9] = B * D;                      // x (the residual stream)
+  counts[10] = m.threads * (G * m.max_len + m.head_dim); // scores (+ a key/value row)
   counts[11] = A * D;                     // expert_x
   counts[12] = A * std::max(D, m.max_ff) + B * qkv + B * m.vocab;  // xb (uint16, counted as floats: generous)
   counts[13] = A;                         // assign_token (int64: 2 floats each)
@@ -272,7 +360,7 @@ Workspace carve(const PmModel &m, int64_t B, void *buffer) {
   };
   Workspace w;
   float **floats[] = {&w.h, &w.qkv, &w.att, &w.tmp, &w.moe, &w.router, &w.act, &w.gate_up, &w.expert_out,
-                      &w.mlp_h, &w.scores, &w.expert_x};
+                      &w.x, &w.scores, &w.expert_x};
   for (int i = 0; i < 12; ++i) *floats[i] = reinterpret_cast<float *>(take(counts[i], 4));
   w.xb = reinterpret_cast<uint16_t *>(take(counts[12], 4));
   w.assign_token = reinterpret_cast<int64_t *>(take(counts[13], 8));
@@ -287,9 +375,7 @@ void norm_rows(const PmModel &m, const float *x, const float *w, const float *b,
     const float *xr = x + r * D;
     float *yr = y + r * D;
     if (m.rmsnorm) {
-      double ss = 0;
-      for (int64_t i = 0; i < D; ++i) ss += double(xr[i]) * xr[i];
-      const float inv = 1.0f / std::sqrt(float(ss / D) + float(m.eps));
+      const float inv = 1.0f / std::sqrt(dot(xr, xr, D) / D + float(m.eps));
       for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * inv * w[i];
     } else {
       double mean = 0, var = 0;
@@ -303,9 +389,7 @@ void norm_rows(const PmModel &m, const float *x, const float *w, const float *b,
 }
 
 void rms_inplace(float *x, int64_t n, const float *w, double eps) {
-  double ss = 0;
-  for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
-  const float inv = 1.0f / std::sqrt(float(ss / n) + float(eps));
+  const float inv = 1.0f / std::sqrt(dot(x, x, n) / n + float(eps));
   for (int64_t i = 0; i < n; ++i) x[i] = x[i] * inv * w[i];
 }
 
@@ -337,15 +421,18 @@ void prepare_qkv(const PmModel &m, const PmLayer &L, float *qkv, const float *co
   }
 }
 
-// Row r's key/value go to its cache slot at pos[r]; its queries attend to slots [0, pos[r]].
-void attention(const PmModel &m, const PmLayer &L, const Workspace &w, const int64_t *pos, int64_t B) {
+// Row r's key and value go to cache slot slot[r] at position pos[r] (all rows first: rows of one
+// sequence at consecutive positions, a prefill chunk, then see each other); its queries attend to
+// that slot's positions [0, pos[r]].
+void attention(const PmModel &m, const PmLayer &L, const Workspace &w, const int64_t *slot, const int64_t *pos,
+               int64_t B) {
   const int64_t H = m.n_heads, Hkv = m.n_kv_heads, Dh = m.head_dim, G = H / Hkv, S = m.max_len;
   const int64_t qkv_width = (H + 2 * Hkv) * Dh;
   const bool bf16 = m.bf16;
   for (int64_t r = 0; r < B; ++r) {
     const float *k = w.qkv + r * qkv_width + H * Dh, *v = k + Hkv * Dh;
     for (int64_t h = 0; h < Hkv; ++h) {
-      const int64_t at = ((r * Hkv + h) * S + pos[r]) * Dh;
+      const int64_t at = ((slot[r] * Hkv + h) * S + pos[r]) * Dh;
       for (int64_t d = 0; d < Dh; ++d) {
         store_f(L.k_cache, at + d, k[h * Dh + d], bf16);
         store_f(L.v_cache, at + d, v[h * Dh + d], bf16);
@@ -354,40 +441,46 @@ void attention(const PmModel &m, const PmLayer &L, const Workspace &w, const int
   }
   const float scale = 1.0f / std::sqrt(float(Dh));
   const int threads = int(m.threads);
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && B * Hkv > 1)
+  // One (row, key/value head) per iteration: each cached key and value row is read once for the G
+  // query heads it serves.
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (threads > 1 && B * Hkv > 1)
   for (int64_t rh = 0; rh < B * Hkv; ++rh) {
     const int64_t r = rh / Hkv, h = rh % Hkv, len = pos[r] + 1;
-    float *scores = w.scores + int64_t(omp_get_thread_num()) * G * S;
-    const int64_t base = (r * Hkv + h) * S * Dh;
-    for (int64_t g = 0; g < G; ++g) {
-      const float *q = w.qkv + r * qkv_width + (h * G + g) * Dh;
-      float *s = scores + g * S;
-      float top = -INFINITY;
-      for (int64_t l = 0; l < len; ++l) {
-        float dot = 0;
-        if (bf16) {
-          const uint16_t *kr = static_cast<const uint16_t *>(L.k_cache) + base + l * Dh;
-          for (int64_t d = 0; d < Dh; ++d) dot += q[d] * bf16_to_f32(kr[d]);
-        } else {
-          const float *kr = static_cast<const float *>(L.k_cache) + base + l * Dh;
-          for (int64_t d = 0; d < Dh; ++d) dot += q[d] * kr[d];
-        }
-        s[l] = dot * scale;
-        top = std::max(top, s[l]);
+    float *scores = w.scores + int64_t(omp_get_thread_num()) * (G * S + Dh);
+    float *row = scores + G * S;  // one key or value row in fp32
+    const int64_t base = (slot[r] * Hkv + h) * S * Dh;
+    const float *q = w.qkv + r * qkv_width + h * G * Dh;  // the G query heads of this key/value head
+    float top[64];
+    for (int64_t g = 0; g < G; ++g) top[g] = -INFINITY;
+    for (int64_t l = 0; l < len; ++l) {
+      const float *k = bf16 ? row : static_cast<const float *>(L.k_cache) + base + l * Dh;
+      if (bf16) {
+        const uint16_t *kb = static_cast<const uint16_t *>(L.k_cache) + base + l * Dh;
+#pragma omp simd
+        for (int64_t d = 0; d < Dh; ++d) row[d] = bf16_to_f32(kb[d]);
       }
-      float total = 0;
-      for (int64_t l = 0; l < len; ++l) total += (s[l] = std::exp(s[l] - top));
-      float *out = w.att + r * H * Dh + (h * G + g) * Dh;
-      for (int64_t d = 0; d < Dh; ++d) out[d] = 0;
-      for (int64_t l = 0; l < len; ++l) {
-        const float p = s[l] / total;
-        if (bf16) {
-          const uint16_t *vr = static_cast<const uint16_t *>(L.v_cache) + base + l * Dh;
-          for (int64_t d = 0; d < Dh; ++d) out[d] += p * bf16_to_f32(vr[d]);
-        } else {
-          const float *vr = static_cast<const float *>(L.v_cache) + base + l * Dh;
-          for (int64_t d = 0; d < Dh; ++d) out[d] += p * vr[d];
-        }
+      for (int64_t g = 0; g < G; ++g) {
+        const float sc = scale * dot(q + g * Dh, k, Dh);
+        scores[g * S + l] = sc;
+        top[g] = std::max(top[g], sc);
+      }
+    }
+    float inv_total[64];
+    for (int64_t g = 0; g < G; ++g) inv_total[g] = 1.0f / exp_shifted(scores + g * S, scores + g * S, len, top[g]);
+    float *out = w.att + r * H * Dh + h * G * Dh;
+    for (int64_t i = 0; i < G * Dh; ++i) out[i] = 0;
+    for (int64_t l = 0; l < len; ++l) {
+      const float *v = bf16 ? row : static_cast<const float *>(L.v_cache) + base + l * Dh;
+      if (bf16) {
+        const uint16_t *vb = static_cast<const uint16_t *>(L.v_cache) + base + l * Dh;
+#pragma omp simd
+        for (int64_t d = 0; d < Dh; ++d) row[d] = bf16_to_f32(vb[d]);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const float p = scores[g * S + l] * inv_total[g];
+        float *o = out + g * Dh;
+#pragma omp simd
+        for (int64_t d = 0; d < Dh; ++d) o[d] += p * v[d];
       }
     }
   }
@@ -398,7 +491,7 @@ void activate_rows(const PmModel &m, const float *in, float *out, int64_t rows, 
     const float *x = in + r * (m.swiglu ? 2 * ff : ff);
     float *y = out + r * ff;
     if (m.swiglu)
-      for (int64_t i = 0; i < ff; ++i) y[i] = silu(x[i]) * x[ff + i];
+      swiglu(x, x + ff, y, ff);
     else
       for (int64_t i = 0; i < ff; ++i) y[i] = gelu(x[i]);
   }
@@ -414,12 +507,7 @@ int64_t route(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B)
   for (int64_t r = 0; r < B; ++r) {
     const float *h = w.h + r * D;
     float *logit = w.router + r * E;
-    for (int64_t e = 0; e < E; ++e) {
-      float acc = 0;
-      const float *we = L.router_w + e * D;
-      for (int64_t i = 0; i < D; ++i) acc += h[i] * we[i];
-      logit[e] = acc;
-    }
+    for (int64_t e = 0; e < E; ++e) logit[e] = dot(h, L.router_w + e * D, D);
     if (L.router_sigmoid) {
       for (int64_t e = 0; e < E; ++e) score[e] = 1.0f / (1.0f + std::exp(-logit[e]));
     } else {
@@ -485,7 +573,10 @@ void ffn(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B, floa
   };
   int64_t assignments = 0;
   if (L.is_moe) {
-    assignments = route(m, L, w, B);
+    {
+      PhaseTimer t(kRouting);
+      assignments = route(m, L, w, B);
+    }
     // Group the assignments by expert (stable): each chosen expert reads its weights once.
     std::vector<int64_t> order(assignments);
     for (int64_t a = 0; a < assignments; ++a) order[a] = a;
@@ -515,15 +606,23 @@ void ffn(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B, floa
     if (L.shared.ff) add(L.shared, w.h, B);
   }
   if (L.mlp.ff) add(L.mlp, w.h, B);
-  run_jobs(in_jobs, bf16, threads, w.xb);
+  {
+    PhaseTimer t(kExpertIn);
+    run_jobs(in_jobs, bf16, threads, w.xb);
+  }
+  const double activation_start = omp_get_wtime();
   for (size_t p = 0; p < mlps.size(); ++p) {
     const int64_t first = first_rows[p], n = in_jobs[p].M;
     // Each product's rows are packed at its own width ((2)F in, F out).
     activate_rows(m, w.gate_up + first * 2 * m.max_ff, w.act + first * m.max_ff, n, mlps[p].ff);
     out_jobs.push_back(mlp_out_job(m, mlps[p], w.act + first * m.max_ff, n, w.expert_out + first * D));
   }
-  run_jobs(out_jobs, bf16, threads, w.xb);
-  // Combine.
+  g_profile[kActivation] += omp_get_wtime() - activation_start;
+  {
+    PhaseTimer t(kExpertOut);
+    run_jobs(out_jobs, bf16, threads, w.xb);
+  }
+  PhaseTimer combine_timer(kCombine);
   for (int64_t i = 0; i < B * D; ++i) y[i] = 0;
   if (L.is_moe) {
     for (int64_t a = 0; a < assignments; ++a) {
@@ -537,8 +636,7 @@ void ffn(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B, floa
     for (int64_t r = 0; r < B; ++r) {
       float gate = 1.0f;
       if (L.shared_gate_w) {
-        float g = 0;
-        for (int64_t i = 0; i < D; ++i) g += w.h[r * D + i] * L.shared_gate_w[i];
+        const float g = dot(w.h + r * D, L.shared_gate_w, D);
         gate = 1.0f / (1.0f + std::exp(-g));
       }
       const float *o = w.expert_out + (next + r) * D;
@@ -554,8 +652,7 @@ void ffn(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B, floa
       for (int64_t r = 0; r < B; ++r) {
         float c[2];
         for (int j = 0; j < 2; ++j) {
-          c[j] = L.coef_b ? L.coef_b[j] : 0.0f;
-          for (int64_t i = 0; i < D; ++i) c[j] += w.h[r * D + i] * L.coef_w[j * D + i];
+          c[j] = (L.coef_b ? L.coef_b[j] : 0.0f) + dot(w.h + r * D, L.coef_w + j * D, D);
         }
         const float top = std::max(c[0], c[1]);
         const float e0 = std::exp(c[0] - top), e1 = std::exp(c[1] - top);
@@ -581,37 +678,86 @@ int64_t pm_workspace_bytes(const PmModel *m, int64_t B) {
 
 int64_t pm_native_bf16() { return kNativeBf16 ? 1 : 0; }
 
-// x: [B, D] the embedded tokens (overwritten); pos: [B] each row's position (= its cache slot's
-// length before this token); cos/sin: [B, rot_dim]; logits: [B, V]. Rows are cache slots 0..B-1.
-int64_t pm_decode_step(const PmModel *mp, float *x, const int64_t *pos, int64_t B, const float *cos,
-                       const float *sin, float *logits, void *workspace) {
+// Seconds per phase since the last call (norms, qkv, attention, out projection, routing, expert/MLP
+// first projections, activation, second projections, combine, LM head); resets them.
+void pm_profile(double *out) {
+  for (int i = 0; i < kPhases; ++i) {
+    out[i] = g_profile[i];
+    g_profile[i] = 0;
+  }
+}
+
+// Rows are tokens: row r feeds tokens[r] at position pos[r] of the sequence in cache slot slot[r]
+// (a decode step: one row per sequence; a prefill chunk: consecutive positions of one or more).
+// Logits [n_logits, V] (and their argmax) of the rows logit_rows lists. Returns 0, or 1 for a bad
+// row count, 2 for a bad slot or position, 3 for a bad token or logit row.
+int64_t pm_forward(const PmModel *mp, const int64_t *tokens, const int64_t *slot, const int64_t *pos, int64_t B,
+                   const int64_t *logit_rows, int64_t n_logits, float *logits, int64_t *argmax, void *workspace) {
   const PmModel &m = *mp;
-  if (B < 1 || B > m.max_rows || B > m.slots) return 1;
-  for (int64_t r = 0; r < B; ++r)
-    if (pos[r] < 0 || pos[r] >= m.max_len) return 2;
+  if (B < 1 || B > m.max_rows || n_logits < 0 || n_logits > B) return 1;
+  for (int64_t r = 0; r < B; ++r) {
+    if (slot[r] < 0 || slot[r] >= m.slots || pos[r] < 0 || pos[r] >= m.max_len) return 2;
+    if (tokens[r] < 0 || tokens[r] >= m.vocab) return 3;
+  }
+  for (int64_t i = 0; i < n_logits; ++i)
+    if (logit_rows[i] < 0 || logit_rows[i] >= B) return 3;
   Workspace w = carve(m, m.max_rows, workspace);
   const int64_t D = m.d_model, qkv_width = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim;
   const bool bf16 = m.bf16;
   const int threads = int(m.threads);
+  float *x = w.x;
+  for (int64_t r = 0; r < B; ++r)  // token embedding (+ learned position)
+    for (int64_t i = 0; i < D; ++i)
+      x[r * D + i] = load_f(m.tok_emb, tokens[r] * D + i, bf16) + (m.pos_emb ? load_f(m.pos_emb, pos[r] * D + i, bf16) : 0.0f);
+  std::vector<float> cos(B * m.rot_dim), sin(B * m.rot_dim);
+  const int64_t half = m.rot_dim / 2;
+  for (int64_t r = 0; r < B; ++r)  // RoPE tables as RotaryEmbedding.cos_sin computes them, in fp32
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = float(pos[r]) * m.inv_freq[i];
+      const float c = std::cos(angle) * float(m.rope_factor), sn = std::sin(angle) * float(m.rope_factor);
+      cos[r * m.rot_dim + i] = cos[r * m.rot_dim + half + i] = c;
+      sin[r * m.rot_dim + i] = sin[r * m.rot_dim + half + i] = sn;
+    }
   for (int64_t l = 0; l < m.n_layers; ++l) {
     const PmLayer &L = m.layers[l];
-    norm_rows(m, x, L.attn_norm_w, L.attn_norm_b, w.h, B);
+    {
+      PhaseTimer t(kNorms);
+      norm_rows(m, x, L.attn_norm_w, L.attn_norm_b, w.h, B);
+    }
     std::vector<Job> jobs{Job{w.h, nullptr, B, D, qkv_width, L.qkv_w, L.qkv_b, w.qkv}};
-    run_jobs(jobs, bf16, threads, w.xb);
-    for (int64_t r = 0; r < B; ++r)
-      prepare_qkv(m, L, w.qkv + r * qkv_width, cos ? cos + r * m.rot_dim : nullptr,
-                  sin ? sin + r * m.rot_dim : nullptr);
-    attention(m, L, w, pos, B);
+    {
+      PhaseTimer t(kQkv);
+      run_jobs(jobs, bf16, threads, w.xb);
+    }
+    {
+      PhaseTimer t(kAttention);
+      for (int64_t r = 0; r < B; ++r)
+        prepare_qkv(m, L, w.qkv + r * qkv_width, cos.data() + r * m.rot_dim, sin.data() + r * m.rot_dim);
+      attention(m, L, w, slot, pos, B);
+    }
     jobs = {Job{w.att, nullptr, B, m.n_heads * m.head_dim, D, L.o_w, L.o_b, w.tmp}};
-    run_jobs(jobs, bf16, threads, w.xb);
-    for (int64_t i = 0; i < B * D; ++i) x[i] += w.tmp[i];
-    norm_rows(m, x, L.ffn_norm_w, L.ffn_norm_b, w.h, B);
+    {
+      PhaseTimer t(kOutProj);
+      run_jobs(jobs, bf16, threads, w.xb);
+    }
+    {
+      PhaseTimer t(kNorms);
+      for (int64_t i = 0; i < B * D; ++i) x[i] += w.tmp[i];
+      norm_rows(m, x, L.ffn_norm_w, L.ffn_norm_b, w.h, B);
+    }
     ffn(m, L, w, B, w.moe);
     for (int64_t i = 0; i < B * D; ++i) x[i] += w.moe[i];
   }
-  norm_rows(m, x, m.final_norm_w, m.final_norm_b, w.h, B);
-  std::vector<Job> head{Job{w.h, nullptr, B, D, m.vocab, m.head_w, nullptr, logits}};
+  if (n_logits == 0) return 0;
+  PhaseTimer t(kHead);
+  for (int64_t i = 0; i < n_logits; ++i) std::memcpy(w.tmp + i * D, x + logit_rows[i] * D, D * 4);
+  norm_rows(m, w.tmp, m.final_norm_w, m.final_norm_b, w.h, n_logits);
+  std::vector<Job> head{Job{w.h, nullptr, n_logits, D, m.vocab, m.head_w, nullptr, logits}};
   run_jobs(head, bf16, threads, w.xb);
+  for (int64_t i = 0; i < n_logits; ++i) {
+    const float *row = logits + i * m.vocab;
+    argmax[i] = std::max_element(row, row + m.vocab) - row;  // the first of equal maxima, as torch
+  }
   return 0;
 }
 

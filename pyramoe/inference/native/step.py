@@ -51,7 +51,8 @@ class _Model(ctypes.Structure):
         ("rot_dim", _I), ("vocab", _I), ("slots", _I), ("max_len", _I), ("bf16", _I), ("rmsnorm", _I),
         ("swiglu", _I), ("qk_norm", _I), ("eps", ctypes.c_double), ("qkv_clip", ctypes.c_double),
         ("final_norm_w", _P), ("final_norm_b", _P), ("head_w", _P), ("layers", ctypes.POINTER(_Layer)),
-        ("threads", _I), ("max_rows", _I), ("max_ff", _I), ("max_experts", _I),
+        ("threads", _I), ("max_rows", _I), ("max_ff", _I), ("max_experts", _I), ("tok_emb", _P), ("pos_emb", _P),
+        ("inv_freq", _P), ("rope_factor", ctypes.c_double),
     ]
 
 
@@ -77,8 +78,8 @@ def unsupported_reason(model: nn.Module, cache: object) -> str | None:
         attn = block.attn
         if type(attn) is not CausalSelfAttention or type(attn.qkv) is not nn.Linear or type(attn.proj) is not nn.Linear:
             return "attention is parallelised or packed"
-        if attn.n_heads % attn.n_kv_heads:
-            return "query heads not a multiple of key/value heads"
+        if attn.n_heads % attn.n_kv_heads or attn.n_heads // attn.n_kv_heads > 64:
+            return "query heads not a multiple of key/value heads, or more than 64 per key/value head"
         if block.is_moe:
             reason = _moe_unsupported(block.ffn)
             if reason:
@@ -113,7 +114,7 @@ class NativeDecoder:
         self._keep: list[torch.Tensor] = []  # fp32 copies the structs point into
         self.struct = self._describe()
         self.library.pm_workspace_bytes.restype = _I
-        self.library.pm_decode_step.restype = _I
+        self.library.pm_forward.restype = _I
         size = self.library.pm_workspace_bytes(ctypes.byref(self.struct), _I(max_rows))
         self.workspace = torch.empty(size, dtype=torch.uint8)
 
@@ -204,31 +205,44 @@ class NativeDecoder:
         )
         struct.final_norm_w, struct.final_norm_b = self._norm(model.ln_f)
         struct.head_w = self._ptr(model.lm_head.weight)
+        struct.tok_emb = self._ptr(model.tok_emb.weight)
+        if model.rope is None:
+            struct.pos_emb = self._ptr(model.pos_emb.weight)
+        else:
+            struct.inv_freq = self._ptr(model.rope.inv_freq, True)
+            struct.rope_factor = model.rope.attention_factor
         struct.layers = ctypes.cast(layers, ctypes.POINTER(_Layer))
         return struct
 
-    @torch.no_grad()
-    def step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] (fp32) for one token per row: row b (cache slot b) feeds tokens_B[b] at
-        position positions_B[b], and attends to its slot's positions [0, positions_B[b]]."""
-        model = self.model
+    def step(self, tokens_B: torch.Tensor, positions_B: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """A decode step: row b (cache slot b) feeds tokens_B[b] at position positions_B[b] and
+        attends to its slot's positions [0, positions_B[b]]. Returns logits [B, V] (fp32) and their
+        argmax per row."""
         rows = tokens_B.shape[0]
+        return self.forward(tokens_B, torch.arange(rows), positions_B, torch.arange(rows))
+
+    def forward(
+        self, tokens_N: torch.Tensor, slots_N: torch.Tensor, positions_N: torch.Tensor, logit_rows: torch.Tensor
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Rows are tokens: row n feeds tokens_N[n] at position positions_N[n] of the sequence in cache
+        slot slots_N[n] (a prefill chunk: consecutive positions; rows of one forward see the keys of
+        the earlier positions of their slot, those written by this forward included). Returns the
+        logits of the rows in `logit_rows` [R, V] (fp32) and their argmax."""
+        rows = tokens_N.shape[0]
         if not 1 <= rows <= self.max_rows:
-            raise ValueError(f"native decode: {rows} rows, sized for 1..{self.max_rows}")
-        x_BD = model.tok_emb(tokens_B).float()
-        if model.rope is None:
-            x_BD += model.pos_emb(positions_B).float()
-            cos = sin = None
-        else:
-            tables = model.rope.cos_sin(positions_B[:, None], torch.float32)
-            cos, sin = (t.reshape(rows, -1).contiguous() for t in tables)
+            raise ValueError(f"native forward: {rows} rows, sized for 1..{self.max_rows}")
+        tokens, slots, positions, picks = (t.to(torch.int64).contiguous() for t in (tokens_N, slots_N, positions_N,
+                                                                                    logit_rows))
         self.struct.threads = torch.get_num_threads()
-        positions = positions_B.to(torch.int64).contiguous()
-        logits_BV = torch.empty(rows, model.config.vocab_size)
-        status = self.library.pm_decode_step(
-            ctypes.byref(self.struct), _P(x_BD.data_ptr()), _P(positions.data_ptr()), _I(rows),
-            _P(None if cos is None else cos.data_ptr()), _P(None if sin is None else sin.data_ptr()),
-            _P(logits_BV.data_ptr()), _P(self.workspace.data_ptr()))
+        logits_RV = torch.empty(picks.numel(), self.model.config.vocab_size)
+        argmax_R = torch.empty(picks.numel(), dtype=torch.int64)
+        status = self.library.pm_forward(
+            ctypes.byref(self.struct), _P(tokens.data_ptr()), _P(slots.data_ptr()), _P(positions.data_ptr()),
+            _I(rows), _P(picks.data_ptr()), _I(picks.numel()), _P(logits_RV.data_ptr()), _P(argmax_R.data_ptr()),
+            _P(self.workspace.data_ptr()))
+        if status == 2:
+            raise ValueError(f"native forward: a slot or position outside the cache ({self.struct.slots} slots "
+                             f"x {self.struct.max_len} positions)")
         if status != 0:
-            raise ValueError(f"native decode: bad rows or positions (status {status}, max_len {self.struct.max_len})")
-        return logits_BV
+            raise ValueError(f"native forward: bad rows, tokens or logit rows (status {status})")
+        return logits_RV, argmax_R.tolist()
