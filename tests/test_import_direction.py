@@ -13,13 +13,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pyramoe"
 ALLOWED = {
     "config": {"config"},
     "dist": {"config", "dist"},
-    "layers": {"config", "layers"},  # single-device: never dist
+    "kernels": {"kernels"},  # native CPU kernels: torch only
+    "layers": {"config", "kernels", "layers"},  # single-device: never dist
     "models": {"config", "layers", "models"},
     "parallel": {"config", "dist", "layers", "models", "parallel"},
     "hf": {"config", "layers", "models", "hf"},  # beside parallel: checkpoints in/out, single-device
     # Training and inference are siblings: the engine loads training checkpoints.
     "train": {"config", "dist", "layers", "models", "parallel", "presets", "data", "train"},
-    "inference": {"config", "runtime", "layers", "models", "parallel", "hf", "data", "train", "inference"},
+    "inference": {"config", "runtime", "kernels", "layers", "models", "parallel", "hf", "data", "train", "inference"},
     "evaluation": {"config", "runtime", "tables", "models", "hf", "data", "train", "inference", "evaluation"},
 }
 

@@ -174,7 +174,7 @@ def test_native_step_refuses_rows_beyond_its_cache():
 
 
 def test_build_is_cached_per_machine_and_falls_back_without_a_compiler(tmp_path, monkeypatch):
-    from pyramoe.inference.native import build
+    from pyramoe.kernels import build
 
     monkeypatch.setenv("PYRAMOE_CACHE", str(tmp_path))
     path = build.build()

@@ -23,7 +23,7 @@ import torch
 
 from pyramoe.data import Tokenizer
 from pyramoe.inference.kv_cache import SlotKVCache
-from pyramoe.inference.native import NativeDecoder, unsupported_reason
+from pyramoe.inference.native import NativeDecoder, blockable, unsupported_reason
 from pyramoe.inference.packing import pack_model
 from pyramoe.inference.sampling import SamplingParams, sample_token
 from pyramoe.models import GPT
@@ -81,12 +81,13 @@ class Engine:
 
     `max_batch` requests decode together; `max_len` bounds prompt + generated tokens per request
     (the KV cache is max_batch x max_len per layer); prompts are prefilled `prefill_chunk` tokens
-    per forward. On the CPU, decode steps run natively (`native`, `pyramoe.inference.native`: the
-    whole step in one compiled call) where the machine can build it and the model is one it computes;
-    otherwise the model's weights are prepacked for oneDNN at the first step (`pack_weights`,
-    `pyramoe.inference.packing`) and decode steps run in PyTorch. Either way, from the first step on
-    the model serves this engine only. `decode_path` says which ran ("native" or "pytorch", with
-    `native_unavailable` giving why not).
+    per forward. On the CPU, prefill and decode run natively (`native`, `pyramoe.inference.native`:
+    a whole forward in one compiled call) where the machine can build it and the model is one it
+    computes, with bf16 weights blocked for its AVX512-BF16 kernels at the first step (`pack_weights`);
+    otherwise the weights are prepacked for oneDNN at the first step (`pack_weights`,
+    `pyramoe.inference.packing`) and the model runs in PyTorch. Packed either way, the model still
+    runs in PyTorch but serves this engine only (no training, no state_dict). `decode_path` says which
+    ran ("native" or "pytorch", with `native_unavailable` giving why not).
     """
 
     def __init__(
@@ -249,6 +250,8 @@ class Engine:
         if self.native:
             self.native_unavailable = unsupported_reason(self.model, self.cache)
             if self.native_unavailable is None:
+                if self.pack_weights and blockable(self.model):  # bf16 with AVX512-BF16: the blocked layout
+                    self.packed_weights = pack_model(self.model, layout="blocked")
                 # Rows for a decode step of every slot, and for prefill chunks.
                 rows = max(self.cache.slots, NATIVE_PREFILL_ROWS)
                 self.native_decoder = NativeDecoder(self.model, self.cache, rows)

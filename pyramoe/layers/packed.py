@@ -8,7 +8,9 @@ thread); bf16 results are
 identical to F.linear's, fp32 ones differ in the last bits (another summation order).
 
 `pyramoe.inference.packing.pack_model` swaps each plain nn.Linear of a model for a `PackedLinear` and
-gives each `GroupedExperts` one packed weight per expert, freeing the plain copies.
+gives each `GroupedExperts` one packed weight per expert, freeing the plain copies. A packed weight
+is either oneDNN's (a tensor) or the native kernels' blocked bf16 layout (`pyramoe.kernels.
+BlockedWeight`, what the engine's native decode step reads); `packed_linear` takes both.
 
 Legend: N rows, I input width, O output width, E experts, F expert hidden width.
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from pyramoe.kernels import BlockedWeight, block_weights, blocked_linear
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -39,21 +43,30 @@ def pack_weight(weight_OI: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight_OI.detach().contiguous(), 1)
 
 
-def packed_linear(x_NI: torch.Tensor, packed: torch.Tensor, bias_O: torch.Tensor | None) -> torch.Tensor:
+def packed_linear(
+    x_NI: torch.Tensor, packed: torch.Tensor | BlockedWeight, bias_O: torch.Tensor | None
+) -> torch.Tensor:
+    if isinstance(packed, BlockedWeight):
+        return blocked_linear(x_NI, packed, bias_O)
     return torch.ops.mkldnn._linear_pointwise(x_NI, packed, bias_O, "none", [], "")
 
 
 class PackedLinear(nn.Module):
-    """An inference-only nn.Linear whose weight is prepacked for oneDNN."""
+    """An inference-only nn.Linear whose weight is prepacked for oneDNN, or `blocked` for the native
+    kernels (bf16)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, blocked: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("packed_weight", pack_weight(linear.weight), persistent=False)
+        if blocked:
+            self.packed_weight = BlockedWeight(block_weights(linear.weight), self.out_features, self.in_features)
+        else:
+            self.register_buffer("packed_weight", pack_weight(linear.weight), persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.packed_weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+        layout = "blocked" if isinstance(self.packed_weight, BlockedWeight) else "packed"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {layout}"

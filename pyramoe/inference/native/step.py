@@ -17,13 +17,15 @@ import ctypes
 import torch
 from torch import nn
 
-from pyramoe.inference.native.build import build_error, load_library
+from pyramoe.inference.packing import MIN_BLOCKED_OUTPUTS
+from pyramoe.kernels import BlockedWeight, blocking_available, build_error, can_block, load_library
 from pyramoe.layers.attention import CausalSelfAttention
 from pyramoe.layers.dispatch import LocalDispatcher
 from pyramoe.layers.experts import GroupedExperts
 from pyramoe.layers.mlp import MLP
 from pyramoe.layers.moe import MoELayer
 from pyramoe.layers.norms import RMSNorm
+from pyramoe.layers.packed import PackedLinear
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -48,7 +50,7 @@ class _Layer(ctypes.Structure):
 class _Model(ctypes.Structure):
     _fields_ = [
         ("n_layers", _I), ("d_model", _I), ("n_heads", _I), ("n_kv_heads", _I), ("head_dim", _I),
-        ("rot_dim", _I), ("vocab", _I), ("slots", _I), ("max_len", _I), ("bf16", _I), ("rmsnorm", _I),
+        ("rot_dim", _I), ("vocab", _I), ("slots", _I), ("max_len", _I), ("bf16", _I), ("blocked", _I), ("rmsnorm", _I),
         ("swiglu", _I), ("qk_norm", _I), ("eps", ctypes.c_double), ("qkv_clip", ctypes.c_double),
         ("final_norm_w", _P), ("final_norm_b", _P), ("head_w", _P), ("layers", ctypes.POINTER(_Layer)),
         ("threads", _I), ("max_rows", _I), ("max_ff", _I), ("max_experts", _I), ("tok_emb", _P), ("pos_emb", _P),
@@ -61,46 +63,87 @@ def unsupported_reason(model: nn.Module, cache: object) -> str | None:
     if load_library() is None:
         return f"native library unavailable: {build_error()}"
     cfg = model.config
-    if type(model.lm_head) is not nn.Linear:
-        return "weights packed for oneDNN"
-    weight = model.lm_head.weight
-    if weight.device.type != "cpu":
+    dtype = model.tok_emb.weight.dtype
+    if model.tok_emb.weight.device.type != "cpu":
         return "not on the CPU"
-    if weight.dtype not in (torch.float32, torch.bfloat16):
-        return f"dtype {weight.dtype}"
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"dtype {dtype}"
     if cfg.attention == "latent":
         return "latent attention"
     if cfg.norm not in ("rmsnorm", "layernorm") or cfg.activation not in ("swiglu", "gelu"):
         return f"norm {cfg.norm} / activation {cfg.activation}"
-    if any(k.dtype != weight.dtype or not k.is_contiguous() for k in [*cache.keys, *cache.values]):
+    if any(k.dtype != dtype or not k.is_contiguous() for k in [*cache.keys, *cache.values]):
         return "KV cache layout"
     for block in model.blocks:
         attn = block.attn
-        if type(attn) is not CausalSelfAttention or type(attn.qkv) is not nn.Linear or type(attn.proj) is not nn.Linear:
-            return "attention is parallelised or packed"
+        if type(attn) is not CausalSelfAttention:
+            return "attention is parallelised"
         if attn.n_heads % attn.n_kv_heads or attn.n_heads // attn.n_kv_heads > 64:
             return "query heads not a multiple of key/value heads, or more than 64 per key/value head"
         if block.is_moe:
             reason = _moe_unsupported(block.ffn)
             if reason:
                 return reason
-        elif type(block.ffn) is not MLP or type(block.ffn.fc_in) is not nn.Linear:
-            return "dense FFN is parallelised or packed"
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    if any(p.dtype != weight.dtype for p in matrices):
+        elif type(block.ffn) is not MLP:
+            return "dense FFN is parallelised"
+    layouts = {layout_of(m) for m in native_matrices(model)}
+    if None in layouts:
+        return "weights packed for oneDNN or split over processes"
+    if len(layouts) > 1:
+        return "some weights blocked, others not"
+    if "blocked" in layouts and not blocking_available():
+        return "blocked weights on a CPU without AVX512-BF16"
+    if any(p.dtype != dtype for p in model.parameters() if p.dim() >= 2):
         return "mixed weight dtypes"
+    return None
+
+
+def native_matrices(model: nn.Module) -> list[nn.Module]:
+    """The modules whose matrices the native step multiplies with (all plain, or all blocked)."""
+    matrices: list[nn.Module] = [model.lm_head]
+    for block in model.blocks:
+        matrices += [block.attn.qkv, block.attn.proj]
+        mlps = [block.ffn] if not block.is_moe else [block.ffn.residual_mlp, block.ffn.shared_expert]
+        if block.is_moe:
+            matrices.append(block.ffn.experts)
+        matrices += [linear for mlp in mlps if mlp is not None for linear in (mlp.fc_in, mlp.fc_out)]
+    return matrices
+
+
+def blockable(model: nn.Module) -> bool:
+    """Every matrix of the native step can take the blocked layout (bf16, even input widths, at
+    least 16 outputs, AVX512-BF16): `pack_model(model, "blocked")` then blocks them all."""
+    for module in native_matrices(model):
+        if type(module) is nn.Linear:
+            if module.out_features < MIN_BLOCKED_OUTPUTS or not can_block(module.weight):
+                return False
+        elif type(module) is not GroupedExperts or module.w_in is None or not (
+                can_block(module.w_in) and can_block(module.w_out)):
+            return False
+    return True
+
+
+def layout_of(module: nn.Module) -> str | None:
+    """"plain" (nn.Linear, GroupedExperts' stacked weights), "blocked" (the native kernels' layout,
+    `pyramoe.inference.packing.pack_model(layout="blocked")`), or None (anything else)."""
+    if type(module) is nn.Linear:
+        return "plain"
+    if type(module) is PackedLinear:
+        return "blocked" if isinstance(module.packed_weight, BlockedWeight) else None
+    if type(module) is GroupedExperts:
+        if module.packed is None:
+            return "plain" if module.w_in is not None else None
+        return "blocked" if isinstance(module.packed[0][0], BlockedWeight) else None
     return None
 
 
 def _moe_unsupported(moe: MoELayer) -> str | None:
     if type(moe.dispatcher) is not LocalDispatcher or moe.token_split is not None:
         return "experts are spread over processes"
-    if type(moe.experts) is not GroupedExperts or moe.experts.w_in is None:
-        return "experts are sharded or packed"
+    if type(moe.experts) is not GroupedExperts:
+        return "experts are sharded"
     if not moe.config.dropless:
         return "MoE layers with a capacity (the native step is dropless)"
-    if moe.residual_mlp is not None and type(moe.residual_mlp.fc_in) is not nn.Linear:
-        return "Residual-MoE MLP is packed"
     return None
 
 
@@ -133,11 +176,29 @@ class NativeDecoder:
         self._keep.append(tensor)
         return tensor.data_ptr()
 
+    def _matrix(self, linear: nn.Module) -> int:
+        """The weight's address: nn.Linear's [out, in], or a PackedLinear's blocked data."""
+        if isinstance(linear, PackedLinear):
+            return self._ptr(linear.packed_weight.data)
+        return self._ptr(linear.weight)
+
+    def _experts(self, experts: GroupedExperts) -> tuple[int, int, int]:
+        """Addresses of the stacked first and second projections, and the expert hidden width."""
+        if experts.packed is None:
+            return self._ptr(experts.w_in), self._ptr(experts.w_out), experts.w_out.shape[2]
+        firsts = []
+        for per_expert in experts.packed:  # views of one stacked tensor, expert after expert
+            data = [w.data for w in per_expert]
+            step = data[0].numel() * data[0].element_size()
+            assert all(d.data_ptr() == data[0].data_ptr() + e * step for e, d in enumerate(data))
+            firsts.append(data[0])
+        return self._ptr(firsts[0]), self._ptr(firsts[1]), experts.packed[1][0].in_features
+
     def _mlp(self, mlp: MLP | None) -> _Mlp:
         if mlp is None:
             return _Mlp()
         fc_in, fc_out = mlp.fc_in, mlp.fc_out
-        return _Mlp(self._ptr(fc_in.weight), self._ptr(fc_out.weight), self._ptr(fc_in.bias, True),
+        return _Mlp(self._matrix(fc_in), self._matrix(fc_out), self._ptr(fc_in.bias, True),
                     self._ptr(fc_out.bias, True), fc_out.in_features)
 
     def _norm(self, norm: nn.Module) -> tuple[int | None, int | None]:
@@ -148,8 +209,8 @@ class NativeDecoder:
         layer = _Layer()
         layer.attn_norm_w, layer.attn_norm_b = self._norm(block.ln_attn)
         layer.ffn_norm_w, layer.ffn_norm_b = self._norm(block.ln_ffn)
-        layer.qkv_w, layer.qkv_b = self._ptr(attn.qkv.weight), self._ptr(attn.qkv.bias, True)
-        layer.o_w, layer.o_b = self._ptr(attn.proj.weight), self._ptr(attn.proj.bias, True)
+        layer.qkv_w, layer.qkv_b = self._matrix(attn.qkv), self._ptr(attn.qkv.bias, True)
+        layer.o_w, layer.o_b = self._matrix(attn.proj), self._ptr(attn.proj.bias, True)
         if attn.qk_norm != "off":
             layer.q_norm_w, layer.k_norm_w = self._ptr(attn.q_norm.weight, True), self._ptr(attn.k_norm.weight, True)
         layer.k_cache, layer.v_cache = self._ptr(self.cache.keys[index]), self._ptr(self.cache.values[index])
@@ -160,7 +221,8 @@ class NativeDecoder:
         experts = moe.experts
         layer.is_moe = 1
         layer.mlp = self._mlp(moe.residual_mlp)
-        layer.num_experts, layer.top_k, layer.expert_ff = experts.num_experts, cfg.top_k, experts.w_out.shape[2]
+        layer.exp_in_w, layer.exp_out_w, layer.expert_ff = self._experts(experts)
+        layer.num_experts, layer.top_k = experts.num_experts, cfg.top_k
         layer.router_w = self._ptr(moe.router.weight, True)
         layer.score_bias = self._ptr(getattr(moe.router, "score_bias", None), True)
         layer.router_sigmoid = int(cfg.router_score == "sigmoid")
@@ -169,7 +231,6 @@ class NativeDecoder:
         # Dropless: "before_drop" and "after_drop" both divide the k weights by their sum.
         layer.renormalize = int(cfg.top_k > 1 and moe.router.rules.gate_norm in ("before_drop", "after_drop"))
         layer.routed_scale = cfg.routed_scaling
-        layer.exp_in_w, layer.exp_out_w = self._ptr(experts.w_in), self._ptr(experts.w_out)
         if experts.b_in is not None:
             layer.exp_in_b = self._ptr(experts.b_in.squeeze(1), True)
             layer.exp_out_b = self._ptr(experts.b_out.squeeze(1), True)
@@ -192,19 +253,21 @@ class NativeDecoder:
             mlps = [ffn] if not block.is_moe else [ffn.residual_mlp, ffn.shared_expert]
             ffs += [m.fc_out.in_features for m in mlps if m is not None]
             if block.is_moe:
-                ffs.append(ffn.experts.w_out.shape[2])
+                experts = ffn.experts
+                ffs.append(experts.w_out.shape[2] if experts.packed is None else experts.packed[1][0].in_features)
         experts = [b.ffn.num_experts for b in blocks if b.is_moe] or [1]
         struct = _Model(
             n_layers=len(blocks), d_model=cfg.d_model, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads,
             head_dim=attn.head_dim, rot_dim=cfg.rope_dim if model.rope is not None else 0,
             vocab=cfg.vocab_size, slots=self.cache.keys[0].shape[0], max_len=self.cache.keys[0].shape[2],
-            bf16=int(model.lm_head.weight.dtype == torch.bfloat16), rmsnorm=int(isinstance(blocks[0].ln_attn, RMSNorm)),
+            bf16=int(model.tok_emb.weight.dtype == torch.bfloat16), blocked=int(layout_of(model.lm_head) == "blocked"),
+            rmsnorm=int(isinstance(blocks[0].ln_attn, RMSNorm)),
             swiglu=int(cfg.activation == "swiglu"), qk_norm={"off": 0, "head": 1, "full": 2}[attn.qk_norm],
             eps=cfg.layer_norm_eps, qkv_clip=attn.qkv_clip or 0.0,
             threads=torch.get_num_threads(), max_rows=self.max_rows, max_ff=max(ffs), max_experts=max(experts),
         )
         struct.final_norm_w, struct.final_norm_b = self._norm(model.ln_f)
-        struct.head_w = self._ptr(model.lm_head.weight)
+        struct.head_w = self._matrix(model.lm_head)
         struct.tok_emb = self._ptr(model.tok_emb.weight)
         if model.rope is None:
             struct.pos_emb = self._ptr(model.pos_emb.weight)

@@ -1,4 +1,5 @@
-"""Compile the native decode step (`decode_step.cpp`) for this machine, once, and load it.
+"""Compile the native CPU kernels (`native.cpp`: the decode step, blocked bf16 products) for this
+machine, once, and load them.
 
 The library is built with the system C++ compiler at first use (`-O3 -march=native -fopenmp`: the
 AVX512-BF16 kernels only where the CPU has them) and cached under `$PYRAMOE_CACHE/native` (default
@@ -18,7 +19,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("decode_step.cpp")
+SOURCE = Path(__file__).with_name("native.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
 _library: ctypes.CDLL | None = None
@@ -48,7 +49,7 @@ def _compiler() -> str | None:
 def library_path(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
-    return cache_dir() / f"decode_step-{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"native-{key.hexdigest()[:16]}.so"
 
 
 def build() -> Path:

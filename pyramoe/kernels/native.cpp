@@ -5,9 +5,15 @@
 // streamed once per step (a batch's rows share each read), bf16 weights go through AVX512-BF16 dot
 // products where the CPU has them, and only the matrix products run on several threads.
 //
-// Built at first use by pyramoe/inference/native/build.py (g++ -O3 -march=native -fopenmp) and
-// driven through ctypes by pyramoe/inference/native/step.py, which fills the structs below from a
-// model. Activations stay fp32; matrices and the KV cache are bf16 or fp32 (the model's dtype).
+// Built at first use by pyramoe/kernels/build.py (g++ -O3 -march=native -fopenmp) and driven
+// through ctypes by pyramoe/inference/native/step.py, which fills the structs below from a model,
+// and by pyramoe/kernels/blocked.py (pm_linear: one product, for modules whose weights are blocked).
+// Activations stay fp32; matrices and the KV cache are bf16 or fp32 (the model's dtype).
+//
+// Blocked bf16 layout (where the CPU has AVX512-BF16): an [N, K] matrix as [ceil(N/16), K/2, 16, 2],
+// rows padded to 16 with zeros: 64 bytes hold 16 outputs x 2 inputs, so a product loads each piece
+// of weight once into a register and multiplies it with every row of x broadcast pairwise, 16
+// outputs per instruction and no horizontal sums (the layout oneDNN's packed bf16 weights use).
 //
 // Legend: B rows (one token each), D width, H/Hkv query/key-value heads, Dh head width, G = H/Hkv,
 // E experts, F hidden width of an MLP or expert, A (token, expert) assignments, V vocabulary.
@@ -54,6 +60,7 @@ struct PmLayer {
 struct PmModel {
   int64_t n_layers, d_model, n_heads, n_kv_heads, head_dim, rot_dim, vocab, slots, max_len;
   int64_t bf16;        // matrices and KV cache: 1 bf16, 0 fp32
+  int64_t blocked;     // bf16 matrices in the blocked layout (see the top of this file)
   int64_t rmsnorm;     // 1 RMSNorm, 0 LayerNorm
   int64_t swiglu;      // 1 SwiGLU, 0 GELU (erf)
   int64_t qk_norm;     // 0 off, 1 per head, 2 full projection
@@ -164,6 +171,32 @@ inline void swiglu(const float *gate, const float *up, float *y, int64_t n) {
   for (; i < n; ++i) y[i] = silu(gate[i]) * up[i];
 }
 
+// Index of the largest value, the first of equal maxima (as torch.argmax): one pass, 16 lanes.
+inline int64_t first_argmax(const float *x, int64_t n) {
+  int64_t i = 0, best = 0;
+  float top = -INFINITY;
+#if defined(__AVX512F__)
+  if (n >= 16) {
+    __m512 lane_top = _mm512_loadu_ps(x);
+    __m512i lane_at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i at = lane_at;
+    for (i = 16; i + 16 <= n; i += 16) {
+      at = _mm512_add_epi32(at, _mm512_set1_epi32(16));
+      const __m512 v = _mm512_loadu_ps(x + i);
+      const __mmask16 higher = _mm512_cmp_ps_mask(v, lane_top, _CMP_GT_OQ);
+      lane_top = _mm512_mask_mov_ps(lane_top, higher, v);
+      lane_at = _mm512_mask_mov_epi32(lane_at, higher, at);
+    }
+    top = _mm512_reduce_max_ps(lane_top);
+    const __mmask16 is_top = _mm512_cmp_ps_mask(lane_top, _mm512_set1_ps(top), _CMP_EQ_OQ);
+    best = _mm512_mask_reduce_min_epi32(is_top, lane_at);
+  }
+#endif
+  for (; i < n; ++i)
+    if (x[i] > top) top = x[best = i];
+  return best;
+}
+
 inline float dot(const float *a, const float *b, int64_t n) {
   float acc = 0;
 #pragma omp simd reduction(+ : acc)
@@ -189,9 +222,12 @@ struct Job {
   const void *W;
   const float *bias;
   float *y;  // [M, N]
+  bool blocked = false;
 };
 
 constexpr int64_t kRowBlock = 16;  // weight rows per unit of work (the threads split these)
+
+inline int64_t padded16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // Portable kernel: any K, fp32 or bf16 weights (the compiler vectorises the 16 lanes).
 template <typename WT>
@@ -274,37 +310,108 @@ void rows_bf16(const Job &j, int64_t n0, int64_t n1) {
   for (; n + 4 <= n1; n += 4) tiles_for_rows<4>(j, n);
   for (; n < n1; ++n) tiles_for_rows<1>(j, n);
 }
+
+constexpr int64_t kPrefetchPairs = 32;  // blocked layout: 2 KB ahead in each stream
+
+// NB blocks of 16 outputs x MB rows of x, blocked layout.
+template <int NB, int MB>
+inline void tile_blocked(const Job &j, int64_t nb, int64_t m) {
+  const int64_t K2 = j.K / 2;
+  const uint16_t *base = static_cast<const uint16_t *>(j.W) + nb * K2 * 32;
+  __m512 acc[MB][NB];
+  for (int b = 0; b < MB; ++b)
+    for (int c = 0; c < NB; ++c) acc[b][c] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < K2; ++kp) {
+    __m512i w[NB];
+    for (int c = 0; c < NB; ++c) {
+      w[c] = _mm512_loadu_si512(base + (c * K2 + kp) * 32);
+      if (m == 0) _mm_prefetch(reinterpret_cast<const char *>(base + (c * K2 + kp + kPrefetchPairs) * 32), _MM_HINT_T0);
+    }
+    for (int b = 0; b < MB; ++b) {
+      int32_t pair;
+      std::memcpy(&pair, j.xb + (m + b) * j.K + 2 * kp, 4);
+      const __m512i xv = _mm512_set1_epi32(pair);
+      for (int c = 0; c < NB; ++c)
+        acc[b][c] = _mm512_dpbf16_ps(acc[b][c], reinterpret_cast<const __m512bh &>(xv),
+                                     reinterpret_cast<__m512bh &>(w[c]));
+    }
+  }
+  for (int c = 0; c < NB; ++c) {
+    const int64_t n = (nb + c) * 16, left = std::min<int64_t>(16, j.N - n);
+    const __mmask16 mask = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+    const __m512 bias = j.bias ? _mm512_maskz_loadu_ps(mask, j.bias + n) : _mm512_setzero_ps();
+    for (int b = 0; b < MB; ++b) _mm512_mask_storeu_ps(j.y + (m + b) * j.N + n, mask, _mm512_add_ps(acc[b][c], bias));
+  }
+}
+
+template <int NB, int R>
+inline void blocked_rest(const Job &j, int64_t nb, int64_t m, int64_t rows) {
+  if constexpr (R >= 1) {
+    if (rows == R) tile_blocked<NB, R>(j, nb, m);
+    else blocked_rest<NB, R - 1>(j, nb, m, rows);
+  }
+}
+
+template <int NB, int MB>
+inline void blocked_tiles(const Job &j, int64_t nb) {
+  int64_t m = 0;
+  for (; m + MB <= j.M; m += MB) tile_blocked<NB, MB>(j, nb, m);
+  blocked_rest<NB, MB - 1>(j, nb, m, j.M - m);
+}
+
+// Output blocks [b0, b1) of a blocked product: more output blocks per tile for few rows of x
+// (independent accumulators), more rows per tile for many (each weight load used more).
+template <int NB, int MB>
+void blocks_with(const Job &j, int64_t b0, int64_t b1) {
+  int64_t nb = b0;
+  for (; nb + NB <= b1; nb += NB) blocked_tiles<NB, MB>(j, nb);
+  for (; nb < b1; ++nb) blocked_tiles<1, MB>(j, nb);
+}
+
+void blocks_bf16(const Job &j, int64_t b0, int64_t b1) {
+  if (j.M <= 3) blocks_with<8, 3>(j, b0, b1);
+  else if (j.M <= 6) blocks_with<4, 6>(j, b0, b1);
+  else blocks_with<2, 12>(j, b0, b1);
+}
 #else
 constexpr bool kNativeBf16 = false;
 void rows_bf16(const Job &j, int64_t n0, int64_t n1) { rows_generic<uint16_t>(j, n0, n1); }
+void blocks_bf16(const Job &, int64_t, int64_t) {}  // never called: nothing is blocked without AVX512-BF16
 #endif
 
+bool reads_bf16_x(const Job &j, bool bf16) { return bf16 && kNativeBf16 && (j.blocked || j.K % 32 == 0); }
+
+// Outputs [n0, n1) of a job (multiples of 16 for blocked weights, but n1 may be N).
 void run_rows(const Job &j, int64_t n0, int64_t n1, bool bf16) {
   if (!bf16) rows_generic<float>(j, n0, n1);
-  else if (kNativeBf16 && j.K % 32 == 0) rows_bf16(j, n0, n1);
+  else if (j.blocked) blocks_bf16(j, n0 / 16, (n1 + 15) / 16);
+  else if (reads_bf16_x(j, bf16)) rows_bf16(j, n0, n1);
   else rows_generic<uint16_t>(j, n0, n1);
 }
 
-// All jobs of a phase in one parallel region, split by blocks of weight rows.
+// All jobs of a phase in one parallel region, split by units of weight rows (contiguous units per
+// thread, so its prefetches run ahead within its own range).
 void run_jobs(std::vector<Job> &jobs, bool bf16, int threads, uint16_t *xb_scratch) {
   if (jobs.empty()) return;
-  std::vector<int64_t> first_block(jobs.size() + 1, 0);
+  std::vector<int64_t> first_unit(jobs.size() + 1, 0);
+  std::vector<int64_t> unit_rows(jobs.size());
   for (size_t i = 0; i < jobs.size(); ++i) {
     Job &j = jobs[i];
-    if (bf16 && kNativeBf16 && j.K % 32 == 0) {  // the kernel reads x as bf16
+    if (reads_bf16_x(j, bf16)) {  // the kernels read x as bf16
       for (int64_t i2 = 0; i2 < j.M * j.K; ++i2) xb_scratch[i2] = f32_to_bf16(j.x[i2]);
       j.xb = xb_scratch;
       xb_scratch += j.M * j.K;
     }
-    first_block[i + 1] = first_block[i] + (j.N + kRowBlock - 1) / kRowBlock;
+    unit_rows[i] = j.blocked ? 128 : kRowBlock;
+    first_unit[i + 1] = first_unit[i] + (j.N + unit_rows[i] - 1) / unit_rows[i];
   }
-  const int64_t blocks = first_block.back();
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
-  for (int64_t blk = 0; blk < blocks; ++blk) {
-    size_t i = std::upper_bound(first_block.begin(), first_block.end(), blk) - first_block.begin() - 1;
+  const int64_t units = first_unit.back();
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && units > 1)
+  for (int64_t u = 0; u < units; ++u) {
+    size_t i = std::upper_bound(first_unit.begin(), first_unit.end(), u) - first_unit.begin() - 1;
     const Job &j = jobs[i];
-    int64_t n0 = (blk - first_block[i]) * kRowBlock;
-    run_rows(j, n0, std::min(n0 + kRowBlock, j.N), bf16);
+    int64_t n0 = (u - first_unit[i]) * unit_rows[i];
+    run_rows(j, n0, std::min(n0 + unit_rows[i], j.N), bf16);
   }
 }
 
@@ -545,12 +652,20 @@ int64_t route(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B)
   return a;
 }
 
+// A product with one of the model's matrices (blocked where the model's are).
+Job model_job(const PmModel &m, const float *x, int64_t M, int64_t K, int64_t N, const void *W, const float *bias,
+              float *y) {
+  Job j{x, nullptr, M, K, N, W, bias, y};
+  j.blocked = m.bf16 && m.blocked;
+  return j;
+}
+
 Job mlp_in_job(const PmModel &m, const PmMlp &mlp, const float *x, int64_t rows, float *y) {
-  return Job{x, nullptr, rows, m.d_model, (m.swiglu ? 2 : 1) * mlp.ff, mlp.in_w, mlp.in_b, y};
+  return model_job(m, x, rows, m.d_model, (m.swiglu ? 2 : 1) * mlp.ff, mlp.in_w, mlp.in_b, y);
 }
 
 Job mlp_out_job(const PmModel &m, const PmMlp &mlp, const float *x, int64_t rows, float *y) {
-  return Job{x, nullptr, rows, mlp.ff, m.d_model, mlp.out_w, mlp.out_b, y};
+  return model_job(m, x, rows, mlp.ff, m.d_model, mlp.out_w, mlp.out_b, y);
 }
 
 // The FFN of a block: y[B, D] (added to the residual by the caller).
@@ -597,8 +712,10 @@ void ffn(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B, floa
       const int64_t e = expert[i];
       int64_t n = 1;
       while (i + n < assignments && expert[i + n] == e) ++n;
-      PmMlp one{static_cast<const char *>(L.exp_in_w) + e * width * D * esz,
-                static_cast<const char *>(L.exp_out_w) + e * D * F * esz,
+      // Expert e's matrices: blocked ones hold their rows padded to 16.
+      const int64_t rows_in = m.blocked ? padded16(width) : width, rows_out = m.blocked ? padded16(D) : D;
+      PmMlp one{static_cast<const char *>(L.exp_in_w) + e * rows_in * D * esz,
+                static_cast<const char *>(L.exp_out_w) + e * rows_out * F * esz,
                 L.exp_in_b ? L.exp_in_b + e * width : nullptr, L.exp_out_b ? L.exp_out_b + e * D : nullptr, F};
       add(one, w.expert_x + i * D, n);
       i += n;
@@ -678,6 +795,18 @@ int64_t pm_workspace_bytes(const PmModel *m, int64_t B) {
 
 int64_t pm_native_bf16() { return kNativeBf16 ? 1 : 0; }
 
+// y[M, N] = x[M, K] . W^T + bias with W in `layout` (0: fp32 [N, K], 1: bf16 [N, K], 2: bf16
+// blocked, which needs AVX512-BF16 and an even K); bias fp32 or null. Returns 1 for a bad layout.
+int64_t pm_linear(const void *W, int64_t layout, int64_t N, int64_t K, const float *x, int64_t M, const float *bias,
+                  float *y, int64_t threads) {
+  if (layout < 0 || layout > 2 || (layout == 2 && (!kNativeBf16 || K % 2))) return 1;
+  std::vector<uint16_t> xb(M * K);
+  std::vector<Job> jobs{Job{x, nullptr, M, K, N, W, bias, y}};
+  jobs[0].blocked = layout == 2;
+  run_jobs(jobs, layout > 0, int(threads), xb.data());
+  return 0;
+}
+
 // Seconds per phase since the last call (norms, qkv, attention, out projection, routing, expert/MLP
 // first projections, activation, second projections, combine, LM head); resets them.
 void pm_profile(double *out) {
@@ -724,7 +853,7 @@ int64_t pm_forward(const PmModel *mp, const int64_t *tokens, const int64_t *slot
       PhaseTimer t(kNorms);
       norm_rows(m, x, L.attn_norm_w, L.attn_norm_b, w.h, B);
     }
-    std::vector<Job> jobs{Job{w.h, nullptr, B, D, qkv_width, L.qkv_w, L.qkv_b, w.qkv}};
+    std::vector<Job> jobs{model_job(m, w.h, B, D, qkv_width, L.qkv_w, L.qkv_b, w.qkv)};
     {
       PhaseTimer t(kQkv);
       run_jobs(jobs, bf16, threads, w.xb);
@@ -735,7 +864,7 @@ int64_t pm_forward(const PmModel *mp, const int64_t *tokens, const int64_t *slot
         prepare_qkv(m, L, w.qkv + r * qkv_width, cos.data() + r * m.rot_dim, sin.data() + r * m.rot_dim);
       attention(m, L, w, slot, pos, B);
     }
-    jobs = {Job{w.att, nullptr, B, m.n_heads * m.head_dim, D, L.o_w, L.o_b, w.tmp}};
+    jobs = {model_job(m, w.att, B, m.n_heads * m.head_dim, D, L.o_w, L.o_b, w.tmp)};
     {
       PhaseTimer t(kOutProj);
       run_jobs(jobs, bf16, threads, w.xb);
@@ -752,12 +881,9 @@ int64_t pm_forward(const PmModel *mp, const int64_t *tokens, const int64_t *slot
   PhaseTimer t(kHead);
   for (int64_t i = 0; i < n_logits; ++i) std::memcpy(w.tmp + i * D, x + logit_rows[i] * D, D * 4);
   norm_rows(m, w.tmp, m.final_norm_w, m.final_norm_b, w.h, n_logits);
-  std::vector<Job> head{Job{w.h, nullptr, n_logits, D, m.vocab, m.head_w, nullptr, logits}};
+  std::vector<Job> head{model_job(m, w.h, n_logits, D, m.vocab, m.head_w, nullptr, logits)};
   run_jobs(head, bf16, threads, w.xb);
-  for (int64_t i = 0; i < n_logits; ++i) {
-    const float *row = logits + i * m.vocab;
-    argmax[i] = std::max_element(row, row + m.vocab) - row;  // the first of equal maxima, as torch
-  }
+  for (int64_t i = 0; i < n_logits; ++i) argmax[i] = first_argmax(logits + i * m.vocab, m.vocab);
   return 0;
 }
 
