@@ -1,5 +1,7 @@
-"""Where a decode step's time goes, by module (forward hooks; the hooks add a little): the engine on
-the Mixtral-shaped benchmark model, after warm-up. Usage: python benchmarks/decode_breakdown.py [BATCH]"""
+"""Where the PyTorch decode step's time goes, by module (forward hooks; the hooks add a little): the
+engine with native=False (oneDNN-packed weights) on the Mixtral-shaped benchmark model, after
+warm-up. The native step's phases: benchmarks/native_breakdown.py.
+Usage: python benchmarks/decode_breakdown.py [BATCH]"""
 
 import argparse
 import collections
@@ -19,7 +21,7 @@ shape = parser.parse_args([])
 reference = bench.build_transformers(shape, torch.bfloat16)
 with tempfile.TemporaryDirectory() as tmp:
     reference.save_pretrained(tmp)
-    engine = Engine.load(tmp, dtype="bf16", max_batch=batch, eos_id=None)
+    engine = Engine.load(tmp, dtype="bf16", max_batch=batch, eos_id=None, native=False)
 for prompt in torch.randint(1, shape.vocab, (batch, 16)).tolist():
     engine.add_request(prompt, SamplingParams(max_tokens=200, temperature=0))
 for _ in range(4):

@@ -1,4 +1,4 @@
-"""Profile the engine's decode step on the Mixtral-shaped benchmark model (batch 1), top functions by
+"""Profile the engine's PyTorch decode step (native=False) on the Mixtral-shaped benchmark model (batch 1), top functions by
 own time. Usage: python benchmarks/profile_decode.py [--dtype bf16|fp32] [--tokens N]"""
 
 import argparse
@@ -24,7 +24,7 @@ dtype = torch.bfloat16 if cli.dtype == "bf16" else torch.float32
 reference = bench.build_transformers(shape, dtype)
 with tempfile.TemporaryDirectory() as tmp:
     reference.save_pretrained(tmp)
-    engine = Engine.load(tmp, dtype=cli.dtype, max_batch=cli.batch, eos_id=None)
+    engine = Engine.load(tmp, dtype=cli.dtype, max_batch=cli.batch, eos_id=None, native=False)
 prompts = torch.randint(1, shape.vocab, (cli.batch, 16)).tolist()
 params = SamplingParams(max_tokens=cli.tokens, temperature=0)
 engine.generate(prompts, SamplingParams(max_tokens=3, temperature=0))
