@@ -24,14 +24,14 @@ with tempfile.TemporaryDirectory() as tmp:
     reference.save_pretrained(tmp)
     engine = Engine.load(tmp, dtype="bf16", max_batch=batch, eos_id=None)
 for prompt in torch.randint(1, shape.vocab, (batch, 16)).tolist():
-    engine.add_request(prompt, SamplingParams(max_tokens=200, temperature=0))
+    engine.add_request(prompt, SamplingParams(max_tokens=int(sys.argv[2]) if len(sys.argv) > 2 else 200, temperature=0))
 for _ in range(4):
     engine.step()
 assert engine.decode_path == "native", engine.native_unavailable
 library = load_library()
 spent = (ctypes.c_double * len(PHASES))()
 library.pm_profile(spent)
-steps = 50
+steps = int(sys.argv[3]) if len(sys.argv) > 3 else 50
 start = time.perf_counter()
 for _ in range(steps):
     engine.step()

@@ -1,5 +1,5 @@
-"""Profile the engine's PyTorch decode step (native=False) on the Mixtral-shaped benchmark model (batch 1), top functions by
-own time. Usage: python benchmarks/profile_decode.py [--dtype bf16|fp32] [--tokens N]"""
+"""Profile the engine's PyTorch decode step (native=False) on the Mixtral-shaped benchmark model
+(batch 1), top functions by own time. Usage: python benchmarks/profile_decode.py [--dtype bf16|fp32] [--tokens N]"""
 
 import argparse
 import cProfile

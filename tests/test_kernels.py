@@ -40,6 +40,15 @@ def test_block_layout():
     assert data[1, 0, 4:].abs().sum() == 0  # outputs 20..31: padding
 
 
+def test_huge_page_tensors_are_aligned_views_of_one_buffer():
+    from pyramoe.kernels import huge_page_tensors
+
+    a, b, c = huge_page_tensors([(3, 5), (7,), (2, 2, 16, 2)])
+    assert a.data_ptr() % (2 << 20) == 0 and b.data_ptr() % 64 == 0 and c.data_ptr() % 64 == 0
+    assert a.untyped_storage().data_ptr() == c.untyped_storage().data_ptr()
+    assert (a.shape, b.shape, c.shape) == ((3, 5), (7,), (2, 2, 16, 2)) and a.dtype == torch.bfloat16
+
+
 def _model(expert_ff: int = 96) -> GPT:
     layers = build_layers(2, [1], 8, top_k=2, dropless=True, expert_d_ff=expert_ff, shared_d_ff=64)
     config = ModelConfig(vocab_size=101, max_seq_len=64, d_model=64, n_heads=4, n_kv_heads=2, d_ff=128,
@@ -55,6 +64,8 @@ def test_blocked_model_runs_in_pytorch():
     with torch.no_grad():
         expected = twin(ids).logits.float()
         assert pack_model(model, "blocked") > 0
+        data = [model.lm_head.packed_weight.data, model.blocks[1].ffn.experts.packed[0][0].data]
+        assert len({d.untyped_storage().data_ptr() for d in data}) == 1  # one buffer for all
         assert layout_of(model.lm_head) == "blocked" and layout_of(model.blocks[1].ffn.experts) == "blocked"
         got = model(ids).logits.float()
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())

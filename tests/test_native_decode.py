@@ -49,6 +49,10 @@ CASES = {
                                        "expert_groups": 4, "topk_groups": 2, "routed_scaling": 2.5}),
     "top-3 unnormalised, partial rope": _llama(rope_fraction=0.5, moe={"top_k": 3, "gate_norm": "softmax"}),
     "odd widths": _llama(d_model=48, moe={"expert_d_ff": 40}),
+    # The attention kernel with queries in registers: head widths 32 / 64 / 128.
+    "head width 32": _llama(d_model=128, n_heads=4, n_kv_heads=2),
+    "head width 64, 4 query heads per kv head": _llama(d_model=256, n_heads=4, n_kv_heads=1),
+    "head width 128": _llama(d_model=256, n_heads=2, n_kv_heads=1),
     "gpt-2 moe": _gpt2("tiny-moe"),
     "gpt-2 top-2": _gpt2("tiny-moe-top2"),
     "residual moe (pr-moe)": _gpt2("tiny-prmoe"),
@@ -102,7 +106,8 @@ def test_native_step_equals_pytorch_fp32(name):
     torch.testing.assert_close(native, reference, rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2 (shared gated expert, qkv bias)", "odd widths", "gpt-2 moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2 (shared gated expert, qkv bias)", "odd widths", "gpt-2 moe",
+                                  "head width 64, 4 query heads per kv head"])
 def test_native_step_bf16_within_rounding(name):
     """bf16 weights: the native step keeps activations in fp32, PyTorch rounds them to bf16 after
     every op; both are compared with the fp32 model on the same (bf16-rounded) weights."""
@@ -171,6 +176,9 @@ def test_native_step_refuses_rows_beyond_its_cache():
         decoder.step(torch.tensor([1, 2, 3]), torch.tensor([0, 0, 0]))
     with pytest.raises(ValueError, match="positions"):
         decoder.step(torch.tensor([1]), torch.tensor([8]))
+    model.tok_emb.weight.data = model.tok_emb.weight.data.clone()  # e.g. model.to(...) after the first step
+    with pytest.raises(ValueError, match="moved"):
+        decoder.step(torch.tensor([1]), torch.tensor([0]))
 
 
 def test_build_is_cached_per_machine_and_falls_back_without_a_compiler(tmp_path, monkeypatch):

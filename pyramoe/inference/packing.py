@@ -7,9 +7,10 @@ The packed model is for inference only: no gradients, no resharding, no state_di
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from pyramoe.kernels import BlockedWeight, block_weights, can_block
+from pyramoe.kernels import BlockedWeight, block_weights, blocked_shape, can_block, huge_page_tensors
 from pyramoe.layers.experts import GroupedExperts
 from pyramoe.layers.packed import PackedLinear, can_pack, pack_weight, packing_available
 
@@ -18,11 +19,13 @@ from pyramoe.layers.packed import PackedLinear, can_pack, pack_weight, packing_a
 MIN_BLOCKED_OUTPUTS = 16
 
 
-def pack_experts(experts: GroupedExperts, blocked: bool = False) -> None:
+def pack_experts(experts: GroupedExperts, blocked: bool = False, out: list[torch.Tensor] | None = None) -> None:
     """One packed weight per expert and projection (`experts.packed`); the stacked weights go.
-    Blocked: views of one stacked tensor per projection, expert after expert."""
+    Blocked: views of one stacked tensor per projection (written into `out` when given), expert
+    after expert."""
     if blocked:
-        stacks = [block_weights(w) for w in (experts.w_in, experts.w_out)]
+        outs = out or [None, None]
+        stacks = [block_weights(w, o) for w, o in zip((experts.w_in, experts.w_out), outs)]
         experts.packed = tuple(
             [BlockedWeight(stack[e], w.shape[1], w.shape[2]) for e in range(experts.num_experts)]
             for stack, w in zip(stacks, (experts.w_in, experts.w_out)))
@@ -44,16 +47,19 @@ def pack_model(model: nn.Module, layout: str = "onednn") -> int:
     blocked = layout == "blocked"
     if not blocked and not packing_available():
         return 0
-    count = 0
-    for module in list(model.modules()):
-        if type(module) is GroupedExperts and module.packed is None and _packable_experts(module, blocked):
-            count += 2 * module.num_experts
-            pack_experts(module, blocked)
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and _same_dtype(child) and _packable(child, blocked):
-                setattr(module, name, PackedLinear(child, blocked))
-                count += 1
-    return count
+    experts = [m for m in model.modules() if type(m) is GroupedExperts and m.packed is None
+               and _packable_experts(m, blocked)]
+    linears = [(module, name, child) for module in model.modules() for name, child in module.named_children()
+               if type(child) is nn.Linear and _same_dtype(child) and _packable(child, blocked)]
+    outs: list[torch.Tensor | None] = [None] * (2 * len(experts) + len(linears))
+    if blocked:  # every blocked matrix in one buffer of transparent huge pages
+        shapes = [blocked_shape(w.shape) for e in experts for w in (e.w_in, e.w_out)]
+        outs = huge_page_tensors(shapes + [blocked_shape(child.weight.shape) for _, _, child in linears])
+    for i, module in enumerate(experts):
+        pack_experts(module, blocked, outs[2 * i : 2 * i + 2] if blocked else None)
+    for (module, name, child), out in zip(linears, outs[2 * len(experts) :]):
+        setattr(module, name, PackedLinear(child, blocked, out))
+    return 2 * sum(e.num_experts for e in experts) + len(linears)
 
 
 def _packable(linear: nn.Linear, blocked: bool) -> bool:

@@ -1,15 +1,25 @@
 """Native CPU kernels compiled for the machine at first use (`native.cpp`): the engine's decode
 step and bf16 products on weights in a blocked layout. Imports only torch, so layers may use it."""
 
-from pyramoe.kernels.blocked import BlockedWeight, block_weights, blocked_linear, blocking_available, can_block
+from pyramoe.kernels.blocked import (
+    BlockedWeight,
+    block_weights,
+    blocked_linear,
+    blocked_shape,
+    blocking_available,
+    can_block,
+    huge_page_tensors,
+)
 from pyramoe.kernels.build import build_error, load_library
 
 __all__ = [
     "BlockedWeight",
     "block_weights",
     "blocked_linear",
+    "blocked_shape",
     "blocking_available",
     "build_error",
     "can_block",
+    "huge_page_tensors",
     "load_library",
 ]

@@ -406,7 +406,7 @@ void run_jobs(std::vector<Job> &jobs, bool bf16, int threads, uint16_t *xb_scrat
     first_unit[i + 1] = first_unit[i] + (j.N + unit_rows[i] - 1) / unit_rows[i];
   }
   const int64_t units = first_unit.back();
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && units > 1)
+#pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1 && units > 1)
   for (int64_t u = 0; u < units; ++u) {
     size_t i = std::upper_bound(first_unit.begin(), first_unit.end(), u) - first_unit.begin() - 1;
     const Job &j = jobs[i];
@@ -528,6 +528,85 @@ void prepare_qkv(const PmModel &m, const PmLayer &L, float *qkv, const float *co
   }
 }
 
+#if defined(__AVX512F__)
+// One cached key or value row as C vectors of 16 floats.
+template <int C>
+inline void load_row(const void *cache, int64_t at, bool bf16, __m512 *v) {
+  for (int c = 0; c < C; ++c) {
+    if (bf16) {
+      const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(static_cast<const uint16_t *>(cache) + at + 16 * c));
+      v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+    } else {
+      v[c] = _mm512_loadu_ps(static_cast<const float *>(cache) + at + 16 * c);
+    }
+  }
+}
+
+// Attention of the G <= GMAX query heads of one key/value head over `len` cached positions, head
+// width 16 C, with the queries and outputs held in registers (the generic loop kept its outputs in
+// memory and reduced every dot product through it: 0.43 ms of a 7 ms batch-16 step at 50 positions).
+template <int C, int GMAX>
+void attend_registers(const PmModel &m, const PmLayer &L, const float *q, float *o, int64_t row0, int64_t len,
+                      float scale, float *scores, int64_t G) {
+  const int64_t Dh = m.head_dim, S = m.max_len;
+  __m512 qv[GMAX][C];
+  for (int g = 0; g < GMAX; ++g)
+    for (int c = 0; c < C; ++c) qv[g][c] = g < G ? _mm512_loadu_ps(q + g * Dh + 16 * c) : _mm512_setzero_ps();
+  float top[GMAX];
+  for (int g = 0; g < GMAX; ++g) top[g] = -INFINITY;
+  for (int64_t l = 0; l < len; ++l) {
+    __m512 k[C];
+    load_row<C>(L.k_cache, row0 + l * Dh, m.bf16, k);
+    for (int g = 0; g < GMAX; ++g) {
+      if (g >= G) break;
+      __m512 acc = _mm512_mul_ps(qv[g][0], k[0]);
+      for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[g][c], k[c], acc);
+      const float sc = scale * _mm512_reduce_add_ps(acc);
+      scores[g * S + l] = sc;
+      top[g] = std::max(top[g], sc);
+    }
+  }
+  float inv_total[GMAX];
+  for (int g = 0; g < GMAX; ++g)
+    inv_total[g] = g < G ? 1.0f / exp_shifted(scores + g * S, scores + g * S, len, top[g]) : 0.0f;
+  __m512 out[GMAX][C];
+  for (int g = 0; g < GMAX; ++g)
+    for (int c = 0; c < C; ++c) out[g][c] = _mm512_setzero_ps();
+  for (int64_t l = 0; l < len; ++l) {
+    __m512 v[C];
+    load_row<C>(L.v_cache, row0 + l * Dh, m.bf16, v);
+    for (int g = 0; g < GMAX; ++g) {
+      if (g >= G) break;
+      const __m512 p = _mm512_set1_ps(scores[g * S + l] * inv_total[g]);
+      for (int c = 0; c < C; ++c) out[g][c] = _mm512_fmadd_ps(p, v[c], out[g][c]);
+    }
+  }
+  for (int g = 0; g < GMAX; ++g)
+    for (int c = 0; c < C; ++c)
+      if (g < G) _mm512_storeu_ps(o + g * Dh + 16 * c, out[g][c]);
+}
+#endif
+
+// The register kernel where the head width and group size fit it (head width 32, 64 or 128; up to
+// 8, 4 or 2 query heads per key/value head); false: the caller's generic loop.
+bool attend_in_registers(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t r, int64_t h,
+                         int64_t slot, int64_t len, float scale, float *scores) {
+#if defined(__AVX512F__)
+  const int64_t H = m.n_heads, Hkv = m.n_kv_heads, Dh = m.head_dim, G = H / Hkv;
+  const float *q = w.qkv + r * (H + 2 * Hkv) * Dh + h * G * Dh;
+  float *o = w.att + r * H * Dh + h * G * Dh;
+  const int64_t row0 = (slot * Hkv + h) * m.max_len * Dh;
+  if (Dh == 64 && G <= 4) attend_registers<4, 4>(m, L, q, o, row0, len, scale, scores, G);
+  else if (Dh == 128 && G <= 2) attend_registers<8, 2>(m, L, q, o, row0, len, scale, scores, G);
+  else if (Dh == 32 && G <= 8) attend_registers<2, 8>(m, L, q, o, row0, len, scale, scores, G);
+  else return false;
+  return true;
+#else
+  (void)m, (void)L, (void)w, (void)r, (void)h, (void)slot, (void)len, (void)scale, (void)scores;
+  return false;
+#endif
+}
+
 // Row r's key and value go to cache slot slot[r] at position pos[r] (all rows first: rows of one
 // sequence at consecutive positions, a prefill chunk, then see each other); its queries attend to
 // that slot's positions [0, pos[r]].
@@ -554,6 +633,7 @@ void attention(const PmModel &m, const PmLayer &L, const Workspace &w, const int
   for (int64_t rh = 0; rh < B * Hkv; ++rh) {
     const int64_t r = rh / Hkv, h = rh % Hkv, len = pos[r] + 1;
     float *scores = w.scores + int64_t(omp_get_thread_num()) * (G * S + Dh);
+    if (attend_in_registers(m, L, w, r, h, slot[r], len, scale, scores)) continue;
     float *row = scores + G * S;  // one key or value row in fp32
     const int64_t base = (slot[r] * Hkv + h) * S * Dh;
     const float *q = w.qkv + r * qkv_width + h * G * Dh;  // the G query heads of this key/value head

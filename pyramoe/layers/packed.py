@@ -55,11 +55,13 @@ class PackedLinear(nn.Module):
     """An inference-only nn.Linear whose weight is prepacked for oneDNN, or `blocked` for the native
     kernels (bf16)."""
 
-    def __init__(self, linear: nn.Linear, blocked: bool = False):
+    def __init__(self, linear: nn.Linear, blocked: bool = False, out: torch.Tensor | None = None):
+        """`out`: where to write the blocked weight (a preallocated tensor of its shape)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if blocked:
-            self.packed_weight = BlockedWeight(block_weights(linear.weight), self.out_features, self.in_features)
+            data = block_weights(linear.weight, out)
+            self.packed_weight = BlockedWeight(data, self.out_features, self.in_features)
         else:
             self.register_buffer("packed_weight", pack_weight(linear.weight), persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)

@@ -156,6 +156,8 @@ class NativeDecoder:
         self.model, self.cache, self.max_rows = model, cache, max_rows
         self._keep: list[torch.Tensor] = []  # fp32 copies the structs point into
         self.struct = self._describe()
+        # Addresses the structs hold: moving the model or its cache afterwards would leave them dangling.
+        self._watched = [(t, t.data_ptr()) for t in (model.tok_emb.weight, cache.keys[0], cache.values[-1])]
         self.library.pm_workspace_bytes.restype = _I
         self.library.pm_forward.restype = _I
         size = self.library.pm_workspace_bytes(ctypes.byref(self.struct), _I(max_rows))
@@ -292,6 +294,8 @@ class NativeDecoder:
         the earlier positions of their slot, those written by this forward included). Returns the
         logits of the rows in `logit_rows` [R, V] (fp32) and their argmax."""
         rows = tokens_N.shape[0]
+        if any(t.data_ptr() != address for t, address in self._watched):
+            raise ValueError("native forward: the model or its KV cache moved since the engine's first step")
         if not 1 <= rows <= self.max_rows:
             raise ValueError(f"native forward: {rows} rows, sized for 1..{self.max_rows}")
         tokens, slots, positions, picks = (t.to(torch.int64).contiguous() for t in (tokens_N, slots_N, positions_N,
