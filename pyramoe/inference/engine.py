@@ -61,6 +61,7 @@ class Request:
     cached: int = 0  # tokens in the KV cache
     slot: int | None = None
     finish_reason: str | None = None
+    stop_ids: frozenset[int] | None = None  # token ids that end it (set at its first token)
 
     @property
     def finished(self) -> bool:
@@ -335,8 +336,10 @@ class Engine:
             token = greedy
         else:
             token = sample_token(logits_V.float(), params, request.generator)
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos or self.eos_id is None else {self.eos_id})
-        if token in stop_ids:
+        if request.stop_ids is None:
+            eos = set() if params.ignore_eos or self.eos_id is None else {self.eos_id}
+            request.stop_ids = frozenset(params.stop_token_ids) | eos
+        if token in request.stop_ids:
             request.finish_reason = "stop"
             if self.tokenizer is not None and request.read_offset < len(request.output_ids):
                 request.text = self.tokenizer.decode(request.output_ids)  # with a pending partial character

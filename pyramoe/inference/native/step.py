@@ -161,6 +161,8 @@ class NativeDecoder:
         self.library.pm_workspace_bytes.restype = _I
         self.library.pm_forward.restype = _I
         size = self.library.pm_workspace_bytes(ctypes.byref(self.struct), _I(max_rows))
+        self._rows = torch.arange(max_rows)
+        self._struct_ref = ctypes.byref(self.struct)
         self.workspace = torch.empty(size, dtype=torch.uint8)
 
     @classmethod
@@ -284,7 +286,7 @@ class NativeDecoder:
         attends to its slot's positions [0, positions_B[b]]. Returns logits [B, V] (fp32) and their
         argmax per row."""
         rows = tokens_B.shape[0]
-        return self.forward(tokens_B, torch.arange(rows), positions_B, torch.arange(rows))
+        return self.forward(tokens_B, self._rows[:rows], positions_B, self._rows[:rows])
 
     def forward(
         self, tokens_N: torch.Tensor, slots_N: torch.Tensor, positions_N: torch.Tensor, logit_rows: torch.Tensor
@@ -298,13 +300,14 @@ class NativeDecoder:
             raise ValueError("native forward: the model or its KV cache moved since the engine's first step")
         if not 1 <= rows <= self.max_rows:
             raise ValueError(f"native forward: {rows} rows, sized for 1..{self.max_rows}")
-        tokens, slots, positions, picks = (t.to(torch.int64).contiguous() for t in (tokens_N, slots_N, positions_N,
-                                                                                    logit_rows))
+        tokens, slots, positions, picks = (t if t.dtype == torch.int64 and t.is_contiguous() else
+                                           t.to(torch.int64).contiguous()
+                                           for t in (tokens_N, slots_N, positions_N, logit_rows))
         self.struct.threads = torch.get_num_threads()
         logits_RV = torch.empty(picks.numel(), self.model.config.vocab_size)
         argmax_R = torch.empty(picks.numel(), dtype=torch.int64)
         status = self.library.pm_forward(
-            ctypes.byref(self.struct), _P(tokens.data_ptr()), _P(slots.data_ptr()), _P(positions.data_ptr()),
+            self._struct_ref, _P(tokens.data_ptr()), _P(slots.data_ptr()), _P(positions.data_ptr()),
             _I(rows), _P(picks.data_ptr()), _I(picks.numel()), _P(logits_RV.data_ptr()), _P(argmax_R.data_ptr()),
             _P(self.workspace.data_ptr()))
         if status == 2:
