@@ -9,6 +9,11 @@ and the PyTorch step wherever the native one does not apply."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +197,35 @@ def test_build_is_cached_per_machine_and_falls_back_without_a_compiler(tmp_path,
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises((RuntimeError, OSError)):
         build.build()
+
+
+AVX2_CHECK = """
+import torch
+from pyramoe.kernels import blocking_available, load_library
+import test_native_decode as t
+assert load_library() is not None and not blocking_available()
+for name in ("mixtral", "gpt-2 top-2", "head width 64, 4 query heads per kv head"):
+    native, reference = t._logits_both_ways(t._model(t.CASES[name], torch.float32), [5, 9, 1])
+    torch.testing.assert_close(native, reference, rtol=1e-5, atol=2e-5)
+    model = t._model(t.CASES[name], torch.bfloat16)
+    native, _ = t._logits_both_ways(model, [3, 17])
+    exact, _ = t._logits_both_ways(model.float(), [3, 17])
+    assert (native - exact).abs().max() <= 0.02 * exact.abs().max()
+print("ok")
+"""
+
+
+def _has_avx2() -> bool:
+    try:
+        return platform.machine() in ("x86_64", "AMD64") and " avx2 " in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx2(), reason="builds for x86-64-v3 (AVX2)")
+def test_avx2_build_gives_the_same_logits(tmp_path):
+    """The portable kernels (what an AVX2-only machine builds) on this machine: -march=x86-64-v3."""
+    env = {**os.environ, "PYRAMOE_NATIVE_MARCH": "x86-64-v3", "PYRAMOE_CACHE": str(tmp_path),
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", AVX2_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -2,7 +2,7 @@
 machine, once, and load them.
 
 The library is built with the system C++ compiler at first use (`-O3 -march=native -fopenmp`: the
-AVX512-BF16 kernels only where the CPU has them) and cached under `$PYRAMOE_CACHE/native` (default
+AVX512-BF16 kernels only where the CPU has them; `PYRAMOE_NATIVE_MARCH` overrides -march) and cached under `$PYRAMOE_CACHE/native` (default
 `~/.cache/pyramoe/native`) by a hash of the source, the compiler and the CPU's flags, so a machine
 with other instructions builds its own. It links the OpenMP runtime torch already loaded
 (libgomp.so.1), so both share one thread pool. Without a compiler, or where the build fails, the
@@ -20,7 +20,13 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("native.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", "-fno-math-errno"]
+
+
+def flags() -> list[str]:
+    """The compiler flags: -march=native, or $PYRAMOE_NATIVE_MARCH (e.g. x86-64-v3 to build and test
+    the AVX2 kernels on an AVX512 machine)."""
+    return [*FLAGS, f"-march={os.environ.get('PYRAMOE_NATIVE_MARCH') or 'native'}"]
 
 _library: ctypes.CDLL | None = None
 _error: str | None = None
@@ -48,7 +54,7 @@ def _compiler() -> str | None:
 
 def library_path(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(flags()), version, _cpu_flags()]).encode())
     return cache_dir() / f"native-{key.hexdigest()[:16]}.so"
 
 
@@ -66,7 +72,7 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        result = subprocess.run([compiler, *flags(), str(SOURCE), "-o", tmp], capture_output=True, text=True,
                                 timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1:]}")
