@@ -234,12 +234,12 @@ class Engine:
             admitted.append(request)
         for group in _same_length_runs(admitted):
             logits_BV, greedy_B = self._prefill(group)
-            for request, logits_V, greedy in zip(group, logits_BV, greedy_B):
-                events.append(self._accept(request, logits_V, greedy))
+            for i, request in enumerate(group):
+                events.append(self._accept(request, logits_BV, greedy_B[i], row=i))
         if decoding:
             logits_BV, greedy_B = self._decode(decoding)
-            for request, logits_V, greedy in zip(decoding, logits_BV, greedy_B):
-                events.append(self._accept(request, logits_V, greedy))
+            for i, request in enumerate(decoding):
+                events.append(self._accept(request, logits_BV, greedy_B[i], row=i))
         for request in [r for r in self.active if r.finished]:
             self._release(request)
         return events
@@ -300,13 +300,13 @@ class Engine:
         """One token per request: row b feeds its last token at position `cached`, and sees its own
         key slots [0, cached] only."""
         assert [r.slot for r in requests] == list(range(len(requests)))
-        positions_B = torch.tensor([r.cached for r in requests], device=self.device)
         if self.native_decoder is not None:
-            tokens_B = torch.tensor([r.output_ids[-1] for r in requests])
-            logits_BV, greedy_B = self.native_decoder.step(tokens_B, positions_B)
+            logits_BV, greedy_B = self.native_decoder.step([r.output_ids[-1] for r in requests],
+                                                           [r.cached for r in requests])
             for request in requests:
                 request.cached += 1
             return logits_BV, greedy_B
+        positions_B = torch.tensor([r.cached for r in requests], device=self.device)
         length = int(positions_B.max()) + 1
         visible_BL = torch.arange(length, device=self.device) <= positions_B[:, None]
         # Additive (0 / -inf, the model's dtype): SDPA would otherwise convert a bool mask in every layer.
@@ -328,14 +328,14 @@ class Engine:
             torch.distributed.broadcast(logits, src=self.logits_source)
         return logits
 
-    def _accept(self, request: Request, logits_V: torch.Tensor, greedy: int | None = None) -> TokenEvent:
-        """Sample the request's next token (`greedy`: its argmax, when already known), update its
-        text, decide whether it is done."""
+    def _accept(self, request: Request, logits_BV: torch.Tensor, greedy: int | None, row: int) -> TokenEvent:
+        """Sample the request's next token from row `row` of the logits (`greedy`: its argmax),
+        update its text, decide whether it is done."""
         params = request.params
-        if greedy is not None and params.temperature == 0:
-            token = greedy
+        if params.temperature == 0:
+            token = greedy if greedy is not None else int(logits_BV[row].argmax())
         else:
-            token = sample_token(logits_V.float(), params, request.generator)
+            token = sample_token(logits_BV[row].float(), params, request.generator)
         if request.stop_ids is None:
             eos = set() if params.ignore_eos or self.eos_id is None else {self.eos_id}
             request.stop_ids = frozenset(params.stop_token_ids) | eos

@@ -2,11 +2,12 @@
 machine, once, and load them.
 
 The library is built with the system C++ compiler at first use (`-O3 -march=native -fopenmp`: the
-AVX512-BF16 kernels only where the CPU has them; `PYRAMOE_NATIVE_MARCH` overrides -march) and cached under `$PYRAMOE_CACHE/native` (default
-`~/.cache/pyramoe/native`) by a hash of the source, the compiler and the CPU's flags, so a machine
-with other instructions builds its own. It links the OpenMP runtime torch already loaded
-(libgomp.so.1), so both share one thread pool. Without a compiler, or where the build fails, the
-engine keeps its PyTorch decode step: `load_library()` returns None and `build_error()` says why.
+AVX512-BF16 kernels only where the CPU has them; `PYRAMOE_NATIVE_MARCH` overrides -march) and cached
+under `$PYRAMOE_CACHE/native` (default `~/.cache/pyramoe/native`) by a hash of the source, the flags,
+the compiler and the CPU's flags, so a machine with other instructions builds its own. It links the
+OpenMP runtime torch already loaded (libgomp.so.1), so both share one thread pool. Without a
+compiler, or where the build fails, the engine keeps its PyTorch path: `load_library()` returns
+None and `build_error()` says why.
 """
 
 from __future__ import annotations
