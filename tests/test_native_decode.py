@@ -174,6 +174,19 @@ def test_engine_keeps_pytorch_where_native_does_not_apply(monkeypatch):
     assert unsupported_reason(GPT(latent), SlotKVCache.for_model(GPT(latent), 1, 8)) == "latent attention"
 
 
+def test_more_threads_than_the_workspace_was_sized_for():
+    model = _model(CASES["head width 64, 4 query heads per kv head"], torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        decoder = NativeDecoder(model, SlotKVCache.for_model(model, 4, 16), 4)
+        torch.set_num_threads(8)  # the attention scratch is per thread: the step keeps to one
+        logits, _ = decoder.step([1, 2, 3, 4], [0, 0, 0, 0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.isfinite(logits).all()
+
+
 def test_native_step_refuses_rows_beyond_its_cache():
     model = _model(CASES["mixtral"], torch.float32)
     decoder = NativeDecoder(model, SlotKVCache.for_model(model, 2, 8), 2)

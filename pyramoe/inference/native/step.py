@@ -163,6 +163,7 @@ class NativeDecoder:
         self.library.pm_forward.restype = _I
         size = self.library.pm_workspace_bytes(ctypes.byref(self.struct), _I(max_rows))
         self._struct_ref = ctypes.byref(self.struct)
+        self._sized_threads = self.struct.threads
         # step()'s buffers: rows' tokens and positions, rows 0..max_rows-1 as slots and logit rows.
         self._tokens, self._positions, self._argmax = ((_I * max_rows)() for _ in range(3))
         self._row_ids = (_I * max_rows)(*range(max_rows))
@@ -320,7 +321,8 @@ class NativeDecoder:
               logits: torch.Tensor, argmax: object) -> None:
         if any(t.data_ptr() != address for t, address in self._watched):
             raise ValueError("native forward: the model or its KV cache moved since the engine's first step")
-        self.struct.threads = torch.get_num_threads()
+        # The workspace holds per-thread scratch for the threads it was sized for: never more.
+        self.struct.threads = max(1, min(torch.get_num_threads(), self._sized_threads))
         status = self.library.pm_forward(self._struct_ref, tokens, slots, positions, _I(rows), picks, _I(n_picks),
                                          _P(logits.data_ptr()), argmax, _P(self.workspace.data_ptr()))
         if status == 2:
