@@ -55,7 +55,9 @@ def _compiler() -> str | None:
 
 def library_path(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(flags()), version, _cpu_flags()]).encode())
+    sources = [SOURCE, *sorted(SOURCE.parent.glob("native_*.h"))]  # what native.cpp includes
+    texts = [path.read_text() for path in sources]
+    key = hashlib.sha256("\n".join([*texts, " ".join(flags()), version, _cpu_flags()]).encode())
     return cache_dir() / f"native-{key.hexdigest()[:16]}.so"
 
 
