@@ -3,25 +3,17 @@ engine with native=False (oneDNN-packed weights) on the Mixtral-shaped benchmark
 warm-up. The native step's phases: benchmarks/native_breakdown.py.
 Usage: python benchmarks/decode_breakdown.py [BATCH]"""
 
-import argparse
 import collections
 import sys
-import tempfile
 import time
 
 import torch
 
 from pyramoe.bench import generate as bench
-from pyramoe.inference import Engine, SamplingParams
+from pyramoe.inference import SamplingParams
 
 batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-parser = argparse.ArgumentParser()
-bench.add_arguments(parser)
-shape = parser.parse_args([])
-reference = bench.build_transformers(shape, torch.bfloat16)
-with tempfile.TemporaryDirectory() as tmp:
-    reference.save_pretrained(tmp)
-    engine = Engine.load(tmp, dtype="bf16", max_batch=batch, eos_id=None, native=False)
+engine, shape = bench.bench_engine("bf16", max_batch=batch, native=False)
 for prompt in torch.randint(1, shape.vocab, (batch, 16)).tolist():
     engine.add_request(prompt, SamplingParams(max_tokens=200, temperature=0))
 for _ in range(4):

@@ -1,28 +1,20 @@
 """Where the native decode step's time goes, by phase (timers inside decode_step.cpp): the engine on
 the Mixtral-shaped benchmark model, after warm-up. Usage: python benchmarks/native_breakdown.py [BATCH]"""
 
-import argparse
 import ctypes
 import sys
-import tempfile
 import time
 
 import torch
 
 from pyramoe.bench import generate as bench
-from pyramoe.inference import Engine, SamplingParams
+from pyramoe.inference import SamplingParams
 from pyramoe.inference.native import load_library
 
 PHASES = ["norms", "qkv", "attention", "out proj", "routing", "expert in", "activation", "expert out",
           "combine", "lm head"]
 batch = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-parser = argparse.ArgumentParser()
-bench.add_arguments(parser)
-shape = parser.parse_args([])
-reference = bench.build_transformers(shape, torch.bfloat16)
-with tempfile.TemporaryDirectory() as tmp:
-    reference.save_pretrained(tmp)
-    engine = Engine.load(tmp, dtype="bf16", max_batch=batch, eos_id=None)
+engine, shape = bench.bench_engine("bf16", max_batch=batch)
 for prompt in torch.randint(1, shape.vocab, (batch, 16)).tolist():
     engine.add_request(prompt, SamplingParams(max_tokens=int(sys.argv[2]) if len(sys.argv) > 2 else 200, temperature=0))
 for _ in range(4):

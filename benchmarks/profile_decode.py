@@ -4,27 +4,19 @@
 import argparse
 import cProfile
 import pstats
-import tempfile
 import time
 
 import torch
 
 from pyramoe.bench import generate as bench
-from pyramoe.inference import Engine, SamplingParams
+from pyramoe.inference import SamplingParams
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--dtype", default="bf16")
 parser.add_argument("--tokens", type=int, default=33)
 parser.add_argument("--batch", type=int, default=1)
 cli = parser.parse_args()
-args = argparse.ArgumentParser()
-bench.add_arguments(args)
-shape = args.parse_args([])
-dtype = torch.bfloat16 if cli.dtype == "bf16" else torch.float32
-reference = bench.build_transformers(shape, dtype)
-with tempfile.TemporaryDirectory() as tmp:
-    reference.save_pretrained(tmp)
-    engine = Engine.load(tmp, dtype=cli.dtype, max_batch=cli.batch, eos_id=None, native=False)
+engine, shape = bench.bench_engine(cli.dtype, max_batch=cli.batch, native=False)
 prompts = torch.randint(1, shape.vocab, (cli.batch, 16)).tolist()
 params = SamplingParams(max_tokens=cli.tokens, temperature=0)
 engine.generate(prompts, SamplingParams(max_tokens=3, temperature=0))

@@ -92,6 +92,18 @@ def build_transformers(args: argparse.Namespace, dtype: torch.dtype) -> Any:
     return model.to(dtype)
 
 
+def bench_engine(dtype: str = "bf16", **engine_options: Any) -> tuple[Engine, argparse.Namespace]:
+    """The engine on the bench's default Mixtral-shaped model (random weights built by transformers,
+    loaded from a saved directory as `run` does), and that shape: for the scripts in benchmarks/."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    shape = parser.parse_args([])
+    reference = build_transformers(shape, resolve_dtype(dtype, "cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        reference.save_pretrained(tmp)
+        return Engine.load(tmp, dtype=dtype, eos_id=None, **engine_options), shape
+
+
 def _set_experts(model: Any, implementation: str) -> bool:
     setter = getattr(model, "set_experts_implementation", None)
     if setter is None:
