@@ -16,9 +16,10 @@ def test_bench_generate_tiny(tmp_path, capsys):
             "--new-tokens", "3", "--batches", "1,2", "--rounds", "1", "--dtype", "fp32", "--out", str(out)]
     assert main(argv) == 0
     payload = json.loads(out.read_text())
-    assert {(r["impl"], r["batch"]) for r in payload["results"]} == {
-        (impl, b) for impl in ("pyramoe", "transformers", "plain-moe") for b in (1, 2)
-    }
+    from pyramoe.inference.native import load_library
+
+    impls = ("pyramoe", "transformers", "plain-moe") + (("pyramoe-pytorch",) if load_library() else ())
+    assert {(r["impl"], r["batch"]) for r in payload["results"]} == {(impl, b) for impl in impls for b in (1, 2)}
     hidden, heads, kv, head_dim, experts, k, inter, vocab, layers = 32, 4, 2, 8, 4, 2, 48, 64, 2
     per_layer = (
         hidden * (heads + 2 * kv) * head_dim + heads * head_dim * hidden  # q, k, v, o
@@ -28,13 +29,11 @@ def test_bench_generate_tiny(tmp_path, capsys):
     )
     weights = layers * per_layer + hidden + vocab * hidden  # + final norm and the LM head (fp32: 4 bytes)
     assert payload["roofline_tok_s"] == pytest.approx(payload["bandwidth_bytes_s"] / (4 * weights))
-    assert set(payload["prefill_tok_s"]) == {"pyramoe", "transformers", "plain-moe"}
+    assert set(payload["prefill_tok_s"]) == set(impls)
     # Batch 2 touches 4 * (1 - (1 - 2/4)^2) = 3 experts per layer on average.
     batch2 = weights - layers * (k - 3) * 3 * hidden * inter
     assert payload["rooflines_tok_s"]["2"] == pytest.approx(2 * payload["bandwidth_bytes_s"] / (4 * batch2))
     assert payload["gemv_floor_tok_s"] > 0
-    from pyramoe.inference.native import load_library
-
     assert payload["decode_path"] == ("native" if load_library() is not None else "pytorch")
     printed = capsys.readouterr().out
     assert "of roofline" in printed and "x oneDNN GEMVs (b1)" in printed and "pyramoe decode step:" in printed

@@ -5,7 +5,9 @@ The model is Mixtral-shaped (defaults: hidden 512, 8 layers, 8 experts top-2, in
 vocab 32000), built by transformers from its config, saved, and loaded by pyramoe from that
 directory, so both run identical weights. Implementations:
 
-- pyramoe: the continuous-batching engine (`pyramoe.inference.Engine`), greedy;
+- pyramoe: the continuous-batching engine (`pyramoe.inference.Engine`), greedy (its native step
+  where it builds);
+- pyramoe-pytorch: the same engine with `native=False` (its PyTorch step, oneDNN-packed weights);
 - transformers: `generate(do_sample=False)` with its grouped-GEMM experts (`grouped_mm`);
 - plain-moe: transformers with its eager experts, a Python loop over experts (a plain PyTorch MoE);
 - roofline: batch x memory bandwidth (measured in the same run) / bytes of weights one decode step
@@ -35,7 +37,7 @@ import torch
 
 from pyramoe.bench.common import decode_bytes, machine_info, timed, write_json
 from pyramoe.inference import Engine, SamplingParams, resolve_dtype
-from pyramoe.kernels import huge_page_tensors
+from pyramoe.kernels import huge_page_tensors, load_library
 from pyramoe.layers.experts import GroupedExperts
 from pyramoe.layers.packed import can_pack, pack_weight, packed_linear
 from pyramoe.tables import format_table
@@ -56,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (bf16 with native bf16 matmul), bf16 or fp32")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-transformers", action="store_true", help="pyramoe and the roofline only")
+    parser.add_argument("--no-pytorch-path", action="store_true",
+                        help="skip pyramoe-pytorch (the engine with native=False on the same weights)")
     parser.add_argument("--out", default="bench-results/generate.json")
 
 
@@ -174,16 +178,16 @@ def measure_gemv_floor(shapes: list[tuple[int, int]], dtype: torch.dtype, repeat
     return statistics.median(times[1:])
 
 
-def runners(args: argparse.Namespace, batch: int, prompts: torch.Tensor, engine: Engine, hf: dict[str, Any]):  # noqa: ANN201
+def runners(args: argparse.Namespace, batch: int, prompts: torch.Tensor, engines: dict[str, Engine],  # noqa: ANN201
+            hf: dict[str, Any]):
     """name -> fn(new_tokens) that generates greedily for `batch` prompts."""
     ids = prompts[:batch]
     out: dict[str, Callable[[int], Any]] = {}
-
-    def ours(n: int) -> Any:
-        engine.max_batch = batch
-        return engine.generate(ids.tolist(), SamplingParams(max_tokens=n, temperature=0))
-
-    out["pyramoe"] = ours
+    for name, engine in engines.items():
+        def ours(n: int, engine: Engine = engine) -> Any:
+            engine.max_batch = batch
+            return engine.generate(ids.tolist(), SamplingParams(max_tokens=n, temperature=0))
+        out[name] = ours
     for name, model in hf.items():
         def theirs(n: int, model: Any = model) -> Any:
             with torch.no_grad():
@@ -193,19 +197,21 @@ def runners(args: argparse.Namespace, batch: int, prompts: torch.Tensor, engine:
     return out
 
 
-def prefill_runners(prompts: torch.Tensor, engine: Engine, hf: dict[str, Any]) -> dict[str, Callable[[], Any]]:
+def prefill_runners(
+    prompts: torch.Tensor, engines: dict[str, Engine], hf: dict[str, Any]
+) -> dict[str, Callable[[], Any]]:
     """Prompt batch -> the logits of each prompt's last position (what generation needs; transformers'
     `generate` asks its prefill for those alone too, `logits_to_keep=1`). The engine prefills
     prompts of one length together."""
     out: dict[str, Callable[[], Any]] = {}
 
-    def ours() -> Any:
-        engine.max_batch = prompts.shape[0]
-        for row in prompts.tolist():
-            engine.add_request(row, SamplingParams(max_tokens=1, temperature=0))
-        return list(engine.stream())
-
-    out["pyramoe"] = ours
+    for name, engine in engines.items():
+        def ours(engine: Engine = engine) -> Any:
+            engine.max_batch = prompts.shape[0]
+            for row in prompts.tolist():
+                engine.add_request(row, SamplingParams(max_tokens=1, temperature=0))
+            return list(engine.stream())
+        out[name] = ours
     for name, model in hf.items():
         def theirs(model: Any = model) -> Any:
             with torch.no_grad():
@@ -222,8 +228,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         reference = build_transformers(args, dtype)
         reference.save_pretrained(tmp)
-        engine = Engine.load(tmp, dtype="bf16" if dtype == torch.bfloat16 else "fp32", max_batch=max(batches),
-                             eos_id=None)
+        load = functools.partial(Engine.load, tmp, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
+                                 max_batch=max(batches), eos_id=None)
+        engine = load()
+        engines = {"pyramoe": engine}
+        if not args.no_pytorch_path and load_library() is not None:  # the same weights, PyTorch step
+            engines["pyramoe-pytorch"] = load(native=False)
     if not args.no_transformers:
         if _set_experts(reference, "grouped_mm"):
             hf["transformers"] = reference
@@ -245,7 +255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     notes.append(f"the batch-1 step's weight multiplies alone as oneDNN packed GEMVs: {gemv_floor:.0f} tok/s")
     results = []
     for batch in batches:
-        fns = runners(args, batch, prompts, engine, hf)
+        fns = runners(args, batch, prompts, engines, hf)
         samples: dict[str, list[float]] = {name: [] for name in fns}
         for fn in fns.values():
             fn(2)  # warm-up
@@ -260,7 +270,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             why = f" ({engine.native_unavailable})" if engine.native_unavailable else ""
             notes.append(f"pyramoe decode step: {engine.decode_path}{why}")
     prefill = {}
-    fns = prefill_runners(prompts, engine, hf)
+    fns = prefill_runners(prompts, engines, hf)
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
