@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import sys
 
 import torch
 
@@ -84,6 +85,8 @@ def huge_page_tensors(shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.
 
 
 def _advise_huge_pages(buffer: torch.Tensor) -> bool:
+    if not sys.platform.startswith("linux"):  # MADV_HUGEPAGE (14) is Linux's
+        return False
     try:
         libc = ctypes.CDLL(None)
         return libc.madvise(ctypes.c_void_p(buffer.data_ptr()), ctypes.c_size_t(buffer.numel()), _MADV_HUGEPAGE) == 0
