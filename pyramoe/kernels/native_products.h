@@ -153,10 +153,11 @@ inline void blocked_tiles(const Job &j, int64_t nb) {
   blocked_rest<NB, MB - 1>(j, nb, m, j.M - m);
 }
 
-// Output blocks [b0, b1) of a blocked product: more output blocks per tile for few rows of x
-// (independent accumulators), more rows per tile for many (each weight load used more). Measured
-// on the LM head's [32000, 512] (2 threads): 16 rows in one pass of <1, 16> took 0.93 ms against
-// 0.95-1.06 for <2, 12>, <2, 8>, <3, 8>, <4, 6>; past 16 rows <2, 12> (875 GFLOP/s at 256 rows).
+// Output blocks [b0, b1) of a blocked product. Up to 16 rows of x: one block of 16 outputs at a time
+// with every row in one pass, so a tile reads a single contiguous 16 KB stream (K = 512); tiles of
+// 2-8 blocks read that many streams at once and streamed 10-13% slower (1-8 rows, 2 threads,
+// 128 MB of weights: 45-46 against 50-51 GB/s; the bench model's decode steps 8-9% faster in an A/B
+// within one process). Past 16 rows, 2 blocks x 12 rows (875 GFLOP/s at 256 rows, LM head shape).
 template <int NB, int MB>
 void blocks_with(const Job &j, int64_t b0, int64_t b1) {
   int64_t nb = b0;
@@ -165,9 +166,7 @@ void blocks_with(const Job &j, int64_t b0, int64_t b1) {
 }
 
 void blocks_bf16(const Job &j, int64_t b0, int64_t b1) {
-  if (j.M <= 3) blocks_with<8, 3>(j, b0, b1);
-  else if (j.M <= 8) blocks_with<4, 6>(j, b0, b1);
-  else if (j.M <= 16) blocks_with<1, 16>(j, b0, b1);
+  if (j.M <= 16) blocks_with<1, 16>(j, b0, b1);
   else blocks_with<2, 12>(j, b0, b1);
 }
 #else
