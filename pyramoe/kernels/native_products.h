@@ -105,7 +105,6 @@ void rows_bf16(const Job &j, int64_t n0, int64_t n1) {
 }
 
 constexpr int64_t kPrefetchPairs = 64;  // blocked layout: 4 KB ahead in each stream (2 and 8 KB: no better)
- // blocked layout: 2 KB ahead in each stream
 
 // NB blocks of 16 outputs x MB rows of x, blocked layout.
 template <int NB, int MB>
