@@ -242,3 +242,10 @@ def test_avx2_build_gives_the_same_logits(tmp_path):
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", AVX2_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_native_read_streams_the_whole_buffer():
+    from pyramoe.kernels import huge_page_tensors, native_read
+
+    x = huge_page_tensors([(3 * 4096 + 48,)], torch.float32)[0].fill_(0.5)
+    assert native_read(x) == 0.5 * x.numel()

@@ -8,9 +8,9 @@ from pyramoe.kernels.blocked import (
     blocked_shape,
     blocking_available,
     can_block,
-    huge_page_tensors,
 )
 from pyramoe.kernels.build import build_error, load_library
+from pyramoe.kernels.memory import huge_page_tensors, native_read
 
 __all__ = [
     "BlockedWeight",
@@ -22,4 +22,5 @@ __all__ = [
     "can_block",
     "huge_page_tensors",
     "load_library",
+    "native_read",
 ]

@@ -13,8 +13,6 @@ Legend: E stacked matrices, N outputs, K inputs, M rows.
 from __future__ import annotations
 
 import ctypes
-import math
-import sys
 
 import torch
 
@@ -61,37 +59,6 @@ def block_weights(weight: torch.Tensor, out: torch.Tensor | None = None) -> torc
     if out is None:
         return w.contiguous()
     return out.copy_(w)
-
-
-HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-
-
-def huge_page_tensors(shapes: list[tuple[int, ...]], dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
-    """Empty tensors of `shapes` carved from one buffer aligned to 2 MB and marked for transparent
-    huge pages (Linux madvise; elsewhere, or where it fails, ordinary pages): streaming a matrix
-    then misses the TLB 512x less often. On the project's VM (THP "madvise" mode) a 1 GiB read went
-    from 41-42 to 46-49 GB/s. Each tensor starts on a 64-byte boundary."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    offsets, total = [], 0
-    for shape in shapes:
-        offsets.append(total)
-        total += -(-math.prod(shape) * itemsize // 64) * 64
-    raw = torch.empty(total + HUGE_PAGE, dtype=torch.uint8)
-    start = -raw.data_ptr() % HUGE_PAGE
-    arena = raw[start : start + total]
-    _advise_huge_pages(arena)
-    return [arena[o : o + math.prod(shape) * itemsize].view(dtype).view(shape) for o, shape in zip(offsets, shapes)]
-
-
-def _advise_huge_pages(buffer: torch.Tensor) -> bool:
-    if not sys.platform.startswith("linux"):  # MADV_HUGEPAGE (14) is Linux's
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        return libc.madvise(ctypes.c_void_p(buffer.data_ptr()), ctypes.c_size_t(buffer.numel()), _MADV_HUGEPAGE) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 def blocked_linear(x: torch.Tensor, weight: BlockedWeight, bias: torch.Tensor | None) -> torch.Tensor:

@@ -554,6 +554,29 @@ int64_t pm_workspace_bytes(const PmModel *m, int64_t B) {
 
 int64_t pm_native_bf16() { return kNativeBf16 ? 1 : 0; }
 
+// A streaming read of `bytes` (a multiple of 64) at `p` on `threads` threads, each summing its
+// contiguous share as floats (returned so the reads are not elided): the memory-read speed the
+// bench's roofline uses beside torch's sum, which read ~10% slower than the kernels' weight streams.
+double pm_read(const float *p, int64_t bytes, int64_t threads) {
+  const int64_t n = bytes / 4;
+  double total = 0;
+#pragma omp parallel for num_threads(int(threads)) schedule(static) reduction(+ : total)
+  for (int64_t t = 0; t < threads; ++t) {
+    const int64_t lo = n * t / threads / 64 * 64, hi = t + 1 == threads ? n : n * (t + 1) / threads / 64 * 64;
+    float acc[64] = {0};
+    for (int64_t i = lo; i < hi; i += 64) {
+      _mm_prefetch(reinterpret_cast<const char *>(p + i + 1024), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char *>(p + i + 1024 + 16), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char *>(p + i + 1024 + 32), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char *>(p + i + 1024 + 48), _MM_HINT_T0);
+#pragma omp simd
+      for (int l = 0; l < 64; ++l) acc[l] += p[i + l];
+    }
+    for (int l = 0; l < 64; ++l) total += acc[l];
+  }
+  return total;
+}
+
 // y[M, N] = x[M, K] . W^T + bias with W in `layout` (0: fp32 [N, K], 1: bf16 [N, K], 2: bf16
 // blocked, which needs AVX512-BF16 and an even K); bias fp32 or null. Returns 1 for a bad layout.
 int64_t pm_linear(const void *W, int64_t layout, int64_t N, int64_t K, const float *x, int64_t M, const float *bias,
