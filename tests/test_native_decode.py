@@ -247,5 +247,12 @@ def test_avx2_build_gives_the_same_logits(tmp_path):
 def test_native_read_streams_the_whole_buffer():
     from pyramoe.kernels import huge_page_tensors, native_read
 
-    x = huge_page_tensors([(3 * 4096 + 48,)], torch.float32)[0].fill_(0.5)
-    assert native_read(x) == 0.5 * x.numel()
+    buffer = huge_page_tensors([(3 * 4096 + 50,)], torch.float32)[0].fill_(7.0)
+    x = buffer[: 3 * 4096 + 49].fill_(0.5)  # an odd count; the float after it must not be read
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert native_read(x) == 0.5 * x.numel()
+    finally:
+        torch.set_num_threads(before)

@@ -554,7 +554,7 @@ int64_t pm_workspace_bytes(const PmModel *m, int64_t B) {
 
 int64_t pm_native_bf16() { return kNativeBf16 ? 1 : 0; }
 
-// A streaming read of `bytes` (a multiple of 64) at `p` on `threads` threads, each summing its
+// A streaming read of `bytes` (a multiple of 4) at `p` on `threads` threads, each summing its
 // contiguous share as floats (returned so the reads are not elided): the memory-read speed the
 // bench's roofline uses beside torch's sum, which read ~10% slower than the kernels' weight streams.
 double pm_read(const float *p, int64_t bytes, int64_t threads) {
@@ -564,7 +564,8 @@ double pm_read(const float *p, int64_t bytes, int64_t threads) {
   for (int64_t t = 0; t < threads; ++t) {
     const int64_t lo = n * t / threads / 64 * 64, hi = t + 1 == threads ? n : n * (t + 1) / threads / 64 * 64;
     float acc[64] = {0};
-    for (int64_t i = lo; i < hi; i += 64) {
+    int64_t i = lo;
+    for (; i + 64 <= hi; i += 64) {
       _mm_prefetch(reinterpret_cast<const char *>(p + i + 1024), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char *>(p + i + 1024 + 16), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char *>(p + i + 1024 + 32), _MM_HINT_T0);
@@ -572,6 +573,7 @@ double pm_read(const float *p, int64_t bytes, int64_t threads) {
 #pragma omp simd
       for (int l = 0; l < 64; ++l) acc[l] += p[i + l];
     }
+    for (; i < hi; ++i) acc[0] += p[i];
     for (int l = 0; l < 64; ++l) total += acc[l];
   }
   return total;
