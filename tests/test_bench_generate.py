@@ -35,6 +35,7 @@ def test_bench_generate_tiny(tmp_path, capsys):
     assert payload["rooflines_tok_s"]["2"] == pytest.approx(2 * payload["bandwidth_bytes_s"] / (4 * batch2))
     assert payload["gemv_floor_tok_s"] > 0
     assert payload["decode_path"] == ("native" if load_library() is not None else "pytorch")
+    assert payload["weights_read_bytes_s"] is None  # fp32: nothing is blocked
     printed = capsys.readouterr().out
     assert "of roofline" in printed and "x oneDNN GEMVs (b1)" in printed and "pyramoe decode step:" in printed
 

@@ -37,7 +37,7 @@ import torch
 
 from pyramoe.bench.common import decode_bytes, machine_info, timed, write_json
 from pyramoe.inference import Engine, SamplingParams, resolve_dtype
-from pyramoe.kernels import huge_page_tensors, load_library, native_read
+from pyramoe.kernels import BlockedWeight, huge_page_tensors, load_library, native_read
 from pyramoe.layers.experts import GroupedExperts
 from pyramoe.layers.packed import can_pack, pack_weight, packed_linear
 from pyramoe.tables import format_table
@@ -147,6 +147,24 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 5, buffers: int = 3) -> f
             best = max(best, x.numel() * 4 / statistics.median(times))
         del x
     return best
+
+
+def packed_weights_read(engine: Engine, repeats: int = 5) -> float | None:
+    """Bytes per second of the native read over the buffer that holds the engine's blocked weights
+    (the memory its steps stream), median of `repeats`; None where nothing is blocked."""
+    head = getattr(engine.model.lm_head, "packed_weight", None)
+    if not isinstance(head, BlockedWeight) or load_library() is None:
+        return None
+    storage = head.data.untyped_storage()
+    whole = torch.empty(0, dtype=torch.uint8).set_(storage)
+    floats = whole[: whole.numel() // 64 * 64].view(torch.float32)
+    native_read(floats)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        native_read(floats)
+        times.append(time.perf_counter() - start)
+    return floats.numel() * 4 / statistics.median(times)
 
 
 def decode_gemv_shapes(model: torch.nn.Module, top_k: int) -> list[tuple[int, int]]:
@@ -282,7 +300,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             times[name].append(timed(fn))
     for name, values in times.items():
         prefill[name] = prompts.numel() / statistics.median(values)
-    return {"benchmark": "generate", "shape": {k: getattr(args, k) for k in (
+    weights_read = packed_weights_read(engine)
+    if weights_read is not None:
+        notes.append(f"the engine's packed weights read at {weights_read / 1e9:.1f} GB/s (the VM's memory speed "
+                     f"differs between allocations: the roofline takes the bench's best buffer)")
+    return {"weights_read_bytes_s": weights_read, "benchmark": "generate", "shape": {k: getattr(args, k) for k in (
         "hidden", "layers", "experts", "top_k", "intermediate", "heads", "kv_heads", "vocab", "prompt_len",
         "new_tokens")}, "machine": machine_info(), "notes": notes, "roofline_tok_s": roofline,
         "rooflines_tok_s": {str(b): v for b, v in rooflines.items()}, "decode_path": engine.decode_path,
