@@ -1,4 +1,4 @@
-"""The native decode step (`decode_step.cpp`) bound to a model and a KV cache.
+"""The native forward (`pyramoe/kernels/native.cpp`) bound to a model and a KV cache.
 
 `NativeDecoder.for_model(model, cache, max_rows)` checks that the model is one the native step
 computes (standard or grouped-query attention, RMSNorm or LayerNorm, SwiGLU or GELU, dense, MoE,
