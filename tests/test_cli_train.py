@@ -55,7 +55,11 @@ def test_train_eval_generate_plot_end_to_end(tmp_path, capsys):
     assert "max load / uniform" in capsys.readouterr().out
 
     assert main(["generate", str(run_dir), "--prompt", "def f1", "--max-new-tokens", "5", "--seed", "1"]) == 0
-    assert capsys.readouterr().out.startswith("def f1")
+    printed = capsys.readouterr()
+    assert printed.out.startswith("def f1")
+    from pyramoe.kernels import load_library
+
+    assert f"{'native' if load_library() else 'pytorch'} decode step" in printed.err
 
     assert main(["plot", str(run_dir), "--out", str(tmp_path / "pngs")]) == 0
     assert (tmp_path / "pngs" / "loss.png").is_file()

@@ -5,6 +5,9 @@ tokens as with plain weights."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -47,6 +50,25 @@ def test_huge_page_tensors_are_aligned_views_of_one_buffer():
     assert a.data_ptr() % (2 << 20) == 0 and b.data_ptr() % 64 == 0 and c.data_ptr() % 64 == 0
     assert a.untyped_storage().data_ptr() == c.untyped_storage().data_ptr()
     assert (a.shape, b.shape, c.shape) == ((3, 5), (7,), (2, 2, 16, 2)) and a.dtype == torch.bfloat16
+    if sys.platform.startswith("linux"):  # the buffer is marked for transparent huge pages
+        from pyramoe.kernels.memory import _advise_huge_pages
+
+        assert _advise_huge_pages(a)
+        smaps = Path("/proc/self/smaps").read_text().split("\n")
+        start = next(i for i, line in enumerate(smaps) if _maps_range(line, a.data_ptr()))
+        flags = next(line for line in smaps[start + 1 :] if line.startswith("VmFlags:"))
+        assert " hg" in flags  # the kernel's mark for MADV_HUGEPAGE
+
+
+def _maps_range(line: str, address: int) -> bool:
+    head = line.split(" ", 1)[0]
+    if "-" not in head:
+        return False
+    try:
+        low, high = (int(part, 16) for part in head.split("-"))
+    except ValueError:
+        return False
+    return low <= address < high
 
 
 def _model(expert_ff: int = 96) -> GPT:
@@ -71,6 +93,15 @@ def test_blocked_model_runs_in_pytorch():
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
     with pytest.raises(ValueError, match="layout"):
         pack_model(model, "other")
+
+
+def test_bench_reads_the_engines_blocked_weights():
+    from pyramoe.bench.generate import packed_weights_read
+
+    engine = Engine(_model(), max_batch=1)
+    assert packed_weights_read(engine) is None  # nothing blocked before the first step
+    engine.generate([[1, 2]], SamplingParams(max_tokens=2, temperature=0))
+    assert packed_weights_read(engine) > 0
 
 
 def test_engine_blocks_bf16_weights_and_decodes_the_same_tokens():

@@ -235,6 +235,18 @@ def _has_avx2() -> bool:
         return False
 
 
+def test_no_native_environment_keeps_the_pytorch_path(monkeypatch):
+    from pyramoe.kernels import build
+
+    for name, value in (("_tried", False), ("_library", None), ("_error", None)):
+        monkeypatch.setattr(build, name, value)  # restored after the test
+    monkeypatch.setenv("PYRAMOE_NO_NATIVE", "1")
+    assert build.load_library() is None and "PYRAMOE_NO_NATIVE" in build.build_error()
+    engine = Engine(_model(CASES["mixtral"], torch.float32), max_batch=1)
+    engine.generate([[1, 2]], SamplingParams(max_tokens=2, temperature=0))
+    assert engine.decode_path == "pytorch" and "PYRAMOE_NO_NATIVE" in engine.native_unavailable
+
+
 @pytest.mark.skipif(not _has_avx2(), reason="builds for x86-64-v3 (AVX2)")
 def test_avx2_build_gives_the_same_logits(tmp_path):
     """The portable kernels (what an AVX2-only machine builds) on this machine: -march=x86-64-v3."""

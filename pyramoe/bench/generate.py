@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from pyramoe.bench.common import decode_bytes, machine_info, timed, write_json
+from pyramoe.bench.common import decode_bytes, machine_info, time_call, timed, write_json
 from pyramoe.inference import Engine, SamplingParams, resolve_dtype
 from pyramoe.kernels import BlockedWeight, huge_page_tensors, load_library, native_read
 from pyramoe.layers.experts import GroupedExperts
@@ -137,16 +137,15 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 5, buffers: int = 3) -> f
     for i in range(2 * buffers):
         elements = int(gib * 2**30 / 4) // 16 * 16
         x = torch.ones(elements) if i % 2 == 0 else huge_page_tensors([(elements,)], torch.float32)[0].fill_(1.0)
-        for read in readers:
-            read(x)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                read(x)
-                times.append(time.perf_counter() - start)
-            best = max(best, x.numel() * 4 / statistics.median(times))
+        best = max([best] + [read_speed(read, x, repeats) for read in readers])
         del x
     return best
+
+
+def read_speed(read: Callable[[torch.Tensor], Any], x: torch.Tensor, repeats: int) -> float:
+    """Bytes per second of `read(x)`: x's bytes over the median of `repeats` reads after one."""
+    median_ms = time_call(lambda: read(x), repeats=repeats, warmup=1)["median_ms"]
+    return x.numel() * x.element_size() / (median_ms / 1e3)
 
 
 def packed_weights_read(engine: Engine, repeats: int = 5) -> float | None:
@@ -157,14 +156,7 @@ def packed_weights_read(engine: Engine, repeats: int = 5) -> float | None:
         return None
     storage = head.data.untyped_storage()
     whole = torch.empty(0, dtype=torch.uint8).set_(storage)
-    floats = whole[: whole.numel() // 64 * 64].view(torch.float32)
-    native_read(floats)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        native_read(floats)
-        times.append(time.perf_counter() - start)
-    return floats.numel() * 4 / statistics.median(times)
+    return read_speed(native_read, whole[: whole.numel() // 4 * 4].view(torch.float32), repeats)
 
 
 def decode_gemv_shapes(model: torch.nn.Module, top_k: int) -> list[tuple[int, int]]:

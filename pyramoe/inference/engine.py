@@ -30,7 +30,7 @@ from pyramoe.models import GPT
 from pyramoe.runtime import cpu_has_native_bf16
 
 # Rows of one native prefill call (prompt positions of one or more requests): enough to share each
-# weight read among many tokens, a workspace of a few MB for models of the benchmark's size.
+# weight read among many tokens; the bench model's workspace for them is 25 MB.
 NATIVE_PREFILL_ROWS = 256
 
 
@@ -120,7 +120,8 @@ class Engine:
         self.device = next(model.parameters()).device
         self.cache = SlotKVCache.for_model(model, max_batch, self.max_len)
         self.logits_source: int | None = None  # set by `distribute`: the rank whose logits all follow
-        # CPU weights are prepacked for oneDNN at the first step (after any `distribute`).
+        # CPU weights are packed at the first step (after any `distribute`): blocked for the native
+        # step, else for oneDNN.
         self.pack_weights = pack_weights and self.device.type == "cpu"
         self.packed_weights: int | None = None  # how many weights the first step packed
         self.native = native and self.device.type == "cpu"

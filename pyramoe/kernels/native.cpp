@@ -118,16 +118,18 @@ void workspace_layout(const PmModel &m, int64_t B, int64_t *counts) {
   counts[0] = B * D;                      // h
   counts[1] = B * qkv;                    // qkv
   counts[2] = B * m.n_heads * m.head_dim; // att
-  counts[3] = B * widest(m);              // tmp
+  counts[3] = B * D;                      // tmp (output projection; the LM head's rows)
   counts[4] = B * D;                      // moe
-  counts[5] = B * std::max<int64_t>(m.max_experts, 2);  // router (and the residual coefficients)
+  counts[5] = B * m.max_experts;          // router logits
   counts[6] = A * m.max_ff;               // act
   counts[7] = A * F2;                     // gate_up
   counts[8] = A * D;                      // expert_out
   counts[9] = B * D;                      // x (the residual stream)
   counts[10] = m.threads * (G * m.max_len + m.head_dim); // scores (+ a key/value row)
   counts[11] = A * D;                     // expert_x
-  counts[12] = A * std::max(D, m.max_ff) + B * qkv + B * m.vocab;  // xb (uint16, counted as floats: generous)
+  // xb: bf16 inputs of one phase's products (uint16 counted as floats: room for twice the largest,
+  // the experts' A rows of width D or F, or B rows of an attention product)
+  counts[12] = std::max(A * std::max(D, m.max_ff), B * widest(m));
   counts[13] = A;                         // assign_token (int64: 2 floats each)
   counts[14] = A;                         // assign_weight
   counts[15] = A;                         // assign_expert (int64)
@@ -286,6 +288,15 @@ bool attend_in_registers(const PmModel &m, const PmLayer &L, const Workspace &w,
 #endif
 }
 
+// The cached key or value row at `at` in fp32: in place for an fp32 cache, else converted into `row`.
+inline const float *cached_row(const void *cache, int64_t at, int64_t Dh, bool bf16, float *row) {
+  if (!bf16) return static_cast<const float *>(cache) + at;
+  const uint16_t *src = static_cast<const uint16_t *>(cache) + at;
+#pragma omp simd
+  for (int64_t d = 0; d < Dh; ++d) row[d] = bf16_to_f32(src[d]);
+  return row;
+}
+
 // Row r's key and value go to cache slot slot[r] at position pos[r] (all rows first: rows of one
 // sequence at consecutive positions, a prefill chunk, then see each other); its queries attend to
 // that slot's positions [0, pos[r]].
@@ -319,12 +330,7 @@ void attention(const PmModel &m, const PmLayer &L, const Workspace &w, const int
     float top[64];
     for (int64_t g = 0; g < G; ++g) top[g] = -INFINITY;
     for (int64_t l = 0; l < len; ++l) {
-      const float *k = bf16 ? row : static_cast<const float *>(L.k_cache) + base + l * Dh;
-      if (bf16) {
-        const uint16_t *kb = static_cast<const uint16_t *>(L.k_cache) + base + l * Dh;
-#pragma omp simd
-        for (int64_t d = 0; d < Dh; ++d) row[d] = bf16_to_f32(kb[d]);
-      }
+      const float *k = cached_row(L.k_cache, base + l * Dh, Dh, bf16, row);
       for (int64_t g = 0; g < G; ++g) {
         const float sc = scale * dot(q + g * Dh, k, Dh);
         scores[g * S + l] = sc;
@@ -336,12 +342,7 @@ void attention(const PmModel &m, const PmLayer &L, const Workspace &w, const int
     float *out = w.att + r * H * Dh + h * G * Dh;
     for (int64_t i = 0; i < G * Dh; ++i) out[i] = 0;
     for (int64_t l = 0; l < len; ++l) {
-      const float *v = bf16 ? row : static_cast<const float *>(L.v_cache) + base + l * Dh;
-      if (bf16) {
-        const uint16_t *vb = static_cast<const uint16_t *>(L.v_cache) + base + l * Dh;
-#pragma omp simd
-        for (int64_t d = 0; d < Dh; ++d) row[d] = bf16_to_f32(vb[d]);
-      }
+      const float *v = cached_row(L.v_cache, base + l * Dh, Dh, bf16, row);
       for (int64_t g = 0; g < G; ++g) {
         const float p = scores[g * S + l] * inv_total[g];
         float *o = out + g * Dh;

@@ -123,12 +123,6 @@ inline float dot(const float *a, const float *b, int64_t n) {
   return acc;
 }
 
-inline float dot_bf16(const float *a, const uint16_t *b, int64_t n) {
-  float acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * bf16_to_f32(b[i]);
-  return acc;
-}
 inline float gelu(float x) { return 0.5f * x * (1.0f + std::erf(x * 0.70710678118654752f)); }
 
 }  // namespace

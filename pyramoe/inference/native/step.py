@@ -1,11 +1,11 @@
 """The native forward (`pyramoe/kernels/native.cpp`) bound to a model and a KV cache.
 
-`NativeDecoder.for_model(model, cache, max_rows)` checks that the model is one the native step
-computes (standard or grouped-query attention, RMSNorm or LayerNorm, SwiGLU or GELU, dense, MoE,
-shared-expert and Residual-MoE blocks, softmax or sigmoid routers with DeepSeek-V3 selection, fp32
-or bf16 on one CPU process, dropless) and returns None with the reason otherwise
-(`unsupported_reason`); the engine then keeps the PyTorch step. Matrices and the KV cache are read
-where the model keeps them (no copy); norm gains, biases and router weights get fp32 copies.
+`unsupported_reason(model, cache)` says why the native step cannot compute a model (None: it can:
+standard or grouped-query attention, RMSNorm or LayerNorm, SwiGLU or GELU, dense, MoE, shared-expert
+and Residual-MoE blocks, softmax or sigmoid routers with DeepSeek-V3 selection, fp32 or bf16 on one
+CPU process, dropless, matrices all plain or all blocked); the engine then keeps the PyTorch step.
+`NativeDecoder` reads the matrices and the KV cache where the model and cache keep them (no copy);
+norm gains, biases and router weights get fp32 copies.
 
 Legend: B rows, D width, V vocabulary.
 """
@@ -169,10 +169,6 @@ class NativeDecoder:
         self._row_ids = (_I * max_rows)(*range(max_rows))
         self._logits = torch.empty(max_rows, model.config.vocab_size)
         self.workspace = torch.empty(size, dtype=torch.uint8)
-
-    @classmethod
-    def for_model(cls, model: nn.Module, cache: object, max_rows: int) -> NativeDecoder | None:
-        return None if unsupported_reason(model, cache) else cls(model, cache, max_rows)
 
     def _ptr(self, tensor: torch.Tensor | None, fp32: bool = False) -> int | None:
         if tensor is None:
