@@ -57,6 +57,7 @@ struct PmLayer {
   PmMlp shared;                            // shared expert (ff 0: none)
   const float *shared_gate_w;              // [D] or null
   const float *coef_w, *coef_b;            // Residual-MoE mixing [2, D], [2], or null
+  int64_t *expert_counts;                  // [E] rows routed to each expert, added to by every forward, or null
 };
 
 struct PmModel {
@@ -365,7 +366,7 @@ void activate_rows(const PmModel &m, const float *in, float *out, int64_t rows, 
 }
 
 // Top-k experts of each row and their combine weights, as the router and combine_weights compute
-// them for dropless inference.
+// them for dropless inference; each row's k experts get +1 in L.expert_counts (where not null).
 int64_t route(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B) {
   const int64_t E = L.num_experts, K = L.top_k, D = m.d_model;
   int64_t a = 0;
@@ -403,6 +404,8 @@ int64_t route(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B)
     float total = 0;
     for (int64_t k = 0; k < K; ++k) total += score[order[k]];
     const float norm = L.renormalize ? 1.0f / std::max(total, 1.1920929e-07f) : 1.0f;
+    if (L.expert_counts)  // route runs on one thread (outside any parallel region): plain adds
+      for (int64_t k = 0; k < K; ++k) ++L.expert_counts[order[k]];
     for (int64_t k = 0; k < K; ++k, ++a) {
       w.assign_token[a] = r;
       w.assign_expert[a] = order[k];

@@ -5,7 +5,8 @@ standard or grouped-query attention, RMSNorm or LayerNorm, SwiGLU or GELU, dense
 and Residual-MoE blocks, softmax or sigmoid routers with DeepSeek-V3 selection, fp32 or bf16 on one
 CPU process, dropless, matrices all plain or all blocked); the engine then keeps the PyTorch step.
 `NativeDecoder` reads the matrices and the KV cache where the model and cache keep them (no copy);
-norm gains, biases and router weights get fp32 copies.
+norm gains, biases and router weights get fp32 copies. `NativeDecoder.expert_counts` counts the rows
+routed to each expert of each MoE layer over its forwards (what `MoEStats.routed_per_expert` counts).
 
 Legend: B rows, D width, V vocabulary.
 """
@@ -45,6 +46,7 @@ class _Layer(ctypes.Structure):
         ("plain_selection", _I), ("groups", _I), ("topk_groups", _I), ("renormalize", _I),
         ("routed_scale", ctypes.c_double), ("exp_in_w", _P), ("exp_out_w", _P), ("exp_in_b", _P),
         ("exp_out_b", _P), ("shared", _Mlp), ("shared_gate_w", _P), ("coef_w", _P), ("coef_b", _P),
+        ("expert_counts", _P),
     ]
 
 
@@ -149,13 +151,23 @@ def _moe_unsupported(moe: MoELayer) -> str | None:
 
 
 class NativeDecoder:
-    """Runs decode steps of `model` natively, rows 0..B-1 of `cache` (a SlotKVCache or KVCache)."""
+    """Runs decode steps of `model` natively, rows 0..B-1 of `cache` (a SlotKVCache or KVCache).
+
+    `expert_counts` (int64 [n_layers, max_experts], max_experts the most experts of any MoE layer, 1
+    without any): entry [l, e] is the number of rows (tokens) routed to expert e of block l over every
+    `step`/`forward` since construction or `reset_expert_counts()`, each row counting once for each of
+    its top-k experts (after DeepSeek-V3 group selection: the experts whose outputs are combined).
+    Rows of dense blocks, and columns beyond a layer's experts, stay 0. The forward adds to it in
+    place (never reallocated: read it, or copy it, between calls)."""
 
     def __init__(self, model: nn.Module, cache: object, max_rows: int):
         self.library = load_library()
         assert self.library is not None
         self.model, self.cache, self.max_rows = model, cache, max_rows
         self._keep: list[torch.Tensor] = []  # fp32 copies the structs point into
+        blocks = list(model.blocks)
+        max_experts = max([b.ffn.num_experts for b in blocks if b.is_moe] or [1])
+        self.expert_counts = torch.zeros(len(blocks), max_experts, dtype=torch.int64)
         self.struct = self._describe()
         # Addresses the structs hold: moving the model or its cache afterwards would leave them dangling.
         self._watched = [(t, t.data_ptr()) for t in (model.tok_emb.weight, cache.keys[0], cache.values[-1])]
@@ -239,6 +251,7 @@ class NativeDecoder:
         if experts.b_in is not None:
             layer.exp_in_b = self._ptr(experts.b_in.squeeze(1), True)
             layer.exp_out_b = self._ptr(experts.b_out.squeeze(1), True)
+        layer.expert_counts = self.expert_counts[index].data_ptr()
         layer.shared = self._mlp(moe.shared_expert)
         if moe.shared_expert_gate is not None:
             layer.shared_gate_w = self._ptr(moe.shared_expert_gate.weight.reshape(-1), True)
@@ -281,6 +294,10 @@ class NativeDecoder:
             struct.rope_factor = model.rope.attention_factor
         struct.layers = ctypes.cast(layers, ctypes.POINTER(_Layer))
         return struct
+
+    def reset_expert_counts(self) -> None:
+        """Zero `expert_counts` (in place: the native forward keeps its address)."""
+        self.expert_counts.zero_()
 
     def step(self, tokens_B: Sequence[int], positions_B: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
         """A decode step: row b (cache slot b) feeds tokens_B[b] at position positions_B[b] and
