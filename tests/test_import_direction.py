@@ -18,10 +18,15 @@ ALLOWED = {
     "models": {"config", "layers", "models"},
     "parallel": {"config", "dist", "layers", "models", "parallel"},
     "hf": {"config", "layers", "models", "hf"},  # beside parallel: checkpoints in/out, single-device
-    # Training and inference are siblings: the engine loads training checkpoints.
-    "train": {"config", "dist", "layers", "models", "parallel", "presets", "data", "train"},
-    "inference": {"config", "runtime", "kernels", "layers", "models", "parallel", "hf", "data", "train", "inference"},
-    "evaluation": {"config", "runtime", "tables", "models", "hf", "data", "train", "inference", "evaluation"},
+    # Reading checkpoints (the format, building a model from one): below both training and inference.
+    "checkpoint": {"config", "layers", "models", "parallel", "checkpoint"},
+    # Training and inference are siblings: training writes checkpoints, the engine reads them through
+    # `checkpoint`, never through the trainer.
+    "train": {"config", "dist", "layers", "models", "parallel", "presets", "data", "checkpoint", "train"},
+    "inference": {
+        "config", "runtime", "kernels", "layers", "models", "parallel", "hf", "data", "checkpoint", "inference"
+    },
+    "evaluation": {"config", "runtime", "tables", "models", "hf", "data", "checkpoint", "inference", "evaluation"},
 }
 
 

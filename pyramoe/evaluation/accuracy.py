@@ -94,8 +94,8 @@ def checkpoint_accuracy(
     batch_size: int = 8, files: TaskFiles | None = None,
 ) -> dict[str, dict[str, Any]]:
     """A pyramoe checkpoint (or run directory: its latest) loaded dropless, scored on the local tasks."""
+    from pyramoe.checkpoint import build_model, load_checkpoint
     from pyramoe.data import Tokenizer
-    from pyramoe.train.checkpoint import build_model, load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     tokenizer = Tokenizer.from_file(ckpt.tokenizer_path)

@@ -59,7 +59,7 @@ def heldout_warning(source, tasks: list[str]) -> str | None:
     stdlib with a smaller validation share than the tasks' (its training split then holds task files)."""
     if source.step is None or not any(_is_local(t) for t in tasks):
         return None
-    from pyramoe.train.checkpoint import load_checkpoint
+    from pyramoe.checkpoint import load_checkpoint
 
     train = load_checkpoint(source.path).state["run_config"]["train"]
     val_percent = float(train.get("val_percent", DEFAULT_VAL_PERCENT))

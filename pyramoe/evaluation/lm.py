@@ -25,11 +25,11 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from pyramoe.checkpoint import build_model, load_checkpoint
 from pyramoe.data import Tokenizer
 from pyramoe.evaluation.scoring import Scorer, resolve_dtype
 from pyramoe.inference.engine import is_hf_directory
 from pyramoe.models import GPT
-from pyramoe.train.checkpoint import build_model, load_checkpoint
 
 logger = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 8

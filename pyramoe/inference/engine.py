@@ -147,7 +147,7 @@ class Engine:
             eos = hf.hf_config.get("eos_token_id")
             kwargs.setdefault("eos_id", eos[0] if isinstance(eos, list) else eos)
             return cls(hf.model.to(device), tokenizer, **kwargs)
-        from pyramoe.train.checkpoint import build_model, load_checkpoint
+        from pyramoe.checkpoint import build_model, load_checkpoint
 
         ckpt = load_checkpoint(path)
         model = build_model(ckpt, dropless=True).to(device=device, dtype=torch_dtype)
