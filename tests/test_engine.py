@@ -51,7 +51,7 @@ LENGTHS = [3, 8, 5, 2, 7]  # staggered: requests leave at different steps, other
 
 
 def test_batched_joining_and_leaving_requests_match_each_alone(model):
-    engine = Engine(model, max_batch=3, prefill_chunk=3, eos_id=None)
+    engine = Engine(model, max_batch=3, max_step_tokens=3, eos_id=None)
     params = [SamplingParams(max_tokens=n, **GREEDY) for n in LENGTHS]
     out = engine.generate(PROMPTS, params)
     for prompt, n, completion in zip(PROMPTS, LENGTHS, out):
@@ -143,7 +143,9 @@ def test_top_k_top_p_and_greedy():
 @pytest.mark.parametrize(
     ("params", "field"),
     [
-        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=-1), "max_tokens"),
+            (dict(presence_penalty=3), "presence_penalty"),
+            (dict(logprobs=21), "logprobs"),
         (dict(temperature=-1), "temperature"),
         (dict(top_p=0), "top_p"),
         (dict(top_k=-2), "top_k"),
@@ -202,3 +204,110 @@ def test_incremental_text_is_the_decoded_output_at_every_step():
             assert full.startswith(request.text)
             if not full.endswith("\ufffd"):
                 assert request.text == full
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_long_prompt_is_read_in_chunks_while_others_decode(model, native):
+    """A prompt longer than the step budget arrives while a request decodes: the running one gets a
+    token every step, and both get the tokens they get alone."""
+    engine = Engine(model, max_batch=2, max_step_tokens=4, eos_id=None, native=native)
+    first = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=12, **GREEDY))
+    engine.step()
+    long_prompt = list(range(40, 60))
+    late = engine.add_request(long_prompt, SamplingParams(max_tokens=4, **GREEDY))
+    tokens: dict[str, list[int]] = {first: [], late: []}
+    while engine.has_unfinished():
+        events = engine.step()
+        ids = {e.request_id for e in events}
+        for event in events:
+            tokens[event.request_id].append(event.token_id)
+        if len(tokens[first]) < 11:
+            assert first in ids  # never frozen by the prompt being read
+    assert tokens[first] == alone(model, PROMPTS[1], 12)[1:]
+    assert tokens[late] == alone(model, long_prompt, 4)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_logprobs_of_tokens_and_prompt_equal_a_full_forward(model, native):
+    engine = Engine(model, max_batch=2, max_step_tokens=3, eos_id=None, native=native)
+    prompt = PROMPTS[2]
+    rid = engine.add_request(prompt, SamplingParams(max_tokens=4, logprobs=3, prompt_logprobs=2, **GREEDY))
+    events = [e for e in engine.stream() if e.request_id == rid]
+    output = [e.token_id for e in events]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + output])).logits[0].float(), -1)
+    scored = events[0].prompt_logprobs
+    assert scored[0] is None and len(scored) == len(prompt)
+    for position, (value, top) in enumerate(scored[1:]):
+        assert value == pytest.approx(float(logp[position, prompt[position + 1]]), abs=1e-4)
+        assert [t for t, _ in top] == logp[position].topk(2).indices.tolist()
+    for i, event in enumerate(events):
+        value, top = event.logprob
+        row = logp[len(prompt) - 1 + i]
+        assert value == pytest.approx(float(row[event.token_id]), abs=1e-4)
+        assert top[0][0] == event.token_id and len(top) == 3  # greedy: the likeliest
+        assert all(v == pytest.approx(float(row[t]), abs=1e-4) for t, v in top)
+    assert all(e.prompt_logprobs is None for e in events[1:])
+
+
+def test_max_tokens_zero_scores_the_prompt_only(model):
+    engine = Engine(model, max_len=8, eos_id=None)
+    prompt = list(range(1, 9))  # fills max_len: allowed when nothing is generated
+    engine.add_request(prompt, SamplingParams(max_tokens=0, prompt_logprobs=0))
+    events = list(engine.stream())
+    assert len(events) == 1 and events[0].token_id is None and events[0].finish_reason == "length"
+    assert len(events[0].prompt_logprobs) == len(prompt)
+
+
+def test_penalties_change_greedy_choices(model):
+    plain = Engine(model, eos_id=None).generate([PROMPTS[3]], SamplingParams(max_tokens=12, **GREEDY))[0]
+    penalised = Engine(model, eos_id=None).generate(
+        [PROMPTS[3]], SamplingParams(max_tokens=12, frequency_penalty=2.0, presence_penalty=2.0, **GREEDY))[0]
+    assert len(set(penalised.token_ids)) > len(set(plain.token_ids))
+
+
+def test_a_failing_request_ends_with_an_error_and_the_others_go_on(model, monkeypatch):
+    engine = Engine(model, max_batch=3, eos_id=None)
+    good = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=5, **GREEDY))
+    bad = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=5, temperature=1.0, seed=1))
+    import pyramoe.inference.engine as engine_module
+
+    real = engine_module.sample_token
+
+    def nan_for_sampled(logits_V, params, generator):
+        return real(logits_V * float("nan"), params, generator)  # multinomial refuses NaN probabilities
+
+    monkeypatch.setattr(engine_module, "sample_token", nan_for_sampled)
+    events = list(engine.stream())
+    failed = [e for e in events if e.request_id == bad]
+    assert len(failed) == 1 and failed[0].finish_reason == "error" and failed[0].error
+    assert [e.token_id for e in events if e.request_id == good] == alone(model, PROMPTS[0], 5)
+    assert not engine.active and engine.free_slots == 3
+    again = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=5, **GREEDY))[0]  # the engine still works
+    assert again.token_ids == alone(model, PROMPTS[0], 5)
+
+
+def test_a_failed_forward_fails_its_requests_only(model, monkeypatch):
+    engine = Engine(model, eos_id=None)
+    engine.add_request(PROMPTS[0], SamplingParams(max_tokens=3, **GREEDY))
+    engine.step()
+    monkeypatch.setattr(engine.runner, "forward", lambda *rows: (_ for _ in ()).throw(RuntimeError("boom")))
+    events = engine.step()
+    assert [(e.finish_reason, e.error) for e in events] == [("error", "RuntimeError: boom")]
+    monkeypatch.undo()
+    assert engine.generate([PROMPTS[1]], SamplingParams(max_tokens=2, **GREEDY))[0].token_ids == alone(
+        model, PROMPTS[1], 2)
+
+
+def test_duplicate_ids_are_refused_and_abort_emits_an_event(model):
+    engine = Engine(model, max_batch=1, eos_id=None)
+    engine.add_request(PROMPTS[0], SamplingParams(max_tokens=9, **GREEDY), request_id="a")
+    engine.add_request(PROMPTS[1], SamplingParams(max_tokens=9, **GREEDY), request_id="b")
+    with pytest.raises(ValueError, match="^request_id: 'a' is already"):
+        engine.add_request(PROMPTS[2], request_id="a")
+    engine.step()
+    assert engine.abort("a") and engine.abort("b")  # running, waiting
+    events = engine.step()
+    assert [(e.request_id, e.finish_reason) for e in events] == [("a", "abort"), ("b", "abort")]
+    assert not engine.has_unfinished() and engine.free_slots == 1
+    engine.add_request(PROMPTS[2], request_id="a")  # finished ids may be reused

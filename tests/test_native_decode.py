@@ -93,7 +93,8 @@ def _logits_both_ways(model: GPT, lengths: list[int]) -> tuple[torch.Tensor, tor
         width = int(positions_B.max()) + 1
         mask = torch.zeros(rows, width, dtype=caches[0].keys[0].dtype)
         mask = mask.masked_fill_(torch.arange(width) > positions_B[:, None], float("-inf"))[:, None, None, :]
-        reference = model(tokens_B[:, None], kv_cache=caches[0].decode(positions_B, width), start_pos=width - 1,
+        decode_rows = caches[0].rows(list(range(rows)), lengths, [1] * rows, width)
+        reference = model(tokens_B[:, None], kv_cache=decode_rows, start_pos=width - 1,
                           key_mask_BL=mask, positions_BT=positions_B[:, None]).logits[:, -1].float()
         native, greedy = NativeDecoder(model, caches[1], rows + 1).step(tokens_B, positions_B)
         assert greedy == native.argmax(-1).tolist()

@@ -1,14 +1,20 @@
 """The generation engine: continuous batching over a slot KV cache.
 
-Requests wait in a queue; each `step()` admits waiting ones while slots are free (their prompt is
-prefilled in chunks and their first token sampled), then runs one decode step for every active
-request together, each at its own position. Finished requests leave between steps and their slot
-is reused, so a server can add and drop requests while the batch runs. Each request samples with
-its own generator and stops on EOS, stop token ids, stop strings or max tokens; `step()` returns
-the new tokens and text deltas (streaming). MoE layers run dropless unless asked otherwise, so a
+Requests wait in a queue; each `step()` admits waiting ones while slots are free, then runs one
+forward of the engine's step (`pyramoe.inference.steps`: native CPU or PyTorch) over rows of
+(token, slot, position): one decode row per running request and, within a token budget
+(`max_step_tokens`), the next chunk of each prompt still being read, so a long prompt arriving
+does not freeze the running streams (chunked prefill). Finished requests leave between steps and
+their slot is reused. Each request samples with its own generator and stops on EOS, stop token ids,
+stop strings or max tokens; `step()` returns the new tokens and text deltas (streaming), with
+log-probabilities when asked. A request that fails (bad logits, a sampling error, a failed forward)
+ends with an "error" event; the others go on. MoE layers run dropless unless asked otherwise, so a
 token's output never depends on which other tokens share its batch.
 
-Legend: B active requests, L key positions, V vocabulary.
+One thread owns an engine: `step`, `add_request` and `abort` are not thread-safe (a server puts a
+command queue in front of it: `pyramoe.inference.loop`).
+
+Legend: B running requests, R rows with logits, V vocabulary.
 """
 
 from __future__ import annotations
@@ -25,13 +31,15 @@ from pyramoe.data import Tokenizer
 from pyramoe.inference.kv_cache import SlotKVCache
 from pyramoe.inference.native import NativeDecoder, blockable, unsupported_reason
 from pyramoe.inference.packing import pack_model
-from pyramoe.inference.sampling import SamplingParams, sample_token
+from pyramoe.inference.sampling import SamplingParams, apply_penalties, sample_token, token_logprobs
+from pyramoe.inference.steps import ModelStep, NativeStep, TorchStep
 from pyramoe.models import GPT
 from pyramoe.runtime import cpu_has_native_bf16
 
-# Rows of one native prefill call (prompt positions of one or more requests): enough to share each
-# weight read among many tokens; the bench model's workspace for them is 25 MB.
-NATIVE_PREFILL_ROWS = 256
+# Prompt rows of one step when decode rows fill the budget: a prompt always advances.
+MIN_PREFILL_ROWS = 16
+
+Logprob = tuple[float, list[tuple[int, float]]]  # a token's log-probability, the likeliest (token, log-probability)
 
 
 @dataclass
@@ -39,10 +47,13 @@ class TokenEvent:
     """One new token of one request (the streaming unit)."""
 
     request_id: str
-    token_id: int | None  # None when a request ends without a new token (stop string, abort)
+    token_id: int | None  # None when a request ends without a new token (EOS or stop token, abort, error)
     text: str  # text delta: what the request's text gained with this token (held back mid-character)
     finished: bool = False
-    finish_reason: str | None = None  # "length", "stop" (EOS, stop token or string), "abort"
+    finish_reason: str | None = None  # "length", "stop" (EOS, stop token or string), "abort", "error"
+    logprob: Logprob | None = None  # the token's, when the request asked (`SamplingParams.logprobs`)
+    prompt_logprobs: list[Logprob | None] | None = None  # on a request's first event, when asked; [0] is None
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 @dataclass
@@ -62,10 +73,16 @@ class Request:
     slot: int | None = None
     finish_reason: str | None = None
     stop_ids: frozenset[int] | None = None  # token ids that end it (set at its first token)
+    prompt_logprobs: list[Logprob | None] | None = None  # filled while the prompt is read, when asked
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def reading_prompt(self) -> bool:
+        return self.cached < len(self.prompt_ids)
 
 
 @dataclass
@@ -75,17 +92,19 @@ class Completion:
     token_ids: list[int]
     text: str
     finish_reason: str
+    error: str | None = None
 
 
 class Engine:
     """Batched generation with requests joining and leaving a running batch.
 
-    `max_batch` requests decode together; `max_len` bounds prompt + generated tokens per request
-    (the KV cache is max_batch x max_len per layer); prompts are prefilled `prefill_chunk` tokens
-    per forward. On the CPU, prefill and decode run natively (`native`, `pyramoe.inference.native`:
-    a whole forward in one compiled call) where the machine can build it and the model is one it
-    computes, with bf16 weights blocked for its AVX512-BF16 kernels at the first step (`pack_weights`);
-    otherwise the weights are prepacked for oneDNN at the first step (`pack_weights`,
+    `max_batch` requests run together (one KV-cache slot each); `max_len` bounds prompt + generated
+    tokens per request (the KV cache is max_batch x max_len per layer); one step feeds at most
+    `max_step_tokens` rows (decode rows, then prompt chunks; at least `MIN_PREFILL_ROWS` prompt
+    rows). On the CPU, steps run natively (`native`, `pyramoe.inference.native`: a whole forward in
+    one compiled call) where the machine can build it and the model is one it computes, with bf16
+    weights blocked for its AVX512-BF16 kernels at the first step (`pack_weights`); otherwise the
+    weights are prepacked for oneDNN at the first step (`pack_weights`,
     `pyramoe.inference.packing`) and the model runs in PyTorch. Packed either way, the model still
     runs in PyTorch but serves this engine only (no training, no state_dict). `decode_path` says which
     ran ("native" or "pytorch", with `native_unavailable` giving why not).
@@ -97,7 +116,7 @@ class Engine:
         tokenizer: Tokenizer | None = None,
         max_batch: int = 8,
         max_len: int | None = None,
-        prefill_chunk: int = 512,
+        max_step_tokens: int = 256,
         eos_id: int | None = None,
         dropless: bool = True,
         pack_weights: bool = True,
@@ -105,14 +124,14 @@ class Engine:
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
-        if prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk: must be >= 1, got {prefill_chunk}")
+        if max_step_tokens < 1:
+            raise ValueError(f"max_step_tokens: must be >= 1, got {max_step_tokens}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_id = eos_id if eos_id is not None else (tokenizer.eos_id if tokenizer is not None else None)
         self.max_batch = max_batch
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
-        self.prefill_chunk = prefill_chunk
+        self.max_step_tokens = max_step_tokens
         if dropless:
             for block in model.blocks:
                 if block.is_moe:
@@ -127,13 +146,15 @@ class Engine:
         self.native = native and self.device.type == "cpu"
         self.native_decoder: NativeDecoder | None = None
         self.native_unavailable: str | None = None if self.native else "native=False or not on the CPU"
-        self._prepared = False
+        self.runner: ModelStep | None = None  # the step implementation, chosen at the first step
         self.waiting: deque[Request] = deque()
-        self.active: list[Request] = []  # active[i] owns slot i
+        self.active: list[Request] = []  # running, in admission order; each holds a slot
+        self._free_slots = list(range(max_batch))
+        self._pending: list[TokenEvent] = []  # events of aborts, sent by the next step
         self._ids = itertools.count()
+        self._live_ids: set[str] = set()
 
     # -- loading -----------------------------------------------------------------------------------------
-
     @classmethod
     def load(cls, path: str | Path, dtype: str = "auto", device: str = "cpu", **kwargs) -> Engine:
         """From a pyramoe checkpoint or run directory, or a Hugging Face model directory."""
@@ -159,7 +180,7 @@ class Engine:
         Every rank must add the same requests in the same order; rank 0's logits decide."""
         from pyramoe.parallel.launch import Launch, apply_parallelism, init_distributed
 
-        if self._prepared:
+        if self.runner is not None:
             raise ValueError("engine: distribute() must come before the first step (the weights are prepared)")
         launch = Launch(device=str(self.device), ep=ep, tp=tp, timeout_s=timeout_s)
         run = init_distributed(launch, self.device)
@@ -181,30 +202,35 @@ class Engine:
         params = params or SamplingParams()
         params.validate()
         prompt_ids = self._encode(prompt)
-        if len(prompt_ids) >= self.max_len:
+        if len(prompt_ids) >= self.max_len and not (params.max_tokens == 0 and len(prompt_ids) <= self.max_len):
             raise ValueError(f"prompt: {len(prompt_ids)} tokens leave no room in max_len={self.max_len}")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._live_ids:
+            raise ValueError(f"request_id: {request_id!r} is already queued or running")
         generator = None
-        if params.temperature > 0:
+        if not params.greedy:
             generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
         self.waiting.append(Request(request_id, prompt_ids, params, generator))
+        self._live_ids.add(request_id)
         return request_id
 
     def abort(self, request_id: str) -> bool:
-        """Drop a waiting or running request; True if it was there."""
-        for request in list(self.waiting):
-            if request.id == request_id:
-                self.waiting.remove(request)
-                return True
-        for request in self.active:
-            if request.id == request_id:
-                request.finish_reason = "abort"
-                self._release(request)
-                return True
-        return False
+        """Drop a waiting or running request (its "abort" event comes with the next step); True if
+        it was there."""
+        request = next((r for r in itertools.chain(self.waiting, self.active) if r.id == request_id), None)
+        if request is None:
+            return False
+        request.finish_reason = "abort"
+        self._pending.append(self._event(request, None))
+        self._retire(request)
+        return True
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.active)
+        return bool(self.waiting or self.active or self._pending)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -222,121 +248,128 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
-        """Admit waiting requests into free slots, then one decode step for every active request."""
-        if not self._prepared:
-            self._prepare()
-        events: list[TokenEvent] = []
-        decoding = list(self.active)
-        admitted = []
-        while self.waiting and len(self.active) < self.max_batch:
+        """Admit waiting requests into free slots, then one forward: a decode row for every running
+        request past its prompt, and the next prompt chunks within the step's token budget."""
+        self.prepare()
+        events, self._pending = self._pending, []
+        while self.waiting and self._free_slots:
             request = self.waiting.popleft()
-            request.slot = len(self.active)
+            request.slot = self._free_slots.pop(0)
             self.active.append(request)
-            admitted.append(request)
-        for group in _same_length_runs(admitted):
-            logits_BV, greedy_B = self._prefill(group)
-            for i, request in enumerate(group):
-                events.append(self._accept(request, logits_BV, greedy_B[i], row=i))
-        if decoding:
-            logits_BV, greedy_B = self._decode(decoding)
-            for i, request in enumerate(decoding):
-                events.append(self._accept(request, logits_BV, greedy_B[i], row=i))
+        plan, rows = self._plan()
+        if plan:
+            try:
+                logits_RV, greedy_R = self.runner.forward(*rows)
+            except Exception as exc:  # noqa: BLE001 - a failed forward fails its requests, not the engine
+                events += [self._fail(request, exc) for request, _, _ in plan]
+            else:
+                for request, fed, picks in plan:
+                    try:
+                        event = self._advance(request, fed, picks, logits_RV, greedy_R)
+                    except Exception as exc:  # noqa: BLE001 - one request's failure (NaN logits, ...) is its own
+                        event = self._fail(request, exc)
+                    if event is not None:
+                        events.append(event)
         for request in [r for r in self.active if r.finished]:
-            self._release(request)
+            self._retire(request)
         return events
 
-    def _prepare(self) -> None:
-        """At the first step (after any `distribute`): the native decode step where it applies, else
-        weights packed for oneDNN."""
-        self._prepared = True
+    def _plan(self) -> tuple[list[tuple[Request, int, list[int]]], tuple[list[int], ...]]:
+        """The step's rows: (request, rows fed, indices of its logit rows) per request, and the
+        rows' tokens, slots, positions and logit rows."""
+        tokens, slots, positions, logit_rows = [], [], [], []
+        plan = []
+        decoding = [r for r in self.active if not r.reading_prompt]
+        for request in decoding:
+            plan.append((request, 1, [len(logit_rows)]))
+            logit_rows.append(len(tokens))
+            tokens.append(request.output_ids[-1])
+            slots.append(request.slot)
+            positions.append(request.cached)
+        budget = min(max(self.max_step_tokens - len(decoding), MIN_PREFILL_ROWS), self.runner.max_rows - len(tokens))
+        for request in (r for r in self.active if r.reading_prompt):
+            n = min(len(request.prompt_ids) - request.cached, budget)
+            if n <= 0:
+                break
+            budget -= n
+            first = len(tokens)
+            tokens += request.prompt_ids[request.cached : request.cached + n]
+            slots += [request.slot] * n
+            positions += range(request.cached, request.cached + n)
+            # Prompt log-probabilities need every row's logits; otherwise only the last prompt row's.
+            wanted = range(first, first + n) if request.params.prompt_logprobs is not None else (
+                [first + n - 1] if request.cached + n == len(request.prompt_ids) else [])
+            plan.append((request, n, list(range(len(logit_rows), len(logit_rows) + len(wanted)))))
+            logit_rows += wanted
+        return plan, (tokens, slots, positions, logit_rows)
+
+    def _advance(self, request: Request, fed: int, picks: list[int], logits_RV: torch.Tensor,
+                 greedy_R: list[int]) -> TokenEvent | None:
+        """After the forward: record the prompt's log-probabilities, and once the prompt is read,
+        take the next token from the request's last logit row."""
+        start, prompt = request.cached, request.prompt_ids
+        request.cached += fed
+        if start < len(prompt) and request.params.prompt_logprobs is not None:
+            if request.prompt_logprobs is None:
+                request.prompt_logprobs = [None]
+            for pick, position in zip(picks, range(start, start + fed)):
+                if position + 1 < len(prompt):  # row `position` predicts the next prompt token
+                    request.prompt_logprobs.append(
+                        token_logprobs(logits_RV[pick], prompt[position + 1], request.params.prompt_logprobs))
+        if request.reading_prompt:
+            return None
+        if request.params.max_tokens == 0:
+            request.finish_reason = "length"
+            return self._event(request, None)
+        return self._accept(request, logits_RV, greedy_R, picks[-1])
+
+    def _fail(self, request: Request, exc: BaseException) -> TokenEvent:
+        request.finish_reason = "error"
+        request.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+        return self._event(request, None)
+
+    def prepare(self) -> None:
+        """Choose and build the step, at the first step unless called before (after any
+        `distribute`): the native step where it applies, else the PyTorch step with weights packed
+        for oneDNN."""
+        if self.runner is not None:
+            return
+        rows = self.max_step_tokens + self.max_batch
         if self.native:
             self.native_unavailable = unsupported_reason(self.model, self.cache)
             if self.native_unavailable is None:
                 if self.pack_weights and blockable(self.model):  # bf16 with AVX512-BF16: the blocked layout
                     self.packed_weights = pack_model(self.model, layout="blocked")
-                # Rows for a decode step of every slot, and for prefill chunks.
-                rows = max(self.cache.slots, NATIVE_PREFILL_ROWS)
                 self.native_decoder = NativeDecoder(self.model, self.cache, rows)
+                moe_layers = [i for i, block in enumerate(self.model.blocks) if block.is_moe]
+                self.runner = NativeStep(self.native_decoder, moe_layers)
                 return
         if self.pack_weights:
             self.packed_weights = pack_model(self.model)
+        self.runner = TorchStep(self.model, self.cache, rows, self.logits_source)
 
     @property
     def decode_path(self) -> str:
-        return "native" if self.native_decoder is not None else "pytorch"
+        return self.runner.name if self.runner is not None else "pytorch"
 
-    def _prefill(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
-        """Prompts of one length in consecutive slots, together, `prefill_chunk` tokens per forward;
-        returns each one's last logits and their argmax."""
-        if self.native_decoder is not None:
-            return self._prefill_native(requests)
-        ids = torch.tensor([r.prompt_ids for r in requests], device=self.device)
-        for start in range(0, ids.shape[1], self.prefill_chunk):
-            chunk = ids[:, start : start + self.prefill_chunk]
-            logits = self.model(chunk, kv_cache=self.cache.prefill(requests[0].slot), start_pos=start).logits
-        for request in requests:
-            request.cached = ids.shape[1]
-        logits_BV = self._agreed(logits[:, -1].float())
-        return logits_BV, logits_BV.argmax(-1).tolist()
+    def expert_counts(self) -> torch.Tensor:
+        """Tokens routed to each expert of each MoE layer since the engine started: [MoE layers,
+        max experts] int64 (zeros before the first step)."""
+        if self.runner is None:
+            layers = [b.ffn.config.num_experts for b in self.model.blocks if b.is_moe]
+            return torch.zeros(len(layers), max(layers, default=1), dtype=torch.int64)
+        return self.runner.expert_counts()
 
-    def _prefill_native(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
-        """The same with the native forward: every prompt's next positions as rows of one call (as
-        many as its workspace holds), logits of the last positions only."""
-        ids_BP = torch.tensor([r.prompt_ids for r in requests])
-        batch, length = ids_BP.shape
-        per_call = max(1, min(self.prefill_chunk, self.native_decoder.max_rows // batch))
-        slots_B = torch.arange(requests[0].slot, requests[0].slot + batch)
-        for start in range(0, length, per_call):
-            n = min(per_call, length - start)
-            positions_BN = torch.arange(start, start + n).expand(batch, n)
-            last_rows = torch.arange(batch) * n + n - 1 if start + n == length else torch.empty(0, dtype=torch.int64)
-            logits_BV, greedy_B = self.native_decoder.forward(
-                ids_BP[:, start : start + n].reshape(-1), slots_B.repeat_interleave(n), positions_BN.reshape(-1),
-                last_rows)
-        for request in requests:
-            request.cached = length
-        return logits_BV, greedy_B
-
-    def _decode(self, requests: list[Request]) -> tuple[torch.Tensor, list[int]]:
-        """One token per request: row b feeds its last token at position `cached`, and sees its own
-        key slots [0, cached] only."""
-        assert [r.slot for r in requests] == list(range(len(requests)))
-        if self.native_decoder is not None:
-            logits_BV, greedy_B = self.native_decoder.step([r.output_ids[-1] for r in requests],
-                                                           [r.cached for r in requests])
-            for request in requests:
-                request.cached += 1
-            return logits_BV, greedy_B
-        positions_B = torch.tensor([r.cached for r in requests], device=self.device)
-        length = int(positions_B.max()) + 1
-        visible_BL = torch.arange(length, device=self.device) <= positions_B[:, None]
-        # Additive (0 / -inf, the model's dtype): SDPA would otherwise convert a bool mask in every layer.
-        mask_B11L = torch.zeros(visible_BL.shape, dtype=self.cache.keys[0].dtype, device=self.device)
-        mask_B11L = mask_B11L.masked_fill_(~visible_BL, float("-inf"))[:, None, None, :]
-        tokens_B1 = torch.tensor([[r.output_ids[-1]] for r in requests], device=self.device)
-        out = self.model(tokens_B1, kv_cache=self.cache.decode(positions_B, length), start_pos=length - 1,
-                         key_mask_BL=mask_B11L, positions_BT=positions_B[:, None])
-        for request in requests:
-            request.cached += 1
-        logits_BV = self._agreed(out.logits[:, -1].float())
-        return logits_BV, logits_BV.argmax(-1).tolist()  # one op for every greedy request of the step
-
-    def _agreed(self, logits: torch.Tensor) -> torch.Tensor:
-        """Under torchrun every rank runs the same requests in lockstep (experts spread over them);
-        rank 0's logits decide for all, so a last-bit difference can never make ranks diverge."""
-        if self.logits_source is not None:
-            logits = logits.contiguous()
-            torch.distributed.broadcast(logits, src=self.logits_source)
-        return logits
-
-    def _accept(self, request: Request, logits_BV: torch.Tensor, greedy: int | None, row: int) -> TokenEvent:
-        """Sample the request's next token from row `row` of the logits (`greedy`: its argmax),
+    def _accept(self, request: Request, logits_RV: torch.Tensor, greedy_R: list[int], pick: int) -> TokenEvent:
+        """Choose the request's next token from logit row `pick` (`greedy_R[pick]`: its argmax),
         update its text, decide whether it is done."""
         params = request.params
-        if params.temperature == 0:
-            token = greedy if greedy is not None else int(logits_BV[row].argmax())
+        row_V = logits_RV[pick]
+        scored_V = apply_penalties(row_V, request.output_ids, params)
+        if params.greedy:
+            token = greedy_R[pick] if scored_V is row_V else int(scored_V.argmax())
         else:
-            token = sample_token(logits_BV[row].float(), params, request.generator)
+            token = sample_token(scored_V, params, request.generator)
         if request.stop_ids is None:
             eos = set() if params.ignore_eos or self.eos_id is None else {self.eos_id}
             request.stop_ids = frozenset(params.stop_token_ids) | eos
@@ -344,7 +377,8 @@ class Engine:
             request.finish_reason = "stop"
             if self.tokenizer is not None and request.read_offset < len(request.output_ids):
                 request.text = self.tokenizer.decode(request.output_ids)  # with a pending partial character
-            return self._event(request, token)
+            return self._event(request, None)  # the stop token is not part of the output
+        logprob = token_logprobs(row_V, token, params.logprobs) if params.logprobs is not None else None
         request.output_ids.append(token)
         if self.tokenizer is not None:
             self._extend_text(request)
@@ -355,7 +389,7 @@ class Engine:
             request.finish_reason = "length"
             if self.tokenizer is not None and request.read_offset < len(request.output_ids):
                 request.text = self.tokenizer.decode(request.output_ids)  # with a pending partial character
-        return self._event(request, token)
+        return self._event(request, token, logprob)
 
     def _extend_text(self, request: Request) -> None:
         """Add the new token's text to `request.text` by decoding a short window (the last complete
@@ -376,7 +410,7 @@ class Engine:
             request.text += window[len(context) :]
             request.prefix_offset, request.read_offset = request.read_offset, len(ids)
 
-    def _event(self, request: Request, token: int | None) -> TokenEvent:
+    def _event(self, request: Request, token: int | None, logprob: Logprob | None = None) -> TokenEvent:
         end = len(request.text)
         if not request.finished:
             # Hold back a character split across tokens, and what could still become a stop string.
@@ -384,17 +418,20 @@ class Engine:
             end -= max((len(s) for s in request.params.stop), default=1) - 1
         delta = request.text[request.emitted : end] if end > request.emitted else ""
         request.emitted = max(request.emitted, end)
-        return TokenEvent(request.id, token, delta, request.finished, request.finish_reason)
+        prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None  # sent once
+        return TokenEvent(request.id, token, delta, request.finished, request.finish_reason, logprob,
+                          prompt_logprobs, request.error)
 
-    def _release(self, request: Request) -> None:
-        """Free the request's slot; the last active request moves into it so slots stay 0..B-1."""
-        slot = request.slot
-        last = self.active.pop()
-        if last is not request:
-            self.active[slot] = last
-            self.cache.move(last.slot, slot, last.cached)
-            last.slot = slot
-        request.slot = None
+    def _retire(self, request: Request) -> None:
+        """A finished request leaves: its slot is free for the next (nothing is copied)."""
+        if request.slot is not None:
+            self.active.remove(request)
+            self._free_slots.append(request.slot)
+            self._free_slots.sort()  # lowest first: requests admitted together get consecutive slots
+            request.slot = None
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._live_ids.discard(request.id)
 
     # -- conveniences ----------------------------------------------------------------------------------
 
@@ -416,20 +453,8 @@ class Engine:
         out = []
         for request_id in ids:
             r = requests[request_id]
-            out.append(Completion(r.id, r.prompt_ids, r.output_ids, r.text, r.finish_reason or "length"))
+            out.append(Completion(r.id, r.prompt_ids, r.output_ids, r.text, r.finish_reason or "length", r.error))
         return out
-
-
-def _same_length_runs(requests: list[Request]) -> list[list[Request]]:
-    """Consecutive requests (hence consecutive slots) whose prompts have one length: each run is
-    prefilled as one batch, with no padding."""
-    runs: list[list[Request]] = []
-    for request in requests:
-        if runs and len(runs[-1][0].prompt_ids) == len(request.prompt_ids):
-            runs[-1].append(request)
-        else:
-            runs.append([request])
-    return runs
 
 
 def _cut_at_stop(request: Request, stops: tuple[str, ...]) -> bool:

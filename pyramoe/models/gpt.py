@@ -151,6 +151,27 @@ class GPT(nn.Module):
         sequence (e.g. mask.cumsum(-1) - 1 for left padding). Padding tokens skip the MoE layers
         (their FFN output is 0): they take no expert capacity and count in no load statistics.
         """
+        h_BTD, moe_stats = self.final_hidden(idx_BT, kv_cache, start_pos, key_mask_BL, positions_BT)
+        logits = self.lm_head(h_BTD)
+        cfg = self.config
+        if self.training or torch.is_grad_enabled():
+            aux_terms = [cfg.aux_loss_coef * s.balance_loss + cfg.z_loss_coef * s.z_loss for s in moe_stats.values()]
+        else:  # inference: the routers return no aux losses (see `Routing`)
+            aux_terms = []
+        return GPTOutput(logits=logits, aux_loss=_sum_or_zero(aux_terms, logits), moe_stats=moe_stats)
+
+    def final_hidden(
+        self,
+        idx_BT: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        key_mask_BL: torch.Tensor | None = None,
+        positions_BT: torch.Tensor | None = None,
+        token_mask_BT: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[int, MoEStats]]:
+        """`forward` up to the LM head: the final norm's output [B, T, D] and the MoE statistics, so
+        a caller wanting few rows' logits (an inference engine) multiplies only those by the head.
+        `token_mask_BT` marks the real tokens where `key_mask_BL` is a full [B, 1, T, L] mask."""
         length = idx_BT.shape[1]
         if start_pos + length > self.config.max_seq_len:
             raise ValueError(f"sequence length {start_pos + length} exceeds max_seq_len={self.config.max_seq_len}")
@@ -166,18 +187,13 @@ class GPT(nn.Module):
             rope = self.rope.cos_sin(positions.expand(idx_BT.shape[0], length), x.dtype)
         x = self.drop(x)
         moe_stats: dict[int, MoEStats] = {}
-        token_mask_BT = key_mask_BL[:, -length:].bool() if key_mask_BL is not None and key_mask_BL.dim() == 2 else None
+        if token_mask_BT is None and key_mask_BL is not None and key_mask_BL.dim() == 2:
+            token_mask_BT = key_mask_BL[:, -length:].bool()
         for i, block in enumerate(self.blocks):
             x, stats = block(x, kv_cache, start_pos, rope, key_mask_BL, token_mask_BT)
             if stats is not None:
                 moe_stats[i] = stats
-        logits = self.lm_head(self.ln_f(x))
-        cfg = self.config
-        if self.training or torch.is_grad_enabled():
-            aux_terms = [cfg.aux_loss_coef * s.balance_loss + cfg.z_loss_coef * s.z_loss for s in moe_stats.values()]
-        else:  # inference: the routers return no aux losses (see `Routing`)
-            aux_terms = []
-        return GPTOutput(logits=logits, aux_loss=_sum_or_zero(aux_terms, logits), moe_stats=moe_stats)
+        return self.ln_f(x), moe_stats
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         cfg = self.config

@@ -1,0 +1,165 @@
+"""One thread owns an engine: requests and aborts reach it through a thread-safe command queue that
+it drains between steps, and each request's events go back through the callback it came with.
+
+`Engine.step`, `add_request` and `abort` touch the running batch and the KV cache, so only the
+loop's thread calls them; a server's handlers (any thread, any event loop) call `submit` and
+`abort` here, which only enqueue. The loop sleeps while there is no work.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyramoe.inference.engine import Engine, TokenEvent
+from pyramoe.inference.sampling import SamplingParams
+
+log = logging.getLogger("pyramoe.loop")
+
+EventSink = Callable[[TokenEvent], None]
+
+
+class QueueFull(Exception):
+    """More requests than the engine's slots plus the queue's bound are in flight."""
+
+
+@dataclass
+class LoopStats:
+    """What the loop has done, read by metrics (ints and floats: reading them needs no lock)."""
+
+    steps: int = 0
+    step_seconds: float = 0.0
+    running: int = 0  # requests holding a KV-cache slot after the last step
+    waiting: int = 0  # admitted to the engine, no slot yet
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    failed_steps: int = 0
+
+
+class EngineLoop:
+    """Runs `engine.step()` on its own thread while any request is unfinished.
+
+    `max_queue`: requests that may wait for a slot; beyond `engine.max_batch + max_queue` in flight,
+    `submit` raises `QueueFull` (backpressure, a 429 for a server). `on_step(events)` is called on
+    the loop's thread after every step (metrics)."""
+
+    def __init__(self, engine: Engine, max_queue: int = 64, on_step: Callable[[list[TokenEvent]], None] | None = None):
+        if max_queue < 0:
+            raise ValueError(f"max_queue: must be >= 0, got {max_queue}")
+        self.engine, self.max_queue, self.on_step = engine, max_queue, on_step
+        self.stats = LoopStats()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, EventSink] = {}  # the loop thread's: request id -> where its events go
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pyramoe-engine", daemon=True)
+
+    def start(self) -> EngineLoop:
+        self._thread.start()
+        return self
+
+    @property
+    def in_flight(self) -> int:
+        """Requests submitted and not yet finished."""
+        return self._in_flight
+
+    @property
+    def capacity(self) -> int:
+        return self.engine.max_batch + self.max_queue
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str, sink: EventSink) -> None:
+        """Queue a request (token ids, validated by the caller); its events go to `sink`, called on
+        the loop's thread, the last one with `finished`."""
+        with self._lock:
+            if self._in_flight >= self.capacity:
+                raise QueueFull(f"{self._in_flight} requests in flight, the limit is {self.capacity}")
+            self._in_flight += 1
+        self._commands.put(("add", prompt_ids, params, request_id, sink))
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (a client went away); its sink gets an "abort" event unless it finished."""
+        self._commands.put(("abort", request_id))
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Abort everything unfinished and end the thread."""
+        self._stopping.set()
+        self._commands.put(("wake",))
+        self._thread.join(timeout)
+
+    # -- the loop's thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopping.is_set():
+            idle = not engine.has_unfinished()
+            try:
+                command = self._commands.get(timeout=0.5) if idle else self._commands.get_nowait()
+            except queue.Empty:
+                command = None
+            while command is not None:
+                self._apply(command)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if engine.has_unfinished():
+                self._step()
+        for request_id in list(self._sinks):
+            engine.abort(request_id)
+        if engine.has_unfinished():
+            self._deliver(engine.step())
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "add":
+            _, prompt_ids, params, request_id, sink = command
+            try:
+                self.engine.add_request(prompt_ids, params, request_id)
+            except ValueError as exc:
+                self._finish(request_id)
+                sink(TokenEvent(request_id, None, "", True, "error", error=str(exc)))
+                return
+            self._sinks[request_id] = sink
+            self.stats.prompt_tokens += len(prompt_ids)
+        elif command[0] == "abort":
+            self.engine.abort(command[1])
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        try:
+            events = self.engine.step()
+        except Exception:  # a defect outside any one request: fail them all, keep serving
+            log.exception("engine step failed; ending every request in it")
+            self.stats.failed_steps += 1
+            events = []
+            for request_id in list(self._sinks):
+                self.engine.abort(request_id)
+            for event in self.engine.step() if self.engine.has_unfinished() else []:
+                events.append(TokenEvent(event.request_id, None, "", True, "error", error="engine step failed"))
+        self.stats.steps += 1
+        self.stats.step_seconds += time.perf_counter() - start
+        self.stats.running, self.stats.waiting = len(self.engine.active), len(self.engine.waiting)
+        self._deliver(events)
+
+    def _deliver(self, events: list[TokenEvent]) -> None:
+        for event in events:
+            self.stats.generated_tokens += event.token_id is not None
+            sink = self._sinks.get(event.request_id)
+            if event.finished:
+                self._sinks.pop(event.request_id, None)
+                self._finish(event.request_id)
+            if sink is not None:
+                try:
+                    sink(event)
+                except Exception:  # a broken sink (its client's loop closed) loses its own events only
+                    log.exception("event sink of %s failed", event.request_id)
+        if self.on_step is not None:
+            self.on_step(events)
+
+    def _finish(self, request_id: str) -> None:
+        with self._lock:
+            self._in_flight -= 1

@@ -1,0 +1,101 @@
+"""Running the server: uvicorn on the app, the model loaded in the background (the server answers
+503 until it is up), one engine loop, and SIGTERM/SIGINT draining - new requests get 503, running
+ones finish within the grace period, then the process exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import uvicorn
+
+from pyramoe.inference import Engine
+from pyramoe.inference.loop import EngineLoop
+from pyramoe.serve.app import ServerState, create_app
+from pyramoe.serve.chat import ChatTemplate
+
+log = logging.getLogger("pyramoe.serve")
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_queue: int = 64
+    drain_grace_s: float = 30.0
+    log_level: str = "warning"
+
+
+def run_server(state: ServerState, load: Callable[[], tuple[Engine, ChatTemplate]], options: ServeOptions,
+               announce: Callable[[str], None] = print) -> int:
+    """Serve until a signal drains the server; returns the exit status. `load` builds the engine
+    (on a background thread, while the server already answers /health with 503)."""
+    app = create_app(state)
+    config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
+                            timeout_graceful_shutdown=5, lifespan="off")
+    server = uvicorn.Server(config)
+    failure: list[BaseException] = []
+
+    def load_engine() -> None:
+        try:
+            engine, template = load()
+            engine.prepare()  # packing and the native build happen here, while /health says "loading"
+            loop = EngineLoop(engine, options.max_queue).start()
+            state.attach(engine, loop, template)
+            announce(f"pyramoe serve: {state.model_name} ready at http://{options.host}:{_bound_port(server)} "
+                     f"({engine.decode_path} step, {engine.max_batch} slots x {engine.max_len} positions, "
+                     f"KV cache {engine.cache.bytes() / 2**20:.1f} MiB, chat template: {template.name})")
+        except BaseException as exc:  # noqa: BLE001 - reported and ends the server
+            failure.append(exc)
+            server.should_exit = True
+
+    async def main() -> None:
+        asyncio_loop = asyncio.get_running_loop()
+        draining = []
+
+        def drain() -> None:
+            if draining:  # a second signal: stop now
+                server.should_exit = True
+                return
+            draining.append(asyncio_loop.create_task(_drain(state, server, options.drain_grace_s)))
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio_loop.add_signal_handler(sig, drain)
+        threading.Thread(target=load_engine, name="pyramoe-load", daemon=True).start()
+        await server.serve()
+
+    server.capture_signals = contextlib.nullcontext  # ours (above) drain first; uvicorn's would stop at once
+    asyncio.run(main())
+    if state.loop is not None:
+        state.loop.stop(timeout=10)
+    if failure:
+        exc = failure[0]
+        print(f"pyramoe serve: {exc}" if isinstance(exc, ValueError | OSError) else
+              f"pyramoe serve: loading failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _bound_port(server: uvicorn.Server) -> int:
+    """The port the server listens on (the one the OS chose for port 0)."""
+    while not server.started:
+        time.sleep(0.01)
+    return server.servers[0].sockets[0].getsockname()[1]
+
+
+async def _drain(state: ServerState, server: uvicorn.Server, grace_s: float) -> None:
+    state.status = "draining"
+    log.warning("draining: new requests get 503; %d in flight get %.0f s", state.loop.in_flight if state.loop else 0,
+                grace_s)
+    deadline = time.monotonic() + grace_s
+    while state.loop is not None and state.loop.in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.1)  # the last answers leave the handlers
+    server.should_exit = True
