@@ -391,7 +391,7 @@ async def _completion_chunks(state: ServerState, body: CompletionRequest, genera
             if event.finish_reason == "error":
                 yield _stream_error(event.error)
                 continue
-            if event.text or event.finished or logprobs is not None:
+            if event.token_id is not None or event.text or event.finished:  # a chunk per token
                 yield _chunk(generation, state, "text_completion", choice.index, text=event.text, logprobs=logprobs,
                              finish_reason=event.finish_reason if event.finished else None,
                              usage=include_usage)
@@ -472,7 +472,7 @@ async def _chat_chunks(state: ServerState, body: ChatRequest, generation: Genera
             if body.logprobs and len(choice.logprobs) > sent_logprobs[choice.index]:
                 logprobs = _chat_logprobs(state, choice.logprobs[sent_logprobs[choice.index]:])
                 sent_logprobs[choice.index] = len(choice.logprobs)
-            if event.text or event.finished or logprobs is not None:
+            if event.token_id is not None or event.text or event.finished:  # a chunk per token
                 delta = {"content": event.text} if event.text else {}
                 yield _chunk(generation, state, kind, choice.index, usage=include_usage, delta=delta,
                              logprobs=logprobs, finish_reason=event.finish_reason if event.finished else None)

@@ -1,0 +1,281 @@
+"""`pyramoe bench serve`: `pyramoe serve` under load, against the same engine in-process, in one run.
+
+For each model (a tiny Mixtral-shaped one and the `bench generate` Mixtral shape: random weights
+built by transformers and saved), the server runs as a subprocess and is driven by 1, 8, 32 and 64
+concurrent streaming clients (closed loop: each sends its next request when the last ends; prompts
+of `--prompt-len` random token ids, `--max-tokens` greedy tokens with EOS ignored). Per level:
+aggregate generated tokens/s, time to first token (request sent to its first chunk), time per output
+token (TPOT: per request, its mean gap between chunks) and inter-token latency (ITL: single gaps
+between chunks) at p50/p99, all client side, failed requests, and the same requests through
+`Engine` in-process (the same number in flight at once, no HTTP) with its tokens/s. Then the
+long-prompt phase: `--long-clients` streaming clients while one more keeps sending `--long-prompt`-
+token prompts; the streams' ITL p99 against their TPOT p50 says how much prompt reading stalls them.
+Writes `bench-results/serve.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pyramoe.bench.common import machine_info, write_json
+from pyramoe.inference import Engine, SamplingParams
+from pyramoe.tables import format_table
+
+MODELS = {
+    "tiny": dict(vocab=2000, hidden=128, layers=2, experts=8, top_k=2, intermediate=256, heads=4, kv_heads=2),
+    "mixtral": dict(vocab=32000, hidden=512, layers=8, experts=8, top_k=2, intermediate=1024, heads=8, kv_heads=2),
+}
+READY = re.compile(r"ready at (http://[\d.]+:\d+)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default="tiny,mixtral", help=f"comma-separated: {', '.join(MODELS)}")
+    parser.add_argument("--levels", default="1,8,32,64", help="concurrent clients, comma-separated")
+    parser.add_argument("--requests", type=int, default=2, metavar="N", help="requests per client per level")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=32, help="the server's slots (--max-batch)")
+    parser.add_argument("--long-prompt", type=int, default=4000, metavar="N",
+                        help="tokens of the prompts sent during the long-prompt phase (0: skip it)")
+    parser.add_argument("--long-clients", type=int, default=8, help="streaming clients in the long-prompt phase")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--out", default="bench-results/serve.json")
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--levels: expected comma-separated integers, got {text!r}") from None
+    if not levels or min(levels) < 1:
+        raise ValueError(f"--levels: must be >= 1, got {text!r}")
+    return levels
+
+
+def save_model(shape: dict[str, int], directory: Path, context: int) -> Path:
+    import transformers
+
+    config = transformers.MixtralConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
+        num_local_experts=shape["experts"], num_experts_per_tok=shape["top_k"], max_position_embeddings=context,
+    )
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def start_server(model: Path, args: argparse.Namespace, max_len: int, log: Path) -> tuple[subprocess.Popen, str]:
+    command = [sys.executable, "-m", "pyramoe.cli.main", "serve", str(model), "--port", "0", "--max-batch",
+               str(args.max_batch), "--max-len", str(max_len), "--dtype", args.dtype, "--max-queue", "1024"]
+    process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        match = READY.search(log.read_text(errors="replace"))
+        if match:
+            return process, match.group(1)
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"the server did not start: {log.read_text(errors='replace')[-2000:]}")
+
+
+async def _stream(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One streamed request: seconds to the first chunk, gaps between chunks, tokens, failure."""
+    start = time.perf_counter()
+    times = []
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                return {"failed": f"HTTP {response.status_code}"}
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    payload = json.loads(line[6:])
+                    if "error" in payload:
+                        return {"failed": payload["error"]["message"]}
+                    if payload["choices"]:
+                        times.append(time.perf_counter())
+    except Exception as exc:  # noqa: BLE001 - counted, not raised: the bench reports failures
+        return {"failed": f"{type(exc).__name__}: {exc}"}
+    if not times:
+        return {"failed": "no chunk"}
+    return {"ttft": times[0] - start, "gaps": [b - a for a, b in zip(times, times[1:])], "chunks": len(times)}
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _prompts(vocab: int, count: int, length: int, seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (count, length), generator=generator).tolist()
+
+
+async def drive(url: str, clients: int, prompts: list[list[int]], max_tokens: int,
+                background: list[list[int]] | None = None) -> dict[str, Any]:
+    """`clients` closed-loop streaming clients share `prompts`; with `background`, one more client
+    keeps sending those (long) prompts until the others are done."""
+    import httpx
+
+    queue = list(enumerate(prompts))
+    results: list[dict[str, Any]] = []
+    done = asyncio.Event()
+    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+
+        async def worker() -> None:
+            while queue:
+                _, prompt = queue.pop()
+                body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                        "stream": True}
+                results.append(await _stream(client, url, body))
+
+        async def long_prompts() -> None:
+            sent = 0
+            while not done.is_set():
+                body = {"prompt": background[sent % len(background)], "max_tokens": 1, "stream": True}
+                await _stream(client, url, body)
+                sent += 1
+
+        start = time.perf_counter()
+        extra = [asyncio.create_task(long_prompts())] if background else []
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - start
+        done.set()
+        for task in extra:
+            await task
+    ok = [r for r in results if "failed" not in r]
+    gaps = [g for r in ok for g in r["gaps"]]
+    # Per request, the mean time per token after the first (TPOT): chunks read in bursts (a client
+    # slower than the server for a moment) make single gaps ~0 but leave this intact.
+    tpots = [sum(r["gaps"]) / len(r["gaps"]) for r in ok if r["gaps"]]
+    tokens = sum(r["chunks"] for r in ok)
+    return {
+        "clients": clients, "requests": len(results), "failed": len(results) - len(ok),
+        "failures": sorted({r["failed"] for r in results if "failed" in r})[:5],
+        "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+        "ttft_p50_s": _percentile([r["ttft"] for r in ok], 0.5),
+        "ttft_p99_s": _percentile([r["ttft"] for r in ok], 0.99),
+        "tpot_p50_s": _percentile(tpots, 0.5), "tpot_p99_s": _percentile(tpots, 0.99),
+        "itl_p50_s": _percentile(gaps, 0.5), "itl_p99_s": _percentile(gaps, 0.99),
+    }
+
+
+def in_process(engine: Engine, clients: int, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    """The same requests through the engine in this process, `clients` in flight at once."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    pending = list(prompts)
+    tokens = 0
+    start = time.perf_counter()
+    for _ in range(min(clients, len(pending))):
+        engine.add_request(pending.pop(), params)
+    while engine.has_unfinished():
+        for event in engine.step():
+            tokens += event.token_id is not None
+            if event.finished and pending:
+                engine.add_request(pending.pop(), params)
+    wall = time.perf_counter() - start
+    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall}
+
+
+def bench_model(name: str, args: argparse.Namespace, levels: list[int], work: Path) -> dict[str, Any]:
+    shape = MODELS[name]
+    max_len = max(args.prompt_len + args.max_tokens, args.long_prompt + 2)
+    model_dir = save_model(shape, work / name, max_len)
+    engine = Engine.load(model_dir, dtype=args.dtype, max_batch=args.max_batch, max_len=max_len, eos_id=None)
+    engine.prepare()
+    process, url = start_server(model_dir, args, max_len, work / f"{name}.log")
+    rows = []
+    try:
+        asyncio.run(drive(url, 2, _prompts(shape["vocab"], 4, args.prompt_len, 99), 8))  # warm-up
+        in_process(engine, 2, _prompts(shape["vocab"], 4, args.prompt_len, 99), 8)
+        for level in levels:
+            prompts = _prompts(shape["vocab"], level * args.requests, args.prompt_len, level)
+            served = asyncio.run(drive(url, level, prompts, args.max_tokens))
+            local = in_process(engine, level, prompts, args.max_tokens)
+            served["in_process_tokens_per_s"] = local["tokens_per_s"]
+            served["vs_in_process"] = served["tokens_per_s"] / local["tokens_per_s"]
+            rows.append(served)
+            print(f"  {name}: {level} clients: {served['tokens_per_s']:.0f} tok/s served, "
+                  f"{local['tokens_per_s']:.0f} in-process, {served['failed']} failed", file=sys.stderr)
+        long_phase = None
+        if args.long_prompt:
+            prompts = _prompts(shape["vocab"], args.long_clients * args.requests, args.prompt_len, 7)
+            quiet = asyncio.run(drive(url, args.long_clients, prompts, args.max_tokens))
+            loaded = asyncio.run(drive(url, args.long_clients, prompts, args.max_tokens,
+                                       background=_prompts(shape["vocab"], 4, args.long_prompt, 5)))
+            # The stall a prompt chunk adds to a decode step, against the typical time per token.
+            long_phase = {"without": quiet, "with_long_prompts": loaded,
+                          "itl_p99_over_tpot_p50": loaded["itl_p99_s"] / loaded["tpot_p50_s"]}
+    finally:
+        process.terminate()
+        process.wait(60)
+    return {"model": name, "shape": shape, "levels": rows, "long_prompt_phase": long_phase,
+            "decode_path": engine.decode_path}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    levels = _levels(args.levels)
+    names = [n.strip() for n in args.models.split(",")]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        raise ValueError(f"--models: unknown {unknown[0]!r}; known: {', '.join(MODELS)}")
+    for flag in ("requests", "prompt_len", "max_tokens", "max_batch", "long_clients"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}: must be >= 1")
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [bench_model(name, args, levels, Path(tmp)) for name in names]
+    return {"benchmark": "serve", "machine": machine_info(), "settings": vars(args) | {"func": None},
+            "models": results}
+
+
+def report(payload: dict[str, Any]) -> str:
+    lines = []
+    for result in payload["models"]:
+        rows = [[r["clients"], f"{r['tokens_per_s']:.0f}", f"{r['in_process_tokens_per_s']:.0f}",
+                 f"{r['vs_in_process']:.2f}", _ms(r["ttft_p50_s"]), _ms(r["ttft_p99_s"]), _ms(r["tpot_p50_s"]),
+                 _ms(r["tpot_p99_s"]), _ms(r["itl_p99_s"]), r["failed"]] for r in result["levels"]]
+        lines.append(f"{result['model']} ({result['decode_path']} step)")
+        lines.append(format_table(["clients", "tok/s", "in-process", "served/in-process", "TTFT p50", "TTFT p99",
+                                   "TPOT p50", "TPOT p99", "ITL p99", "failed"], rows))
+        levels = {r["clients"]: r for r in result["levels"]}
+        if 1 in levels and 32 in levels:
+            lines.append(f"32 clients / 1 client: {levels[32]['tokens_per_s'] / levels[1]['tokens_per_s']:.2f}x")
+        phase = result["long_prompt_phase"]
+        if phase:
+            loaded = phase["with_long_prompts"]
+            quiet = phase["without"]
+            lines.append(f"{loaded['clients']} streams while long prompts arrive: "
+                         f"TPOT p50 {_ms(loaded['tpot_p50_s'])}, "
+                         f"ITL p99 {_ms(loaded['itl_p99_s'])} ({phase['itl_p99_over_tpot_p50']:.2f}x TPOT p50); "
+                         f"without them TPOT p50 {_ms(quiet['tpot_p50_s'])}, ITL p99 {_ms(quiet['itl_p99_s'])}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f} ms"
+
+
+def main(args: argparse.Namespace) -> int:
+    payload = run(args)
+    print(report(payload))
+    path = write_json(args.out, payload)
+    print(f"wrote {path}")
+    return 0
+
