@@ -311,3 +311,41 @@ def test_duplicate_ids_are_refused_and_abort_emits_an_event(model):
     assert [(e.request_id, e.finish_reason) for e in events] == [("a", "abort"), ("b", "abort")]
     assert not engine.has_unfinished() and engine.free_slots == 1
     engine.add_request(PROMPTS[2], request_id="a")  # finished ids may be reused
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_requests_wait_for_kv_blocks_and_get_their_tokens(model, native):
+    """A cache of 6 blocks of 4 positions: at most two 10-position requests hold blocks at once; the
+    others wait for the blocks (not the slots: there are 4) and every one gets its tokens alone."""
+    engine = Engine(model, max_batch=4, eos_id=None, native=native, kv_blocks=6, block_size=4)
+    params = SamplingParams(max_tokens=5, **GREEDY)
+    requests = [[1, 2, 3, 4, 5], [7, 8, 9, 10], [9, 10, 11, 12, 13], [20, 21, 22, 23]]
+    ids = [engine.add_request(p, params) for p in requests]
+    events = engine.step()
+    assert len(engine.active) == 2 and engine.cache.allocator.available == 0
+    tokens = {rid: [] for rid in ids}
+    for event in [*events, *engine.stream()]:
+        tokens[event.request_id].append(event.token_id)
+    assert [tokens[rid] for rid in ids] == [alone(model, p, 5) for p in requests]
+    assert engine.cache.allocator.used == 0
+    with pytest.raises(ValueError, match="^prompt: .* need 7 KV-cache blocks, the cache has 6"):
+        engine.add_request(list(range(1, 20)), SamplingParams(max_tokens=9))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_common_prompt_prefix_is_read_once(model, native):
+    """Requests whose prompts begin with the same full blocks share them (n choices of one prompt,
+    a common preamble): fewer prompt rows are computed, and the tokens are those of each alone."""
+    engine = Engine(model, max_batch=4, eos_id=None, native=native, block_size=4)
+    preamble = [3, 1, 4, 1, 5, 9, 2, 6]  # two full blocks
+    first = engine.generate([preamble + [5, 3]], SamplingParams(max_tokens=4, **GREEDY))[0]
+    assert engine.cache.allocator.hit_tokens == 0
+    later = [preamble + [5, 3], preamble + [8], preamble + [9, 7, 9, 3, 2]]
+    out = engine.generate(later, SamplingParams(max_tokens=4, **GREEDY))
+    assert engine.cache.allocator.hit_tokens == 3 * len(preamble)
+    assert first.token_ids == out[0].token_ids
+    assert [o.token_ids for o in out] == [alone(model, p, 4) for p in later]
+    exact = Engine(model, max_batch=2, eos_id=None, native=native, block_size=4)
+    exact.generate([preamble], SamplingParams(max_tokens=1))  # the whole prompt is blocks: the last is read again
+    again = exact.generate([preamble], SamplingParams(max_tokens=3, **GREEDY))[0]
+    assert exact.cache.allocator.hit_tokens == 4 and again.token_ids == alone(model, preamble, 3)

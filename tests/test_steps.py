@@ -1,15 +1,18 @@
 """The engine's step interface (`pyramoe.inference.steps`): rows of (token, slot, position) of any
 mix - prompt chunks at any start, decode rows, slots in any order - give the logits of one full
 forward over each sequence, on the native step and the PyTorch step alike, for every block kind the
-native step computes; both count the same tokens per expert."""
+native step computes, over a slot cache and a paged one whose sequences hold scattered blocks; both
+count the same tokens per expert."""
 
 from __future__ import annotations
+
+from collections import deque
 
 import pytest
 import torch
 from test_native_decode import CASES, _model  # noqa: I001 - the block kinds the native step computes
 
-from pyramoe.inference.kv_cache import SlotKVCache
+from pyramoe.inference.kv_cache import PagedKVCache, SlotKVCache
 from pyramoe.inference.native import NativeDecoder, load_library
 from pyramoe.inference.steps import NativeStep, TorchStep
 from pyramoe.models import GPT
@@ -22,6 +25,18 @@ CALLS = [[(2, 0, 7), (0, 0, 5)], [(0, 5, 1), (3, 0, 4), (2, 7, 3)]]
 def _sequences(vocab: int) -> dict[int, list[int]]:
     generator = torch.Generator().manual_seed(3)
     return {slot: torch.randint(0, vocab, (10,), generator=generator).tolist() for slot in (0, 2, 3)}
+
+
+def _cache(model: GPT, kind: str) -> SlotKVCache:
+    """A slot cache, or a paged one (blocks of 4 positions) whose slots hold scattered blocks."""
+    if kind == "slots":
+        return SlotKVCache.for_model(model, 4, 32)
+    cache = PagedKVCache.for_model(model, 4, 32, num_blocks=20, block_size=4)
+    cache.allocator._free = deque(torch.randperm(20, generator=torch.Generator().manual_seed(0)).tolist())
+    for slot in (3, 0, 2):
+        assert cache.reserve(slot, [slot] * 3, 12) == 0
+    assert any(b - a != 1 for a, b in zip(cache._blocks[0], cache._blocks[0][1:]))  # scattered
+    return cache
 
 
 def _run(step, sequences: dict[int, list[int]]) -> list[torch.Tensor]:
@@ -44,11 +59,12 @@ def _reference(model: GPT, sequences: dict[int, list[int]]) -> list[torch.Tensor
     return [torch.cat([full[slot][start : start + n] for slot, start, n in runs]) for runs in CALLS]
 
 
+@pytest.mark.parametrize("kind", ["slots", "paged"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_pytorch_step_rows_equal_full_forward(name):
+def test_pytorch_step_rows_equal_full_forward(name, kind):
     model = _model(CASES[name], torch.float32)
     sequences = _sequences(model.config.vocab_size)
-    step = TorchStep(model, SlotKVCache.for_model(model, 4, 32), max_rows=16)
+    step = TorchStep(model, _cache(model, kind), max_rows=16)
     with torch.no_grad():
         got = _run(step, sequences)
     for a, b in zip(got, _reference(model, sequences)):
@@ -56,14 +72,15 @@ def test_pytorch_step_rows_equal_full_forward(name):
 
 
 @pytest.mark.skipif(load_library() is None, reason="no C++ compiler: the native step is not built")
+@pytest.mark.parametrize("kind", ["slots", "paged"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", list(CASES))
-def test_native_step_equals_pytorch_step(name, dtype):
+def test_native_step_equals_pytorch_step(name, dtype, kind):
     model = _model(CASES[name], dtype)
     sequences = _sequences(model.config.vocab_size)
     moe_layers = [i for i, block in enumerate(model.blocks) if block.is_moe]
-    native = NativeStep(NativeDecoder(model, SlotKVCache.for_model(model, 4, 32), 16), moe_layers)
-    pytorch = TorchStep(model, SlotKVCache.for_model(model, 4, 32), max_rows=16)
+    native = NativeStep(NativeDecoder(model, _cache(model, kind), 16), moe_layers)
+    pytorch = TorchStep(model, _cache(model, kind), max_rows=16)
     with torch.no_grad():
         got, want = _run(native, sequences), _run(pytorch, sequences)
     tolerance = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from pyramoe.data import Tokenizer
-from pyramoe.inference.kv_cache import SlotKVCache
+from pyramoe.inference.kv_cache import PagedKVCache
 from pyramoe.inference.native import NativeDecoder, blockable, unsupported_reason
 from pyramoe.inference.packing import pack_model
 from pyramoe.inference.sampling import SamplingParams, apply_penalties, sample_token, token_logprobs
@@ -99,13 +99,17 @@ class Engine:
     """Batched generation with requests joining and leaving a running batch.
 
     `max_batch` requests run together (one KV-cache slot each); `max_len` bounds prompt + generated
-    tokens per request (the KV cache is max_batch x max_len per layer); one step feeds at most
-    `max_step_tokens` rows (decode rows, then prompt chunks; at least `MIN_PREFILL_ROWS` prompt
-    rows). On the CPU, steps run natively (`native`, `pyramoe.inference.native`: a whole forward in
-    one compiled call) where the machine can build it and the model is one it computes, with bf16
-    weights blocked for its AVX512-BF16 kernels at the first step (`pack_weights`); otherwise the
-    weights are prepacked for oneDNN at the first step (`pack_weights`,
-    `pyramoe.inference.packing`) and the model runs in PyTorch. Packed either way, the model still
+    tokens per request. The KV cache is paged (`PagedKVCache`): `kv_blocks` blocks of `block_size`
+    positions (or as many as `kv_cache_bytes` hold; default: max_batch x max_len positions); a
+    request is admitted when its prompt + max_tokens positions have blocks, returns them when it
+    leaves, and shares the full blocks of a prompt prefix already cached (`prefix_caching`; not for
+    requests asking prompt log-probabilities, whose every position must be computed). One step
+    feeds at most `max_step_tokens` rows (decode rows, then prompt chunks; at least
+    `MIN_PREFILL_ROWS` prompt rows). On the CPU, steps run natively (`native`,
+    `pyramoe.inference.native`: a whole forward in one compiled call) where the machine can build it
+    and the model is one it computes, with bf16 weights blocked for its AVX512-BF16 kernels at the
+    first step (`pack_weights`); otherwise the weights are prepacked for oneDNN at the first step
+    (`pack_weights`, `pyramoe.inference.packing`) and the model runs in PyTorch. Packed either way, the model still
     runs in PyTorch but serves this engine only (no training, no state_dict). `decode_path` says which
     ran ("native" or "pytorch", with `native_unavailable` giving why not).
     """
@@ -121,6 +125,10 @@ class Engine:
         dropless: bool = True,
         pack_weights: bool = True,
         native: bool = True,
+        kv_blocks: int | None = None,
+        block_size: int = 16,
+        prefix_caching: bool = True,
+        kv_cache_bytes: int | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
@@ -137,7 +145,14 @@ class Engine:
                 if block.is_moe:
                     block.ffn.config.dropless = True
         self.device = next(model.parameters()).device
-        self.cache = SlotKVCache.for_model(model, max_batch, self.max_len)
+        if kv_cache_bytes is not None:
+            kv_blocks = kv_cache_bytes // PagedKVCache.for_model(model, 1, block_size, 1, block_size).bytes()
+            if kv_blocks < 1:
+                raise ValueError(f"kv_cache_bytes: {kv_cache_bytes} bytes hold no {block_size}-position block")
+        if block_size < 1 or (kv_blocks is not None and kv_blocks < 1):
+            raise ValueError(f"block_size, kv_blocks: must be >= 1, got {block_size}, {kv_blocks}")
+        self.cache = PagedKVCache.for_model(model, max_batch, self.max_len, kv_blocks, block_size)
+        self.prefix_caching = prefix_caching
         self.logits_source: int | None = None  # set by `distribute`: the rank whose logits all follow
         # CPU weights are packed at the first step (after any `distribute`): blocked for the native
         # step, else for oneDNN.
@@ -188,9 +203,8 @@ class Engine:
             apply_parallelism(run, self.model, ep, expert_slicing=expert_slicing)
             self.logits_source = 0
             if tp > 1:  # each rank caches only its key/value heads
-                self.cache = SlotKVCache([k[:, : k.shape[1] // tp].contiguous() for k in self.cache.keys],
-                                         [v[:, : v.shape[1] // tp].contiguous() for v in self.cache.values],
-                                         self.cache.max_len)
+                self.cache = self.cache.with_keys([k[:, : k.shape[1] // tp].contiguous() for k in self.cache.keys],
+                                                  [v[:, : v.shape[1] // tp].contiguous() for v in self.cache.values])
         return run
 
     # -- requests ------------------------------------------------------------------------------------------
@@ -204,6 +218,10 @@ class Engine:
         prompt_ids = self._encode(prompt)
         if len(prompt_ids) >= self.max_len and not (params.max_tokens == 0 and len(prompt_ids) <= self.max_len):
             raise ValueError(f"prompt: {len(prompt_ids)} tokens leave no room in max_len={self.max_len}")
+        blocks = self.cache.blocks_for(self._positions(len(prompt_ids), params))
+        if blocks > self.cache.allocator.num_blocks:
+            raise ValueError(f"prompt: {len(prompt_ids)} tokens + max_tokens need {blocks} KV-cache blocks, the cache "
+                             f"has {self.cache.allocator.num_blocks}")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._live_ids:
             raise ValueError(f"request_id: {request_id!r} is already queued or running")
@@ -252,10 +270,7 @@ class Engine:
         request past its prompt, and the next prompt chunks within the step's token budget."""
         self.prepare()
         events, self._pending = self._pending, []
-        while self.waiting and self._free_slots:
-            request = self.waiting.popleft()
-            request.slot = self._free_slots.pop(0)
-            self.active.append(request)
+        self._admit()
         plan, rows = self._plan()
         if plan:
             try:
@@ -273,6 +288,25 @@ class Engine:
         for request in [r for r in self.active if r.finished]:
             self._retire(request)
         return events
+
+    def _admit(self) -> None:
+        """Waiting requests take free slots in order while the cache has their blocks; a request
+        whose prompt begins with full blocks already cached starts after them."""
+        while self.waiting and self._free_slots:
+            request, slot = self.waiting[0], self._free_slots[0]
+            share = self.prefix_caching and request.params.prompt_logprobs is None
+            cached = self.cache.reserve(slot, request.prompt_ids,
+                                        self._positions(len(request.prompt_ids), request.params), share)
+            if cached is None:
+                return  # until a running request returns blocks
+            self.waiting.popleft()
+            self._free_slots.pop(0)
+            request.slot, request.cached = slot, cached
+            self.active.append(request)
+
+    def _positions(self, prompt_tokens: int, params: SamplingParams) -> int:
+        """KV positions a request may fill: its prompt and what it may generate, within max_len."""
+        return min(prompt_tokens + params.max_tokens, self.max_len)
 
     def _plan(self) -> tuple[list[tuple[Request, int, list[int]]], tuple[list[int], ...]]:
         """The step's rows: (request, rows fed, indices of its logit rows) per request, and the
@@ -309,6 +343,8 @@ class Engine:
         take the next token from the request's last logit row."""
         start, prompt = request.cached, request.prompt_ids
         request.cached += fed
+        if start < len(prompt):
+            self.cache.written(request.slot, request.cached)
         if start < len(prompt) and request.params.prompt_logprobs is not None:
             if request.prompt_logprobs is None:
                 request.prompt_logprobs = [None]
@@ -426,6 +462,7 @@ class Engine:
         """A finished request leaves: its slot is free for the next (nothing is copied)."""
         if request.slot is not None:
             self.active.remove(request)
+            self.cache.free(request.slot)
             self._free_slots.append(request.slot)
             self._free_slots.sort()  # lowest first: requests admitted together get consecutive slots
             request.slot = None

@@ -1,6 +1,11 @@
-"""A KV cache of slots for continuous batching: every sequence owns one slot (a row of each layer's
-[slots, Hkv, max_len, Dh] buffers) for its whole life, so sequences of different lengths decode
-together and join or leave between steps without touching the others.
+"""KV caches for continuous batching: every sequence owns one slot for its whole life, so sequences
+of different lengths run together and join or leave between steps without touching the others.
+
+- `SlotKVCache`: a slot is a row of each layer's [slots, Hkv, max_len, Dh] buffers (every slot
+  reserves the whole context).
+- `PagedKVCache` (the engine's): a slot is a row of a block table over [blocks, Hkv, block_size, Dh]
+  buffers; a sequence holds the blocks of the positions it may fill, and sequences with a common
+  prompt prefix share its full blocks (`BlockAllocator`).
 
 Legend: S slots, B active rows, Hkv key/value heads, L key positions, Dh head width, T new tokens.
 (Models with latent attention cache [S, 1, L, latent] instead; the slot logic is the same.)
@@ -8,6 +13,8 @@ A departing sequence's slot is free for the next one; nothing is copied.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict, deque
 
 import torch
 
@@ -79,3 +86,177 @@ class SlotKVCache:
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+
+class BlockAllocator:
+    """Blocks of a paged cache: reference counts, and full prompt blocks kept by content hash
+    (prefix caching). A block whose last user left but whose hash is known stays reusable until a
+    new block is needed and none is free (least recently released first)."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))  # holding nothing anyone may reuse
+        self._refs = [0] * num_blocks
+        self._hash_of: dict[int, int] = {}
+        self._by_hash: dict[int, int] = {}
+        self._idle: OrderedDict[int, None] = OrderedDict()  # unreferenced blocks still holding a known prefix
+        self.hit_tokens = 0  # prompt tokens served from cached blocks
+
+    @property
+    def available(self) -> int:
+        return len(self._free) + len(self._idle)
+
+    @property
+    def used(self) -> int:
+        return self.num_blocks - self.available
+
+    def cached(self, hashes: list[int]) -> list[int]:
+        """The blocks holding the longest known prefix of these chained block hashes."""
+        blocks = []
+        for h in hashes:
+            block = self._by_hash.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def acquire(self, shared: list[int], new: int) -> list[int] | None:
+        """Reference `shared` and `new` fresh blocks; None (nothing taken) if they do not fit."""
+        idle_shared = sum(1 for b in shared if b in self._idle)
+        if new > self.available - idle_shared:
+            return None
+        for block in shared:
+            self._idle.pop(block, None)
+            self._refs[block] += 1
+        fresh = [self._take() for _ in range(new)]
+        for block in fresh:
+            self._refs[block] = 1
+        return shared + fresh
+
+    def _take(self) -> int:
+        if self._free:
+            return self._free.popleft()
+        block, _ = self._idle.popitem(last=False)  # evict the least recently released prefix
+        del self._by_hash[self._hash_of.pop(block)]
+        return block
+
+    def release(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self._refs[block] -= 1
+            assert self._refs[block] >= 0
+            if self._refs[block] == 0:
+                if block in self._hash_of:
+                    self._idle[block] = None
+                else:
+                    self._free.append(block)
+
+    def publish(self, block: int, block_hash: int) -> None:
+        """`block` now holds the prefix whose chained hash is `block_hash` (fully written)."""
+        if block_hash not in self._by_hash and block not in self._hash_of:
+            self._by_hash[block_hash] = block
+            self._hash_of[block] = block_hash
+
+
+class PagedKVCache(SlotKVCache):
+    """A KV cache of fixed-size blocks: per layer [blocks, Hkv, block_size, Dh] (or MLA's
+    [blocks, 1, block_size, latent]); slot s's position p lives in row p % block_size of block
+    block_table[s, p // block_size]. Memory follows the tokens in use: a request reserves the blocks
+    of the positions it may fill, returns them when it leaves, and shares the full blocks of a
+    prompt prefix it has in common with a request before it (`n` choices, a common system prompt).
+
+    Legend as above; N blocks, bs block size, M blocks per sequence."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slots: int, max_len: int,
+                 block_size: int):
+        super().__init__(keys, values, max_len)
+        self.slots, self.block_size = slots, block_size
+        self.max_blocks = -(-max_len // block_size)
+        # On the CPU: the native step reads it in place; the PyTorch step copies what it needs per forward.
+        self.block_table = torch.zeros(slots, self.max_blocks, dtype=torch.int64)
+        self.allocator = BlockAllocator(keys[0].shape[0])
+        self._blocks: list[list[int]] = [[] for _ in range(slots)]
+        self._hashes: list[list[int]] = [[] for _ in range(slots)]  # chained hashes of full prompt blocks
+        self._published = [0] * slots
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, slots: int, max_len: int, num_blocks: int | None = None,
+                  block_size: int = 16) -> PagedKVCache:
+        """`num_blocks` defaults to every slot's whole context (what a slot cache reserves)."""
+        blocks = num_blocks if num_blocks is not None else slots * -(-max_len // block_size)
+        template = model.new_kv_cache(batch_size=blocks, max_len=block_size)
+        return cls(template.keys, template.values, slots, max_len, block_size)
+
+    def prefill(self, slot: int) -> SlotKVCache:
+        raise ValueError("paged kv cache: a forward's rows go through rows(), not prefill()")
+
+    def with_keys(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> PagedKVCache:
+        """The same geometry over other buffers (a tensor-parallel rank's share of the heads)."""
+        return PagedKVCache(keys, values, self.slots, self.max_len, self.block_size)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def reserve(self, slot: int, prompt_ids: list[int], tokens: int, share: bool = True) -> int | None:
+        """Blocks for `tokens` positions of the sequence entering `slot`, reusing cached blocks of
+        its prompt's full-block prefix when `share`. Returns how many prompt tokens are already
+        cached (a multiple of the block size, short of the last prompt token: its logits are
+        needed), or None if the blocks are not there (the request waits)."""
+        bs = self.block_size
+        hashes, h = [], 0
+        for start in range(0, len(prompt_ids) - bs + 1, bs):
+            h = hash((h, tuple(prompt_ids[start : start + bs])))
+            hashes.append(h)
+        shared = self.allocator.cached(hashes[: (len(prompt_ids) - 1) // bs]) if share else []
+        blocks = self.allocator.acquire(shared, self.blocks_for(tokens) - len(shared))
+        if blocks is None:
+            return None
+        self._blocks[slot], self._hashes[slot], self._published[slot] = blocks, hashes, len(shared)
+        self.block_table[slot, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+        self.allocator.hit_tokens += len(shared) * bs
+        return len(shared) * bs
+
+    def written(self, slot: int, positions: int) -> None:
+        """The sequence in `slot` has its first `positions` positions written: its full prompt
+        blocks among them become shareable."""
+        full = min(positions // self.block_size, len(self._hashes[slot]))
+        for i in range(self._published[slot], full):
+            self.allocator.publish(self._blocks[slot][i], self._hashes[slot][i])
+        self._published[slot] = max(self._published[slot], full)
+
+    def free(self, slot: int) -> None:
+        self.allocator.release(self._blocks[slot])
+        self._blocks[slot], self._hashes[slot] = [], []
+
+    def rows(self, slots_G: list[int], starts_G: list[int], lengths_G: list[int], total: int) -> PagedKVCache:
+        """As SlotKVCache.rows, through the block table: writes go to (block, row) pairs; reads
+        gather each slot's blocks into [G, Hkv, total, Dh]."""
+        device, bs = self.keys[0].device, self.block_size
+        self._slot, self._length = None, total
+        g_M = [g for g, n in enumerate(lengths_G) for _ in range(n)]
+        t_M = [t for n in lengths_G for t in range(n)]
+        position_M = [starts_G[g] + t for g, t in zip(g_M, t_M)]
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
+        block_M = [self._blocks[slots_G[g]][p // bs] for g, p in zip(g_M, position_M)]
+        self._writes = (as_tensor(g_M), as_tensor(t_M), as_tensor(block_M), as_tensor([p % bs for p in position_M]))
+        used = self.blocks_for(total)
+        self._read = as_tensor([self._blocks[s][:used] + [self._blocks[s][0]] * (used - len(self._blocks[s][:used]))
+                                for s in slots_G])  # [G, used blocks]
+        return self
+
+    def update(
+        self, layer_idx: int, start_pos: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._writes is None:
+            raise ValueError("paged kv cache: set the rows of the forward first (rows())")
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        g_M, t_M, block_M, row_M = self._writes
+        keys[block_M, :, row_M] = k_BHTd[g_M, :, t_M]
+        values[block_M, :, row_M] = v_BHTd[g_M, :, t_M]
+        return self._gather(keys), self._gather(values)
+
+    def _gather(self, buffer_NHbD: torch.Tensor) -> torch.Tensor:
+        groups, used = self._read.shape
+        blocks_GMHbD = buffer_NHbD.index_select(0, self._read.reshape(-1)).view(groups, used, *buffer_NHbD.shape[1:])
+        heads, width = buffer_NHbD.shape[1], buffer_NHbD.shape[3]
+        out = blocks_GMHbD.transpose(1, 2).reshape(groups, heads, used * self.block_size, width)
+        return out[:, :, : self._length]

@@ -42,7 +42,7 @@ struct PmLayer {
   const void *qkv_w, *o_w;                 // [(H + 2 Hkv) Dh, D], [D, H Dh]
   const float *qkv_b, *o_b;
   const float *q_norm_w, *k_norm_w;        // per head (Dh) or full (H Dh, Hkv Dh) gains, or null
-  void *k_cache, *v_cache;                 // [slots, Hkv, max_len, Dh]
+  void *k_cache, *v_cache;                 // [blocks, Hkv, block_size, Dh] (paged; see PmModel.block_table)
   const float *ffn_norm_w, *ffn_norm_b;
   int64_t is_moe;
   PmMlp mlp;                               // the dense FFN, or Residual-MoE's MLP (ff 0: none)
@@ -78,6 +78,10 @@ struct PmModel {
   const void *tok_emb, *pos_emb;  // [V, D], [max positions, D] or null
   const float *inv_freq;          // [rot_dim / 2] (RoPE) or null
   double rope_factor;             // YaRN's attention factor (1: none)
+  // The paged KV cache: position p of the sequence in slot s is row p % block_size of block
+  // block_table[s * max_blocks + p / block_size] (a slot cache is one block of max_len per slot).
+  const int64_t *block_table;     // [slots, max_blocks]
+  int64_t block_size, block_shift, max_blocks, num_blocks;  // block_shift: log2(block_size), or -1
 };
 
 }  // extern "C"
@@ -96,6 +100,15 @@ struct PhaseTimer {
 };
 
 // ---- the step ------------------------------------------------------------------------------------
+
+// Element offset of head h's key/value row for position p, `blocks` being the sequence's block table
+// row: a shift and a mask where the block size is a power of two (block_shift >= 0), else a division.
+inline int64_t cache_row(const PmModel &m, const int64_t *blocks, int64_t h, int64_t p) {
+  const int64_t bs = m.block_size;
+  const int64_t block = m.block_shift >= 0 ? p >> m.block_shift : p / bs;
+  const int64_t row = m.block_shift >= 0 ? p & (bs - 1) : p % bs;
+  return ((blocks[block] * m.n_kv_heads + h) * bs + row) * m.head_dim;
+}
 
 struct Workspace {  // carved from the caller's buffer (sizes from pm_workspace_bytes)
   float *h, *qkv, *att, *tmp, *moe, *router, *act, *gate_up, *expert_out, *x, *scores;
@@ -228,8 +241,8 @@ inline void load_row(const void *cache, int64_t at, bool bf16, __m512 *v) {
 // width 16 C, with the queries and outputs held in registers (the generic loop kept its outputs in
 // memory and reduced every dot product through it: 0.43 ms of a 7 ms batch-16 step at 50 positions).
 template <int C, int GMAX>
-void attend_registers(const PmModel &m, const PmLayer &L, const float *q, float *o, int64_t row0, int64_t len,
-                      float scale, float *scores, int64_t G) {
+void attend_registers(const PmModel &m, const PmLayer &L, const float *q, float *o, const int64_t *blocks, int64_t h,
+                      int64_t len, float scale, float *scores, int64_t G) {
   const int64_t Dh = m.head_dim, S = m.max_len;
   __m512 qv[GMAX][C];
   for (int g = 0; g < GMAX; ++g)
@@ -238,7 +251,7 @@ void attend_registers(const PmModel &m, const PmLayer &L, const float *q, float 
   for (int g = 0; g < GMAX; ++g) top[g] = -INFINITY;
   for (int64_t l = 0; l < len; ++l) {
     __m512 k[C];
-    load_row<C>(L.k_cache, row0 + l * Dh, m.bf16, k);
+    load_row<C>(L.k_cache, cache_row(m, blocks, h, l), m.bf16, k);
     for (int g = 0; g < GMAX; ++g) {
       if (g >= G) break;
       __m512 acc = _mm512_mul_ps(qv[g][0], k[0]);
@@ -256,7 +269,7 @@ void attend_registers(const PmModel &m, const PmLayer &L, const float *q, float 
     for (int c = 0; c < C; ++c) out[g][c] = _mm512_setzero_ps();
   for (int64_t l = 0; l < len; ++l) {
     __m512 v[C];
-    load_row<C>(L.v_cache, row0 + l * Dh, m.bf16, v);
+    load_row<C>(L.v_cache, cache_row(m, blocks, h, l), m.bf16, v);
     for (int g = 0; g < GMAX; ++g) {
       if (g >= G) break;
       const __m512 p = _mm512_set1_ps(scores[g * S + l] * inv_total[g]);
@@ -272,19 +285,18 @@ void attend_registers(const PmModel &m, const PmLayer &L, const float *q, float 
 // The register kernel where the head width and group size fit it (head width 32, 64 or 128; up to
 // 8, 4 or 2 query heads per key/value head); false: the caller's generic loop.
 bool attend_in_registers(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t r, int64_t h,
-                         int64_t slot, int64_t len, float scale, float *scores) {
+                         const int64_t *blocks, int64_t len, float scale, float *scores) {
 #if defined(__AVX512F__)
   const int64_t H = m.n_heads, Hkv = m.n_kv_heads, Dh = m.head_dim, G = H / Hkv;
   const float *q = w.qkv + r * (H + 2 * Hkv) * Dh + h * G * Dh;
   float *o = w.att + r * H * Dh + h * G * Dh;
-  const int64_t row0 = (slot * Hkv + h) * m.max_len * Dh;
-  if (Dh == 64 && G <= 4) attend_registers<4, 4>(m, L, q, o, row0, len, scale, scores, G);
-  else if (Dh == 128 && G <= 2) attend_registers<8, 2>(m, L, q, o, row0, len, scale, scores, G);
-  else if (Dh == 32 && G <= 8) attend_registers<2, 8>(m, L, q, o, row0, len, scale, scores, G);
+  if (Dh == 64 && G <= 4) attend_registers<4, 4>(m, L, q, o, blocks, h, len, scale, scores, G);
+  else if (Dh == 128 && G <= 2) attend_registers<8, 2>(m, L, q, o, blocks, h, len, scale, scores, G);
+  else if (Dh == 32 && G <= 8) attend_registers<2, 8>(m, L, q, o, blocks, h, len, scale, scores, G);
   else return false;
   return true;
 #else
-  (void)m, (void)L, (void)w, (void)r, (void)h, (void)slot, (void)len, (void)scale, (void)scores;
+  (void)m, (void)L, (void)w, (void)r, (void)h, (void)blocks, (void)len, (void)scale, (void)scores;
   return false;
 #endif
 }
@@ -308,8 +320,9 @@ void attention(const PmModel &m, const PmLayer &L, const Workspace &w, const int
   const bool bf16 = m.bf16;
   for (int64_t r = 0; r < B; ++r) {
     const float *k = w.qkv + r * qkv_width + H * Dh, *v = k + Hkv * Dh;
+    const int64_t *blocks = m.block_table + slot[r] * m.max_blocks;
     for (int64_t h = 0; h < Hkv; ++h) {
-      const int64_t at = ((slot[r] * Hkv + h) * S + pos[r]) * Dh;
+      const int64_t at = cache_row(m, blocks, h, pos[r]);
       for (int64_t d = 0; d < Dh; ++d) {
         store_f(L.k_cache, at + d, k[h * Dh + d], bf16);
         store_f(L.v_cache, at + d, v[h * Dh + d], bf16);
@@ -324,14 +337,14 @@ void attention(const PmModel &m, const PmLayer &L, const Workspace &w, const int
   for (int64_t rh = 0; rh < B * Hkv; ++rh) {
     const int64_t r = rh / Hkv, h = rh % Hkv, len = pos[r] + 1;
     float *scores = w.scores + int64_t(omp_get_thread_num()) * (G * S + Dh);
-    if (attend_in_registers(m, L, w, r, h, slot[r], len, scale, scores)) continue;
+    const int64_t *blocks = m.block_table + slot[r] * m.max_blocks;
+    if (attend_in_registers(m, L, w, r, h, blocks, len, scale, scores)) continue;
     float *row = scores + G * S;  // one key or value row in fp32
-    const int64_t base = (slot[r] * Hkv + h) * S * Dh;
     const float *q = w.qkv + r * qkv_width + h * G * Dh;  // the G query heads of this key/value head
     float top[64];
     for (int64_t g = 0; g < G; ++g) top[g] = -INFINITY;
     for (int64_t l = 0; l < len; ++l) {
-      const float *k = cached_row(L.k_cache, base + l * Dh, Dh, bf16, row);
+      const float *k = cached_row(L.k_cache, cache_row(m, blocks, h, l), Dh, bf16, row);
       for (int64_t g = 0; g < G; ++g) {
         const float sc = scale * dot(q + g * Dh, k, Dh);
         scores[g * S + l] = sc;
@@ -343,7 +356,7 @@ void attention(const PmModel &m, const PmLayer &L, const Workspace &w, const int
     float *out = w.att + r * H * Dh + h * G * Dh;
     for (int64_t i = 0; i < G * Dh; ++i) out[i] = 0;
     for (int64_t l = 0; l < len; ++l) {
-      const float *v = cached_row(L.v_cache, base + l * Dh, Dh, bf16, row);
+      const float *v = cached_row(L.v_cache, cache_row(m, blocks, h, l), Dh, bf16, row);
       for (int64_t g = 0; g < G; ++g) {
         const float p = scores[g * S + l] * inv_total[g];
         float *o = out + g * Dh;
@@ -614,6 +627,9 @@ int64_t pm_forward(const PmModel *mp, const int64_t *tokens, const int64_t *slot
   if (B < 1 || B > m.max_rows || n_logits < 0 || n_logits > B) return 1;
   for (int64_t r = 0; r < B; ++r) {
     if (slot[r] < 0 || slot[r] >= m.slots || pos[r] < 0 || pos[r] >= m.max_len) return 2;
+    const int64_t *blocks = m.block_table + slot[r] * m.max_blocks;
+    for (int64_t b = 0; b <= pos[r] / m.block_size; ++b)
+      if (blocks[b] < 0 || blocks[b] >= m.num_blocks) return 2;
     if (tokens[r] < 0 || tokens[r] >= m.vocab) return 3;
   }
   for (int64_t i = 0; i < n_logits; ++i)

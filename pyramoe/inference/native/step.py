@@ -57,7 +57,8 @@ class _Model(ctypes.Structure):
         ("swiglu", _I), ("qk_norm", _I), ("eps", ctypes.c_double), ("qkv_clip", ctypes.c_double),
         ("final_norm_w", _P), ("final_norm_b", _P), ("head_w", _P), ("layers", ctypes.POINTER(_Layer)),
         ("threads", _I), ("max_rows", _I), ("max_ff", _I), ("max_experts", _I), ("tok_emb", _P), ("pos_emb", _P),
-        ("inv_freq", _P), ("rope_factor", ctypes.c_double),
+        ("inv_freq", _P), ("rope_factor", ctypes.c_double), ("block_table", _P), ("block_size", _I),
+        ("block_shift", _I), ("max_blocks", _I), ("num_blocks", _I),
     ]
 
 
@@ -150,6 +151,16 @@ def _moe_unsupported(moe: MoELayer) -> str | None:
     return None
 
 
+def block_table_of(cache: object) -> tuple[torch.Tensor, int]:
+    """The cache's block table [slots, max blocks] (int64, CPU; read in place, so the cache's later
+    assignments reach the native step) and block size. A slot cache is one block of max_len per slot."""
+    table = getattr(cache, "block_table", None)
+    if table is not None:
+        return table, cache.block_size
+    slots, max_len = cache.keys[0].shape[0], cache.keys[0].shape[2]
+    return torch.arange(slots, dtype=torch.int64).view(slots, 1), max_len
+
+
 class NativeDecoder:
     """Runs decode steps of `model` natively, rows 0..B-1 of `cache` (a SlotKVCache or KVCache).
 
@@ -170,7 +181,8 @@ class NativeDecoder:
         self.expert_counts = torch.zeros(len(blocks), max_experts, dtype=torch.int64)
         self.struct = self._describe()
         # Addresses the structs hold: moving the model or its cache afterwards would leave them dangling.
-        self._watched = [(t, t.data_ptr()) for t in (model.tok_emb.weight, cache.keys[0], cache.values[-1])]
+        self._watched = [(t, t.data_ptr()) for t in (model.tok_emb.weight, cache.keys[0], cache.values[-1],
+                                                      self._table)]
         self.library.pm_workspace_bytes.restype = _I
         self.library.pm_forward.restype = _I
         size = self.library.pm_workspace_bytes(ctypes.byref(self.struct), _I(max_rows))
@@ -261,6 +273,8 @@ class NativeDecoder:
 
     def _describe(self) -> _Model:
         model, cfg = self.model, self.model.config
+        table, block_size = block_table_of(self.cache)
+        self._table = table
         blocks = list(model.blocks)
         layers = (_Layer * len(blocks))(*(self._layer(i, b) for i, b in enumerate(blocks)))
         self._layers = layers
@@ -277,7 +291,7 @@ class NativeDecoder:
         struct = _Model(
             n_layers=len(blocks), d_model=cfg.d_model, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads,
             head_dim=attn.head_dim, rot_dim=cfg.rope_dim if model.rope is not None else 0,
-            vocab=cfg.vocab_size, slots=self.cache.keys[0].shape[0], max_len=self.cache.keys[0].shape[2],
+            vocab=cfg.vocab_size, slots=table.shape[0], max_len=self.cache.max_len,
             bf16=int(model.tok_emb.weight.dtype == torch.bfloat16), blocked=int(layout_of(model.lm_head) == "blocked"),
             rmsnorm=int(isinstance(blocks[0].ln_attn, RMSNorm)),
             swiglu=int(cfg.activation == "swiglu"), qk_norm={"off": 0, "head": 1, "full": 2}[attn.qk_norm],
@@ -293,6 +307,10 @@ class NativeDecoder:
             struct.inv_freq = self._ptr(model.rope.inv_freq, True)
             struct.rope_factor = model.rope.attention_factor
         struct.layers = ctypes.cast(layers, ctypes.POINTER(_Layer))
+        struct.block_table = self._ptr(table)
+        struct.block_size = block_size
+        struct.block_shift = block_size.bit_length() - 1 if block_size & (block_size - 1) == 0 else -1
+        struct.max_blocks, struct.num_blocks = table.shape[1], self.cache.keys[0].shape[0]
         return struct
 
     def reset_expert_counts(self) -> None:
