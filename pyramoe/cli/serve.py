@@ -5,13 +5,26 @@ MoE model directory. Endpoints: POST /v1/completions, POST /v1/chat/completions,
 GET /health, GET /metrics (Prometheus), GET / (a page: prompt box, live expert load), and
 /tokenize, /detokenize, /tokenizer_info. Binds to 127.0.0.1 unless --host says otherwise. SIGTERM
 or Ctrl-C drains: new requests get 503, running ones finish within --drain-grace seconds.
+
+Expert parallel: `pyramoe serve MODEL --nproc-per-node N --ep N` (or `torchrun --nproc-per-node N
+-m pyramoe serve MODEL --ep N`) spreads each MoE layer's experts over N processes; rank 0 serves
+HTTP and schedules, the others step with it. Answers are the same as one process's. When a rank
+dies, running requests end with an error and the server exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+from pyramoe.parallel.launch import argv_without_nproc, world_size_from_env
+
+LEADER_PID_FILE = "PYRAMOE_SERVE_LEADER_PID_FILE"  # where rank 0 writes its pid for `--nproc-per-node`
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +49,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--drain-grace", type=float, default=30.0, metavar="S",
                         help="on SIGTERM, running requests get S seconds to finish")
     parser.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    group = parser.add_argument_group("processes (torchrun)")
+    group.add_argument("--ep", type=int, default=1, metavar="N",
+                       help="spread each MoE layer's experts over min(N, experts) ranks; same answers as one process")
+    group.add_argument("--tp", type=int, default=1, metavar="N",
+                       help="split attention heads and each MoE layer's tokens over N ranks")
+    group.add_argument("--nproc-per-node", type=int, metavar="N", help="launch N local processes with torchrun")
+    group.add_argument("--dist-timeout", type=float, default=60.0, metavar="S",
+                       help="a collective waiting longer than S seconds for a rank ends the server")
     parser.set_defaults(func=main)
 
 
@@ -54,24 +75,113 @@ def main(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"pyramoe serve: MODEL: {path} does not exist", file=sys.stderr)
         return 2
-    for name in ("max_batch", "max_step_tokens"):
+    for name in ("max_batch", "max_step_tokens", "ep", "tp"):
         if getattr(args, name) < 1:
             print(f"pyramoe serve: --{name.replace('_', '-')}: must be >= 1", file=sys.stderr)
             return 2
     if args.max_queue < 0 or not 0 <= args.port < 65536:
         print("pyramoe serve: --max-queue must be >= 0 and --port in [0, 65535]", file=sys.stderr)
         return 2
+    if args.dist_timeout <= 0:
+        print("pyramoe serve: --dist-timeout: must be > 0", file=sys.stderr)
+        return 2
+    world = world_size_from_env()
+    if args.nproc_per_node is not None and world == 1:
+        return relaunch(args.nproc_per_node, argv_without_nproc(args.argv))
+    if world == 1 and args.ep * args.tp > 1:
+        print(f"pyramoe serve: --ep/--tp: EP {args.ep} x TP {args.tp} needs {args.ep * args.tp} processes: add "
+              f"--nproc-per-node {args.ep * args.tp} or launch with torchrun", file=sys.stderr)
+        return 2
+    if world > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return follower(args, path)
+    if os.environ.get(LEADER_PID_FILE):
+        Path(os.environ[LEADER_PID_FILE]).write_text(str(os.getpid()))
     name = args.served_model_name or path.resolve().name
     state = ServerState(model_name=name, api_key=args.api_key, request_timeout_s=args.request_timeout)
     options = ServeOptions(host=args.host, port=args.port, max_queue=args.max_queue, drain_grace_s=args.drain_grace,
                            log_level=args.log_level)
-    return run_server(state, lambda: load(args, path), options, announce=lambda line: print(line, flush=True))
+    lead = None
+    if world > 1:
+        from pyramoe.serve.distributed import Leader
+
+        layout = f"EP {args.ep}{f' x TP {args.tp}' if args.tp > 1 else ''} over {world} ranks"
+        lead = lambda: Leader(layout)  # noqa: E731
+    try:
+        return run_server(state, lambda: load(args, path, world), options,
+                          announce=lambda line: print(line, flush=True), lead=lead)
+    finally:
+        _leave_job(failed=state.loop is not None and state.loop.failure is not None)
 
 
-def load(args: argparse.Namespace, path: Path):
+def load(args: argparse.Namespace, path: Path, world: int = 1):
+    """The engine (spread over the torchrun job's ranks when there is one) and the chat template."""
     from pyramoe.inference import Engine
     from pyramoe.serve.chat import ChatTemplate
 
-    engine = Engine.load(path, dtype=args.dtype, device=args.device, max_batch=args.max_batch,
+    device = args.device
+    if world > 1 and device == "cuda":  # one GPU per local rank
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    engine = Engine.load(path, dtype=args.dtype, device=device, max_batch=args.max_batch,
                          max_len=args.max_len or DEFAULT_MAX_LEN, max_step_tokens=args.max_step_tokens)
+    if world > 1:
+        engine.distribute(args.ep, args.tp, timeout_s=args.dist_timeout)
     return engine, ChatTemplate.for_model(path)
+
+
+def follower(args: argparse.Namespace, path: Path) -> int:
+    """A rank other than 0: no HTTP, the engine steps with rank 0's until it says stop."""
+    from pyramoe.serve.distributed import follow
+
+    engine, _ = load(args, path, world_size_from_env())
+    engine.prepare()
+    follow(engine)  # raises DistributedFailure (one line, exit 1) when rank 0 is gone
+    _leave_job(failed=False)
+    return 0
+
+
+def _leave_job(failed: bool) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and not failed:  # a dead peer could hang the goodbye
+        dist.destroy_process_group()
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """`pyramoe serve` under torchrun with `nproc` local processes. SIGTERM, SIGINT and SIGHUP go to
+    rank 0 (it drains, then stops the other ranks), not to torchrun (which would stop every rank at
+    once); torchrun runs in its own process group so that Ctrl-C reaches rank 0 once."""
+    if nproc < 1:
+        raise ValueError(f"--nproc-per-node: must be >= 1, got {nproc}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "pyramoe", *argv]
+    prctl = None
+    if sys.platform == "linux":
+        import ctypes
+
+        prctl = ctypes.CDLL(None).prctl
+
+    def own_group() -> None:  # in the child: its own process group, and SIGTERM when this process dies
+        os.setpgrp()
+        if prctl is not None:
+            prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    with tempfile.TemporaryDirectory(prefix="pyramoe-serve-") as tmp:
+        pid_file = Path(tmp) / "leader.pid"
+        process = subprocess.Popen(command, env={**os.environ, LEADER_PID_FILE: str(pid_file)}, preexec_fn=own_group)
+
+        def forward(sig: int, frame: object) -> None:
+            try:
+                os.kill(int(pid_file.read_text()), sig)
+            except (OSError, ValueError):  # rank 0 not started (or gone): torchrun stops them all
+                process.send_signal(sig)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        try:
+            status = process.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    if status != 0:
+        print(f"pyramoe serve: torchrun exited with status {status}: a rank failed (its error is above)",
+              file=sys.stderr)
+    return status

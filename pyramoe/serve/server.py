@@ -1,6 +1,10 @@
 """Running the server: uvicorn on the app, the model loaded in the background (the server answers
 503 until it is up), one engine loop, and SIGTERM/SIGINT draining - new requests get 503, running
-ones finish within the grace period, then the process exits 0."""
+ones finish within the grace period, then the process exits 0.
+
+Under torchrun this runs on rank 0 only, with `lead`: its loop's steps are mirrored on the other
+ranks (`pyramoe.serve.distributed`); when one of them stops responding, every request ends with an
+error, one line says which rank, and the process exits 1."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from pyramoe.inference import Engine
 from pyramoe.inference.loop import EngineLoop
 from pyramoe.serve.app import ServerState, create_app
 from pyramoe.serve.chat import ChatTemplate
+from pyramoe.serve.distributed import Leader
 
 log = logging.getLogger("pyramoe.serve")
 
@@ -34,24 +39,35 @@ class ServeOptions:
 
 
 def run_server(state: ServerState, load: Callable[[], tuple[Engine, ChatTemplate]], options: ServeOptions,
-               announce: Callable[[str], None] = print) -> int:
+               announce: Callable[[str], None] = print, lead: Callable[[], Leader] | None = None) -> int:
     """Serve until a signal drains the server; returns the exit status. `load` builds the engine
-    (on a background thread, while the server already answers /health with 503)."""
+    (on a background thread, while the server already answers /health with 503). `lead` (rank 0 of
+    a torchrun job, called once `load` joined it and the engine is prepared) gives the loop its
+    replicator."""
     app = create_app(state)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level=options.log_level,
                             timeout_graceful_shutdown=5, lifespan="off")
     server = uvicorn.Server(config)
     failure: list[BaseException] = []
+    lost: list[BaseException] = []
+
+    def stop_serving(exc: BaseException) -> None:  # the loop's thread: a rank is gone, requests have ended
+        lost.append(exc)
+        state.status = "failed"
+        print(f"pyramoe serve: {exc}; shutting down", file=sys.stderr, flush=True)
+        server.should_exit = True
 
     def load_engine() -> None:
         try:
             engine, template = load()
             engine.prepare()  # packing and the native build happen here, while /health says "loading"
-            loop = EngineLoop(engine, options.max_queue).start()
+            leader = lead() if lead is not None else None  # meets the other ranks, each prepared too
+            loop = EngineLoop(engine, options.max_queue, replicate=leader, on_failure=stop_serving).start()
             state.attach(engine, loop, template)
             announce(f"pyramoe serve: {state.model_name} ready at http://{options.host}:{_bound_port(server)} "
                      f"({engine.decode_path} step, {engine.max_batch} slots x {engine.max_len} positions, "
-                     f"KV cache {engine.cache.bytes() / 2**20:.1f} MiB, chat template: {template.name})")
+                     f"KV cache {engine.cache.bytes() / 2**20:.1f} MiB, chat template: {template.name})"
+                     f"{f'; {leader.layout}' if leader is not None else ''}")
         except BaseException as exc:  # noqa: BLE001 - reported and ends the server
             failure.append(exc)
             server.should_exit = True
@@ -74,7 +90,9 @@ def run_server(state: ServerState, load: Callable[[], tuple[Engine, ChatTemplate
     server.capture_signals = contextlib.nullcontext  # ours (above) drain first; uvicorn's would stop at once
     asyncio.run(main())
     if state.loop is not None:
-        state.loop.stop(timeout=10)
+        state.loop.stop(timeout=10)  # under torchrun, its last message stops the other ranks
+    if lost:
+        return 1
     if failure:
         exc = failure[0]
         print(f"pyramoe serve: {exc}" if isinstance(exc, ValueError | OSError) else
