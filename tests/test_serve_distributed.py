@@ -216,9 +216,12 @@ def test_loop_replicates_its_commands_and_fails_every_request_when_replication_f
     time.sleep(0.5)
     assert replicas.sent[-2:] == [([], False)] * 2  # idle: heartbeats
     done.clear()
-    loop.submit([1, 2, 3], SamplingParams(max_tokens=200, temperature=0), "b", sink)
-    wait_until(lambda: any(e.request_id == "b" for e in events))
-    replicas.fail = True
+
+    def fail_after_first_token(event) -> None:  # on the loop's thread: the next send fails
+        replicas.fail = True
+        sink(event)
+
+    loop.submit([1, 2, 3], SamplingParams(max_tokens=100, temperature=0), "b", fail_after_first_token)
     assert done.wait(30)
     assert events[-1].request_id == "b" and events[-1].finish_reason == "error"
     assert events[-1].error == "rank 1 stopped responding" and len(failures) == 1
