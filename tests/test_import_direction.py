@@ -27,8 +27,8 @@ ALLOWED = {
         "config", "runtime", "kernels", "layers", "models", "parallel", "hf", "data", "checkpoint", "inference"
     },
     "evaluation": {"config", "runtime", "tables", "models", "hf", "data", "checkpoint", "inference", "evaluation"},
-    # The HTTP layer: over the engine only (never the trainer).
-    "serve": {"data", "inference", "serve"},
+    # The HTTP layer: over the engine (and the torchrun launch helpers), never the trainer.
+    "serve": {"data", "inference", "parallel", "serve"},
 }
 
 

@@ -6,6 +6,7 @@ the in-process engine's; 16 concurrent greedy requests equal each alone; errors 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -214,3 +215,26 @@ def test_queue_full_is_429_and_sigterm_drains(tiny_run, tmp_path):  # noqa: F811
     assert late.status_code == 503 and late.json()["error"]["message"] == "the server is draining"
     assert finished == ["started"] + ["length"] * 16  # every choice of the running stream ran to its end
     assert live.stop() == 0
+
+
+def test_kv_budget_and_prefix_cache_in_metrics(tiny_run, tmp_path):  # noqa: F811
+    """A KV budget of a few blocks: requests wait for blocks and all answer; n choices of one
+    prompt share its full blocks (counted in /metrics)."""
+    live = start_server(tiny_run, tmp_path / "serve.log", "--kv-cache-gib", "0.00004", "--block-size", "8")
+    try:
+        assert "blocks of 8" in live.output()
+        blocks = int(re.search(r"in (\d+) blocks", live.output()).group(1))
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        name = model_name(client)
+        prompt = "def f1(x):\n    return x + 1\n\ndef f2(x):\n    return x + 2\n"
+        answer = client.completions.create(model=name, prompt=prompt, max_tokens=4, n=4, temperature=0)
+        assert len({c.text for c in answer.choices}) == 1  # greedy: every choice alike
+        metrics = httpx.get(f"{live.url}/metrics").text
+        assert f"pyramoe_kv_cache_blocks {blocks}.0" in metrics and "pyramoe_kv_cache_blocks_used 0.0" in metrics
+        hits = float(re.search(r"^pyramoe_prefix_cache_hit_tokens (\S+)", metrics, re.M).group(1))
+        assert hits >= 8  # later choices read the prompt's full blocks from the first one's
+        assert blocks * 8 < 240  # 10 blocks in fp32, 20 in bf16
+        too_long = httpx.post(f"{live.url}/v1/completions", json={"prompt": "x " * 40, "max_tokens": 200}, timeout=30)
+        assert too_long.status_code == 400 and "blocks" in too_long.json()["error"]["message"]
+    finally:
+        assert live.stop() == 0

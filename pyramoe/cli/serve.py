@@ -40,6 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="rows of one engine step: decode rows plus prompt chunks")
     parser.add_argument("--max-queue", type=int, default=256, metavar="N",
                         help="requests that may wait for a slot; beyond it, 429")
+    parser.add_argument("--kv-cache-gib", type=float, default=None, metavar="G",
+                        help="KV-cache memory (default: every slot's --max-len positions); requests wait for blocks")
+    parser.add_argument("--block-size", type=int, default=16, metavar="N", help="positions per KV-cache block")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="do not share the cached blocks of common prompt prefixes between requests")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     parser.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL's)")
     parser.add_argument("--dtype", default="auto", help="auto, fp32 or bf16")
@@ -75,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"pyramoe serve: MODEL: {path} does not exist", file=sys.stderr)
         return 2
-    for name in ("max_batch", "max_step_tokens", "ep", "tp"):
+    for name in ("max_batch", "max_step_tokens", "ep", "tp", "block_size"):
         if getattr(args, name) < 1:
             print(f"pyramoe serve: --{name.replace('_', '-')}: must be >= 1", file=sys.stderr)
             return 2
@@ -121,8 +126,11 @@ def load(args: argparse.Namespace, path: Path, world: int = 1):
     device = args.device
     if world > 1 and device == "cuda":  # one GPU per local rank
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    kv_bytes = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
     engine = Engine.load(path, dtype=args.dtype, device=device, max_batch=args.max_batch,
-                         max_len=args.max_len or DEFAULT_MAX_LEN, max_step_tokens=args.max_step_tokens)
+                         max_len=args.max_len or DEFAULT_MAX_LEN, max_step_tokens=args.max_step_tokens,
+                         kv_cache_bytes=kv_bytes, block_size=args.block_size,
+                         prefix_caching=not args.no_prefix_caching)
     if world > 1:
         engine.distribute(args.ep, args.tp, timeout_s=args.dist_timeout)
     return engine, ChatTemplate.for_model(path)

@@ -216,12 +216,7 @@ class Engine:
         params = params or SamplingParams()
         params.validate()
         prompt_ids = self._encode(prompt)
-        if len(prompt_ids) >= self.max_len and not (params.max_tokens == 0 and len(prompt_ids) <= self.max_len):
-            raise ValueError(f"prompt: {len(prompt_ids)} tokens leave no room in max_len={self.max_len}")
-        blocks = self.cache.blocks_for(self._positions(len(prompt_ids), params))
-        if blocks > self.cache.allocator.num_blocks:
-            raise ValueError(f"prompt: {len(prompt_ids)} tokens + max_tokens need {blocks} KV-cache blocks, the cache "
-                             f"has {self.cache.allocator.num_blocks}")
+        self.check_fits(len(prompt_ids), params)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._live_ids:
             raise ValueError(f"request_id: {request_id!r} is already queued or running")
@@ -231,6 +226,16 @@ class Engine:
         self.waiting.append(Request(request_id, prompt_ids, params, generator))
         self._live_ids.add(request_id)
         return request_id
+
+    def check_fits(self, prompt_tokens: int, params: SamplingParams) -> None:
+        """ValueError naming the prompt if it cannot run here: no room in max_len, or more KV-cache
+        blocks than the cache has. Reads only settings: any thread may call it."""
+        if prompt_tokens >= self.max_len and not (params.max_tokens == 0 and prompt_tokens <= self.max_len):
+            raise ValueError(f"prompt: {prompt_tokens} tokens leave no room in max_len={self.max_len}")
+        blocks = self.cache.blocks_for(self._positions(prompt_tokens, params))
+        if blocks > self.cache.allocator.num_blocks:
+            raise ValueError(f"prompt: {prompt_tokens} tokens + max_tokens need {blocks} KV-cache blocks, the cache "
+                             f"has {self.cache.allocator.num_blocks}")
 
     def abort(self, request_id: str) -> bool:
         """Drop a waiting or running request (its "abort" event comes with the next step); True if
@@ -291,18 +296,24 @@ class Engine:
 
     def _admit(self) -> None:
         """Waiting requests take free slots in order while the cache has their blocks; a request
-        whose prompt begins with full blocks already cached starts after them."""
+        whose prompt begins with full blocks already cached starts after them, and one whose first
+        block another request is still writing (n choices of one prompt) waits for it."""
+        deferred = []
         while self.waiting and self._free_slots:
             request, slot = self.waiting[0], self._free_slots[0]
             share = self.prefix_caching and request.params.prompt_logprobs is None
+            if share and self.cache.being_written(request.prompt_ids):
+                deferred.append(self.waiting.popleft())
+                continue
             cached = self.cache.reserve(slot, request.prompt_ids,
                                         self._positions(len(request.prompt_ids), request.params), share)
             if cached is None:
-                return  # until a running request returns blocks
+                break  # until a running request returns blocks
             self.waiting.popleft()
             self._free_slots.pop(0)
             request.slot, request.cached = slot, cached
             self.active.append(request)
+        self.waiting.extendleft(reversed(deferred))
 
     def _positions(self, prompt_tokens: int, params: SamplingParams) -> int:
         """KV positions a request may fill: its prompt and what it may generate, within max_len."""

@@ -202,10 +202,7 @@ class PagedKVCache(SlotKVCache):
         cached (a multiple of the block size, short of the last prompt token: its logits are
         needed), or None if the blocks are not there (the request waits)."""
         bs = self.block_size
-        hashes, h = [], 0
-        for start in range(0, len(prompt_ids) - bs + 1, bs):
-            h = hash((h, tuple(prompt_ids[start : start + bs])))
-            hashes.append(h)
+        hashes = self.block_hashes(prompt_ids)
         shared = self.allocator.cached(hashes[: (len(prompt_ids) - 1) // bs]) if share else []
         blocks = self.allocator.acquire(shared, self.blocks_for(tokens) - len(shared))
         if blocks is None:
@@ -214,6 +211,24 @@ class PagedKVCache(SlotKVCache):
         self.block_table[slot, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
         self.allocator.hit_tokens += len(shared) * bs
         return len(shared) * bs
+
+    def block_hashes(self, prompt_ids: list[int]) -> list[int]:
+        """Chained hashes of the prompt's full blocks: block i's names the whole prefix up to it."""
+        hashes, h, bs = [], 0, self.block_size
+        for start in range(0, len(prompt_ids) - bs + 1, bs):
+            h = hash((h, tuple(prompt_ids[start : start + bs])))
+            hashes.append(h)
+        return hashes
+
+    def being_written(self, prompt_ids: list[int]) -> bool:
+        """A running sequence is still writing this prompt's first block (the same prompt, or one
+        with a common preamble): waiting a few steps lets the prompt share it instead of computing it."""
+        if len(prompt_ids) <= self.block_size:
+            return False
+        first = self.block_hashes(prompt_ids[: self.block_size])[0]
+        return first not in self.allocator._by_hash and any(
+            hashes and hashes[0] == first and published == 0
+            for hashes, published in zip(self._hashes, self._published))
 
     def written(self, slot: int, positions: int) -> None:
         """The sequence in `slot` has its first `positions` positions written: its full prompt

@@ -61,8 +61,11 @@ class ServerState:
 
     def gauges(self) -> dict[str, float]:
         stats = self.loop.stats
+        allocator = self.engine.cache.allocator
         return {"queue_depth": max(0, self.loop.in_flight - stats.running), "running_requests": stats.running,
-                "free_slots": self.engine.free_slots, "engine_steps": stats.steps}
+                "free_slots": self.engine.free_slots, "engine_steps": stats.steps,
+                "kv_cache_blocks_used": allocator.used, "kv_cache_blocks": allocator.num_blocks,
+                "prefix_cache_hit_tokens": allocator.hit_tokens}
 
 
 class _CountRequests:
@@ -318,6 +321,11 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
 
 
 def _start(state: ServerState, prompts: list[list[int]], params: list, n: int) -> Generation:
+    for prompt_ids in prompts:
+        try:
+            state.engine.check_fits(len(prompt_ids), params[0])
+        except ValueError as exc:
+            raise ApiError(400, str(exc), "prompt") from None
     generation = Generation(state.loop, state.metrics, state.request_timeout_s, n)
     generation.submit(prompts, params)
     state.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))

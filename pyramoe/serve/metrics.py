@@ -49,7 +49,10 @@ class ServerMetrics:
             for name, text in (("queue_depth", "Requests waiting for a KV-cache slot"),
                                ("running_requests", "Requests holding a KV-cache slot (the running batch)"),
                                ("free_slots", "Free KV-cache slots"),
-                               ("engine_steps", "Engine steps run"))
+                               ("engine_steps", "Engine steps run"),
+                               ("kv_cache_blocks_used", "KV-cache blocks held by requests"),
+                               ("kv_cache_blocks", "KV-cache blocks in all"),
+                               ("prefix_cache_hit_tokens", "Prompt tokens read from cached blocks (not computed)"))
         }
         self.gauges = gauges
         if expert_counts is not None:

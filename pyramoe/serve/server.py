@@ -66,7 +66,8 @@ def run_server(state: ServerState, load: Callable[[], tuple[Engine, ChatTemplate
             state.attach(engine, loop, template)
             announce(f"pyramoe serve: {state.model_name} ready at http://{options.host}:{_bound_port(server)} "
                      f"({engine.decode_path} step, {engine.max_batch} slots x {engine.max_len} positions, "
-                     f"KV cache {engine.cache.bytes() / 2**20:.1f} MiB, chat template: {template.name})"
+                     f"KV cache {engine.cache.bytes() / 2**20:.1f} MiB in {engine.cache.allocator.num_blocks} blocks "
+                     f"of {engine.cache.block_size}, chat template: {template.name})"
                      f"{f'; {leader.layout}' if leader is not None else ''}")
         except BaseException as exc:  # noqa: BLE001 - reported and ends the server
             failure.append(exc)
