@@ -58,10 +58,17 @@ class Server:
 
 def start_server(model: Path, log: Path, *flags: str, timeout: float = 120) -> Server:
     """`pyramoe serve MODEL --port 0 FLAGS` until it prints its URL (fails with its output otherwise)."""
+    return wait_ready(launch_server(model, log, *flags), log, timeout)
+
+
+def launch_server(model: Path, log: Path, *flags: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the native build cached where the user's builds are
-    handle = log.open("w")
-    process = subprocess.Popen([sys.executable, "-m", "pyramoe.cli.main", "serve", str(model), "--port", "0", *flags],
-                               stdout=handle, stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen([sys.executable, "-m", "pyramoe", "serve", str(model), "--port", "0", *flags],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def wait_ready(process: subprocess.Popen, log: Path, timeout: float = 120) -> Server:
+    """The server's URL once it prints its ready line (fails with its output if it exits first)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         match = READY.search(log.read_text(errors="replace"))

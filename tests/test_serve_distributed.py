@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from live_server import READY, Server, tiny_run  # noqa: F401 - fixture
+from live_server import Server, launch_server, tiny_run, wait_ready  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds ranks through /proc")
 
@@ -25,22 +24,7 @@ PROMPTS = ["def f1(x):\n", "def", "    return x + 3\n\ndef f2", "import os\nimpo
 
 
 def launch(model: Path, log: Path, *flags: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pyramoe", "serve", str(model), "--port", "0", "--dtype", "fp32",
-                             *flags], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-
-
-def wait_ready(process: subprocess.Popen, log: Path, timeout: float = 120) -> Server:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = READY.search(log.read_text(errors="replace"))
-        if match:
-            return Server(match.group(1), process, log)
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    process.kill()
-    raise AssertionError(f"the server did not start:\n{log.read_text(errors='replace')}")
+    return launch_server(model, log, "--dtype", "fp32", *flags)
 
 
 @pytest.fixture(scope="module")

@@ -197,7 +197,8 @@ def bench_model(name: str, args: argparse.Namespace, levels: list[int], work: Pa
     shape = MODELS[name]
     max_len = max(args.prompt_len + args.max_tokens, args.long_prompt + 2)
     model_dir = save_model(shape, work / name, max_len)
-    engine = Engine.load(model_dir, dtype=args.dtype, max_batch=args.max_batch, max_len=max_len, eos_id=None)
+    engine = Engine.load(model_dir, dtype=args.dtype, max_batch=args.max_batch, max_len=max_len, eos_id=None,
+                         prefix_caching=False)  # the warm-up's prompts come again
     engine.prepare()
     process, url = start_server(model_dir, args, max_len, work / f"{name}.log")
     rows = []
@@ -218,7 +219,7 @@ def bench_model(name: str, args: argparse.Namespace, levels: list[int], work: Pa
             prompts = _prompts(shape["vocab"], args.long_clients * args.requests, args.prompt_len, 7)
             quiet = asyncio.run(drive(url, args.long_clients, prompts, args.max_tokens))
             loaded = asyncio.run(drive(url, args.long_clients, prompts, args.max_tokens,
-                                       background=_prompts(shape["vocab"], 4, args.long_prompt, 5)))
+                                       background=_prompts(shape["vocab"], 64, args.long_prompt, 5)))
             # The stall a prompt chunk adds to a decode step, against the typical time per token.
             long_phase = {"without": quiet, "with_long_prompts": loaded,
                           "itl_p99_over_tpot_p50": loaded["itl_p99_s"] / loaded["tpot_p50_s"]}
