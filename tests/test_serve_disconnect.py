@@ -56,7 +56,8 @@ def baseline(server):  # noqa: F811
 
 async def drop_mid_stream(url: str, chunks: int) -> int:
     """A streamed request read for `chunks` events, then the connection closed (each request has its own
-    client, so closing it closes the socket). Returns the events read."""
+    client, so closing it closes the socket). Returns the events read (fewer if it ended first: a
+    chunk carries every token made since the last, so a lagging client may get many at once)."""
     body = {"prompt": "def f1(x):\n", "max_tokens": STREAM_TOKENS, "ignore_eos": True, "stream": True,
             "temperature": 0}
     read = 0
@@ -65,7 +66,8 @@ async def drop_mid_stream(url: str, chunks: int) -> int:
             assert response.status_code == 200
             async for line in response.aiter_lines():
                 if line.startswith("data:"):
-                    assert line != "data: [DONE]"  # 200 tokens cannot be done after a chunk or two
+                    if line == "data: [DONE]":
+                        break
                     read += 1
                     if read == chunks:
                         break
@@ -87,7 +89,7 @@ def test_a_storm_of_dropped_streams_frees_every_slot(server, baseline):  # noqa:
     async def storm() -> list[int]:
         return await asyncio.gather(*(drop_mid_stream(server.url, 1 + i % 2) for i in range(STREAMS)))
 
-    assert asyncio.run(storm()) == [1 + i % 2 for i in range(STREAMS)]
+    assert all(read >= 1 for read in asyncio.run(storm()))
     assert settle(server.url) == {"queue_depth": 0, "running_requests": 0, "free_slots": SLOTS}
     generated = generated_tokens(server.url) - before
     # Aborted, not run to their end (that is exactly STREAMS * STREAM_TOKENS); the tokens generated between

@@ -110,11 +110,18 @@ def test_page_streams_and_draws_expert_load(browser, server):  # noqa: F811
     total_before = drawn["total"]
     assert total_before == sum(map(sum, before["expert_counts"]))
 
-    # Greedy and long (200 tokens), so the answer is the same each run and streams in many pieces.
+    # Greedy and long (200 tokens), so the answer is the same each run. The tiny model makes them in
+    # ~50 ms, faster than a browser reads: the page's network is held to 20 kB/s (Chromium's own
+    # throttling) so the ~30 kB of events reach it over a second or two, in many reads.
     fill(driver, "def f1(x):\n", max_tokens=200, temperature=0)
     driver.execute_script(RECORD_GROWTH)
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+        "offline": False, "latency": 0, "downloadThroughput": 20_000, "uploadThroughput": 1_000_000})
     driver.find_element("id", "generate").click()
     state = wait(driver, finished, "the output never reached data-state done")
+    driver.execute_cdp_cmd("Network.emulateNetworkConditions", {
+        "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
     output = driver.find_element("id", "output")
     text = driver.execute_script("return arguments[0].textContent", output)
     assert state == "done", f"the page reports an error: {text!r}"

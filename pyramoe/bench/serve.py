@@ -5,8 +5,9 @@ built by transformers and saved), the server runs as a subprocess and is driven 
 concurrent streaming clients (closed loop: each sends its next request when the last ends; prompts
 of `--prompt-len` random token ids, `--max-tokens` greedy tokens with EOS ignored). Per level:
 aggregate generated tokens/s, time to first token (request sent to its first chunk), time per output
-token (TPOT: per request, its mean gap between chunks) and inter-token latency (ITL: single gaps
-between chunks) at p50/p99, all client side, failed requests, and the same requests through
+token (TPOT: per request, first chunk to last over its tokens after the first) and inter-token
+latency (ITL: single gaps between chunks; a chunk holds the tokens made since the last) at p50/p99,
+all client side, failed requests, and the same requests through
 `Engine` in-process (the same number in flight at once, no HTTP) with its tokens/s. Then the
 long-prompt phase: `--long-clients` streaming clients while one more keeps sending `--long-prompt`-
 token prompts; the streams' ITL p99 against their TPOT p50 says how much prompt reading stalls them.
@@ -93,9 +94,11 @@ def start_server(model: Path, args: argparse.Namespace, max_len: int, log: Path)
 
 
 async def _stream(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
-    """One streamed request: seconds to the first chunk, gaps between chunks, tokens, failure."""
+    """One streamed request: seconds to the first chunk, gaps between chunks, tokens (from the
+    usage chunk: a chunk carries every token made since the last), failure."""
     start = time.perf_counter()
-    times = []
+    times, tokens = [], 0
+    body = body | {"stream_options": {"include_usage": True}}
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -107,11 +110,14 @@ async def _stream(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]
                         return {"failed": payload["error"]["message"]}
                     if payload["choices"]:
                         times.append(time.perf_counter())
+                    elif payload.get("usage"):
+                        tokens = payload["usage"]["completion_tokens"]
     except Exception as exc:  # noqa: BLE001 - counted, not raised: the bench reports failures
         return {"failed": f"{type(exc).__name__}: {exc}"}
-    if not times:
-        return {"failed": "no chunk"}
-    return {"ttft": times[0] - start, "gaps": [b - a for a, b in zip(times, times[1:])], "chunks": len(times)}
+    if not times or not tokens:
+        return {"failed": "no chunk or no usage"}
+    return {"ttft": times[0] - start, "gaps": [b - a for a, b in zip(times, times[1:])], "tokens": tokens,
+            "tpot": (times[-1] - times[0]) / (tokens - 1) if tokens > 1 else None}
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -163,8 +169,8 @@ async def drive(url: str, clients: int, prompts: list[list[int]], max_tokens: in
     gaps = [g for r in ok for g in r["gaps"]]
     # Per request, the mean time per token after the first (TPOT): chunks read in bursts (a client
     # slower than the server for a moment) make single gaps ~0 but leave this intact.
-    tpots = [sum(r["gaps"]) / len(r["gaps"]) for r in ok if r["gaps"]]
-    tokens = sum(r["chunks"] for r in ok)
+    tpots = [r["tpot"] for r in ok if r["tpot"] is not None]
+    tokens = sum(r["tokens"] for r in ok)
     return {
         "clients": clients, "requests": len(results), "failed": len(results) - len(ok),
         "failures": sorted({r["failed"] for r in results if "failed" in r})[:5],

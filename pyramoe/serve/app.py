@@ -380,8 +380,8 @@ def _completion_logprobs(state: ServerState, body: CompletionRequest, choice: Ch
 
 
 async def _completion_chunks(state: ServerState, body: CompletionRequest, generation: Generation):
-    """Server-sent events: a chunk per new text, the finish reason on the last of each choice, the
-    usage (when asked) and [DONE]."""
+    """Server-sent events: a chunk per token (OpenAI's streaming), the finish reason on the last of
+    each choice, the usage (when asked) and [DONE]."""
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     sent_logprobs = [0] * len(generation.choices)
     sent_chars = [0] * len(generation.choices)
@@ -390,19 +390,18 @@ async def _completion_chunks(state: ServerState, body: CompletionRequest, genera
             for choice in generation.choices:
                 yield _chunk(generation, state, "text_completion", choice.index, text=_echoed(state, body, choice))
         async for choice, event in generation.events():
+            if event.finish_reason == "error":
+                yield _stream_error(event.error)
+                continue
             logprobs = None
             if body.logprobs is not None and len(choice.logprobs) > sent_logprobs[choice.index]:
                 logprobs = _completion_logprobs(state, body, choice, sent_logprobs[choice.index],
                                                 sent_chars[choice.index])
                 sent_logprobs[choice.index] = len(choice.logprobs)
             sent_chars[choice.index] += len(event.text)
-            if event.finish_reason == "error":
-                yield _stream_error(event.error)
-                continue
-            if event.token_id is not None or event.text or event.finished:  # a chunk per token
+            if event.token_id is not None or event.text or event.finished:
                 yield _chunk(generation, state, "text_completion", choice.index, text=event.text, logprobs=logprobs,
-                             finish_reason=event.finish_reason if event.finished else None,
-                             usage=include_usage)
+                             finish_reason=event.finish_reason if event.finished else None, usage=include_usage)
     except ApiError as exc:
         yield _stream_error(exc.message)
     if include_usage:
@@ -480,10 +479,10 @@ async def _chat_chunks(state: ServerState, body: ChatRequest, generation: Genera
             if body.logprobs and len(choice.logprobs) > sent_logprobs[choice.index]:
                 logprobs = _chat_logprobs(state, choice.logprobs[sent_logprobs[choice.index]:])
                 sent_logprobs[choice.index] = len(choice.logprobs)
-            if event.token_id is not None or event.text or event.finished:  # a chunk per token
-                delta = {"content": event.text} if event.text else {}
-                yield _chunk(generation, state, kind, choice.index, usage=include_usage, delta=delta,
-                             logprobs=logprobs, finish_reason=event.finish_reason if event.finished else None)
+            if event.token_id is not None or event.text or event.finished:
+                yield _chunk(generation, state, kind, choice.index, usage=include_usage,
+                             delta={"content": event.text} if event.text else {}, logprobs=logprobs,
+                             finish_reason=event.finish_reason if event.finished else None)
     except ApiError as exc:
         yield _stream_error(exc.message)
     if include_usage:
