@@ -404,7 +404,7 @@ class Engine:
         max experts] int64 (zeros before the first step)."""
         if self.runner is None:
             layers = [b.ffn.config.num_experts for b in self.model.blocks if b.is_moe]
-            return torch.zeros(len(layers), max(layers, default=1), dtype=torch.int64)
+            return torch.zeros(len(layers), max(layers, default=1), dtype=torch.int64, device="cpu")  # a CPU copy
         return self.runner.expert_counts()
 
     def _accept(self, request: Request, logits_RV: torch.Tensor, greedy_R: list[int], pick: int) -> TokenEvent:

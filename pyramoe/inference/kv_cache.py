@@ -172,7 +172,7 @@ class PagedKVCache(SlotKVCache):
         self.slots, self.block_size = slots, block_size
         self.max_blocks = -(-max_len // block_size)
         # On the CPU: the native step reads it in place; the PyTorch step copies what it needs per forward.
-        self.block_table = torch.zeros(slots, self.max_blocks, dtype=torch.int64)
+        self.block_table = torch.zeros(slots, self.max_blocks, dtype=torch.int64, device="cpu")
         self.allocator = BlockAllocator(keys[0].shape[0])
         self._blocks: list[list[int]] = [[] for _ in range(slots)]
         self._hashes: list[list[int]] = [[] for _ in range(slots)]  # chained hashes of full prompt blocks
@@ -208,7 +208,7 @@ class PagedKVCache(SlotKVCache):
         if blocks is None:
             return None
         self._blocks[slot], self._hashes[slot], self._published[slot] = blocks, hashes, len(shared)
-        self.block_table[slot, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+        self.block_table[slot, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64, device="cpu")
         self.allocator.hit_tokens += len(shared) * bs
         return len(shared) * bs
 

@@ -158,7 +158,7 @@ def block_table_of(cache: object) -> tuple[torch.Tensor, int]:
     if table is not None:
         return table, cache.block_size
     slots, max_len = cache.keys[0].shape[0], cache.keys[0].shape[2]
-    return torch.arange(slots, dtype=torch.int64).view(slots, 1), max_len
+    return torch.arange(slots, dtype=torch.int64, device="cpu").view(slots, 1), max_len
 
 
 class NativeDecoder:
@@ -178,7 +178,7 @@ class NativeDecoder:
         self._keep: list[torch.Tensor] = []  # fp32 copies the structs point into
         blocks = list(model.blocks)
         max_experts = max([b.ffn.num_experts for b in blocks if b.is_moe] or [1])
-        self.expert_counts = torch.zeros(len(blocks), max_experts, dtype=torch.int64)
+        self.expert_counts = torch.zeros(len(blocks), max_experts, dtype=torch.int64, device="cpu")
         self.struct = self._describe()
         # Addresses the structs hold: moving the model or its cache afterwards would leave them dangling.
         self._watched = [(t, t.data_ptr()) for t in (model.tok_emb.weight, cache.keys[0], cache.values[-1],
