@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=32, help="the server's slots (--max-batch)")
+    parser.add_argument("--max-step-tokens", type=int, default=256, help="rows of one engine step (--max-step-tokens)")
     parser.add_argument("--long-prompt", type=int, default=4000, metavar="N",
                         help="tokens of the prompts sent during the long-prompt phase (0: skip it)")
     parser.add_argument("--long-clients", type=int, default=8, help="streaming clients in the long-prompt phase")
@@ -79,7 +80,8 @@ def save_model(shape: dict[str, int], directory: Path, context: int) -> Path:
 
 def start_server(model: Path, args: argparse.Namespace, max_len: int, log: Path) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "pyramoe.cli.main", "serve", str(model), "--port", "0", "--max-batch",
-               str(args.max_batch), "--max-len", str(max_len), "--dtype", args.dtype, "--max-queue", "1024"]
+               str(args.max_batch), "--max-len", str(max_len), "--dtype", args.dtype, "--max-queue", "1024",
+               "--max-step-tokens", str(args.max_step_tokens)]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -204,7 +206,7 @@ def bench_model(name: str, args: argparse.Namespace, levels: list[int], work: Pa
     max_len = max(args.prompt_len + args.max_tokens, args.long_prompt + 2)
     model_dir = save_model(shape, work / name, max_len)
     engine = Engine.load(model_dir, dtype=args.dtype, max_batch=args.max_batch, max_len=max_len, eos_id=None,
-                         prefix_caching=False)  # the warm-up's prompts come again
+                         max_step_tokens=args.max_step_tokens, prefix_caching=False)  # the warm-up's prompts come again
     engine.prepare()
     process, url = start_server(model_dir, args, max_len, work / f"{name}.log")
     rows = []
@@ -242,7 +244,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise ValueError(f"--models: unknown {unknown[0]!r}; known: {', '.join(MODELS)}")
-    for flag in ("requests", "prompt_len", "max_tokens", "max_batch", "long_clients"):
+    for flag in ("requests", "prompt_len", "max_tokens", "max_batch", "long_clients", "max_step_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')}: must be >= 1")
     with tempfile.TemporaryDirectory() as tmp:
