@@ -13,6 +13,7 @@ import lm_eval.utils
 import pytest
 import torch
 import torch.nn.functional as F
+from live_server import train_tiny_run
 from lm_eval.api.instance import Instance
 
 from pyramoe.cli.main import main
@@ -28,21 +29,7 @@ OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFL
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A 6-step tiny-moe run (MoE in block 1); caches and tasks in a module-wide PYRAMOE_CACHE."""
-    root = tmp_path_factory.mktemp("evalrun")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYRAMOE_CACHE", str(root / "cache"))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        corpus = root / "corpus.txt"
-        corpus.write_text("".join(f"def f{i}(x):\n    return x + {i % 11}\n\n" for i in range(300)))
-        assert main([
-            "train", "--corpus", str(corpus), "--steps", "6", "--batch-size", "4", "--seq-len", "32",
-            "--set", "train.vocab_size=300", "--set", "train.val_percent=10", "--set", "train.eval_every=3",
-            "--set", "train.eval_batches=2", "--set", "model.d_model=32", "--set", "model.n_layers=2",
-            "--run-dir", str(root / "run"), "--quiet", "--no-plot", "--sample-tokens", "0",
-        ]) == 0
-        torch.set_num_threads(threads)
-    return root / "run"
+    return train_tiny_run(tmp_path_factory.mktemp("evalrun"))
 
 
 @pytest.fixture

@@ -37,15 +37,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="auto (bf16 where the CPU multiplies bf16 natively, or on CUDA), fp32 or bf16")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
+    group = add_process_arguments(parser)
+    group.add_argument("--expert-slicing", action="store_true",
+                       help="with --tp: split every expert's hidden units over TP ranks instead of the MoE tokens")
+    parser.set_defaults(func=main)
+
+
+def add_process_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--ep, --tp and --nproc-per-node, shared by the commands that run the engine over torchrun ranks."""
     group = parser.add_argument_group("processes (torchrun)")
     group.add_argument("--ep", type=int, default=1, metavar="N",
                        help="spread each MoE layer's experts over min(N, experts) ranks; same tokens as one process")
     group.add_argument("--tp", type=int, default=1, metavar="N",
                        help="split attention heads and each MoE layer's tokens over N ranks")
-    group.add_argument("--expert-slicing", action="store_true",
-                       help="with --tp: split every expert's hidden units over TP ranks instead of the MoE tokens")
     group.add_argument("--nproc-per-node", type=int, metavar="N", help="launch N local processes with torchrun")
-    parser.set_defaults(func=main)
+    return group
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

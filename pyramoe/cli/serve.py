@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pyramoe.cli.generate import add_process_arguments
 from pyramoe.parallel.launch import argv_without_nproc, world_size_from_env
 
 LEADER_PID_FILE = "PYRAMOE_SERVE_LEADER_PID_FILE"  # where rank 0 writes its pid for `--nproc-per-node`
@@ -54,12 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--drain-grace", type=float, default=30.0, metavar="S",
                         help="on SIGTERM, running requests get S seconds to finish")
     parser.add_argument("--log-level", default="warning", help="uvicorn's log level")
-    group = parser.add_argument_group("processes (torchrun)")
-    group.add_argument("--ep", type=int, default=1, metavar="N",
-                       help="spread each MoE layer's experts over min(N, experts) ranks; same answers as one process")
-    group.add_argument("--tp", type=int, default=1, metavar="N",
-                       help="split attention heads and each MoE layer's tokens over N ranks")
-    group.add_argument("--nproc-per-node", type=int, metavar="N", help="launch N local processes with torchrun")
+    group = add_process_arguments(parser)
     group.add_argument("--dist-timeout", type=float, default=60.0, metavar="S",
                        help="a collective waiting longer than S seconds for a rank ends the server")
     parser.set_defaults(func=main)

@@ -63,7 +63,7 @@ class NativeStep:
         rows = self.max_rows
         self._tokens, self._slots, self._positions, self._picks, self._argmax = ((ctypes.c_int64 * rows)()
                                                                                  for _ in range(5))
-        self._logits = torch.empty(rows, decoder.model.config.vocab_size)
+        self._logits = torch.empty(rows, decoder.model.config.vocab_size, device="cpu")  # the native call writes it
 
     def forward(
         self, tokens_N: Sequence[int], slots_N: Sequence[int], positions_N: Sequence[int], logit_rows_R: Sequence[int]
@@ -77,10 +77,7 @@ class NativeStep:
         return self._logits[:picks], self._argmax[:picks]
 
     def expert_counts(self) -> torch.Tensor:
-        counts = getattr(self.decoder, "expert_counts", None)
-        if counts is None:  # a native library that does not count
-            return torch.zeros(len(self._moe_layers), 1, dtype=torch.int64)
-        return counts[self._moe_layers].clone()
+        return self.decoder.expert_counts[self._moe_layers].clone()
 
 
 class TorchStep:

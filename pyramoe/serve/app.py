@@ -311,9 +311,8 @@ async def _completions(state: ServerState, request: Request, body: CompletionReq
     if body.stream:
         return EventSourceResponse(_completion_chunks(state, body, generation), sep="\n")
     choices = await _collect(request, generation)
-    return JSONResponse({
-        "id": f"cmpl-{generation.id}", "object": "text_completion", "created": generation.created,
-        "model": state.model_name, "usage": generation.usage(),
+    return JSONResponse(_base(generation, state, "text_completion") | {
+        "usage": generation.usage(),
         "choices": [{"index": c.index, "text": _echoed(state, body, c) + c.text,
                      "logprobs": _completion_logprobs(state, body, c), "finish_reason": c.finish_reason}
                     for c in choices],
@@ -445,9 +444,8 @@ async def _chat(state: ServerState, request: Request, body: ChatRequest) -> Resp
     if body.stream:
         return EventSourceResponse(_chat_chunks(state, body, generation), sep="\n")
     choices = await _collect(request, generation)
-    return JSONResponse({
-        "id": f"chatcmpl-{generation.id}", "object": "chat.completion", "created": generation.created,
-        "model": state.model_name, "usage": generation.usage(),
+    return JSONResponse(_base(generation, state, "chat.completion") | {
+        "usage": generation.usage(),
         "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                      "logprobs": _chat_logprobs(state, c.logprobs) if body.logprobs else None,
                      "finish_reason": c.finish_reason} for c in choices],
