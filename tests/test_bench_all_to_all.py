@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pyramoe.cli.main import main
-from pyramoe.dist import cost_model as cm
+from pyramoe.comm import cost_model as cm
 
 SCHEMES = "flat,hierarchical,coordinated,coordinated-hierarchical"
 

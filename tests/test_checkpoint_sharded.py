@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 import pyramoe.train.checkpoint as ckpt_io
 from pyramoe.config import ModelConfig, build_layers
-from pyramoe.dist import Topology
+from pyramoe.comm import Topology
 from pyramoe.models import GPT
 from pyramoe.parallel import parallelize
 from pyramoe.parallel.launch import DistRun

@@ -1,9 +1,9 @@
-"""The alpha-beta all-to-all cost model on hand-computed cases (pyramoe/dist/cost_model.py)."""
+"""The alpha-beta all-to-all cost model on hand-computed cases (pyramoe/comm/cost_model.py)."""
 
 import pytest
 
 from pyramoe.cli.main import main
-from pyramoe.dist import cost_model as cm
+from pyramoe.comm import cost_model as cm
 
 
 @pytest.mark.parametrize("p,g", [(8, 4), (64, 8), (1024, 8)])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from distributed import run_workers
 
-from pyramoe.dist import FlatExchange, HierarchicalExchange, ProcessGroups, Topology, build_exchange
+from pyramoe.comm import FlatExchange, HierarchicalExchange, ProcessGroups, Topology, build_exchange
 
 WIDTH = 3
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from distributed import run_workers
 
 from pyramoe.config import ModelConfig, build_layers
-from pyramoe.dist import Topology
+from pyramoe.comm import Topology
 from pyramoe.models import GPT
 from pyramoe.parallel import parallelize
 

@@ -1,4 +1,4 @@
-"""Imports run one way: config -> dist -> layers -> models -> parallel/hf -> ... -> cli. Lower packages
+"""Imports run one way: config -> comm -> layers -> models -> parallel/hf -> ... -> cli. Lower packages
 never import higher ones, checked on every import statement (module level or inside a function) of
 each package's files."""
 
@@ -12,17 +12,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pyramoe"
 # What each lower package may import from pyramoe (itself included).
 ALLOWED = {
     "config": {"config"},
-    "dist": {"config", "dist"},
+    "comm": {"config", "comm"},
     "kernels": {"kernels"},  # native CPU kernels: torch only
-    "layers": {"config", "kernels", "layers"},  # single-device: never dist
+    "layers": {"config", "kernels", "layers"},  # single-device: never comm
     "models": {"config", "layers", "models"},
-    "parallel": {"config", "dist", "layers", "models", "parallel"},
+    "parallel": {"config", "comm", "layers", "models", "parallel"},
     "hf": {"config", "layers", "models", "hf"},  # beside parallel: checkpoints in/out, single-device
     # Reading checkpoints (the format, building a model from one): below both training and inference.
     "checkpoint": {"config", "layers", "models", "parallel", "checkpoint"},
     # Training and inference are siblings: training writes checkpoints, the engine reads them through
     # `checkpoint`, never through the trainer.
-    "train": {"config", "dist", "layers", "models", "parallel", "presets", "data", "checkpoint", "train"},
+    "train": {"config", "comm", "layers", "models", "parallel", "presets", "data", "checkpoint", "train"},
     "inference": {
         "config", "runtime", "kernels", "layers", "models", "parallel", "hf", "data", "checkpoint", "inference"
     },

@@ -4,7 +4,7 @@ import pytest
 
 from pyramoe.cli.main import main
 from pyramoe.cli.plan import parse_memory
-from pyramoe.dist import cost_model as cm
+from pyramoe.comm import cost_model as cm
 from pyramoe.parallel.planner import (
     Hardware,
     Plan,

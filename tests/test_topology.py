@@ -1,6 +1,6 @@
 import pytest
 
-from pyramoe.dist import Topology, layer_ep
+from pyramoe.comm import Topology, layer_ep
 
 
 def test_partitions_tp_innermost():

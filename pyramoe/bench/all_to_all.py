@@ -13,7 +13,7 @@ hierarchical):
 Schemes run interleaved (round-robin in each repeat, a barrier before each); a repeat's time is the
 slowest rank's; the table shows the median over repeats. Messages and bytes are counted from the
 collectives actually called (one extra round trip); the byte columns count rows, not the int64
-counts. The alpha-beta model (`pyramoe.dist.cost_model`) is fitted to the medians; the table shows
+counts. The alpha-beta model (`pyramoe.comm.cost_model`) is fitted to the medians; the table shows
 its in-sample error and its error when each size is predicted from a fit to the other sizes.
 `--predict` prints the model's predictions for p = 8 ... 1024 with published (assumed) GPU link
 figures instead of measuring.
@@ -38,8 +38,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pyramoe.bench.common import machine_info, machine_label, write_json
-from pyramoe.dist import ProcessGroups, Topology, build_exchange
-from pyramoe.dist import cost_model as cm
+from pyramoe.comm import ProcessGroups, Topology, build_exchange
+from pyramoe.comm import cost_model as cm
 from pyramoe.parallel.launch import DistributedFailure
 from pyramoe.parallel.tensor import TPTokenSplit
 from pyramoe.tables import format_table
@@ -53,7 +53,7 @@ ELEMENT_BYTES = 4  # fp32 rows
 @dataclass
 class Scheme:
     name: str
-    exchange: Any  # pyramoe.dist.Exchange
+    exchange: Any  # pyramoe.comm.Exchange
     group_ranks: list[int]  # global ranks of the exchange's group, in group order
     split: TPTokenSplit | None
     data_index: int  # ranks with the same index hold the same tokens (the TP group)

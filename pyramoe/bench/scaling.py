@@ -24,13 +24,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pyramoe.bench.train_step import build, random_batch
-from pyramoe.dist import Topology
+from pyramoe.comm import Topology
 from pyramoe.parallel import parallelize
 from pyramoe.train.trainer import train_step
 
 # The modules, not the package's same-named function exports.
-a2a_module = importlib.import_module("pyramoe.dist.all_to_all")
-exchange_module = importlib.import_module("pyramoe.dist.exchange")
+a2a_module = importlib.import_module("pyramoe.comm.all_to_all")
+exchange_module = importlib.import_module("pyramoe.comm.exchange")
 
 
 class _ExchangeClock:

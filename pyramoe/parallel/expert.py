@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pyramoe.dist import Exchange, transposed_run_order
+from pyramoe.comm import Exchange, transposed_run_order
 from pyramoe.layers.dispatch import (
     DispatchPlan,
     ExpertBatch,

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pyramoe.dist import Topology, layer_ep
+from pyramoe.comm import Topology, layer_ep
 from pyramoe.parallel.parallelize import ParallelState, parallelize
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from pyramoe.dist import ProcessGroups, Topology, build_exchange, layer_ep
+from pyramoe.comm import ProcessGroups, Topology, build_exchange, layer_ep
 from pyramoe.layers.moe import MoELayer
 from pyramoe.parallel.expert import AllToAllDispatcher
 from pyramoe.parallel.tensor import SlicedExperts, TPTokenSplit, shard_attention, shard_mlp

@@ -18,7 +18,7 @@ weights) plus, training, activations of one micro-batch (Korthikanti et al. 2022
 KV cache of `batch` sequences of `seq_len` tokens (16-bit, K and V per layer, heads split over t).
 A GPU may use `usable_fraction` of its memory (the rest: CUDA context, allocator, workspace).
 
-Latency: the MoE layers' all-to-all from `pyramoe.dist.cost_model` (per layer the faster of flat and
+Latency: the MoE layers' all-to-all from `pyramoe.comm.cost_model` (per layer the faster of flat and
 hierarchical; coordinated under TP, or among the EP group's ranks of one TP index on all the tokens
 under expert-slicing, plus the ring all-reduce of the expert outputs), TP all-reduces (ring: 2 (t-1)
 messages, 2 (t-1)/t of the bytes, two per layer) and a roofline term: training 6 x active parameters
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pyramoe.config import ModelConfig
-from pyramoe.dist import cost_model as cm
+from pyramoe.comm import cost_model as cm
 from pyramoe.models import GPT
 
 GB = 1e9

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pyramoe.dist.tensor_ops import copy_to_tp, gather_from_tp, reduce_from_tp, split_to_tp
+from pyramoe.comm.tensor_ops import copy_to_tp, gather_from_tp, reduce_from_tp, split_to_tp
 from pyramoe.layers.attention import CausalSelfAttention
 from pyramoe.layers.experts import grouped_linear
 from pyramoe.layers.mlp import activate

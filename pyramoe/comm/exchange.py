@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from pyramoe.dist.all_to_all import all_to_all
+from pyramoe.comm.all_to_all import all_to_all
 
 
 class Exchange(Protocol):

@@ -1,15 +1,15 @@
 """Process topology and collectives on torch.distributed. Model code never imports this package;
 `pyramoe.parallel` applies it to a built model."""
 
-from pyramoe.dist.all_to_all import all_to_all
-from pyramoe.dist.exchange import (
+from pyramoe.comm.all_to_all import all_to_all
+from pyramoe.comm.exchange import (
     Exchange,
     FlatExchange,
     HierarchicalExchange,
     build_exchange,
     transposed_run_order,
 )
-from pyramoe.dist.topology import ProcessGroups, Topology, layer_ep
+from pyramoe.comm.topology import ProcessGroups, Topology, layer_ep
 
 __all__ = [
     "Exchange",
