@@ -315,14 +315,15 @@ def test_duplicate_ids_are_refused_and_abort_emits_an_event(model):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_requests_wait_for_kv_blocks_and_get_their_tokens(model, native):
-    """A cache of 6 blocks of 4 positions: at most two 10-position requests hold blocks at once; the
-    others wait for the blocks (not the slots: there are 4) and every one gets its tokens alone."""
+    """A cache of 6 blocks of 4 positions: requests enter while their prompt's blocks (and one spare
+    block per running request) are free, the others wait for blocks (not slots: there are 4), and
+    every one gets its tokens alone."""
     engine = Engine(model, max_batch=4, eos_id=None, native=native, kv_blocks=6, block_size=4)
     params = SamplingParams(max_tokens=5, **GREEDY)
     requests = [[1, 2, 3, 4, 5], [7, 8, 9, 10], [9, 10, 11, 12, 13], [20, 21, 22, 23]]
     ids = [engine.add_request(p, params) for p in requests]
     events = engine.step()
-    assert len(engine.active) == 2 and engine.cache.allocator.available == 0
+    assert len(engine.active) == 2 and engine.cache.allocator.used == 3  # 2 + 1 prompt blocks
     tokens = {rid: [] for rid in ids}
     for event in [*events, *engine.stream()]:
         tokens[event.request_id].append(event.token_id)
@@ -330,6 +331,45 @@ def test_requests_wait_for_kv_blocks_and_get_their_tokens(model, native):
     assert engine.cache.allocator.used == 0
     with pytest.raises(ValueError, match="^prompt: .* need 7 KV-cache blocks, the cache has 6"):
         engine.add_request(list(range(1, 20)), SamplingParams(max_tokens=9))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_full_cache_preempts_the_latest_request_which_resumes_where_it_was(model, native):
+    """Blocks are taken as sequences grow: when a running request needs one and none is left, the
+    request admitted last gives its blocks back and reads its prompt and output again later. Greedy
+    tokens, seeded samples, log-probabilities and prompt log-probabilities are those of a cache
+    large enough for all."""
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12], [9, 10, 11], [20, 21, 22, 23, 24], [30, 31]]
+    params = [SamplingParams(max_tokens=12, **GREEDY),
+              SamplingParams(max_tokens=10, temperature=0.9, seed=7, logprobs=2),
+              SamplingParams(max_tokens=11, **GREEDY, prompt_logprobs=1, logprobs=1),
+              SamplingParams(max_tokens=9, temperature=1.2, top_k=5, seed=3),
+              SamplingParams(max_tokens=12, **GREEDY)]
+
+    def run(kv_blocks):
+        engine = Engine(model, max_batch=4, eos_id=None, native=native, kv_blocks=kv_blocks, block_size=4)
+        ids = [engine.add_request(p, q) for p, q in zip(prompts, params)]
+        events = {rid: [] for rid in ids}
+        for event in engine.stream():
+            events[event.request_id].append(event)
+        assert engine.cache.allocator.used == 0 and not engine.active
+        return engine, [events[rid] for rid in ids]
+
+    small, tight = run(6)
+    large, roomy = run(None)
+    assert small.preemptions > 0 and large.preemptions == 0
+    for got, want in zip(tight, roomy):
+        assert [e.token_id for e in got] == [e.token_id for e in want]
+        assert "".join(e.text for e in got) == "".join(e.text for e in want)
+        for a, b in zip(got, want):
+            assert (a.logprob is None) == (b.logprob is None) and (a.prompt_logprobs is None) == (b.prompt_logprobs is None)
+            if a.logprob is not None:
+                assert a.logprob[0] == pytest.approx(b.logprob[0], abs=1e-4)
+                assert [t for t, _ in a.logprob[1]] == [t for t, _ in b.logprob[1]]
+            if a.prompt_logprobs is not None:
+                assert len(a.prompt_logprobs) == len(b.prompt_logprobs) == 3
+                assert [x[0] for x in a.prompt_logprobs[1:]] == pytest.approx([x[0] for x in b.prompt_logprobs[1:]], abs=1e-4)
+    assert [e.prompt_logprobs is not None for e in tight[2]].count(True) == 1
 
 
 @pytest.mark.parametrize("native", [True, False])

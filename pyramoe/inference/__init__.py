@@ -1,4 +1,4 @@
-"""Inference: a continuous-batching engine over a slot KV cache, and sampling."""
+"""Inference: a continuous-batching engine over a paged KV cache, and sampling."""
 
 from pyramoe.inference.engine import Completion, Engine, TokenEvent, resolve_dtype
 from pyramoe.inference.kv_cache import SlotKVCache

@@ -1,4 +1,4 @@
-"""The generation engine: continuous batching over a slot KV cache.
+"""The generation engine: continuous batching over a paged KV cache.
 
 Requests wait in a queue; each `step()` admits waiting ones while slots are free, then runs one
 forward of the engine's step (`pyramoe.inference.steps`: native CPU or PyTorch) over rows of
@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from pyramoe.data import Tokenizer
 from pyramoe.inference.kv_cache import PagedKVCache
 from pyramoe.inference.native import NativeDecoder, blockable, unsupported_reason
 from pyramoe.inference.packing import pack_model
+from pyramoe.inference.requests import Completion, Logprob, Request, TokenEvent
 from pyramoe.inference.sampling import SamplingParams, apply_penalties, sample_token, token_logprobs
 from pyramoe.inference.steps import ModelStep, NativeStep, TorchStep
 from pyramoe.models import GPT
@@ -39,71 +39,17 @@ from pyramoe.runtime import cpu_has_native_bf16
 # Prompt rows of one step when decode rows fill the budget: a prompt always advances.
 MIN_PREFILL_ROWS = 16
 
-Logprob = tuple[float, list[tuple[int, float]]]  # a token's log-probability, the likeliest (token, log-probability)
-
-
-@dataclass
-class TokenEvent:
-    """One new token of one request (the streaming unit)."""
-
-    request_id: str
-    token_id: int | None  # None when a request ends without a new token (EOS or stop token, abort, error)
-    text: str  # text delta: what the request's text gained with this token (held back mid-character)
-    finished: bool = False
-    finish_reason: str | None = None  # "length", "stop" (EOS, stop token or string), "abort", "error"
-    logprob: Logprob | None = None  # the token's, when the request asked (`SamplingParams.logprobs`)
-    prompt_logprobs: list[Logprob | None] | None = None  # on a request's first event, when asked; [0] is None
-    error: str | None = None  # why, when finish_reason is "error"
-
-
-@dataclass
-class Request:
-    id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    generator: torch.Generator | None
-    output_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0  # characters of `text` already sent in events
-    # Incremental detokenization: output_ids[prefix_offset:read_offset] decode to the end of `text`
-    # (context for the next token's text); None: decode the whole output every step.
-    prefix_offset: int | None = 0
-    read_offset: int = 0
-    cached: int = 0  # tokens in the KV cache
-    slot: int | None = None
-    finish_reason: str | None = None
-    stop_ids: frozenset[int] | None = None  # token ids that end it (set at its first token)
-    prompt_logprobs: list[Logprob | None] | None = None  # filled while the prompt is read, when asked
-    error: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def reading_prompt(self) -> bool:
-        return self.cached < len(self.prompt_ids)
-
-
-@dataclass
-class Completion:
-    request_id: str
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    error: str | None = None
-
-
 class Engine:
     """Batched generation with requests joining and leaving a running batch.
 
     `max_batch` requests run together (one KV-cache slot each); `max_len` bounds prompt + generated
     tokens per request. The KV cache is paged (`PagedKVCache`): `kv_blocks` blocks of `block_size`
     positions (or as many as `kv_cache_bytes` hold; default: max_batch x max_len positions); a
-    request is admitted when its prompt + max_tokens positions have blocks, returns them when it
-    leaves, and shares the full blocks of a prompt prefix already cached (`prefix_caching`; not for
-    requests asking prompt log-probabilities, whose every position must be computed). One step
+    request is admitted when its prompt's blocks are there, takes a block whenever it reaches a new
+    one, returns them when it leaves, and shares the full blocks of a prompt prefix already cached
+    (`prefix_caching`; not for requests asking prompt log-probabilities, whose every position must
+    be computed). When a running request needs a block and none is left, the request admitted last
+    is preempted: its blocks go back and it is read again later (`preemptions` counts them). One step
     feeds at most `max_step_tokens` rows (decode rows, then prompt chunks; at least
     `MIN_PREFILL_ROWS` prompt rows). On the CPU, steps run natively (`native`,
     `pyramoe.inference.native`: a whole forward in one compiled call) where the machine can build it
@@ -168,6 +114,7 @@ class Engine:
         self._pending: list[TokenEvent] = []  # events of aborts, sent by the next step
         self._ids = itertools.count()
         self._live_ids: set[str] = set()
+        self.preemptions = 0  # requests that gave their blocks back to let older ones go on
 
     # -- loading -----------------------------------------------------------------------------------------
     @classmethod
@@ -276,6 +223,7 @@ class Engine:
         self.prepare()
         events, self._pending = self._pending, []
         self._admit()
+        self._grow()
         plan, rows = self._plan()
         if plan:
             try:
@@ -295,18 +243,20 @@ class Engine:
         return events
 
     def _admit(self) -> None:
-        """Waiting requests take free slots in order while the cache has their blocks; a request
-        whose prompt begins with full blocks already cached starts after them, and one whose first
-        block another request is still writing (n choices of one prompt) waits for it."""
+        """Waiting requests take free slots in order while the cache has the blocks of their prompt
+        and one spare block per running request (room to grow, so that a request admitted now is not
+        preempted at the next step); a request whose prompt begins with full blocks already cached
+        starts after them, and one whose first block another request is still writing (n choices of
+        one prompt) waits for it."""
         deferred = []
         while self.waiting and self._free_slots:
             request, slot = self.waiting[0], self._free_slots[0]
-            share = self.prefix_caching and request.params.prompt_logprobs is None
-            if share and self.cache.being_written(request.prompt_ids):
+            share = self.prefix_caching and not request.scoring_prompt
+            context = request.context_ids
+            if share and self.cache.being_written(context):
                 deferred.append(self.waiting.popleft())
                 continue
-            cached = self.cache.reserve(slot, request.prompt_ids,
-                                        self._positions(len(request.prompt_ids), request.params), share)
+            cached = self.cache.reserve(slot, context, len(context), share, spare=len(self.active))
             if cached is None:
                 break  # until a running request returns blocks
             self.waiting.popleft()
@@ -314,6 +264,25 @@ class Engine:
             request.slot, request.cached = slot, cached
             self.active.append(request)
         self.waiting.extendleft(reversed(deferred))
+
+    def _grow(self) -> None:
+        """Each decoding request gets the block its next position needs, oldest first; when none is
+        left, the request admitted last gives its blocks back and waits to be read again
+        (preemption by recomputation, as vLLM does: cheaper than keeping every request's whole
+        budget reserved from the start)."""
+        for request in [r for r in self.active if not r.reading_prompt]:
+            while request.slot is not None and not self.cache.extend(request.slot, request.cached + 1):
+                self._preempt(self.active[-1])
+
+    def _preempt(self, request: Request) -> None:
+        """Back to the head of the queue, its blocks and slot returned; it keeps its output and
+        sampler state, and reads its prompt and output again when it is admitted."""
+        self._release(request)
+        request.cached = 0
+        request.recompute_ids = request.prompt_ids + request.output_ids if request.output_ids else None
+        request.prompt_logprobs = None  # not sent yet (a request that sent them has output): computed again
+        self.waiting.appendleft(request)
+        self.preemptions += 1
 
     def _positions(self, prompt_tokens: int, params: SamplingParams) -> int:
         """KV positions a request may fill: its prompt and what it may generate, within max_len."""
@@ -333,17 +302,18 @@ class Engine:
             positions.append(request.cached)
         budget = min(max(self.max_step_tokens - len(decoding), MIN_PREFILL_ROWS), self.runner.max_rows - len(tokens))
         for request in (r for r in self.active if r.reading_prompt):
-            n = min(len(request.prompt_ids) - request.cached, budget)
+            context = request.context_ids
+            n = min(len(context) - request.cached, budget)
             if n <= 0:
                 break
             budget -= n
             first = len(tokens)
-            tokens += request.prompt_ids[request.cached : request.cached + n]
+            tokens += context[request.cached : request.cached + n]
             slots += [request.slot] * n
             positions += range(request.cached, request.cached + n)
-            # Prompt log-probabilities need every row's logits; otherwise only the last prompt row's.
-            wanted = range(first, first + n) if request.params.prompt_logprobs is not None else (
-                [first + n - 1] if request.cached + n == len(request.prompt_ids) else [])
+            # Prompt log-probabilities need every row's logits; otherwise only the last context row's.
+            wanted = range(first, first + n) if request.scoring_prompt else (
+                [first + n - 1] if request.cached + n == len(context) else [])
             plan.append((request, n, list(range(len(logit_rows), len(logit_rows) + len(wanted)))))
             logit_rows += wanted
         return plan, (tokens, slots, positions, logit_rows)
@@ -354,9 +324,9 @@ class Engine:
         take the next token from the request's last logit row."""
         start, prompt = request.cached, request.prompt_ids
         request.cached += fed
-        if start < len(prompt):
+        if start < len(request.context_ids):
             self.cache.written(request.slot, request.cached)
-        if start < len(prompt) and request.params.prompt_logprobs is not None:
+        if start < len(prompt) and request.scoring_prompt:
             if request.prompt_logprobs is None:
                 request.prompt_logprobs = [None]
             for pick, position in zip(picks, range(start, start + fed)):
@@ -472,14 +442,17 @@ class Engine:
     def _retire(self, request: Request) -> None:
         """A finished request leaves: its slot is free for the next (nothing is copied)."""
         if request.slot is not None:
-            self.active.remove(request)
-            self.cache.free(request.slot)
-            self._free_slots.append(request.slot)
-            self._free_slots.sort()  # lowest first: requests admitted together get consecutive slots
-            request.slot = None
+            self._release(request)
         elif request in self.waiting:
             self.waiting.remove(request)
         self._live_ids.discard(request.id)
+
+    def _release(self, request: Request) -> None:
+        self.active.remove(request)
+        self.cache.free(request.slot)
+        self._free_slots.append(request.slot)
+        self._free_slots.sort()  # lowest first: requests admitted together get consecutive slots
+        request.slot = None
 
     # -- conveniences ----------------------------------------------------------------------------------
 

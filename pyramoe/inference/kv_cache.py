@@ -4,7 +4,7 @@ of different lengths run together and join or leave between steps without touchi
 - `SlotKVCache`: a slot is a row of each layer's [slots, Hkv, max_len, Dh] buffers (every slot
   reserves the whole context).
 - `PagedKVCache` (the engine's): a slot is a row of a block table over [blocks, Hkv, block_size, Dh]
-  buffers; a sequence holds the blocks of the positions it may fill, and sequences with a common
+  buffers; a sequence holds the blocks of the positions it has filled, and sequences with a common
   prompt prefix share its full blocks (`BlockAllocator`).
 
 Legend: S slots, B active rows, Hkv key/value heads, L key positions, Dh head width, T new tokens.
@@ -120,10 +120,11 @@ class BlockAllocator:
             blocks.append(block)
         return blocks
 
-    def acquire(self, shared: list[int], new: int) -> list[int] | None:
-        """Reference `shared` and `new` fresh blocks; None (nothing taken) if they do not fit."""
+    def acquire(self, shared: list[int], new: int, spare: int = 0) -> list[int] | None:
+        """Reference `shared` and `new` fresh blocks; None (nothing taken) if they do not fit with
+        `spare` blocks still available afterwards."""
         idle_shared = sum(1 for b in shared if b in self._idle)
-        if new > self.available - idle_shared:
+        if new + spare > self.available - idle_shared:
             return None
         for block in shared:
             self._idle.pop(block, None)
@@ -160,9 +161,10 @@ class BlockAllocator:
 class PagedKVCache(SlotKVCache):
     """A KV cache of fixed-size blocks: per layer [blocks, Hkv, block_size, Dh] (or MLA's
     [blocks, 1, block_size, latent]); slot s's position p lives in row p % block_size of block
-    block_table[s, p // block_size]. Memory follows the tokens in use: a request reserves the blocks
-    of the positions it may fill, returns them when it leaves, and shares the full blocks of a
-    prompt prefix it has in common with a request before it (`n` choices, a common system prompt).
+    block_table[s, p // block_size]. Memory follows the tokens in use: a sequence takes the blocks of
+    its prompt when it enters (`reserve`) and one more whenever it reaches a new block (`extend`),
+    returns them when it leaves, and shares the full blocks of a prompt prefix it has in common with
+    a sequence before it (`n` choices, a common system prompt).
 
     Legend as above; N blocks, bs block size, M blocks per sequence."""
 
@@ -196,21 +198,35 @@ class PagedKVCache(SlotKVCache):
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
-    def reserve(self, slot: int, prompt_ids: list[int], tokens: int, share: bool = True) -> int | None:
-        """Blocks for `tokens` positions of the sequence entering `slot`, reusing cached blocks of
-        its prompt's full-block prefix when `share`. Returns how many prompt tokens are already
-        cached (a multiple of the block size, short of the last prompt token: its logits are
-        needed), or None if the blocks are not there (the request waits)."""
+    def reserve(self, slot: int, prompt_ids: list[int], tokens: int, share: bool = True,
+                spare: int = 0) -> int | None:
+        """Blocks for `tokens` positions of the sequence entering `slot` (more come by `extend`),
+        reusing cached blocks of its prompt's full-block prefix when `share`. Returns how many
+        prompt tokens are already cached (a multiple of the block size, short of the last prompt
+        token: its logits are needed), or None if the blocks are not there with `spare` blocks left
+        over (the request waits)."""
         bs = self.block_size
         hashes = self.block_hashes(prompt_ids)
         shared = self.allocator.cached(hashes[: (len(prompt_ids) - 1) // bs]) if share else []
-        blocks = self.allocator.acquire(shared, self.blocks_for(tokens) - len(shared))
+        blocks = self.allocator.acquire(shared, self.blocks_for(tokens) - len(shared), spare)
         if blocks is None:
             return None
         self._blocks[slot], self._hashes[slot], self._published[slot] = blocks, hashes, len(shared)
         self.block_table[slot, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64, device="cpu")
         self.allocator.hit_tokens += len(shared) * bs
         return len(shared) * bs
+
+    def extend(self, slot: int, tokens: int) -> bool:
+        """The sequence in `slot` holds the blocks of its first `tokens` positions, taking new ones
+        if needed; False (nothing taken) if there are none."""
+        held = self._blocks[slot]
+        fresh = self.allocator.acquire([], max(0, self.blocks_for(tokens) - len(held)))
+        if fresh is None:
+            return False
+        if fresh:
+            self.block_table[slot, len(held) : len(held) + len(fresh)] = torch.tensor(fresh, dtype=torch.int64)
+            held += fresh
+        return True
 
     def block_hashes(self, prompt_ids: list[int]) -> list[int]:
         """Chained hashes of the prompt's full blocks: block i's names the whole prefix up to it."""

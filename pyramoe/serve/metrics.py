@@ -52,7 +52,9 @@ class ServerMetrics:
                                ("engine_steps", "Engine steps run"),
                                ("kv_cache_blocks_used", "KV-cache blocks held by requests"),
                                ("kv_cache_blocks", "KV-cache blocks in all"),
-                               ("prefix_cache_hit_tokens", "Prompt tokens read from cached blocks (not computed)"))
+                               ("prefix_cache_hit_tokens", "Prompt tokens read from cached blocks (not computed)"),
+                               ("preemptions", "Running requests that gave their KV-cache blocks back to older ones "
+                                               "(read again when readmitted)"))
         }
         self.gauges = gauges
         if expert_counts is not None:

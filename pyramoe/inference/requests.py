@@ -1,0 +1,79 @@
+"""What the engine keeps per request, and what it hands back: events while a request runs, a
+completion at its end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pyramoe.inference.sampling import SamplingParams
+
+Logprob = tuple[float, list[tuple[int, float]]]  # a token's log-probability, the likeliest (token, log-probability)
+
+
+@dataclass
+class TokenEvent:
+    """One new token of one request (the streaming unit)."""
+
+    request_id: str
+    token_id: int | None  # None when a request ends without a new token (EOS or stop token, abort, error)
+    text: str  # text delta: what the request's text gained with this token (held back mid-character)
+    finished: bool = False
+    finish_reason: str | None = None  # "length", "stop" (EOS, stop token or string), "abort", "error"
+    logprob: Logprob | None = None  # the token's, when the request asked (`SamplingParams.logprobs`)
+    prompt_logprobs: list[Logprob | None] | None = None  # on a request's first event, when asked; [0] is None
+    error: str | None = None  # why, when finish_reason is "error"
+
+
+@dataclass
+class Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of `text` already sent in events
+    # Incremental detokenization: output_ids[prefix_offset:read_offset] decode to the end of `text`
+    # (context for the next token's text); None: decode the whole output every step.
+    prefix_offset: int | None = 0
+    read_offset: int = 0
+    cached: int = 0  # tokens in the KV cache
+    slot: int | None = None
+    finish_reason: str | None = None
+    stop_ids: frozenset[int] | None = None  # token ids that end it (set at its first token)
+    prompt_logprobs: list[Logprob | None] | None = None  # filled while the prompt is read, when asked
+    error: str | None = None
+    # After a preemption: the prompt and the tokens generated so far, read again (recomputed) before
+    # the next token is sampled.
+    recompute_ids: list[int] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def context_ids(self) -> list[int]:
+        """What the KV cache must hold before the next token is sampled."""
+        return self.prompt_ids if self.recompute_ids is None else self.recompute_ids
+
+    @property
+    def reading_prompt(self) -> bool:
+        """Its prompt (or, after a preemption, its prompt and output) is still being read."""
+        return self.cached < len(self.context_ids)
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """Its prompt's log-probabilities are wanted and not yet sent (they go with the first event)."""
+        return self.params.prompt_logprobs is not None and not self.output_ids and self.recompute_ids is None
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    error: str | None = None
