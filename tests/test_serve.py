@@ -219,7 +219,8 @@ def test_queue_full_is_429_and_sigterm_drains(tiny_run, tmp_path):  # noqa: F811
 
 def test_kv_budget_and_prefix_cache_in_metrics(tiny_run, tmp_path):  # noqa: F811
     """A KV budget of a few blocks: requests wait for blocks and all answer; n choices of one
-    prompt share its full blocks (counted in /metrics)."""
+    prompt share its full blocks (counted in /metrics); requests that outgrow the cache together
+    are preempted and answer as they do alone."""
     live = start_server(tiny_run, tmp_path / "serve.log", "--kv-cache-gib", "0.00004", "--block-size", "8")
     try:
         assert "blocks of 8" in live.output()
@@ -236,5 +237,14 @@ def test_kv_budget_and_prefix_cache_in_metrics(tiny_run, tmp_path):  # noqa: F81
         assert blocks * 8 < 240  # 10 blocks in fp32, 20 in bf16
         too_long = httpx.post(f"{live.url}/v1/completions", json={"prompt": "x " * 40, "max_tokens": 200}, timeout=30)
         assert too_long.status_code == 400 and "blocks" in too_long.json()["error"]["message"]
+        # Together these outgrow the cache: the latest admitted are preempted, and answer as alone.
+        prompts = [f"def g{i}(x):\n    return x * {i}\n" for i in range(4)]
+        ask = lambda p: client.completions.create(model=name, prompt=p, max_tokens=blocks * 8 // 2, temperature=0,  # noqa: E731
+                                                  extra_body={"ignore_eos": True}).choices[0].text
+        alone = [ask(p) for p in prompts]
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(ask, prompts)) == alone
+        preempted = float(re.search(r"^pyramoe_preemptions (\S+)", httpx.get(f"{live.url}/metrics").text, re.M).group(1))
+        assert preempted > 0
     finally:
         assert live.stop() == 0
