@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from pyramoe.data import Tokenizer
+from pyramoe.inference.device_step import DeviceStep, device_step_unsupported
 from pyramoe.inference.kv_cache import PagedKVCache
 from pyramoe.inference.native import NativeDecoder, blockable, unsupported_reason
 from pyramoe.inference.packing import pack_model
@@ -38,6 +39,10 @@ from pyramoe.runtime import cpu_has_native_bf16
 
 # Prompt rows of one step when decode rows fill the budget: a prompt always advances.
 MIN_PREFILL_ROWS = 16
+# The engine's `step` choices: "auto" (CPU: native, else pytorch; CUDA: device where it applies,
+# else pytorch) or one by name.
+STEPS = ("auto", "pytorch", "device")
+
 
 class Engine:
     """Batched generation with requests joining and leaving a running batch.
@@ -56,8 +61,11 @@ class Engine:
     and the model is one it computes, with bf16 weights blocked for its AVX512-BF16 kernels at the
     first step (`pack_weights`); otherwise the weights are prepacked for oneDNN at the first step
     (`pack_weights`, `pyramoe.inference.packing`) and the model runs in PyTorch. Packed either way, the model still
-    runs in PyTorch but serves this engine only (no training, no state_dict). `decode_path` says which
-    ran ("native" or "pytorch", with `native_unavailable` giving why not).
+    runs in PyTorch but serves this engine only (no training, no state_dict). `step="device"` (the
+    default on CUDA, on one process, where it applies) runs `DeviceStep` instead: fixed-shape steps
+    with no host sync inside, decode captured as CUDA graphs on CUDA; `step="pytorch"` the PyTorch
+    step. `decode_path` says which ran ("native", "pytorch" or "device", with `native_unavailable`
+    giving why not native).
     """
 
     def __init__(
@@ -75,7 +83,10 @@ class Engine:
         block_size: int = 16,
         prefix_caching: bool = True,
         kv_cache_bytes: int | None = None,
+        step: str = "auto",
     ):
+        if step not in STEPS:
+            raise ValueError(f"step: must be one of {', '.join(STEPS)}, got {step!r}")
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
         if max_step_tokens < 1:
@@ -104,9 +115,10 @@ class Engine:
         # step, else for oneDNN.
         self.pack_weights = pack_weights and self.device.type == "cpu"
         self.packed_weights: int | None = None  # how many weights the first step packed
-        self.native = native and self.device.type == "cpu"
+        self.step_choice = step
+        self.native = native and self.device.type == "cpu" and step == "auto"
         self.native_decoder: NativeDecoder | None = None
-        self.native_unavailable: str | None = None if self.native else "native=False or not on the CPU"
+        self.native_unavailable: str | None = None if self.native else "native=False, step chosen or not on the CPU"
         self.runner: ModelStep | None = None  # the step implementation, chosen at the first step
         self.waiting: deque[Request] = deque()
         self.active: list[Request] = []  # running, in admission order; each holds a slot
@@ -352,6 +364,9 @@ class Engine:
         if self.runner is not None:
             return
         rows = self.max_step_tokens + self.max_batch
+        if self._use_device_step():
+            self.runner = DeviceStep(self.model, self.cache, rows)
+            return
         if self.native:
             self.native_unavailable = unsupported_reason(self.model, self.cache)
             if self.native_unavailable is None:
@@ -364,6 +379,13 @@ class Engine:
         if self.pack_weights:
             self.packed_weights = pack_model(self.model)
         self.runner = TorchStep(self.model, self.cache, rows, self.logits_source)
+
+    def _use_device_step(self) -> bool:
+        """The device step when asked for; by default on CUDA, on one process, where it applies."""
+        if self.step_choice == "device":
+            return True
+        return (self.step_choice == "auto" and self.device.type == "cuda" and self.logits_source is None
+                and device_step_unsupported(self.model, self.cache) is None)
 
     @property
     def decode_path(self) -> str:

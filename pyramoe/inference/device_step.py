@@ -1,0 +1,234 @@
+"""The engine's step for accelerators (`DeviceStep`): a whole forward in fixed shapes over static
+buffers, so that on CUDA each decode bucket is captured once as a CUDA graph and every later step
+of that bucket is one graph replay (gpt-fast's and vLLM's way), with no host sync inside.
+
+- Rows are padded to buckets (1, 2, 4, 8, ...: `bucket`), and so are the step's sequences
+  (groups), the longest run of one sequence and the key blocks attention reads; padding repeats a
+  real row (valid numbers, outputs never read, never counted, writes identical to that row's).
+- The host plans the step in one int64 tensor (`StepPlan`), copied to the device in one transfer;
+  attention reads each sequence's blocks of the paged cache (`pyramoe.layers.paged_attention`)
+  and MoE layers run `DeviceMoE` (routing table, offsets and grouped GEMMs on the device).
+- The only sync is the argmax list the step returns, once per step.
+
+On the CPU the same code runs eagerly (no capture): that is how CI tests it.
+
+Legend: N rows (bucketed), R logit rows, G groups, T rows per group, M key blocks per group, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pyramoe.inference.kv_cache import PagedKVCache, SlotKVCache
+from pyramoe.inference.steps import check_rows
+from pyramoe.layers.attention import CausalSelfAttention
+from pyramoe.layers.device_moe import DeviceMoE, device_moe_unsupported
+from pyramoe.layers.paged_attention import PagedRows, paged_attention
+from pyramoe.models import GPT
+
+
+def bucket(n: int, cap: int) -> int:
+    """The bucket of n: the next power of two, or `cap` where that is beyond it."""
+    return min(1 << (n - 1).bit_length(), cap) if n <= cap else n
+
+
+def device_step_unsupported(model: GPT, cache: SlotKVCache) -> str | None:
+    """Why `DeviceStep` cannot run this model over this cache, or None."""
+    if not isinstance(cache, PagedKVCache):
+        return "it needs the paged KV cache"
+    for block in model.blocks:
+        if type(block.attn) is not CausalSelfAttention:
+            return f"{type(block.attn).__name__} (only multi-head and grouped-query attention)"
+        if block.is_moe:
+            reason = device_moe_unsupported(block.ffn)
+            if reason is not None:
+                return reason
+    return None
+
+
+class StepPlan:
+    """One step's rows as fixed-shape int64 fields of one host tensor (one copy to the device)."""
+
+    FIELDS = ("tokens_N", "positions_N", "real_N", "write_block_N", "write_offset_N", "write_source_N",
+              "cell_of_row_N", "grid_row_GT", "key_limit_GT", "blocks_GM", "logit_rows_R")
+
+    def __init__(self, rows: int, groups: int, per_group: int, blocks: int, logit_rows: int):
+        self.shape = (rows, groups, per_group, blocks, logit_rows)
+        n, cells = rows, groups * per_group
+        self.sizes = (n, n, n, n, n, n, n, cells, cells, groups * blocks, logit_rows)
+        self.decode = per_group == 1
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes)
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, groups, per_group, blocks, _ = self.shape
+        fields = dict(zip(self.FIELDS, flat.split(self.sizes)))
+        for name, width in (("grid_row_GT", per_group), ("key_limit_GT", per_group), ("blocks_GM", blocks)):
+            fields[name] = fields[name].view(groups, width)
+        return fields
+
+
+class DeviceStep:
+    """`ModelStep` for any torch device, for one model over a paged cache: see the module doc.
+    `graphs`: capture decode buckets as CUDA graphs (default: on CUDA)."""
+
+    name = "device"
+
+    def __init__(self, model: GPT, cache: PagedKVCache, max_rows: int, graphs: bool | None = None):
+        reason = device_step_unsupported(model, cache)
+        if reason is not None:
+            raise ValueError(f"device step: {reason}")
+        self.model, self.cache, self.max_rows = model, cache, max_rows
+        self.device = next(model.parameters()).device
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        if self.graphs and self.device.type != "cuda":
+            raise ValueError("device step: graphs are captured on CUDA only")
+        self._moe = {i: DeviceMoE(block.ffn) for i, block in enumerate(model.blocks) if block.is_moe}
+        self._count_row = {layer: row for row, layer in enumerate(self._moe)}
+        experts = max((block.ffn.num_experts for block in model.blocks if block.is_moe), default=1)
+        self._counts = torch.zeros(len(self._moe), experts, dtype=torch.int64, device=self.device)
+        if model.rope is not None:  # its frequencies on the device: moved once, not by every step
+            model.rope.inv_freq = model.rope.inv_freq.to(self.device)
+        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._pool = None
+        self._host: torch.Tensor | None = None  # pinned on CUDA: the plan's copy runs asynchronously
+
+    @torch.no_grad()
+    def forward(
+        self, tokens_N: Sequence[int], slots_N: Sequence[int], positions_N: Sequence[int], logit_rows_R: Sequence[int]
+    ) -> tuple[torch.Tensor, list[int]]:
+        check_rows(tokens_N, slots_N, positions_N, logit_rows_R, self.max_rows)
+        if max(positions_N) >= self.cache.max_len:
+            raise ValueError(f"step: position {max(positions_N)} is outside the cache ({self.cache.max_len} positions)")
+        plan, host = self._plan(tokens_N, slots_N, positions_N, logit_rows_R)
+        if self.graphs and plan.decode:
+            logits_RV, argmax_R = self._replay(plan, host)
+        else:
+            flat = host if self.device.type == "cpu" else host.to(self.device, non_blocking=True)
+            logits_RV, argmax_R = self._run(plan, flat)
+        picks = len(logit_rows_R)
+        return logits_RV[:picks], argmax_R[:picks].tolist()  # the step's one sync: the greedy tokens
+
+    def expert_counts(self) -> torch.Tensor:
+        return self._counts.cpu()
+
+    # -- planning (host) ---------------------------------------------------------------------------
+
+    def _plan(self, tokens_N: Sequence[int], slots_N: Sequence[int], positions_N: Sequence[int],
+              logit_rows_R: Sequence[int]) -> tuple[StepPlan, torch.Tensor]:
+        rows = len(tokens_N)
+        runs = _runs(slots_N, positions_N)  # (first row, length) per group
+        longest = max(length for _, length in runs)
+        bs = self.cache.block_size
+        blocks_needed = max(positions_N) // bs + 1
+        plan = StepPlan(bucket(rows, self.max_rows), bucket(len(runs), self.max_rows), bucket(longest, self.max_rows),
+                        bucket(blocks_needed, self.cache.max_blocks), bucket(len(logit_rows_R), self.max_rows))
+        n_pad, g_pad, t_pad, m_pad, r_pad = plan.shape
+        pad = lambda values, size: list(values) + [values[0]] * (size - len(values))  # noqa: E731
+        table = self.cache.block_table
+        slot_G = [slots_N[first] for first, _ in runs]
+        positions = torch.tensor(positions_N, dtype=torch.int64)
+        write_block = table[torch.tensor(slots_N, dtype=torch.int64), positions // bs].tolist()
+        grid_row = [first + min(t, length - 1) for first, length in runs for t in range(t_pad)]
+        cell_of_row = [g * t_pad + t for g, (_, length) in enumerate(runs) for t in range(length)]
+        fields = (
+            pad(list(tokens_N), n_pad), pad(list(positions_N), n_pad), [1] * rows + [0] * (n_pad - rows),
+            pad(write_block, n_pad), pad([p % bs for p in positions_N], n_pad), pad(list(range(rows)), n_pad),
+            pad(cell_of_row, n_pad), pad(grid_row, g_pad * t_pad), pad([positions_N[r] for r in grid_row], g_pad * t_pad),
+        )
+        host = self._host_buffer(plan.numel)
+        offset = 0
+        for values in fields:
+            host[offset : offset + len(values)] = torch.tensor(values, dtype=torch.int64)
+            offset += len(values)
+        blocks_GM = table[pad(slot_G, g_pad), :m_pad]  # entries past a slot's blocks are masked out
+        host[offset : offset + blocks_GM.numel()] = blocks_GM.reshape(-1)
+        offset += blocks_GM.numel()
+        host[offset : offset + r_pad] = torch.tensor(pad(list(logit_rows_R), r_pad), dtype=torch.int64)
+        return plan, host[: plan.numel]
+
+    def _host_buffer(self, numel: int) -> torch.Tensor:
+        if self._host is None or self._host.numel() < numel:
+            pinned = self.device.type == "cuda"
+            self._host = torch.empty(max(numel, 4096), dtype=torch.int64, device="cpu", pin_memory=pinned)
+        return self._host
+
+    # -- the forward (device) ----------------------------------------------------------------------
+
+    def _run(self, plan: StepPlan, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward on the plan's fields (a device tensor); logits [R bucket, V] fp32 and argmax."""
+        f = plan.views(flat)
+        model, cache = self.model, self.cache
+        rows = PagedRows(f["write_block_N"], f["write_offset_N"], f["write_source_N"], f["grid_row_GT"],
+                         f["key_limit_GT"], f["cell_of_row_N"], f["blocks_GM"], cache.block_size)
+        x_ND = model.tok_emb(f["tokens_N"])
+        rope = None
+        if model.rope is None:
+            x_ND = x_ND + model.pos_emb(f["positions_N"])
+        else:
+            rope = model.rope.cos_sin(f["positions_N"].unsqueeze(0), x_ND.dtype)
+        real_N = f["real_N"].bool()
+        for i, block in enumerate(model.blocks):
+            x_ND = x_ND + paged_attention(block.attn, block.ln_attn(x_ND), rope, cache.keys[i], cache.values[i], rows)
+            h_ND = block.ln_ffn(x_ND)
+            if block.is_moe:
+                h_ND, routed_E = self._moe[i](h_ND, real_N)
+                self._counts[self._count_row[i], : routed_E.numel()] += routed_E
+            else:
+                h_ND = block.ffn(h_ND)
+            x_ND = x_ND + h_ND
+        hidden_RD = model.ln_f(x_ND.index_select(0, f["logit_rows_R"]))
+        logits_RV = model.lm_head(hidden_RD).float()
+        return logits_RV, logits_RV.argmax(-1)
+
+    def _replay(self, plan: StepPlan, host: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode bucket: captured at its first step, replayed after (CUDA)."""
+        graph = self._graphs.get(plan.shape)
+        if graph is None:
+            graph = self._capture(plan, host)
+            self._graphs[plan.shape] = graph
+        cuda_graph, flat, logits_RV, argmax_R = graph
+        flat.copy_(host, non_blocking=True)
+        cuda_graph.replay()
+        return logits_RV, argmax_R
+
+    def _capture(self, plan: StepPlan, host: torch.Tensor) -> tuple:
+        """Warm up on a side stream (lazy allocations, kernel choice), then capture. The warm-up
+        runs the step's own rows (its cache writes are the ones the replay makes again) and its
+        expert counts are taken back."""
+        flat = host.to(self.device)
+        counts = self._counts.clone()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._run(plan, flat)
+        torch.cuda.current_stream().wait_stream(side)
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph, pool=self._pool):
+            logits_RV, argmax_R = self._run(plan, flat)
+        self._counts.copy_(counts)
+        return cuda_graph, flat, logits_RV, argmax_R
+
+
+def _runs(slots_N: Sequence[int], positions_N: Sequence[int]) -> list[tuple[int, int]]:
+    """(first row, length) of each run of one slot at consecutive positions."""
+    runs: list[tuple[int, int]] = []
+    seen: set[int] = set()
+    for row, (slot, position) in enumerate(zip(slots_N, positions_N)):
+        if runs:
+            first, length = runs[-1]
+            if slots_N[first] == slot and positions_N[first] + length == position:
+                runs[-1] = (first, length + 1)
+                continue
+        if slot in seen:
+            raise ValueError(f"step: rows of slot {slot} must be consecutive, at consecutive positions")
+        seen.add(slot)
+        runs.append((row, 1))
+    return runs

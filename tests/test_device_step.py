@@ -1,0 +1,176 @@
+"""The device step (`pyramoe.inference.device_step`): fixed-shape steps over the paged cache give
+the PyTorch step's logits and expert counts for every block kind it runs (GQA, q/k norms, shared
+experts, DeepSeek-V3 routing, partial RoPE, GPT-2 blocks with learned positions, Residual-MoE,
+dense blocks), fp32 and bf16, prompt chunks and decode rows mixed; rows padded to a bucket give what
+they give alone and write nothing else; the forward makes no host sync; the engine runs it when
+asked (`step="device"`) with the PyTorch step's tokens. CUDA tests (graphs, the sync debug mode)
+skip without CUDA."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+import torch
+from host_syncs import no_host_syncs
+from test_native_decode import CASES, _model  # noqa: I001 - the block kinds of the engine's tests
+
+from pyramoe.inference import Engine, SamplingParams
+from pyramoe.inference.device_step import DeviceStep, bucket
+from pyramoe.inference.kv_cache import PagedKVCache
+from pyramoe.inference.steps import TorchStep
+from pyramoe.models import GPT
+
+# Calls over 4 slots, (slot, first position, length) runs: prompts, then a decode row mixed with a
+# prompt chunk continuing at position 7 and a new prompt (slots out of order), then decode rows only.
+CALLS = [[(2, 0, 7), (0, 0, 5)], [(0, 5, 1), (3, 0, 4), (2, 7, 3)], [(3, 4, 1), (0, 6, 1), (2, 10, 1)]]
+BF16_CASES = ["mixtral", "gpt-2 moe", "deepseek-v3 routing"]
+
+
+def _sequences(vocab: int) -> dict[int, list[int]]:
+    generator = torch.Generator().manual_seed(3)
+    return {slot: torch.randint(0, vocab, (12,), generator=generator).tolist() for slot in (0, 2, 3)}
+
+
+def _cache(model: GPT) -> PagedKVCache:
+    """Blocks of 4 positions, each slot's scattered over the cache."""
+    cache = PagedKVCache.for_model(model, 4, 32, num_blocks=20, block_size=4)
+    cache.allocator._free = deque(torch.randperm(20, generator=torch.Generator().manual_seed(0)).tolist())
+    for slot in (3, 0, 2):
+        assert cache.reserve(slot, [slot] * 3, 12) == 0
+    return cache
+
+
+def _rows(runs, sequences):
+    tokens, slots, positions = [], [], []
+    for slot, start, n in runs:
+        tokens += sequences[slot][start : start + n]
+        slots += [slot] * n
+        positions += range(start, start + n)
+    return tokens, slots, positions
+
+
+def _run(step, sequences, calls=CALLS) -> list[torch.Tensor]:
+    out = []
+    for runs in calls:
+        tokens, slots, positions = _rows(runs, sequences)
+        logits_RV, greedy_R = step.forward(tokens, slots, positions, list(range(len(tokens))))
+        assert list(greedy_R) == logits_RV.argmax(-1).tolist()
+        out.append(logits_RV.float().cpu().clone())
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(CASES))
+def test_device_step_equals_pytorch_step(name, dtype):
+    if dtype == torch.bfloat16 and name not in BF16_CASES:
+        pytest.skip("bf16 on a few block kinds")
+    model = _model(CASES[name], dtype)
+    sequences = _sequences(model.config.vocab_size)
+    device, pytorch = DeviceStep(model, _cache(model), max_rows=16), TorchStep(model, _cache(model), max_rows=16)
+    with torch.no_grad():
+        got, want = _run(device, sequences), _run(pytorch, sequences)
+    tolerance = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tolerance)
+    if dtype == torch.float32:  # a bf16 near-tie may route one token differently
+        assert torch.equal(device.expert_counts(), pytorch.expert_counts())
+
+
+def test_padded_rows_equal_rows_alone_and_write_nothing_else():
+    model = _model(CASES["mixtral"], torch.float32)
+    sequences = _sequences(model.config.vocab_size)
+    together, alone = DeviceStep(model, _cache(model), 16), DeviceStep(model, _cache(model), 16)
+    prompts = CALLS[0] + [(3, 0, 4)]
+    decode = [(0, 5, 1), (2, 7, 1), (3, 4, 1)]  # 3 rows: padded to a bucket of 4
+    got = _run(together, sequences, [prompts, decode])[1]
+    want = torch.cat([_run(alone, sequences, [[run]])[0] for run in prompts + decode][len(prompts) :])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(together.cache.keys + together.cache.values, alone.cache.keys + alone.cache.values):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)  # blocks no row owns untouched (zeros) in both
+    assert torch.equal(together.expert_counts(), alone.expert_counts())
+
+
+def test_buckets():
+    assert [bucket(n, 64) for n in (1, 2, 3, 5, 16, 17, 64)] == [1, 2, 4, 8, 16, 32, 64]
+    assert bucket(40, 48) == 48 and bucket(8, 6) == 8  # capped at the most rows; beyond: as is
+
+
+@torch.no_grad()
+def test_device_forward_makes_no_host_sync():
+    model = _model(CASES["qwen2 (shared gated expert, qkv bias)"], torch.bfloat16)
+    step = DeviceStep(model, _cache(model), max_rows=16)
+    sequences = _sequences(model.config.vocab_size)
+    for runs in CALLS:
+        tokens, slots, positions = _rows(runs, sequences)
+        plan, host = step._plan(tokens, slots, positions, list(range(len(tokens))))
+        with no_host_syncs():
+            step._run(plan, host)
+
+
+def _engine_tokens(model: GPT, step: str, params: SamplingParams) -> tuple[list[list[int]], Engine]:
+    engine = Engine(model, max_batch=3, max_len=48, max_step_tokens=8, step=step, block_size=4)
+    prompts = [[5, 9, 2, 7, 1, 3, 8, 4, 6, 2, 11], [3, 1], [7, 7, 7, 2, 5]]
+    return [c.token_ids for c in engine.generate(prompts, params)], engine
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt-2 top-2"])
+def test_engine_runs_the_device_step(name):
+    model = _model(CASES[name], torch.float32)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    got, engine = _engine_tokens(model, "device", params)
+    want, reference = _engine_tokens(model, "pytorch", params)
+    assert engine.decode_path == "device" and reference.decode_path == "pytorch"
+    assert got == want
+    assert torch.equal(engine.expert_counts(), reference.expert_counts())
+
+
+def test_engine_step_choice_is_checked():
+    model = _model(CASES["mixtral"], torch.float32)
+    with pytest.raises(ValueError, match="^step: must be one of auto, pytorch, device"):
+        Engine(model, step="cuda-graphs")
+    for block in model.blocks:
+        if block.is_moe:
+            block.ffn.config.dropless = False  # capacity drops (the engine keeps them with dropless=False)
+    engine = Engine(model, step="device", dropless=False)
+    engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="^device step: the layer drops tokens"):
+        engine.step()
+    assert Engine(model).step_choice == "auto"  # the CPU default: native, else pytorch
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("name", ["mixtral", "gpt-2 moe"])
+def test_cuda_graph_replays_equal_eager_and_the_cpu(name):
+    model = _model(CASES[name], torch.bfloat16)
+    sequences = _sequences(model.config.vocab_size)
+    cpu = _run(TorchStep(model, _cache(model), 16), sequences)
+    model = model.cuda()
+    graphed, eager = DeviceStep(model, _cache(model), 16), DeviceStep(model, _cache(model), 16, graphs=False)
+    calls = CALLS + [[(3, 5, 1), (0, 7, 1), (2, 11, 1)]]  # a second decode step: a replay
+    got, want = _run(graphed, sequences, calls), _run(eager, sequences, calls)
+    assert len(graphed._graphs) == 1
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=0.05, rtol=0.02)
+    for a, b in zip(got, cpu):
+        torch.testing.assert_close(a, b, atol=0.1, rtol=0.05)
+
+
+@cuda
+def test_cuda_replayed_decode_step_makes_no_host_sync():
+    model = _model(CASES["mixtral"], torch.bfloat16).cuda()
+    step = DeviceStep(model, _cache(model), 16)
+    sequences = _sequences(model.config.vocab_size)
+    _run(step, sequences, CALLS)  # captures the decode bucket
+    tokens, slots, positions = _rows([(3, 5, 1), (0, 7, 1), (2, 11, 1)], sequences)
+    plan, host = step._plan(tokens, slots, positions, [0, 1, 2])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step._replay(plan, host)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
