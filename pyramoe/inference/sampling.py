@@ -71,14 +71,20 @@ def sample_token(logits_V: torch.Tensor, params: SamplingParams, generator: torc
         return int(logits_V.argmax())
     # Sampled on the CPU, where each request's generator lives, whichever device computed the logits
     # (torch.multinomial refuses a CPU generator for CUDA probabilities).
-    logits_V = logits_V.float().cpu() / params.temperature
+    return int(torch.multinomial(sampling_probs(logits_V.cpu(), params), 1, generator=generator))
+
+
+def sampling_probs(logits_V: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """What a sampled (not greedy) token is drawn from: softmax(logits / temperature) over the top_k
+    likeliest (ties with the k-th kept), cut to the top_p nucleus, renormalised (fp32)."""
+    logits_V = logits_V.float() / params.temperature
     if 0 < params.top_k < logits_V.numel():
         threshold = torch.topk(logits_V, params.top_k).values[-1]
         logits_V = logits_V.masked_fill(logits_V < threshold, float("-inf"))
     probs_V = torch.softmax(logits_V, dim=-1)
     if params.top_p < 1.0:
         probs_V = nucleus(probs_V, params.top_p)
-    return int(torch.multinomial(probs_V, 1, generator=generator))
+    return probs_V
 
 
 def nucleus(probs_V: torch.Tensor, top_p: float) -> torch.Tensor:
