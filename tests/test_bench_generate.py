@@ -61,3 +61,11 @@ def test_bench_generate_bad_input_is_one_line(flag, value, capsys):
     assert main(["bench", "generate", flag, value]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and flag in err
+
+
+def test_bench_generate_device_is_checked(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here")
+    assert main(["bench", "generate", "--device", "cuda", "--out", "unused.json"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--device" in err

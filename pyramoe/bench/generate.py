@@ -6,8 +6,10 @@ vocab 32000), built by transformers from its config, saved, and loaded by pyramo
 directory, so both run identical weights. Implementations:
 
 - pyramoe: the continuous-batching engine (`pyramoe.inference.Engine`), greedy (its native step
-  where it builds);
-- pyramoe-pytorch: the same engine with `native=False` (its PyTorch step, oneDNN-packed weights);
+  where it builds; with `--device cuda`, its device step, `pyramoe.inference.device_step`, and
+  the roofline from the GPU's memory);
+- pyramoe-pytorch: the same engine with `native=False` (its PyTorch step, oneDNN-packed weights;
+  on CUDA `step="pytorch"`);
 - transformers: `generate(do_sample=False)` with its grouped-GEMM experts (`grouped_mm`);
 - plain-moe: transformers with its eager experts, a Python loop over experts (a plain PyTorch MoE);
 - roofline: batch x memory bandwidth (measured in the same run) / bytes of weights one decode step
@@ -60,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-transformers", action="store_true", help="pyramoe and the roofline only")
     parser.add_argument("--no-pytorch-path", action="store_true",
                         help="skip pyramoe-pytorch (the engine with native=False on the same weights)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda (pyramoe: its device step; pyramoe-pytorch: its PyTorch step)")
     parser.add_argument("--out", default="bench-results/generate.json")
 
 
@@ -78,6 +82,8 @@ def validate(args: argparse.Namespace) -> list[int]:
         raise ValueError(f"--batches: expected comma-separated integers, got {args.batches!r}") from None
     if not batches or min(batches) < 1:
         raise ValueError(f"--batches: sizes must be >= 1, got {args.batches!r}")
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        raise ValueError(f"--device: must be cpu or cuda (with CUDA available), got {args.device!r}")
     return batches
 
 
@@ -143,6 +149,14 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 5, buffers: int = 3) -> f
     return best
 
 
+def measure_device_bandwidth(device: str, gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second of a streaming read (torch's sum) of a large fp32 buffer on an accelerator,
+    median of `repeats` reads after one, each waited for."""
+    elements = int(gib * 2**30 / 4)
+    x = torch.ones(elements, device=device)
+    return read_speed(lambda t: (t.sum(), torch.cuda.synchronize(device)), x, repeats)
+
+
 def read_speed(read: Callable[[torch.Tensor], Any], x: torch.Tensor, repeats: int) -> float:
     """Bytes per second of `read(x)`: x's bytes over the median of `repeats` reads after one."""
     median_ms = time_call(lambda: read(x), repeats=repeats, warmup=1)["median_ms"]
@@ -195,18 +209,20 @@ def measure_gemv_floor(shapes: list[tuple[int, int]], dtype: torch.dtype, repeat
 def runners(args: argparse.Namespace, batch: int, prompts: torch.Tensor, engines: dict[str, Engine],  # noqa: ANN201
             hf: dict[str, Any]):
     """name -> fn(new_tokens) that generates greedily for `batch` prompts."""
-    ids = prompts[:batch]
+    ids = prompts[:batch].tolist()
     out: dict[str, Callable[[int], Any]] = {}
     for name, engine in engines.items():
         def ours(n: int, engine: Engine = engine) -> Any:
             engine.max_batch = batch
-            return engine.generate(ids.tolist(), SamplingParams(max_tokens=n, temperature=0))
+            return engine.generate(ids, SamplingParams(max_tokens=n, temperature=0))
         out[name] = ours
+    ids_hf = prompts[:batch].to(args.device)
     for name, model in hf.items():
         def theirs(n: int, model: Any = model) -> Any:
             with torch.no_grad():
-                return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False)
+                tokens = model.generate(input_ids=ids_hf, attention_mask=torch.ones_like(ids_hf), max_new_tokens=n,
+                                        min_new_tokens=n, do_sample=False)
+            return tokens.tolist()  # waits for the device
         out[name] = theirs
     return out
 
@@ -226,48 +242,55 @@ def prefill_runners(
                 engine.add_request(row, SamplingParams(max_tokens=1, temperature=0))
             return list(engine.stream())
         out[name] = ours
+    prompts_hf = prompts.to(next(iter(hf.values())).device) if hf else prompts
     for name, model in hf.items():
         def theirs(model: Any = model) -> Any:
             with torch.no_grad():
-                return model(input_ids=prompts, logits_to_keep=1).logits
+                return model(input_ids=prompts_hf, logits_to_keep=1).logits.argmax(-1).tolist()  # waits
         out[name] = theirs
     return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     batches = validate(args)
-    dtype = resolve_dtype(args.dtype, "cpu")
+    device = args.device
+    on_cpu = device == "cpu"
+    dtype = resolve_dtype(args.dtype, device)
     notes = [f"dtype {str(dtype).removeprefix('torch.')}", f"{torch.get_num_threads()} threads"]
+    if not on_cpu:
+        notes.append(f"device {torch.cuda.get_device_name(device)}")
     hf: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         reference = build_transformers(args, dtype)
         reference.save_pretrained(tmp)
         # Every round feeds the same prompts: without prefix caching each reads them anew, as transformers does.
         load = functools.partial(Engine.load, tmp, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
-                                 max_batch=max(batches), eos_id=None, prefix_caching=False)
+                                 max_batch=max(batches), eos_id=None, prefix_caching=False, device=device)
         engine = load()
         engines = {"pyramoe": engine}
-        if not args.no_pytorch_path and load_library() is not None:  # the same weights, PyTorch step
-            engines["pyramoe-pytorch"] = load(native=False)
+        if not args.no_pytorch_path and (load_library() is not None or not on_cpu):  # the same weights
+            engines["pyramoe-pytorch"] = load(native=False) if on_cpu else load(step="pytorch")
     if not args.no_transformers:
         if _set_experts(reference, "grouped_mm"):
-            hf["transformers"] = reference
+            hf["transformers"] = reference.to(device)
             eager = build_transformers(args, dtype)
             if _set_experts(eager, "eager"):
-                hf["plain-moe"] = eager
+                hf["plain-moe"] = eager.to(device)
         else:
-            hf["transformers"] = reference
+            hf["transformers"] = reference.to(device)
             notes.append("transformers has no set_experts_implementation: its default experts ran")
     torch.manual_seed(1)
     prompts = torch.randint(1, args.vocab, (max(batches), args.prompt_len))
-    bandwidth = measure_bandwidth()
+    bandwidth = measure_bandwidth() if on_cpu else measure_device_bandwidth(device)
     assert not engine.packed_weights, "decode bytes are counted from the plain weights, before packing"
     rooflines = {b: b * bandwidth / decode_bytes(engine.model, experts_read=experts_touched(args, b)) for b in batches}
     roofline = bandwidth / decode_bytes(engine.model, experts_read=args.top_k)
     notes.append(f"memory read {bandwidth / 1e9:.1f} GB/s -> roofline "
                  + ", ".join(f"{rooflines[b]:.0f} tok/s at batch {b}" for b in batches))
-    gemv_floor = 1.0 / measure_gemv_floor(decode_gemv_shapes(engine.model, args.top_k), dtype)
-    notes.append(f"the batch-1 step's weight multiplies alone as oneDNN packed GEMVs: {gemv_floor:.0f} tok/s")
+    gemv_floor = None  # oneDNN's GEMVs: a CPU bound
+    if on_cpu:
+        gemv_floor = 1.0 / measure_gemv_floor(decode_gemv_shapes(engine.model, args.top_k), dtype)
+        notes.append(f"the batch-1 step's weight multiplies alone as oneDNN packed GEMVs: {gemv_floor:.0f} tok/s")
     results = []
     for batch in batches:
         fns = runners(args, batch, prompts, engines, hf)
@@ -300,7 +323,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      f"differs between allocations: the roofline takes the bench's best buffer)")
     return {"weights_read_bytes_s": weights_read, "benchmark": "generate", "shape": {k: getattr(args, k) for k in (
         "hidden", "layers", "experts", "top_k", "intermediate", "heads", "kv_heads", "vocab", "prompt_len",
-        "new_tokens")}, "machine": machine_info(), "notes": notes, "roofline_tok_s": roofline,
+        "new_tokens")}, "device": device, "machine": machine_info(), "notes": notes, "roofline_tok_s": roofline,
         "rooflines_tok_s": {str(b): v for b, v in rooflines.items()}, "decode_path": engine.decode_path,
         "bandwidth_bytes_s": bandwidth, "gemv_floor_tok_s": gemv_floor, "results": results,
         "prefill_tok_s": prefill}
@@ -312,7 +335,9 @@ def report(payload: dict[str, Any]) -> str:
     for r in payload["results"]:
         vs = r["decode_tok_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
         roof = r["decode_tok_s"] / payload["rooflines_tok_s"][str(r["batch"])]
-        floor = r["decode_tok_s"] / payload["gemv_floor_tok_s"] if r["batch"] == 1 else float("nan")
+        floor = float("nan")
+        if r["batch"] == 1 and payload["gemv_floor_tok_s"]:
+            floor = r["decode_tok_s"] / payload["gemv_floor_tok_s"]
         rows.append([r["impl"], r["batch"], r["decode_tok_s"], vs, roof, floor])
     table = format_table(["impl", "batch", "decode tok/s", "x transformers", "of roofline",
                           "x oneDNN GEMVs (b1)"], rows)
