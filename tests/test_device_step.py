@@ -17,7 +17,7 @@ from test_native_decode import CASES, _model  # noqa: I001 - the block kinds of 
 
 from pyramoe.inference import Engine, SamplingParams
 from pyramoe.inference.device_step import DeviceStep, bucket
-from pyramoe.inference.kv_cache import PagedKVCache
+from pyramoe.inference.kv_cache import PagedKVCache, SlotKVCache
 from pyramoe.inference.steps import TorchStep
 from pyramoe.models import GPT
 
@@ -89,6 +89,19 @@ def test_padded_rows_equal_rows_alone_and_write_nothing_else():
     for a, b in zip(together.cache.keys + together.cache.values, alone.cache.keys + alone.cache.values):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)  # blocks no row owns untouched (zeros) in both
     assert torch.equal(together.expert_counts(), alone.expert_counts())
+
+
+def test_rows_are_checked():
+    model = _model(CASES["mixtral"], torch.float32)
+    step = DeviceStep(model, _cache(model), max_rows=4)
+    with pytest.raises(ValueError, match="^step: 5 rows"):
+        step.forward([1] * 5, [0] * 5, list(range(5)), [0])
+    with pytest.raises(ValueError, match="consecutive"):
+        step.forward([1, 1, 1], [0, 2, 0], [0, 0, 1], [0])
+    with pytest.raises(ValueError, match="past the blocks its slot holds"):
+        step.forward([1], [0], [12], [0])  # slot 0 holds 3 blocks of 4 positions
+    with pytest.raises(ValueError, match="^device step: it needs the paged KV cache"):
+        DeviceStep(model, SlotKVCache.for_model(model, 2, 8), max_rows=4)
 
 
 def test_buckets():

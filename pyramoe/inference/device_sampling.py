@@ -47,7 +47,8 @@ class SamplingBatch:
         tensors, two copies to the device."""
         floats = torch.tensor([[p.temperature for p in params_R], [p.top_p for p in params_R]], dtype=torch.float32)
         ints = torch.tensor([[p.top_k for p in params_R], [s & MASK32 for s in seeds_R],
-                             [(s >> 32) & MASK32 for s in seeds_R], [c & MASK32 for c in counters_R]], dtype=torch.int64)
+                             [(s >> 32) & MASK32 for s in seeds_R], [c & MASK32 for c in counters_R]],
+                            dtype=torch.int64)
         floats, ints = floats.to(device, non_blocking=True), ints.to(device, non_blocking=True)
         truncates = any(p.top_k > 0 or p.top_p < 1.0 for p in params_R)
         return cls(floats[0], ints[0], floats[1], ints[1:3].t(), ints[3], truncates)

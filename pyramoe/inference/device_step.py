@@ -125,6 +125,9 @@ class DeviceStep:
         longest = max(length for _, length in runs)
         bs = self.cache.block_size
         blocks_needed = max(positions_N) // bs + 1
+        held = self.cache._blocks
+        if any(p // bs >= len(held[s]) for s, p in zip(slots_N, positions_N)):
+            raise ValueError("step: a row's position is past the blocks its slot holds (reserve or extend first)")
         plan = StepPlan(bucket(rows, self.max_rows), bucket(len(runs), self.max_rows), bucket(longest, self.max_rows),
                         bucket(blocks_needed, self.cache.max_blocks), bucket(len(logit_rows_R), self.max_rows))
         n_pad, g_pad, t_pad, m_pad, r_pad = plan.shape
@@ -138,7 +141,8 @@ class DeviceStep:
         fields = (
             pad(list(tokens_N), n_pad), pad(list(positions_N), n_pad), [1] * rows + [0] * (n_pad - rows),
             pad(write_block, n_pad), pad([p % bs for p in positions_N], n_pad), pad(list(range(rows)), n_pad),
-            pad(cell_of_row, n_pad), pad(grid_row, g_pad * t_pad), pad([positions_N[r] for r in grid_row], g_pad * t_pad),
+            pad(cell_of_row, n_pad), pad(grid_row, g_pad * t_pad),
+            pad([positions_N[r] for r in grid_row], g_pad * t_pad),
         )
         host = self._host_buffer(plan.numel)
         offset = 0
