@@ -333,8 +333,8 @@ def test_requests_wait_for_kv_blocks_and_get_their_tokens(model, native):
         engine.add_request(list(range(1, 20)), SamplingParams(max_tokens=9))
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_a_full_cache_preempts_the_latest_request_which_resumes_where_it_was(model, native):
+@pytest.mark.parametrize("step", ["native", "pytorch", "device"])
+def test_a_full_cache_preempts_the_latest_request_which_resumes_where_it_was(model, step):
     """Blocks are taken as sequences grow: when a running request needs one and none is left, the
     request admitted last gives its blocks back and reads its prompt and output again later. Greedy
     tokens, seeded samples, log-probabilities and prompt log-probabilities are those of a cache
@@ -347,7 +347,8 @@ def test_a_full_cache_preempts_the_latest_request_which_resumes_where_it_was(mod
               SamplingParams(max_tokens=12, **GREEDY)]
 
     def run(kv_blocks):
-        engine = Engine(model, max_batch=4, eos_id=None, native=native, kv_blocks=kv_blocks, block_size=4)
+        engine = Engine(model, max_batch=4, eos_id=None, native=step == "native", kv_blocks=kv_blocks, block_size=4,
+                        step="device" if step == "device" else "auto")
         ids = [engine.add_request(p, q) for p, q in zip(prompts, params)]
         events = {rid: [] for rid in ids}
         for event in engine.stream():
@@ -357,7 +358,7 @@ def test_a_full_cache_preempts_the_latest_request_which_resumes_where_it_was(mod
 
     small, tight = run(6)
     large, roomy = run(None)
-    assert small.preemptions > 0 and large.preemptions == 0
+    assert small.preemptions > 0 and large.preemptions == 0 and small.decode_path == step
     for got, want in zip(tight, roomy):
         assert [e.token_id for e in got] == [e.token_id for e in want]
         assert "".join(e.text for e in got) == "".join(e.text for e in want)
