@@ -1,10 +1,10 @@
 """The native decode step (`pyramoe.inference.native`) gives the PyTorch step's logits: every block
 kind it accepts (GQA + RoPE + RMSNorm + SwiGLU, q/k norms per head and full, clipping, qkv biases,
 partial RoPE, shared experts with a sigmoid gate, DeepSeek-V3 sigmoid/grouped/biased routing with a
-routed scale, top-3 without renormalisation, GPT-2 blocks, Residual-MoE, dense blocks), fp32 to the
-last bits and bf16 within bf16 rounding, on the AVX512-BF16 kernel's widths (multiples of 32) and
-on odd ones; rows at different positions; the engine's tokens with requests joining and leaving;
-and the PyTorch step wherever the native one does not apply."""
+routed scale, top-3 without renormalisation, GPT-2 blocks, Residual-MoE alone and with a gated shared
+expert, dense blocks), fp32 to the last bits and bf16 within bf16 rounding, on the AVX512-BF16
+kernel's widths (multiples of 32) and on odd ones; rows at different positions; the engine's tokens
+with requests joining and leaving; and the PyTorch step wherever the native one does not apply."""
 
 from __future__ import annotations
 
@@ -61,6 +61,9 @@ CASES = {
     "gpt-2 moe": _gpt2("tiny-moe"),
     "gpt-2 top-2": _gpt2("tiny-moe-top2"),
     "residual moe (pr-moe)": _gpt2("tiny-prmoe"),
+    # The shared expert joins after the Residual-MoE mix, unscaled by its coefficient.
+    "residual moe with a gated shared expert": _llama(moe={"use_residual": True, "shared_d_ff": 80,
+                                                           "shared_gate": True}),
 }
 
 
@@ -113,7 +116,8 @@ def test_native_step_equals_pytorch_fp32(name):
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2 (shared gated expert, qkv bias)", "odd widths", "gpt-2 moe",
-                                  "head width 64, 4 query heads per kv head"])
+                                  "head width 64, 4 query heads per kv head",
+                                  "residual moe with a gated shared expert"])
 def test_native_step_bf16_within_rounding(name):
     """bf16 weights: the native step keeps activations in fp32, PyTorch rounds them to bf16 after
     every op; both are compared with the fp32 model on the same (bf16-rounded) weights."""

@@ -524,23 +524,12 @@ void ffn(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B, floa
       for (int64_t i = 0; i < D; ++i) yr[i] += wt * o[i];
     }
   }
-  int64_t next = assignments;
-  if (L.is_moe && L.shared.ff) {
-    for (int64_t r = 0; r < B; ++r) {
-      float gate = 1.0f;
-      if (L.shared_gate_w) {
-        const float g = dot(w.h + r * D, L.shared_gate_w, D);
-        gate = 1.0f / (1.0f + std::exp(-g));
-      }
-      const float *o = w.expert_out + (next + r) * D;
-      for (int64_t i = 0; i < D; ++i) y[r * D + i] += gate * o[i];
-    }
-    next += B;
-  }
+  // expert_out holds the assignments' rows, then the shared expert's B rows, then the MLP's B rows.
+  const float *shared_out = w.expert_out + assignments * D;
+  const float *mlp_out = shared_out + (L.is_moe && L.shared.ff ? B * D : 0);
   if (L.mlp.ff) {
-    const float *o = w.expert_out + next * D;
     if (!L.is_moe) {
-      std::memcpy(y, o, B * D * 4);
+      std::memcpy(y, mlp_out, B * D * 4);
     } else {  // Residual-MoE: a per-token softmax mix of the expert output and the MLP's
       for (int64_t r = 0; r < B; ++r) {
         float c[2];
@@ -550,8 +539,21 @@ void ffn(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B, floa
         const float top = std::max(c[0], c[1]);
         const float e0 = std::exp(c[0] - top), e1 = std::exp(c[1] - top);
         const float c0 = e0 / (e0 + e1), c1 = e1 / (e0 + e1);
-        for (int64_t i = 0; i < D; ++i) y[r * D + i] = y[r * D + i] * c0 + o[r * D + i] * c1;
+        for (int64_t i = 0; i < D; ++i) y[r * D + i] = y[r * D + i] * c0 + mlp_out[r * D + i] * c1;
       }
+    }
+  }
+  // The shared expert joins after the Residual-MoE mix, as MoELayer adds it: the mix's coefficient
+  // never scales it.
+  if (L.is_moe && L.shared.ff) {
+    for (int64_t r = 0; r < B; ++r) {
+      float gate = 1.0f;
+      if (L.shared_gate_w) {
+        const float g = dot(w.h + r * D, L.shared_gate_w, D);
+        gate = 1.0f / (1.0f + std::exp(-g));
+      }
+      const float *o = shared_out + r * D;
+      for (int64_t i = 0; i < D; ++i) y[r * D + i] += gate * o[i];
     }
   }
 }
