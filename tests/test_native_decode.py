@@ -21,7 +21,7 @@ import torch
 from pyramoe.config import ModelConfig, build_layers
 from pyramoe.inference import Engine, SamplingParams
 from pyramoe.inference.kv_cache import SlotKVCache
-from pyramoe.inference.native import NativeDecoder, load_library, unsupported_reason
+from pyramoe.inference.native import NativeForward, load_library, unsupported_reason
 from pyramoe.models import GPT
 from pyramoe.presets import get_preset
 
@@ -99,7 +99,7 @@ def _logits_both_ways(model: GPT, lengths: list[int]) -> tuple[torch.Tensor, tor
         decode_rows = caches[0].rows(list(range(rows)), lengths, [1] * rows, width)
         reference = model(tokens_B[:, None], kv_cache=decode_rows, start_pos=width - 1,
                           key_mask_BL=mask, positions_BT=positions_B[:, None]).logits[:, -1].float()
-        native, greedy = NativeDecoder(model, caches[1], rows + 1).step(tokens_B, positions_B)
+        native, greedy = NativeForward(model, caches[1], rows + 1).step(tokens_B, positions_B)
         assert greedy == native.argmax(-1).tolist()
         for layer in range(model.config.n_layers):  # the native step wrote the same keys and values
             for ours, theirs in ((caches[1].keys, caches[0].keys), (caches[1].values, caches[0].values)):
@@ -152,12 +152,12 @@ def test_native_prefill_equals_pytorch(name):
     reference_cache, native_cache = (SlotKVCache.for_model(model, 3, 32) for _ in range(2))
     with torch.no_grad():
         reference = model(prompts, kv_cache=reference_cache.prefill(1), start_pos=0).logits[:, -1]
-    decoder = NativeDecoder(model, native_cache, 8)
+    native = NativeForward(model, native_cache, 8)
     for start in range(0, 11, 4):  # rows: prompt 0's positions of the chunk, then prompt 1's
         n = min(4, 11 - start)
         positions = torch.arange(start, start + n).repeat(2)
         slots = torch.tensor([1, 2]).repeat_interleave(n)
-        logits, greedy = decoder.forward(prompts[:, start : start + n].reshape(-1), slots, positions,
+        logits, greedy = native.forward(prompts[:, start : start + n].reshape(-1), slots, positions,
                                          torch.tensor([n - 1, 2 * n - 1]))
     torch.testing.assert_close(logits, reference, rtol=1e-5, atol=2e-5)
     assert greedy == reference.argmax(-1).tolist()
@@ -165,7 +165,7 @@ def test_native_prefill_equals_pytorch(name):
         torch.testing.assert_close(native_cache.keys[layer][1:3, :, :11], reference_cache.keys[layer][1:3, :, :11])
     assert native_cache.keys[0][0].abs().sum() == 0  # slot 0 untouched
     with pytest.raises(ValueError, match="token"):
-        decoder.forward(torch.tensor([101]), torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
+        native.forward(torch.tensor([101]), torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
 
 
 def test_engine_keeps_pytorch_where_native_does_not_apply(monkeypatch):
@@ -184,9 +184,9 @@ def test_more_threads_than_the_workspace_was_sized_for():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        decoder = NativeDecoder(model, SlotKVCache.for_model(model, 4, 16), 4)
+        native = NativeForward(model, SlotKVCache.for_model(model, 4, 16), 4)
         torch.set_num_threads(8)  # the attention scratch is per thread: the step keeps to one
-        logits, _ = decoder.step([1, 2, 3, 4], [0, 0, 0, 0])
+        logits, _ = native.step([1, 2, 3, 4], [0, 0, 0, 0])
     finally:
         torch.set_num_threads(threads)
     assert torch.isfinite(logits).all()
@@ -194,14 +194,14 @@ def test_more_threads_than_the_workspace_was_sized_for():
 
 def test_native_step_refuses_rows_beyond_its_cache():
     model = _model(CASES["mixtral"], torch.float32)
-    decoder = NativeDecoder(model, SlotKVCache.for_model(model, 2, 8), 2)
+    native = NativeForward(model, SlotKVCache.for_model(model, 2, 8), 2)
     with pytest.raises(ValueError, match="rows"):
-        decoder.step(torch.tensor([1, 2, 3]), torch.tensor([0, 0, 0]))
+        native.step(torch.tensor([1, 2, 3]), torch.tensor([0, 0, 0]))
     with pytest.raises(ValueError, match="positions"):
-        decoder.step(torch.tensor([1]), torch.tensor([8]))
+        native.step(torch.tensor([1]), torch.tensor([8]))
     model.tok_emb.weight.data = model.tok_emb.weight.data.clone()  # e.g. model.to(...) after the first step
     with pytest.raises(ValueError, match="moved"):
-        decoder.step(torch.tensor([1]), torch.tensor([0]))
+        native.step(torch.tensor([1]), torch.tensor([0]))
 
 
 def test_build_is_cached_per_machine_and_falls_back_without_a_compiler(tmp_path, monkeypatch):

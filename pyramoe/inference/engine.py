@@ -29,7 +29,7 @@ import torch
 
 from pyramoe.data import Tokenizer
 from pyramoe.inference.kv_cache import PagedKVCache
-from pyramoe.inference.native import NativeDecoder, blockable, unsupported_reason
+from pyramoe.inference.native import NativeForward, blockable, unsupported_reason
 from pyramoe.inference.packing import pack_model
 from pyramoe.inference.sampling import SamplingParams, apply_penalties, sample_token, token_logprobs
 from pyramoe.inference.steps import ModelStep, NativeStep, TorchStep
@@ -159,7 +159,7 @@ class Engine:
         self.pack_weights = pack_weights and self.device.type == "cpu"
         self.packed_weights: int | None = None  # how many weights the first step packed
         self.native = native and self.device.type == "cpu"
-        self.native_decoder: NativeDecoder | None = None
+        self.native_forward: NativeForward | None = None
         self.native_unavailable: str | None = None if self.native else "native=False or not on the CPU"
         self.runner: ModelStep | None = None  # the step implementation, chosen at the first step
         self.waiting: deque[Request] = deque()
@@ -387,9 +387,9 @@ class Engine:
             if self.native_unavailable is None:
                 if self.pack_weights and blockable(self.model):  # bf16 with AVX512-BF16: the blocked layout
                     self.packed_weights = pack_model(self.model, layout="blocked")
-                self.native_decoder = NativeDecoder(self.model, self.cache, rows)
+                self.native_forward = NativeForward(self.model, self.cache, rows)
                 moe_layers = [i for i, block in enumerate(self.model.blocks) if block.is_moe]
-                self.runner = NativeStep(self.native_decoder, moe_layers)
+                self.runner = NativeStep(self.native_forward, moe_layers)
                 return
         if self.pack_weights:
             self.packed_weights = pack_model(self.model)
@@ -397,6 +397,7 @@ class Engine:
 
     @property
     def decode_path(self) -> str:
+        """The step every forward runs on, prompt chunks and decode rows alike: "native" or "pytorch"."""
         return self.runner.name if self.runner is not None else "pytorch"
 
     def expert_counts(self) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Compile the native CPU kernels (`native.cpp`: the decode step, blocked bf16 products) for this
+"""Compile the native CPU kernels (`native.cpp`: the engine's forward, blocked bf16 products) for this
 machine, once, and load them.
 
 The library is built with the system C++ compiler at first use (`-O3 -march=native -fopenmp`: the

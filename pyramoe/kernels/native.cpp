@@ -1,4 +1,5 @@
-// One decode step of a pyramoe GPT on the CPU, from the embedded tokens to the logits, in one call.
+// One forward of a pyramoe GPT on the CPU in one call, from the embedded tokens to the logits: a
+// decode step, prefill chunks, or both as rows of the same call.
 //
 // Why: an eager PyTorch decode step of the benchmark model is ~650 small ops at ~5 us of dispatch
 // each, more than the weight reads themselves; here the step is plain loops, every weight matrix is
@@ -6,7 +7,7 @@
 // products where the CPU has them, and only the matrix products run on several threads.
 //
 // Built at first use by pyramoe/kernels/build.py (g++ -O3 -march=native -fopenmp) and driven
-// through ctypes by pyramoe/inference/native/step.py, which fills the structs below from a model,
+// through ctypes by pyramoe/inference/native/forward.py, which fills the structs below from a model,
 // and by pyramoe/kernels/blocked.py (pm_linear: one product, for modules whose weights are blocked).
 // Activations stay fp32; matrices and the KV cache are bf16 or fp32 (the model's dtype).
 //

@@ -4,8 +4,8 @@
 standard or grouped-query attention, RMSNorm or LayerNorm, SwiGLU or GELU, dense, MoE, shared-expert
 and Residual-MoE blocks, softmax or sigmoid routers with DeepSeek-V3 selection, fp32 or bf16 on one
 CPU process, dropless, matrices all plain or all blocked); the engine then keeps the PyTorch step.
-`NativeDecoder` reads the matrices and the KV cache where the model and cache keep them (no copy);
-norm gains, biases and router weights get fp32 copies. `NativeDecoder.expert_counts` counts the rows
+`NativeForward` reads the matrices and the KV cache where the model and cache keep them (no copy);
+norm gains, biases and router weights get fp32 copies. `NativeForward.expert_counts` counts the rows
 routed to each expert of each MoE layer over its forwards (what `MoEStats.routed_per_expert` counts).
 
 Legend: B rows, D width, V vocabulary.
@@ -161,8 +161,10 @@ def block_table_of(cache: object) -> tuple[torch.Tensor, int]:
     return torch.arange(slots, dtype=torch.int64, device="cpu").view(slots, 1), max_len
 
 
-class NativeDecoder:
-    """Runs decode steps of `model` natively, rows 0..B-1 of `cache` (a SlotKVCache or KVCache).
+class NativeForward:
+    """Runs forwards of `model` natively over `cache` (a PagedKVCache, SlotKVCache or KVCache): rows
+of (token, slot, position), prompt chunks and decode rows alike, at most `max_rows` per call
+(`forward`); `step` is the decode-only form, row b in slot b.
 
     `expert_counts` (int64 [n_layers, max_experts], max_experts the most experts of any MoE layer, 1
     without any): entry [l, e] is the number of rows (tokens) routed to expert e of block l over every
@@ -180,7 +182,9 @@ class NativeDecoder:
         max_experts = max([b.ffn.num_experts for b in blocks if b.is_moe] or [1])
         self.expert_counts = torch.zeros(len(blocks), max_experts, dtype=torch.int64, device="cpu")
         self.struct = self._describe()
-        # Addresses the structs hold: moving the model or its cache afterwards would leave them dangling.
+        # Addresses the structs hold. `_keep` keeps those tensors alive, so a model or cache moved
+        # afterwards (model.to(...), new tensors) leaves them stale, not dangling: the step would read
+        # the old weights and write a cache nobody reads. _call refuses it.
         self._watched = [(t, t.data_ptr()) for t in (model.tok_emb.weight, cache.keys[0], cache.values[-1],
                                                       self._table)]
         self.library.pm_workspace_bytes.restype = _I
