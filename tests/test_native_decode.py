@@ -204,6 +204,32 @@ def test_native_step_refuses_rows_beyond_its_cache():
         native.step(torch.tensor([1]), torch.tensor([0]))
 
 
+def test_native_step_refuses_positions_beyond_the_learned_table():
+    """A cache longer than a GPT-2 model's context: positions past its learned table are refused
+    (they would read beyond the table), those within it still run."""
+    model = _model(CASES["gpt-2 moe"], torch.float32)
+    context = model.config.max_seq_len
+    native = NativeForward(model, SlotKVCache.for_model(model, 1, context + 32), 1)
+    logits, _ = native.step([1], [context - 1])
+    assert torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match=f"learned {context} positions"):
+        native.step([1], [context])
+
+
+def test_engine_keeps_learned_position_models_within_their_context():
+    model = _model(CASES["gpt-2 moe"], torch.float32)
+    context = model.config.max_seq_len
+    engine = Engine(model, max_batch=1, max_len=2 * context)
+    assert engine.max_len == context
+    with pytest.raises(ValueError, match="max_len"):
+        engine.add_request(list(range(1, context + 1)), SamplingParams(max_tokens=4))
+    [done] = engine.generate([list(range(1, context - 3))], SamplingParams(max_tokens=50, temperature=0,
+                                                                           ignore_eos=True))
+    assert engine.decode_path == "native" and done.finish_reason == "length" and done.error is None
+    # Every position of the context fed; the last one's token is sampled, never fed.
+    assert len(done.prompt_ids) + len(done.token_ids) == context + 1
+
+
 def test_build_is_cached_per_machine_and_falls_back_without_a_compiler(tmp_path, monkeypatch):
     from pyramoe.kernels import build
 

@@ -278,6 +278,11 @@ of (token, slot, position), prompt chunks and decode rows alike, at most `max_ro
     def _describe(self) -> _Model:
         model, cfg = self.model, self.model.config
         table, block_size = block_table_of(self.cache)
+        # The positions the native step accepts (it refuses others): the cache's, fewer where a
+        # learned position table is shorter (a cache longer than the model's context), since past the
+        # table the embedding would read beyond it.
+        self.learned_positions = None if model.rope is not None else model.pos_emb.num_embeddings
+        self.max_positions = min(self.cache.max_len, self.learned_positions or self.cache.max_len)
         self._table = table
         blocks = list(model.blocks)
         layers = (_Layer * len(blocks))(*(self._layer(i, b) for i, b in enumerate(blocks)))
@@ -295,7 +300,7 @@ of (token, slot, position), prompt chunks and decode rows alike, at most `max_ro
         struct = _Model(
             n_layers=len(blocks), d_model=cfg.d_model, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads,
             head_dim=attn.head_dim, rot_dim=cfg.rope_dim if model.rope is not None else 0,
-            vocab=cfg.vocab_size, slots=table.shape[0], max_len=self.cache.max_len,
+            vocab=cfg.vocab_size, slots=table.shape[0], max_len=self.max_positions,
             bf16=int(model.tok_emb.weight.dtype == torch.bfloat16), blocked=int(layout_of(model.lm_head) == "blocked"),
             rmsnorm=int(isinstance(blocks[0].ln_attn, RMSNorm)),
             swiglu=int(cfg.activation == "swiglu"), qk_norm={"off": 0, "head": 1, "full": 2}[attn.qk_norm],
@@ -361,7 +366,9 @@ of (token, slot, position), prompt chunks and decode rows alike, at most `max_ro
         status = self.library.pm_forward(self._struct_ref, tokens, slots, positions, _I(rows), picks, _I(n_picks),
                                          _P(logits.data_ptr()), argmax, _P(self.workspace.data_ptr()))
         if status == 2:
+            learned = (f"; the model learned {self.learned_positions} positions"
+                       if self.max_positions < self.cache.max_len else "")
             raise ValueError(f"native forward: a slot or position outside the cache ({self.struct.slots} slots "
-                             f"x {self.struct.max_len} positions)")
+                             f"x {self.cache.max_len} positions{learned})")
         if status != 0:
             raise ValueError(f"native forward: bad rows, tokens or logit rows (status {status})")
