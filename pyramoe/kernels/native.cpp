@@ -574,6 +574,15 @@ int64_t pm_workspace_bytes(const PmModel *m, int64_t B) {
 
 int64_t pm_native_bf16() { return kNativeBf16 ? 1 : 0; }
 
+// The size in bytes of the struct named `name` ("PmModel", "PmLayer", "PmMlp"), or -1: the ctypes
+// mirrors in pyramoe/inference/native/forward.py are checked against them before any call.
+int64_t pm_sizeof(const char *name) {
+  if (std::strcmp(name, "PmModel") == 0) return sizeof(PmModel);
+  if (std::strcmp(name, "PmLayer") == 0) return sizeof(PmLayer);
+  if (std::strcmp(name, "PmMlp") == 0) return sizeof(PmMlp);
+  return -1;
+}
+
 // A streaming read of `bytes` (a multiple of 4) at `p` on `threads` threads, each summing its
 // contiguous share as floats (returned so the reads are not elided): the memory-read speed the
 // bench's roofline uses beside torch's sum, which read ~10% slower than the kernels' weight streams.

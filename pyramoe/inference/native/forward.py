@@ -62,10 +62,31 @@ class _Model(ctypes.Structure):
     ]
 
 
+# The C struct each ctypes struct mirrors field by field (native.cpp).
+MIRRORS: dict[str, type[ctypes.Structure]] = {"PmModel": _Model, "PmLayer": _Layer, "PmMlp": _Mlp}
+
+
+def struct_mismatch(library: ctypes.CDLL) -> str | None:
+    """Where a ctypes struct's size differs from its C struct's in the built library (a field added
+    on one side only): then every pointer the native step reads would be misplaced. None: all agree."""
+    library.pm_sizeof.restype = _I
+    library.pm_sizeof.argtypes = [ctypes.c_char_p]
+    for c_name, mirror in MIRRORS.items():
+        ours, theirs = ctypes.sizeof(mirror), library.pm_sizeof(c_name.encode())
+        if ours != theirs:
+            return (f"native library: struct {c_name} is {theirs} bytes in native.cpp, {ours} in its ctypes "
+                    f"mirror {mirror.__name__} ({__name__}); the two must list the same fields")
+    return None
+
+
 def unsupported_reason(model: nn.Module, cache: object) -> str | None:
     """Why the native step cannot run this model and cache (None: it can)."""
-    if load_library() is None:
+    library = load_library()
+    if library is None:
         return f"native library unavailable: {build_error()}"
+    mismatch = struct_mismatch(library)
+    if mismatch:
+        return mismatch
     cfg = model.config
     dtype = model.tok_emb.weight.dtype
     if model.tok_emb.weight.device.type != "cpu":
@@ -175,7 +196,11 @@ of (token, slot, position), prompt chunks and decode rows alike, at most `max_ro
 
     def __init__(self, model: nn.Module, cache: object, max_rows: int):
         self.library = load_library()
-        assert self.library is not None
+        if self.library is None:
+            raise RuntimeError(f"native forward: the native library is unavailable ({build_error()})")
+        mismatch = struct_mismatch(self.library)
+        if mismatch:
+            raise RuntimeError(mismatch)
         self.model, self.cache, self.max_rows = model, cache, max_rows
         self._keep: list[torch.Tensor] = []  # fp32 copies the structs point into
         blocks = list(model.blocks)
