@@ -104,6 +104,20 @@ def test_ctypes_structs_are_checked_against_the_c_structs(monkeypatch):
         NativeForward(model, cache, 1)
 
 
+def test_generate_prints_why_the_native_step_did_not_run(tmp_path, monkeypatch, fresh_load, capsys):
+    from live_server import train_tiny_run
+
+    from pyramoe.cli.main import main
+
+    run = train_tiny_run(tmp_path)
+    monkeypatch.setenv("PYRAMOE_NO_NATIVE", "1")
+    assert main(["generate", str(run), "--prompt", "def f1", "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "pytorch decode step" in err
+    assert "native step unavailable: native library unavailable: PYRAMOE_NO_NATIVE is set; the engine runs its " \
+           "PyTorch step instead" in err
+
+
 class _RefusingLibrary:
     @staticmethod
     def pm_linear(*args: object) -> int:
