@@ -29,6 +29,7 @@ import torch
 
 from pyramoe.data import Tokenizer
 from pyramoe.inference.kv_cache import PagedKVCache
+from pyramoe.inference.model_view import inference_view
 from pyramoe.inference.native import NativeForward, blockable, unsupported_reason
 from pyramoe.inference.packing import pack_model
 from pyramoe.inference.sampling import SamplingParams, apply_penalties, sample_token, token_logprobs
@@ -109,9 +110,13 @@ class Engine:
     `pyramoe.inference.native`: a whole forward in one compiled call) where the machine can build it
     and the model is one it computes, with bf16 weights blocked for its AVX512-BF16 kernels at the
     first step (`pack_weights`); otherwise the weights are prepacked for oneDNN at the first step
-    (`pack_weights`, `pyramoe.inference.packing`) and the model runs in PyTorch. Packed either way, the model still
-    runs in PyTorch but serves this engine only (no training, no state_dict). `decode_path` says which
-    ran ("native" or "pytorch", with `native_unavailable` giving why not).
+    (`pack_weights`, `pyramoe.inference.packing`) and the model runs in PyTorch. The engine runs its own
+    view of the caller's model (`engine.model`, `inference_view`: its own modules and configs over the
+    caller's weight tensors, none copied): eval mode, dropless and packing change the view only, and the
+    caller's model may go on training; the engine is for the weights as they were at its first step
+    (packed and native steps copy some), so make a new one after they change. Packed weights are
+    copies: while the caller holds its model, they take memory of their own.
+    `decode_path` says which step ran ("native" or "pytorch", with `native_unavailable` giving why not).
     """
 
     def __init__(
@@ -134,16 +139,14 @@ class Engine:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
         if max_step_tokens < 1:
             raise ValueError(f"max_step_tokens: must be >= 1, got {max_step_tokens}")
-        self.model = model.eval()
+        # The engine's own view (modules and configs, the caller's weight tensors): eval mode,
+        # dropless, packing and `distribute` never reach the caller's model, which may go on training.
+        self.model = inference_view(model, dropless)
         self.tokenizer = tokenizer
         self.eos_id = eos_id if eos_id is not None else (tokenizer.eos_id if tokenizer is not None else None)
         self.max_batch = max_batch
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.max_step_tokens = max_step_tokens
-        if dropless:
-            for block in model.blocks:
-                if block.is_moe:
-                    block.ffn.config.dropless = True
         self.device = next(model.parameters()).device
         if kv_cache_bytes is not None:
             kv_blocks = kv_cache_bytes // PagedKVCache.for_model(model, 1, block_size, 1, block_size).bytes()
