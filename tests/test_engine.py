@@ -381,6 +381,16 @@ def test_the_callers_model_and_config_are_left_as_they_were(pack_weights):
     assert model.tok_emb.weight.grad is not None and out.aux_loss > 0  # training: aux losses computed
 
 
+def test_requests_without_a_seed_leave_the_global_generator_alone(model):
+    engine = Engine(model, max_batch=2, eos_id=None)
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    sampled = SamplingParams(max_tokens=6, temperature=1.0)
+    first, second = engine.generate([PROMPTS[0], PROMPTS[0]], sampled)
+    assert torch.equal(torch.get_rng_state(), state)  # torch.seed() would have reseeded it
+    assert first.token_ids != second.token_ids  # each unseeded request draws its own seed
+
+
 def test_packing_frees_the_plain_weights_nobody_else_holds():
     """What `Engine.load` does: the engine holds the only model, so its view's packing frees them."""
     torch.manual_seed(0)

@@ -20,6 +20,7 @@ Legend: B running requests, R rows with logits, V vocabulary.
 from __future__ import annotations
 
 import itertools
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -225,7 +226,9 @@ class Engine:
             raise ValueError(f"request_id: {request_id!r} is already queued or running")
         generator = None
         if not params.greedy:
-            generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+            # Unseeded: a seed from the OS's entropy (torch.seed() would reseed the global generator).
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            generator = torch.Generator().manual_seed(seed)
         self.waiting.append(Request(request_id, prompt_ids, params, generator))
         self._live_ids.add(request_id)
         return request_id
