@@ -62,6 +62,7 @@ struct PmLayer {
 };
 
 struct PmModel {
+  // max_len: the positions a row may take (the cache's, fewer where a learned position table is shorter)
   int64_t n_layers, d_model, n_heads, n_kv_heads, head_dim, rot_dim, vocab, slots, max_len;
   int64_t bf16;        // matrices and KV cache: 1 bf16, 0 fp32
   int64_t blocked;     // bf16 matrices in the blocked layout (see the top of this file)
