@@ -1,4 +1,4 @@
-"""Where the native decode step's time goes, by phase (timers inside decode_step.cpp): the engine on
+"""Where the native decode step's time goes, by phase (timers inside pyramoe/kernels/native.cpp): the engine on
 the Mixtral-shaped benchmark model, after warm-up. Usage: python benchmarks/native_breakdown.py [BATCH]"""
 
 import ctypes

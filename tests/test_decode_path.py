@@ -175,7 +175,8 @@ def test_engine_packs_at_first_step_and_generates_the_same_tokens():
     engine = Engine(model, max_batch=2, native=False)
     assert engine.packed_weights is None  # not before the first step
     packed = engine.generate(prompts, params)
-    assert engine.packed_weights > 0 and isinstance(model.lm_head, PackedLinear)
+    assert engine.packed_weights > 0 and isinstance(engine.model.lm_head, PackedLinear)
+    assert type(model.lm_head) is torch.nn.Linear  # the engine packed its own view, not the caller's model
     assert [c.token_ids for c in packed] == [c.token_ids for c in plain]
     with pytest.raises(ValueError, match="distribute"):
         engine.distribute(ep=2)

@@ -3,6 +3,9 @@ each request gets alone; sampling, stops, streaming and errors."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -29,8 +32,8 @@ class CharTokenizer:
 def model() -> GPT:
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=97, max_seq_len=64, d_model=32, n_heads=4, tie_embeddings=False,
-                         layers=build_layers(4, "every_other", 4, top_k=2))
-    model = GPT(config).eval()
+                         layers=build_layers(4, "every_other", 4, top_k=2, dropless=True))
+    model = GPT(config).eval()  # dropless as the engine runs it: `alone` is its reference
     with torch.no_grad():  # larger weights: greedy paths that differ from prompt to prompt
         for p in model.parameters():
             p.mul_(3)
@@ -390,3 +393,54 @@ def test_a_common_prompt_prefix_is_read_once(model, native):
     exact.generate([preamble], SamplingParams(max_tokens=1))  # the whole prompt is blocks: the last is read again
     again = exact.generate([preamble], SamplingParams(max_tokens=3, **GREEDY))[0]
     assert exact.cache.allocator.hit_tokens == 4 and again.token_ids == alone(model, preamble, 3)
+
+
+@pytest.mark.parametrize("pack_weights", [True, False])
+def test_the_callers_model_and_config_are_left_as_they_were(pack_weights):
+    """The engine runs eval, dropless and packed on its own view: the caller's model keeps its
+    training flags, its configs, its modules and weights (none copied), and still trains."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=97, max_seq_len=64, d_model=32, n_heads=4, tie_embeddings=False,
+                         layers=build_layers(2, "every_other", 4, top_k=2, dropless=False))
+    model = GPT(config).train()
+    before_config = repr(model.config)
+    modules = {name: type(m) for name, m in model.named_modules()}
+    tensors = {name: (t.data_ptr(), t.clone()) for name, t in model.state_dict().items()}
+    engine = Engine(model, max_batch=2, eos_id=None, pack_weights=pack_weights)
+    engine.generate([PROMPTS[0], PROMPTS[1]], SamplingParams(max_tokens=4, **GREEDY))
+    assert all(m.training for m in model.modules()) and not any(m.training for m in engine.model.modules())
+    assert repr(model.config) == before_config
+    assert not any(b.ffn.config.dropless for b in model.blocks if b.is_moe)
+    assert all(b.ffn.config.dropless for b in engine.model.blocks if b.is_moe)
+    assert {name: type(m) for name, m in model.named_modules()} == modules
+    state = model.state_dict()
+    assert all(state[n].data_ptr() == ptr and torch.equal(state[n], t) for n, (ptr, t) in tensors.items())
+    if not pack_weights:  # the engine's view reads the caller's tensors: nothing copied
+        assert all(p is q for p, q in zip(model.parameters(), engine.model.parameters()))
+    out = model(torch.tensor([PROMPTS[2]]))
+    (out.logits.float().logsumexp(-1).mean() + out.aux_loss).backward()
+    assert model.tok_emb.weight.grad is not None and out.aux_loss > 0  # training: aux losses computed
+
+
+def test_requests_without_a_seed_leave_the_global_generator_alone(model):
+    engine = Engine(model, max_batch=2, eos_id=None)
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    sampled = SamplingParams(max_tokens=6, temperature=1.0)
+    first, second = engine.generate([PROMPTS[0], PROMPTS[0]], sampled)
+    assert torch.equal(torch.get_rng_state(), state)  # torch.seed() would have reseeded it
+    assert first.token_ids != second.token_ids  # each unseeded request draws its own seed
+
+
+def test_packing_frees_the_plain_weights_nobody_else_holds():
+    """What `Engine.load` does: the engine holds the only model, so its view's packing frees them."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=97, max_seq_len=64, d_model=32, n_heads=4, tie_embeddings=False,
+                         layers=build_layers(2, "every_other", 4, top_k=2, dropless=True))
+    model = GPT(config)
+    plain = [weakref.ref(model.blocks[1].ffn.experts.w_in), weakref.ref(model.lm_head.weight)]
+    engine = Engine(model, max_batch=1, native=False)  # fp32 weights packed for oneDNN
+    del model
+    engine.prepare()
+    gc.collect()
+    assert engine.packed_weights > 0 and all(ref() is None for ref in plain)

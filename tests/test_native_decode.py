@@ -1,10 +1,10 @@
 """The native decode step (`pyramoe.inference.native`) gives the PyTorch step's logits: every block
 kind it accepts (GQA + RoPE + RMSNorm + SwiGLU, q/k norms per head and full, clipping, qkv biases,
 partial RoPE, shared experts with a sigmoid gate, DeepSeek-V3 sigmoid/grouped/biased routing with a
-routed scale, top-3 without renormalisation, GPT-2 blocks, Residual-MoE, dense blocks), fp32 to the
-last bits and bf16 within bf16 rounding, on the AVX512-BF16 kernel's widths (multiples of 32) and
-on odd ones; rows at different positions; the engine's tokens with requests joining and leaving;
-and the PyTorch step wherever the native one does not apply."""
+routed scale, top-3 without renormalisation, GPT-2 blocks, Residual-MoE alone and with a gated shared
+expert, dense blocks), fp32 to the last bits and bf16 within bf16 rounding, on the AVX512-BF16
+kernel's widths (multiples of 32) and on odd ones; rows at different positions; the engine's tokens
+with requests joining and leaving; and the PyTorch step wherever the native one does not apply."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 from pyramoe.config import ModelConfig, build_layers
 from pyramoe.inference import Engine, SamplingParams
 from pyramoe.inference.kv_cache import SlotKVCache
-from pyramoe.inference.native import NativeDecoder, load_library, unsupported_reason
+from pyramoe.inference.native import NativeForward, load_library, unsupported_reason
 from pyramoe.models import GPT
 from pyramoe.presets import get_preset
 
@@ -61,6 +61,9 @@ CASES = {
     "gpt-2 moe": _gpt2("tiny-moe"),
     "gpt-2 top-2": _gpt2("tiny-moe-top2"),
     "residual moe (pr-moe)": _gpt2("tiny-prmoe"),
+    # The shared expert joins after the Residual-MoE mix, unscaled by its coefficient.
+    "residual moe with a gated shared expert": _llama(moe={"use_residual": True, "shared_d_ff": 80,
+                                                           "shared_gate": True}),
 }
 
 
@@ -96,7 +99,7 @@ def _logits_both_ways(model: GPT, lengths: list[int]) -> tuple[torch.Tensor, tor
         decode_rows = caches[0].rows(list(range(rows)), lengths, [1] * rows, width)
         reference = model(tokens_B[:, None], kv_cache=decode_rows, start_pos=width - 1,
                           key_mask_BL=mask, positions_BT=positions_B[:, None]).logits[:, -1].float()
-        native, greedy = NativeDecoder(model, caches[1], rows + 1).step(tokens_B, positions_B)
+        native, greedy = NativeForward(model, caches[1], rows + 1).step(tokens_B, positions_B)
         assert greedy == native.argmax(-1).tolist()
         for layer in range(model.config.n_layers):  # the native step wrote the same keys and values
             for ours, theirs in ((caches[1].keys, caches[0].keys), (caches[1].values, caches[0].values)):
@@ -113,7 +116,8 @@ def test_native_step_equals_pytorch_fp32(name):
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2 (shared gated expert, qkv bias)", "odd widths", "gpt-2 moe",
-                                  "head width 64, 4 query heads per kv head"])
+                                  "head width 64, 4 query heads per kv head",
+                                  "residual moe with a gated shared expert"])
 def test_native_step_bf16_within_rounding(name):
     """bf16 weights: the native step keeps activations in fp32, PyTorch rounds them to bf16 after
     every op; both are compared with the fp32 model on the same (bf16-rounded) weights."""
@@ -148,12 +152,12 @@ def test_native_prefill_equals_pytorch(name):
     reference_cache, native_cache = (SlotKVCache.for_model(model, 3, 32) for _ in range(2))
     with torch.no_grad():
         reference = model(prompts, kv_cache=reference_cache.prefill(1), start_pos=0).logits[:, -1]
-    decoder = NativeDecoder(model, native_cache, 8)
+    native = NativeForward(model, native_cache, 8)
     for start in range(0, 11, 4):  # rows: prompt 0's positions of the chunk, then prompt 1's
         n = min(4, 11 - start)
         positions = torch.arange(start, start + n).repeat(2)
         slots = torch.tensor([1, 2]).repeat_interleave(n)
-        logits, greedy = decoder.forward(prompts[:, start : start + n].reshape(-1), slots, positions,
+        logits, greedy = native.forward(prompts[:, start : start + n].reshape(-1), slots, positions,
                                          torch.tensor([n - 1, 2 * n - 1]))
     torch.testing.assert_close(logits, reference, rtol=1e-5, atol=2e-5)
     assert greedy == reference.argmax(-1).tolist()
@@ -161,7 +165,7 @@ def test_native_prefill_equals_pytorch(name):
         torch.testing.assert_close(native_cache.keys[layer][1:3, :, :11], reference_cache.keys[layer][1:3, :, :11])
     assert native_cache.keys[0][0].abs().sum() == 0  # slot 0 untouched
     with pytest.raises(ValueError, match="token"):
-        decoder.forward(torch.tensor([101]), torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
+        native.forward(torch.tensor([101]), torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
 
 
 def test_engine_keeps_pytorch_where_native_does_not_apply(monkeypatch):
@@ -180,9 +184,9 @@ def test_more_threads_than_the_workspace_was_sized_for():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        decoder = NativeDecoder(model, SlotKVCache.for_model(model, 4, 16), 4)
+        native = NativeForward(model, SlotKVCache.for_model(model, 4, 16), 4)
         torch.set_num_threads(8)  # the attention scratch is per thread: the step keeps to one
-        logits, _ = decoder.step([1, 2, 3, 4], [0, 0, 0, 0])
+        logits, _ = native.step([1, 2, 3, 4], [0, 0, 0, 0])
     finally:
         torch.set_num_threads(threads)
     assert torch.isfinite(logits).all()
@@ -190,14 +194,40 @@ def test_more_threads_than_the_workspace_was_sized_for():
 
 def test_native_step_refuses_rows_beyond_its_cache():
     model = _model(CASES["mixtral"], torch.float32)
-    decoder = NativeDecoder(model, SlotKVCache.for_model(model, 2, 8), 2)
+    native = NativeForward(model, SlotKVCache.for_model(model, 2, 8), 2)
     with pytest.raises(ValueError, match="rows"):
-        decoder.step(torch.tensor([1, 2, 3]), torch.tensor([0, 0, 0]))
+        native.step(torch.tensor([1, 2, 3]), torch.tensor([0, 0, 0]))
     with pytest.raises(ValueError, match="positions"):
-        decoder.step(torch.tensor([1]), torch.tensor([8]))
+        native.step(torch.tensor([1]), torch.tensor([8]))
     model.tok_emb.weight.data = model.tok_emb.weight.data.clone()  # e.g. model.to(...) after the first step
     with pytest.raises(ValueError, match="moved"):
-        decoder.step(torch.tensor([1]), torch.tensor([0]))
+        native.step(torch.tensor([1]), torch.tensor([0]))
+
+
+def test_native_step_refuses_positions_beyond_the_learned_table():
+    """A cache longer than a GPT-2 model's context: positions past its learned table are refused
+    (they would read beyond the table), those within it still run."""
+    model = _model(CASES["gpt-2 moe"], torch.float32)
+    context = model.config.max_seq_len
+    native = NativeForward(model, SlotKVCache.for_model(model, 1, context + 32), 1)
+    logits, _ = native.step([1], [context - 1])
+    assert torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match=f"learned {context} positions"):
+        native.step([1], [context])
+
+
+def test_engine_keeps_learned_position_models_within_their_context():
+    model = _model(CASES["gpt-2 moe"], torch.float32)
+    context = model.config.max_seq_len
+    engine = Engine(model, max_batch=1, max_len=2 * context)
+    assert engine.max_len == context
+    with pytest.raises(ValueError, match="max_len"):
+        engine.add_request(list(range(1, context + 1)), SamplingParams(max_tokens=4))
+    [done] = engine.generate([list(range(1, context - 3))], SamplingParams(max_tokens=50, temperature=0,
+                                                                           ignore_eos=True))
+    assert engine.decode_path == "native" and done.finish_reason == "length" and done.error is None
+    # Every position of the context fed; the last one's token is sampled, never fed.
+    assert len(done.prompt_ids) + len(done.token_ids) == context + 1
 
 
 def test_build_is_cached_per_machine_and_falls_back_without_a_compiler(tmp_path, monkeypatch):

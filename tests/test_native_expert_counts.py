@@ -1,4 +1,4 @@
-"""`NativeDecoder.expert_counts` (the rows routed to each expert of each MoE layer, counted by the
+"""`NativeForward.expert_counts` (the rows routed to each expert of each MoE layer, counted by the
 native forward) equals the sum of `MoEStats.routed_per_expert` of PyTorch forwards over the same
 tokens: prefill rows of several slots in one call, then decode steps; GPT-2 top-1, Llama top-2 with a
 dense first block, DeepSeek-V3 routing (sigmoid, score bias, groups, routed scale, shared expert),
@@ -11,7 +11,7 @@ import torch
 from test_native_decode import CASES, _llama, _model
 
 from pyramoe.inference.kv_cache import SlotKVCache
-from pyramoe.inference.native import NativeDecoder, load_library
+from pyramoe.inference.native import NativeForward, load_library
 from pyramoe.models import GPT
 
 pytestmark = pytest.mark.skipif(load_library() is None, reason="no C++ compiler: the native step is not built")
@@ -36,23 +36,23 @@ def _tokens(vocab: int) -> list[list[int]]:
 
 def _native_counts(model: GPT, sequences: list[list[int]]) -> torch.Tensor:
     """One prefill forward with the prompts of every slot as rows, then decode steps of all slots."""
-    decoder = NativeDecoder(model, SlotKVCache.for_model(model, len(PROMPTS), 32), sum(PROMPTS))
-    assert decoder.expert_counts.shape == (model.config.n_layers, max(b.ffn.num_experts for b in model.blocks
+    native = NativeForward(model, SlotKVCache.for_model(model, len(PROMPTS), 32), sum(PROMPTS))
+    assert native.expert_counts.shape == (model.config.n_layers, max(b.ffn.num_experts for b in model.blocks
                                                                        if b.is_moe))
-    assert decoder.expert_counts.dtype == torch.int64 and not decoder.expert_counts.any()
+    assert native.expert_counts.dtype == torch.int64 and not native.expert_counts.any()
     tokens = torch.tensor([t for seq, n in zip(sequences, PROMPTS) for t in seq[:n]])
     slots = torch.repeat_interleave(torch.arange(len(PROMPTS)), torch.tensor(PROMPTS))
     positions = torch.cat([torch.arange(n) for n in PROMPTS])
-    decoder.forward(tokens, slots, positions, torch.tensor([n - 1 for n in PROMPTS]).cumsum(0))
+    native.forward(tokens, slots, positions, torch.tensor([n - 1 for n in PROMPTS]).cumsum(0))
     for step in range(DECODE_STEPS):
-        decoder.step([seq[n + step] for seq, n in zip(sequences, PROMPTS)], [n + step for n in PROMPTS])
-    counts = decoder.expert_counts.clone()
-    address = decoder.expert_counts.data_ptr()
-    decoder.reset_expert_counts()
-    assert not decoder.expert_counts.any() and decoder.expert_counts.data_ptr() == address
-    decoder.step([1], [0])  # counts again after the reset: one row
+        native.step([seq[n + step] for seq, n in zip(sequences, PROMPTS)], [n + step for n in PROMPTS])
+    counts = native.expert_counts.clone()
+    address = native.expert_counts.data_ptr()
+    native.reset_expert_counts()
+    assert not native.expert_counts.any() and native.expert_counts.data_ptr() == address
+    native.step([1], [0])  # counts again after the reset: one row
     for index, block in enumerate(model.blocks):
-        assert int(decoder.expert_counts[index].sum()) == (block.ffn.config.top_k if block.is_moe else 0)
+        assert int(native.expert_counts[index].sum()) == (block.ffn.config.top_k if block.is_moe else 0)
     return counts
 
 

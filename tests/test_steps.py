@@ -13,7 +13,7 @@ import torch
 from test_native_decode import CASES, _model  # noqa: I001 - the block kinds the native step computes
 
 from pyramoe.inference.kv_cache import PagedKVCache, SlotKVCache
-from pyramoe.inference.native import NativeDecoder, load_library
+from pyramoe.inference.native import NativeForward, load_library
 from pyramoe.inference.steps import NativeStep, TorchStep
 from pyramoe.models import GPT
 
@@ -79,7 +79,7 @@ def test_native_step_equals_pytorch_step(name, dtype, kind):
     model = _model(CASES[name], dtype)
     sequences = _sequences(model.config.vocab_size)
     moe_layers = [i for i, block in enumerate(model.blocks) if block.is_moe]
-    native = NativeStep(NativeDecoder(model, _cache(model, kind), 16), moe_layers)
+    native = NativeStep(NativeForward(model, _cache(model, kind), 16), moe_layers)
     pytorch = TorchStep(model, _cache(model, kind), max_rows=16)
     with torch.no_grad():
         got, want = _run(native, sequences), _run(pytorch, sequences)

@@ -117,6 +117,8 @@ def _generate(engine: Engine, prompts: list[str], args: argparse.Namespace, quie
     print(f"{len(prompts)} prompt(s), {prompt_tokens} prompt tokens, {generated} tokens generated in {seconds:.2f} s "
           f"({generated / max(seconds, 1e-9):,.1f} tok/s, {next(engine.model.parameters()).dtype}, "
           f"batch up to {engine.max_batch}, {engine.decode_path} decode step)", file=sys.stderr)
+    if engine.decode_path != "native" and engine.native_unavailable:
+        print(f"native step unavailable: {engine.native_unavailable}", file=sys.stderr)
     return 0
 
 

@@ -130,7 +130,8 @@ def experts_touched(model: torch.nn.Module, prompts: list[list[int]], new_tokens
     handles = [layer.register_forward_hook(hook) for layer in layers]
     try:
         # The PyTorch decode step (the native one runs the MoE layers without calling their modules),
-        # on plain weights (packing would keep the timed engines off the native step).
+        # on plain weights (one short run: packing would cost more than it saves). The engine's view
+        # of the model copies the hooks registered above.
         _generate(_engine(model, batch, native=False, pack_weights=False), prompts, new_tokens)
     finally:
         for handle in handles:
@@ -155,7 +156,7 @@ def measure_inference(
     round by round (the order rotated each round). Per model and batch: step times (ms), median ms per
     token, tokens/s, and the distinct experts a decode step touched; prefill tokens/s of the prompts."""
     names = list(models)
-    # Weight bytes before any engine runs: the engine prepacks the weights in place (out of named_parameters).
+    # Weight bytes of the plain weights (each engine packs its own view of a model, never the model).
     weights = {name: (decode_bytes(model, 0.0), decode_bytes(model, None)) for name, model in models.items()}
     out: dict[str, Any] = {"batches": list(batches), "new_tokens": new_tokens, "prompt_len": len(prompts[0]),
                            "rounds": rounds, "warmup": warmup, "decode": {}, "prefill": {}}

@@ -20,6 +20,7 @@ Legend: B running requests, R rows with logits, V vocabulary.
 from __future__ import annotations
 
 import itertools
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -29,7 +30,8 @@ import torch
 from pyramoe.data import Tokenizer
 from pyramoe.inference.device_step import DeviceStep, device_step_unsupported
 from pyramoe.inference.kv_cache import PagedKVCache
-from pyramoe.inference.native import NativeDecoder, blockable, unsupported_reason
+from pyramoe.inference.model_view import inference_view
+from pyramoe.inference.native import NativeForward, blockable, unsupported_reason
 from pyramoe.inference.packing import pack_model
 from pyramoe.inference.requests import Completion, Logprob, Request, TokenEvent
 from pyramoe.inference.sampling import SamplingParams, apply_penalties, sample_token, token_logprobs
@@ -60,12 +62,16 @@ class Engine:
     `pyramoe.inference.native`: a whole forward in one compiled call) where the machine can build it
     and the model is one it computes, with bf16 weights blocked for its AVX512-BF16 kernels at the
     first step (`pack_weights`); otherwise the weights are prepacked for oneDNN at the first step
-    (`pack_weights`, `pyramoe.inference.packing`) and the model runs in PyTorch. Packed either way, the model still
-    runs in PyTorch but serves this engine only (no training, no state_dict). `step="device"` (the
+    (`pack_weights`, `pyramoe.inference.packing`) and the model runs in PyTorch. `step="device"` (the
     default on CUDA, on one process, where it applies) runs `DeviceStep` instead: fixed-shape steps
     with no host sync inside, decode captured as CUDA graphs on CUDA; `step="pytorch"` the PyTorch
-    step. `decode_path` says which ran ("native", "pytorch" or "device", with `native_unavailable`
-    giving why not native).
+    step. The engine runs its own view of the caller's model (`engine.model`, `inference_view`: its
+    own modules and configs over the caller's weight tensors, none copied): eval mode, dropless and
+    packing change the view only, and the caller's model may go on training; the engine is for the
+    weights as they were at its first step (packed and native steps copy some), so make a new one
+    after they change. Packed weights are copies: while the caller holds its model, they take memory
+    of their own. `decode_path` says which step ran ("native", "pytorch" or "device", with
+    `native_unavailable` giving why not native).
     """
 
     def __init__(
@@ -91,16 +97,14 @@ class Engine:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
         if max_step_tokens < 1:
             raise ValueError(f"max_step_tokens: must be >= 1, got {max_step_tokens}")
-        self.model = model.eval()
+        # The engine's own view (modules and configs, the caller's weight tensors): eval mode,
+        # dropless, packing and `distribute` never reach the caller's model, which may go on training.
+        self.model = inference_view(model, dropless)
         self.tokenizer = tokenizer
         self.eos_id = eos_id if eos_id is not None else (tokenizer.eos_id if tokenizer is not None else None)
         self.max_batch = max_batch
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.max_step_tokens = max_step_tokens
-        if dropless:
-            for block in model.blocks:
-                if block.is_moe:
-                    block.ffn.config.dropless = True
         self.device = next(model.parameters()).device
         if kv_cache_bytes is not None:
             kv_blocks = kv_cache_bytes // PagedKVCache.for_model(model, 1, block_size, 1, block_size).bytes()
@@ -117,7 +121,7 @@ class Engine:
         self.packed_weights: int | None = None  # how many weights the first step packed
         self.step_choice = step
         self.native = native and self.device.type == "cpu" and step == "auto"
-        self.native_decoder: NativeDecoder | None = None
+        self.native_forward: NativeForward | None = None
         self.native_unavailable: str | None = None if self.native else "native=False, step chosen or not on the CPU"
         self.runner: ModelStep | None = None  # the step implementation, chosen at the first step
         self.waiting: deque[Request] = deque()
@@ -181,7 +185,9 @@ class Engine:
             raise ValueError(f"request_id: {request_id!r} is already queued or running")
         generator = None
         if not params.greedy:
-            generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+            # Unseeded: a seed from the OS's entropy (torch.seed() would reseed the global generator).
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+            generator = torch.Generator().manual_seed(seed)
         self.waiting.append(Request(request_id, prompt_ids, params, generator))
         self._live_ids.add(request_id)
         return request_id
@@ -372,9 +378,9 @@ class Engine:
             if self.native_unavailable is None:
                 if self.pack_weights and blockable(self.model):  # bf16 with AVX512-BF16: the blocked layout
                     self.packed_weights = pack_model(self.model, layout="blocked")
-                self.native_decoder = NativeDecoder(self.model, self.cache, rows)
+                self.native_forward = NativeForward(self.model, self.cache, rows)
                 moe_layers = [i for i, block in enumerate(self.model.blocks) if block.is_moe]
-                self.runner = NativeStep(self.native_decoder, moe_layers)
+                self.runner = NativeStep(self.native_forward, moe_layers)
                 return
         if self.pack_weights:
             self.packed_weights = pack_model(self.model)
@@ -389,6 +395,7 @@ class Engine:
 
     @property
     def decode_path(self) -> str:
+        """The step every forward runs on, prompt chunks and decode rows alike: "native" or "pytorch"."""
         return self.runner.name if self.runner is not None else "pytorch"
 
     def expert_counts(self) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """Prepack a model's weights before serving it on the CPU (`pyramoe.layers.packed`): for oneDNN, or
-in the native kernels' blocked bf16 layout (`layout="blocked"`, what the native decode step reads).
+in the native kernels' blocked bf16 layout (`layout="blocked"`, what the native forward reads).
 
-The packed model is for inference only: no gradients, no resharding, no state_dict round trip
-(the plain weights are freed, so packing costs no memory). It still runs in PyTorch.
+The packed model is for inference only: no gradients, no resharding, no state_dict round trip. It
+still runs in PyTorch. Packing drops the model's references to the plain weights, which frees them
+only where nothing else holds them; the packed copies are made first, so while packing the
+weights take up to twice their memory (the blocked layout: one buffer for them all).
 """
 
 from __future__ import annotations

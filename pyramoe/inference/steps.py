@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from pyramoe.inference.kv_cache import SlotKVCache
-from pyramoe.inference.native import NativeDecoder
+from pyramoe.inference.native import NativeForward
 from pyramoe.models import GPT
 
 
@@ -57,13 +57,13 @@ class NativeStep:
 
     name = "native"
 
-    def __init__(self, decoder: NativeDecoder, moe_layers: list[int]):
-        self.decoder, self.max_rows = decoder, decoder.max_rows
+    def __init__(self, native: NativeForward, moe_layers: list[int]):
+        self.native, self.max_rows = native, native.max_rows
         self._moe_layers = moe_layers
         rows = self.max_rows
         self._tokens, self._slots, self._positions, self._picks, self._argmax = ((ctypes.c_int64 * rows)()
                                                                                  for _ in range(5))
-        self._logits = torch.empty(rows, decoder.model.config.vocab_size, device="cpu")  # the native call writes it
+        self._logits = torch.empty(rows, native.model.config.vocab_size, device="cpu")  # the native call writes it
 
     def forward(
         self, tokens_N: Sequence[int], slots_N: Sequence[int], positions_N: Sequence[int], logit_rows_R: Sequence[int]
@@ -72,12 +72,12 @@ class NativeStep:
         rows, picks = len(tokens_N), len(logit_rows_R)
         self._tokens[:rows], self._slots[:rows], self._positions[:rows] = tokens_N, slots_N, positions_N
         self._picks[:picks] = logit_rows_R
-        self.decoder._call(self._tokens, self._slots, self._positions, rows, self._picks, picks, self._logits,
+        self.native._call(self._tokens, self._slots, self._positions, rows, self._picks, picks, self._logits,
                            self._argmax)
         return self._logits[:picks], self._argmax[:picks]
 
     def expert_counts(self) -> torch.Tensor:
-        return self.decoder.expert_counts[self._moe_layers].clone()
+        return self.native.expert_counts[self._moe_layers].clone()
 
 
 class TorchStep:

@@ -18,7 +18,7 @@ def complete(
     seed: int = 0,
 ) -> str:
     """The text generated after `prompt` (an empty prompt starts a new document), up to EOS."""
-    # Unpacked: the caller's model may still train (packing would make it inference-only).
+    # Unpacked: one short sample, during or after training; packing would copy every weight for it.
     engine = Engine(model, tokenizer, max_batch=1, pack_weights=False)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0, seed=seed)
     ids = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]

@@ -1,5 +1,6 @@
-"""Native CPU kernels compiled for the machine at first use (`native.cpp`): the engine's decode
-step and bf16 products on weights in a blocked layout. Imports only torch, so layers may use it."""
+"""Native CPU kernels compiled for the machine at first use (`native.cpp`): the engine's forward
+(prefill chunks and decode steps) and bf16 products on weights in a blocked layout. Imports only
+torch, so layers may use it."""
 
 from pyramoe.kernels.blocked import (
     BlockedWeight,

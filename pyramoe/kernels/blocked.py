@@ -17,7 +17,7 @@ import ctypes
 
 import torch
 
-from pyramoe.kernels.build import load_library
+from pyramoe.kernels.build import build_error, load_library
 
 LAYOUT_FP32, LAYOUT_BF16, LAYOUT_BLOCKED = 0, 1, 2
 
@@ -66,6 +66,8 @@ def blocked_linear(x: torch.Tensor, weight: BlockedWeight, bias: torch.Tensor | 
     """x . W^T + bias in fp32 (x rounded to bf16 on the way in, as a bf16 F.linear does), returned in
     x's dtype."""
     library = load_library()
+    if library is None:
+        raise RuntimeError(f"blocked weights: the native library is unavailable ({build_error()})")
     shape = x.shape
     x_MK = x.reshape(-1, shape[-1]).float().contiguous()
     y_MN = torch.empty(x_MK.shape[0], weight.out_features)
@@ -77,5 +79,8 @@ def blocked_linear(x: torch.Tensor, weight: BlockedWeight, bias: torch.Tensor | 
             ctypes.c_void_p(x_MK.data_ptr()), ctypes.c_int64(x_MK.shape[0]),
             ctypes.c_void_p(None if b is None else b.data_ptr()), ctypes.c_void_p(y_MN.data_ptr()),
             ctypes.c_int64(torch.get_num_threads()))
-        assert status == 0, "blocked weights on a machine without AVX512-BF16"
+        if status != 0:  # a real check, not an assert: `python -O` would skip it and return garbage
+            raise RuntimeError(f"blocked weights [{weight.out_features}, {weight.in_features}]: the native "
+                               f"library refused the product (status {status}: it needs AVX512-BF16 and an even "
+                               "input width)")
     return y_MN.to(x.dtype).reshape(*shape[:-1], weight.out_features)

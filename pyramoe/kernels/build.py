@@ -1,4 +1,4 @@
-"""Compile the native CPU kernels (`native.cpp`: the decode step, blocked bf16 products) for this
+"""Compile the native CPU kernels (`native.cpp`: the engine's forward, blocked bf16 products) for this
 machine, once, and load them.
 
 The library is built with the system C++ compiler at first use (`-O3 -march=native -fopenmp`: the
@@ -7,7 +7,9 @@ under `$PYRAMOE_CACHE/native` (default `~/.cache/pyramoe/native`) by a hash of t
 the compiler and the CPU's flags, so a machine with other instructions builds its own. It links the
 OpenMP runtime torch already loaded (libgomp.so.1), so both share one thread pool. Without a
 compiler, or where the build fails, the engine keeps its PyTorch path: `load_library()` returns
-None and `build_error()` says why.
+None and `build_error()` says why (the compiler's first errors) and what runs instead. The library
+is written under a temporary name, made readable by all (0755: a cache may be shared), synced and
+renamed into place, so no process ever loads half of one.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("native.cpp")
@@ -32,6 +35,10 @@ def flags() -> list[str]:
 _library: ctypes.CDLL | None = None
 _error: str | None = None
 _tried = False
+# One thread builds and loads; the others wait for it rather than read `_library` before it is set.
+_load_lock = threading.Lock()
+FALLBACK = "the engine runs its PyTorch step instead"
+ERROR_LINES = 3  # compiler error lines quoted in build_error()
 
 
 def cache_dir() -> Path:
@@ -78,29 +85,66 @@ def build() -> Path:
         result = subprocess.run([compiler, *flags(), str(SOURCE), "-o", tmp], capture_output=True, text=True,
                                 timeout=300)
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip().splitlines()[-1:]}")
+            raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {first_errors(result.stderr)}")
+        # mkstemp made it 0600 and the linker only adds execute bits: readable by every user of the cache.
+        os.chmod(tmp, 0o755)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(tmp, target)
+        _sync_directory(target.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
 
 
-def load_library() -> ctypes.CDLL | None:
-    """The native library, or None (then `build_error()` says why). Built at most once per process."""
-    global _library, _error, _tried
-    if not _tried:
-        _tried = True
-        if os.environ.get("PYRAMOE_NO_NATIVE"):
-            _error = "PYRAMOE_NO_NATIVE is set"
-        else:
-            try:
-                import torch  # noqa: F401  (its OpenMP runtime must be loaded first)
+def first_errors(stderr: str) -> str:
+    """The compiler's first error lines (its last is often only "compilation terminated."), else its
+    first lines, joined by " | "."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()] or lines
+    quoted = " | ".join(errors[:ERROR_LINES]) or "no message"
+    more = len(errors) - ERROR_LINES
+    return quoted + (f" (and {more} more)" if more > 0 else "")
 
-                _library = ctypes.CDLL(str(build()))
-            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                _error = str(exc)
+
+def _sync_directory(path: Path) -> None:
+    """Make a rename in `path` durable (where the platform lets a directory be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_library() -> ctypes.CDLL | None:
+    """The native library, or None (then `build_error()` says why). Built at most once per process;
+    threads calling it together all get the one result."""
+    if _tried:  # after the first load: no lock on the hot path
+        return _library
+    with _load_lock:
+        if not _tried:
+            _load()
     return _library
+
+
+def _load() -> None:
+    global _library, _error, _tried
+    if os.environ.get("PYRAMOE_NO_NATIVE"):
+        _error = f"PYRAMOE_NO_NATIVE is set; {FALLBACK}"
+    else:
+        try:
+            import torch  # noqa: F401  (its OpenMP runtime must be loaded first)
+
+            _library = ctypes.CDLL(str(build()))
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            _error = f"{exc}; {FALLBACK}"
+    _tried = True  # last: a thread that sees it set finds the result set too
 
 
 def build_error() -> str | None:

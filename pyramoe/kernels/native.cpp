@@ -1,4 +1,5 @@
-// One decode step of a pyramoe GPT on the CPU, from the embedded tokens to the logits, in one call.
+// One forward of a pyramoe GPT on the CPU in one call, from the embedded tokens to the logits: a
+// decode step, prefill chunks, or both as rows of the same call.
 //
 // Why: an eager PyTorch decode step of the benchmark model is ~650 small ops at ~5 us of dispatch
 // each, more than the weight reads themselves; here the step is plain loops, every weight matrix is
@@ -6,7 +7,7 @@
 // products where the CPU has them, and only the matrix products run on several threads.
 //
 // Built at first use by pyramoe/kernels/build.py (g++ -O3 -march=native -fopenmp) and driven
-// through ctypes by pyramoe/inference/native/step.py, which fills the structs below from a model,
+// through ctypes by pyramoe/inference/native/forward.py, which fills the structs below from a model,
 // and by pyramoe/kernels/blocked.py (pm_linear: one product, for modules whose weights are blocked).
 // Activations stay fp32; matrices and the KV cache are bf16 or fp32 (the model's dtype).
 //
@@ -61,6 +62,7 @@ struct PmLayer {
 };
 
 struct PmModel {
+  // max_len: the positions a row may take (the cache's, fewer where a learned position table is shorter)
   int64_t n_layers, d_model, n_heads, n_kv_heads, head_dim, rot_dim, vocab, slots, max_len;
   int64_t bf16;        // matrices and KV cache: 1 bf16, 0 fp32
   int64_t blocked;     // bf16 matrices in the blocked layout (see the top of this file)
@@ -524,23 +526,12 @@ void ffn(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B, floa
       for (int64_t i = 0; i < D; ++i) yr[i] += wt * o[i];
     }
   }
-  int64_t next = assignments;
-  if (L.is_moe && L.shared.ff) {
-    for (int64_t r = 0; r < B; ++r) {
-      float gate = 1.0f;
-      if (L.shared_gate_w) {
-        const float g = dot(w.h + r * D, L.shared_gate_w, D);
-        gate = 1.0f / (1.0f + std::exp(-g));
-      }
-      const float *o = w.expert_out + (next + r) * D;
-      for (int64_t i = 0; i < D; ++i) y[r * D + i] += gate * o[i];
-    }
-    next += B;
-  }
+  // expert_out holds the assignments' rows, then the shared expert's B rows, then the MLP's B rows.
+  const float *shared_out = w.expert_out + assignments * D;
+  const float *mlp_out = shared_out + (L.is_moe && L.shared.ff ? B * D : 0);
   if (L.mlp.ff) {
-    const float *o = w.expert_out + next * D;
     if (!L.is_moe) {
-      std::memcpy(y, o, B * D * 4);
+      std::memcpy(y, mlp_out, B * D * 4);
     } else {  // Residual-MoE: a per-token softmax mix of the expert output and the MLP's
       for (int64_t r = 0; r < B; ++r) {
         float c[2];
@@ -550,8 +541,21 @@ void ffn(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B, floa
         const float top = std::max(c[0], c[1]);
         const float e0 = std::exp(c[0] - top), e1 = std::exp(c[1] - top);
         const float c0 = e0 / (e0 + e1), c1 = e1 / (e0 + e1);
-        for (int64_t i = 0; i < D; ++i) y[r * D + i] = y[r * D + i] * c0 + o[r * D + i] * c1;
+        for (int64_t i = 0; i < D; ++i) y[r * D + i] = y[r * D + i] * c0 + mlp_out[r * D + i] * c1;
       }
+    }
+  }
+  // The shared expert joins after the Residual-MoE mix, as MoELayer adds it: the mix's coefficient
+  // never scales it.
+  if (L.is_moe && L.shared.ff) {
+    for (int64_t r = 0; r < B; ++r) {
+      float gate = 1.0f;
+      if (L.shared_gate_w) {
+        const float g = dot(w.h + r * D, L.shared_gate_w, D);
+        gate = 1.0f / (1.0f + std::exp(-g));
+      }
+      const float *o = shared_out + r * D;
+      for (int64_t i = 0; i < D; ++i) y[r * D + i] += gate * o[i];
     }
   }
 }
@@ -570,6 +574,15 @@ int64_t pm_workspace_bytes(const PmModel *m, int64_t B) {
 }
 
 int64_t pm_native_bf16() { return kNativeBf16 ? 1 : 0; }
+
+// The size in bytes of the struct named `name` ("PmModel", "PmLayer", "PmMlp"), or -1: the ctypes
+// mirrors in pyramoe/inference/native/forward.py are checked against them before any call.
+int64_t pm_sizeof(const char *name) {
+  if (std::strcmp(name, "PmModel") == 0) return sizeof(PmModel);
+  if (std::strcmp(name, "PmLayer") == 0) return sizeof(PmLayer);
+  if (std::strcmp(name, "PmMlp") == 0) return sizeof(PmMlp);
+  return -1;
+}
 
 // A streaming read of `bytes` (a multiple of 4) at `p` on `threads` threads, each summing its
 // contiguous share as floats (returned so the reads are not elided): the memory-read speed the

@@ -10,7 +10,7 @@ identical to F.linear's, fp32 ones differ in the last bits (another summation or
 `pyramoe.inference.packing.pack_model` swaps each plain nn.Linear of a model for a `PackedLinear` and
 gives each `GroupedExperts` one packed weight per expert, freeing the plain copies. A packed weight
 is either oneDNN's (a tensor) or the native kernels' blocked bf16 layout (`pyramoe.kernels.
-BlockedWeight`, what the engine's native decode step reads); `packed_linear` takes both.
+BlockedWeight`, what the engine's native forward reads); `packed_linear` takes both.
 
 Legend: N rows, I input width, O output width, E experts, F expert hidden width.
 """

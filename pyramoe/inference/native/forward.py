@@ -4,8 +4,8 @@
 standard or grouped-query attention, RMSNorm or LayerNorm, SwiGLU or GELU, dense, MoE, shared-expert
 and Residual-MoE blocks, softmax or sigmoid routers with DeepSeek-V3 selection, fp32 or bf16 on one
 CPU process, dropless, matrices all plain or all blocked); the engine then keeps the PyTorch step.
-`NativeDecoder` reads the matrices and the KV cache where the model and cache keep them (no copy);
-norm gains, biases and router weights get fp32 copies. `NativeDecoder.expert_counts` counts the rows
+`NativeForward` reads the matrices and the KV cache where the model and cache keep them (no copy);
+norm gains, biases and router weights get fp32 copies. `NativeForward.expert_counts` counts the rows
 routed to each expert of each MoE layer over its forwards (what `MoEStats.routed_per_expert` counts).
 
 Legend: B rows, D width, V vocabulary.
@@ -62,10 +62,31 @@ class _Model(ctypes.Structure):
     ]
 
 
+# The C struct each ctypes struct mirrors field by field (native.cpp).
+MIRRORS: dict[str, type[ctypes.Structure]] = {"PmModel": _Model, "PmLayer": _Layer, "PmMlp": _Mlp}
+
+
+def struct_mismatch(library: ctypes.CDLL) -> str | None:
+    """Where a ctypes struct's size differs from its C struct's in the built library (a field added
+    on one side only): then every pointer the native step reads would be misplaced. None: all agree."""
+    library.pm_sizeof.restype = _I
+    library.pm_sizeof.argtypes = [ctypes.c_char_p]
+    for c_name, mirror in MIRRORS.items():
+        ours, theirs = ctypes.sizeof(mirror), library.pm_sizeof(c_name.encode())
+        if ours != theirs:
+            return (f"native library: struct {c_name} is {theirs} bytes in native.cpp, {ours} in its ctypes "
+                    f"mirror {mirror.__name__} ({__name__}); the two must list the same fields")
+    return None
+
+
 def unsupported_reason(model: nn.Module, cache: object) -> str | None:
     """Why the native step cannot run this model and cache (None: it can)."""
-    if load_library() is None:
+    library = load_library()
+    if library is None:
         return f"native library unavailable: {build_error()}"
+    mismatch = struct_mismatch(library)
+    if mismatch:
+        return mismatch
     cfg = model.config
     dtype = model.tok_emb.weight.dtype
     if model.tok_emb.weight.device.type != "cpu":
@@ -161,8 +182,10 @@ def block_table_of(cache: object) -> tuple[torch.Tensor, int]:
     return torch.arange(slots, dtype=torch.int64, device="cpu").view(slots, 1), max_len
 
 
-class NativeDecoder:
-    """Runs decode steps of `model` natively, rows 0..B-1 of `cache` (a SlotKVCache or KVCache).
+class NativeForward:
+    """Runs forwards of `model` natively over `cache` (a PagedKVCache, SlotKVCache or KVCache): rows
+of (token, slot, position), prompt chunks and decode rows alike, at most `max_rows` per call
+(`forward`); `step` is the decode-only form, row b in slot b.
 
     `expert_counts` (int64 [n_layers, max_experts], max_experts the most experts of any MoE layer, 1
     without any): entry [l, e] is the number of rows (tokens) routed to expert e of block l over every
@@ -173,14 +196,20 @@ class NativeDecoder:
 
     def __init__(self, model: nn.Module, cache: object, max_rows: int):
         self.library = load_library()
-        assert self.library is not None
+        if self.library is None:
+            raise RuntimeError(f"native forward: the native library is unavailable ({build_error()})")
+        mismatch = struct_mismatch(self.library)
+        if mismatch:
+            raise RuntimeError(mismatch)
         self.model, self.cache, self.max_rows = model, cache, max_rows
         self._keep: list[torch.Tensor] = []  # fp32 copies the structs point into
         blocks = list(model.blocks)
         max_experts = max([b.ffn.num_experts for b in blocks if b.is_moe] or [1])
         self.expert_counts = torch.zeros(len(blocks), max_experts, dtype=torch.int64, device="cpu")
         self.struct = self._describe()
-        # Addresses the structs hold: moving the model or its cache afterwards would leave them dangling.
+        # Addresses the structs hold. `_keep` keeps those tensors alive, so a model or cache moved
+        # afterwards (model.to(...), new tensors) leaves them stale, not dangling: the step would read
+        # the old weights and write a cache nobody reads. _call refuses it.
         self._watched = [(t, t.data_ptr()) for t in (model.tok_emb.weight, cache.keys[0], cache.values[-1],
                                                       self._table)]
         self.library.pm_workspace_bytes.restype = _I
@@ -274,6 +303,11 @@ class NativeDecoder:
     def _describe(self) -> _Model:
         model, cfg = self.model, self.model.config
         table, block_size = block_table_of(self.cache)
+        # The positions the native step accepts (it refuses others): the cache's, fewer where a
+        # learned position table is shorter (a cache longer than the model's context), since past the
+        # table the embedding would read beyond it.
+        self.learned_positions = None if model.rope is not None else model.pos_emb.num_embeddings
+        self.max_positions = min(self.cache.max_len, self.learned_positions or self.cache.max_len)
         self._table = table
         blocks = list(model.blocks)
         layers = (_Layer * len(blocks))(*(self._layer(i, b) for i, b in enumerate(blocks)))
@@ -291,7 +325,7 @@ class NativeDecoder:
         struct = _Model(
             n_layers=len(blocks), d_model=cfg.d_model, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads,
             head_dim=attn.head_dim, rot_dim=cfg.rope_dim if model.rope is not None else 0,
-            vocab=cfg.vocab_size, slots=table.shape[0], max_len=self.cache.max_len,
+            vocab=cfg.vocab_size, slots=table.shape[0], max_len=self.max_positions,
             bf16=int(model.tok_emb.weight.dtype == torch.bfloat16), blocked=int(layout_of(model.lm_head) == "blocked"),
             rmsnorm=int(isinstance(blocks[0].ln_attn, RMSNorm)),
             swiglu=int(cfg.activation == "swiglu"), qk_norm={"off": 0, "head": 1, "full": 2}[attn.qk_norm],
@@ -357,7 +391,9 @@ class NativeDecoder:
         status = self.library.pm_forward(self._struct_ref, tokens, slots, positions, _I(rows), picks, _I(n_picks),
                                          _P(logits.data_ptr()), argmax, _P(self.workspace.data_ptr()))
         if status == 2:
+            learned = (f"; the model learned {self.learned_positions} positions"
+                       if self.max_positions < self.cache.max_len else "")
             raise ValueError(f"native forward: a slot or position outside the cache ({self.struct.slots} slots "
-                             f"x {self.struct.max_len} positions)")
+                             f"x {self.cache.max_len} positions{learned})")
         if status != 0:
             raise ValueError(f"native forward: bad rows, tokens or logit rows (status {status})")
