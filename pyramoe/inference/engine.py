@@ -30,7 +30,7 @@ import torch
 from pyramoe.data import Tokenizer
 from pyramoe.inference.kv_cache import PagedKVCache
 from pyramoe.inference.native import NativeDecoder, blockable, unsupported_reason
-from pyramoe.inference.packing import pack_model
+from pyramoe.inference.packing import check_quantize, pack_model, quantize_model
 from pyramoe.inference.sampling import SamplingParams, apply_penalties, sample_token, token_logprobs
 from pyramoe.inference.steps import ModelStep, NativeStep, TorchStep
 from pyramoe.models import GPT
@@ -111,7 +111,10 @@ class Engine:
     first step (`pack_weights`); otherwise the weights are prepacked for oneDNN at the first step
     (`pack_weights`, `pyramoe.inference.packing`) and the model runs in PyTorch. Packed either way, the model still
     runs in PyTorch but serves this engine only (no training, no state_dict). `decode_path` says which
-    ran ("native" or "pytorch", with `native_unavailable` giving why not).
+    ran ("native" or "pytorch", with `native_unavailable` giving why not). `quantize="int8"` (CPU)
+    quantizes the linear layers and experts at the first step, before either step is built
+    (`pyramoe.inference.packing.quantize_model`: per-output-channel scales, rows of activations
+    quantized on the fly), so both steps compute the same quantized model.
     """
 
     def __init__(
@@ -129,11 +132,13 @@ class Engine:
         block_size: int = 16,
         prefix_caching: bool = True,
         kv_cache_bytes: int | None = None,
+        quantize: str | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
         if max_step_tokens < 1:
             raise ValueError(f"max_step_tokens: must be >= 1, got {max_step_tokens}")
+        check_quantize(quantize)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_id = eos_id if eos_id is not None else (tokenizer.eos_id if tokenizer is not None else None)
@@ -157,6 +162,10 @@ class Engine:
         # CPU weights are packed at the first step (after any `distribute`): blocked for the native
         # step, else for oneDNN.
         self.pack_weights = pack_weights and self.device.type == "cpu"
+        if quantize is not None and self.device.type != "cpu":
+            raise ValueError(f"quantize: {quantize} weights run on the CPU only, the model is on {self.device}")
+        self.quantize = quantize
+        self.quantized_weights: int | None = None  # how many matrices the first step quantized
         self.packed_weights: int | None = None  # how many weights the first step packed
         self.native = native and self.device.type == "cpu"
         self.native_decoder: NativeDecoder | None = None
@@ -382,6 +391,8 @@ class Engine:
         if self.runner is not None:
             return
         rows = self.max_step_tokens + self.max_batch
+        if self.quantize is not None:
+            self.quantized_weights = quantize_model(self.model, self.quantize)
         if self.native:
             self.native_unavailable = unsupported_reason(self.model, self.cache)
             if self.native_unavailable is None:
