@@ -90,9 +90,10 @@ def _packable_experts(experts: GroupedExperts, blocked: bool = False) -> bool:
     return can_block(experts.w_in) and can_block(experts.w_out) if blocked else can_pack(experts.w_in[0])
 
 
-def check_quantize(quantize: str | None) -> None:
+def check_quantize(quantize: str | None, field: str = "quantize") -> None:
+    """A ValueError naming `field` unless `quantize` is None or a known format."""
     if quantize is not None and quantize not in QUANTIZE_FORMATS:
-        raise ValueError(f"quantize: must be one of {', '.join(QUANTIZE_FORMATS)} (or none), got {quantize!r}")
+        raise ValueError(f"{field}: must be one of {', '.join(QUANTIZE_FORMATS)} (or left out), got {quantize!r}")
 
 
 def quantize_model(model: nn.Module, quantize: str = "int8") -> int:
