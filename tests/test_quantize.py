@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import test_native_decode as native_cases
 import torch
 
-import test_native_decode as native_cases
 from pyramoe.cli.main import main
 from pyramoe.inference import Engine, SamplingParams
 from pyramoe.inference.kv_cache import SlotKVCache
@@ -94,7 +94,8 @@ def test_native_step_equals_pytorch_on_the_int8_model_fp32(name):
     assert unsupported_reason(model, SlotKVCache.for_model(model, 2, 8)) is None
     native, reference = native_cases._logits_both_ways(model, [5, 9, 1, 13])
     torch.testing.assert_close(native, reference, rtol=1e-5, atol=5e-5)
-    plain, _ = native_cases._logits_both_ways(native_cases._model(native_cases.CASES[name], torch.float32), [5, 9, 1, 13])
+    plain_model = native_cases._model(native_cases.CASES[name], torch.float32)
+    plain, _ = native_cases._logits_both_ways(plain_model, [5, 9, 1, 13])
     assert (native - plain).abs().max() <= 0.05 * plain.abs().max()  # int8 stays close to the fp32 model
 
 

@@ -6,7 +6,8 @@ up: `python -m pyramoe.evaluation.lm_eval_cli ...` (the `lm_eval` command line w
 the local tasks' --include_path added), `pyramoe eval CKPT --tasks ...`, or `import
 pyramoe.evaluation.lm` before `lm_eval.simple_evaluate(model="pyramoe", ...)`.
 
-    --model pyramoe --model_args checkpoint=RUN_OR_CKPT_OR_HF_DIR[,dtype=fp32|bf16|auto][,device=cpu|cuda][,quantize=int8]
+    --model pyramoe --model_args checkpoint=RUN_OR_CKPT_OR_HF_DIR[,dtype=fp32|bf16|auto][,device=cpu|cuda]
+                                 [,quantize=int8]
 
 A pyramoe checkpoint (or a run directory: its latest) or a Hugging Face MoE directory that
 `pyramoe.hf` reads (with a tokenizer.json). The model's own tokenizer, and MoE layers dropless: a
