@@ -56,7 +56,39 @@ def test_gemv_shapes_of_a_decode_step():
     assert shapes.count(tuple(w_in.shape[1:])) >= 2 * len(moe_blocks) and (50, config.d_model) in shapes
 
 
-@pytest.mark.parametrize(("flag", "value"), [("--new-tokens", "1"), ("--batches", "1,x"), ("--top-k", "9")])
+def test_bench_generate_int8_with_its_own_roofline(tmp_path, capsys):
+    """pyramoe-int8 beside bf16 (its step reads 1 byte per weight plus 8 per output of scales and
+    sums), and the quality of int8 on a trained checkpoint."""
+    from live_server import train_tiny_run
+
+    run = train_tiny_run(tmp_path)
+    out = tmp_path / "generate.json"
+    argv = ["bench", "generate", "--hidden", "32", "--layers", "2", "--experts", "4", "--top-k", "2",
+            "--intermediate", "48", "--heads", "4", "--kv-heads", "2", "--vocab", "64", "--prompt-len", "4",
+            "--new-tokens", "3", "--batches", "1", "--rounds", "1", "--dtype", "bf16", "--no-transformers",
+            "--no-pytorch-path", "--quantize", "int8", "--quality-checkpoint", str(run), "--quality-tokens", "32",
+            "--out", str(out)]
+    assert main(argv) == 0
+    payload = json.loads(out.read_text())
+    rows = {r["impl"]: r for r in payload["results"]}
+    assert set(rows) == {"pyramoe", "pyramoe-int8"} and set(payload["prefill_tok_s"]) == set(rows)
+    hidden, heads, kv, head_dim, experts, k, inter, vocab, layers = 32, 4, 2, 8, 4, 2, 48, 64, 2
+    matrices = [(heads + 2 * kv) * head_dim, hidden] + k * [2 * inter, hidden]  # outputs (inputs: the rest)
+    inputs = [hidden, heads * head_dim] + k * [hidden, inter]
+    int8 = layers * sum(n * i + 8 * -(-n // 16) * 16 for n, i in zip(matrices, inputs))
+    int8 += vocab * hidden + 8 * vocab  # the LM head
+    other = layers * (2 * hidden + experts * hidden) * 2 + hidden * 2  # norms, routers (bf16)
+    assert rows["pyramoe-int8"]["step_bytes"] == int8 + other
+    assert rows["pyramoe-int8"]["roofline_tok_s"] == pytest.approx(payload["bandwidth_bytes_s"] / (int8 + other))
+    quality = payload["quality"]
+    assert quality["greedy_tokens"] == 32 and 0 <= quality["greedy_agreement"] <= 1
+    assert quality["perplexity_ratio"] == pytest.approx(1, rel=0.05) and quality["decode_path"] in ("native", "pytorch")
+    printed = capsys.readouterr().out
+    assert "x pyramoe" in printed and "held-out perplexity bf16" in printed
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--new-tokens", "1"), ("--batches", "1,x"), ("--top-k", "9"),
+                                             ("--quantize", "int3"), ("--quality-checkpoint", "/nonexistent")])
 def test_bench_generate_bad_input_is_one_line(flag, value, capsys):
     assert main(["bench", "generate", flag, value]) == 2
     err = capsys.readouterr().err.strip()

@@ -10,6 +10,10 @@ directory, so both run identical weights. Implementations:
   the roofline from the GPU's memory);
 - pyramoe-pytorch: the same engine with `native=False` (its PyTorch step, oneDNN-packed weights;
   on CUDA `step="pytorch"`);
+- pyramoe-int8 (`--quantize int8`, CPU): the engine with int8 weights (`Engine(quantize="int8")`), its
+  roofline from the bytes its own step reads (int8 matrices with their scales), and with
+  `--quality-checkpoint RUN` the quality that costs on a trained model (perplexity of the held-out
+  split and greedy agreement with bf16: `pyramoe.bench.quantized_quality`);
 - transformers: `generate(do_sample=False)` with its grouped-GEMM experts (`grouped_mm`);
 - plain-moe: transformers with its eager experts, a Python loop over experts (a plain PyTorch MoE);
 - roofline: batch x memory bandwidth (measured in the same run) / bytes of weights one decode step
@@ -33,13 +37,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from pyramoe.bench.common import decode_bytes, machine_info, time_call, timed, write_json
 from pyramoe.inference import Engine, SamplingParams, resolve_dtype
-from pyramoe.kernels import BlockedWeight, huge_page_tensors, load_library, native_read
+from pyramoe.inference.packing import check_quantize
+from pyramoe.kernels import BlockedWeight, Int8Weight, huge_page_tensors, load_library, native_read
 from pyramoe.layers.experts import GroupedExperts
 from pyramoe.layers.packed import can_pack, pack_weight, packed_linear
 from pyramoe.tables import format_table
@@ -64,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip pyramoe-pytorch (the engine with native=False on the same weights)")
     parser.add_argument("--device", default="cpu",
                         help="cpu, or cuda (pyramoe: its device step; pyramoe-pytorch: its PyTorch step)")
+    parser.add_argument("--quantize", default=None, metavar="FORMAT",
+                        help="int8: also time the engine with quantized weights (pyramoe-int8)")
+    parser.add_argument("--quality-checkpoint", default=None, metavar="RUN",
+                        help="with --quantize: perplexity and greedy agreement of this trained checkpoint, "
+                             "bf16 against quantized")
+    parser.add_argument("--quality-tokens", type=int, default=256, metavar="N",
+                        help="greedy tokens compared for --quality-checkpoint (4 prompts)")
     parser.add_argument("--out", default="bench-results/generate.json")
 
 
@@ -84,6 +97,16 @@ def validate(args: argparse.Namespace) -> list[int]:
         raise ValueError(f"--batches: sizes must be >= 1, got {args.batches!r}")
     if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
         raise ValueError(f"--device: must be cpu or cuda (with CUDA available), got {args.device!r}")
+    check_quantize(args.quantize, "--quantize")
+    if args.quality_checkpoint is not None:
+        if args.quantize is None:
+            raise ValueError("--quality-checkpoint: compares quantized weights with bf16: add --quantize")
+        if not Path(args.quality_checkpoint).exists():
+            raise ValueError(f"--quality-checkpoint: {args.quality_checkpoint} does not exist")
+    if args.quality_tokens < 4:
+        raise ValueError(f"--quality-tokens: must be >= 4, got {args.quality_tokens}")
+    if args.quantize is not None and args.device != "cpu":
+        raise ValueError("--quantize: int8 weights run on the CPU; leave out --device")
     return batches
 
 
@@ -172,6 +195,20 @@ def packed_weights_read(engine: Engine, repeats: int = 5) -> float | None:
     storage = head.data.untyped_storage()
     whole = torch.empty(0, dtype=torch.uint8).set_(storage)
     return read_speed(native_read, whole[: whole.numel() // 4 * 4].view(torch.float32), repeats)
+
+
+def quantized_decode_bytes(model: torch.nn.Module, experts_read: float) -> int:
+    """`decode_bytes` of a model after `quantize_model`: its remaining parameters, and each int8
+    matrix with its scales and sums (of each MoE layer's experts, `experts_read` of them)."""
+    total = float(decode_bytes(model, experts_read))
+    for module in model.modules():
+        weight = getattr(module, "packed_weight", None)
+        if isinstance(weight, Int8Weight):
+            total += weight.nbytes()
+        packed = getattr(module, "packed", None) if isinstance(module, GroupedExperts) else None
+        if packed is not None and isinstance(packed[0][0], Int8Weight):
+            total += sum(w.nbytes() for per_expert in packed for w in per_expert) * experts_read / module.num_experts
+    return int(total)
 
 
 def decode_gemv_shapes(model: torch.nn.Module, top_k: int) -> list[tuple[int, int]]:
@@ -270,6 +307,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         engines = {"pyramoe": engine}
         if not args.no_pytorch_path and (load_library() is not None or not on_cpu):  # the same weights
             engines["pyramoe-pytorch"] = load(native=False) if on_cpu else load(step="pytorch")
+        if args.quantize is not None:
+            engines[f"pyramoe-{args.quantize}"] = load(quantize=args.quantize)
     if not args.no_transformers:
         if _set_experts(reference, "grouped_mm"):
             hf["transformers"] = reference.to(device)
@@ -296,14 +335,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fns = runners(args, batch, prompts, engines, hf)
         samples: dict[str, list[float]] = {name: [] for name in fns}
         for fn in fns.values():
-            fn(2)  # warm-up
+            fn(2)  # warm-up (the quantized engine quantizes at its first step)
         for _ in range(args.rounds):
             for name, fn in fns.items():
                 long, short = timed(lambda fn=fn: fn(args.new_tokens)), timed(lambda fn=fn: fn(1))
                 samples[name].append(batch * (args.new_tokens - 1) / max(long - short, 1e-9))
                 print(f"  {name:12s} batch {batch:<3d} {samples[name][-1]:9.1f} tok/s", file=sys.stderr, flush=True)
         for name, values in samples.items():
-            results.append(dict(impl=name, batch=batch, decode_tok_s=statistics.median(values), samples=values))
+            row = dict(impl=name, batch=batch, decode_tok_s=statistics.median(values), samples=values)
+            if name in engines and engines[name].quantize is not None:  # its own bytes per step
+                step_bytes = quantized_decode_bytes(engines[name].model, experts_touched(args, batch))
+                row.update(step_bytes=step_bytes, roofline_tok_s=batch * bandwidth / step_bytes)
+            results.append(row)
         if batch == batches[0]:
             why = f" ({engine.native_unavailable})" if engine.native_unavailable else ""
             notes.append(f"pyramoe decode step: {engine.decode_path}{why}")
@@ -317,6 +360,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             times[name].append(timed(fn))
     for name, values in times.items():
         prefill[name] = prompts.numel() / statistics.median(values)
+    quality = None
+    if args.quality_checkpoint is not None:
+        from pyramoe.bench.quantized_quality import quantized_quality
+
+        quality = quantized_quality(args.quality_checkpoint, args.quantize, args.quality_tokens)
     weights_read = packed_weights_read(engine)
     if weights_read is not None:
         notes.append(f"the engine's packed weights read at {weights_read / 1e9:.1f} GB/s (the VM's memory speed "
@@ -326,23 +374,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "new_tokens")}, "device": device, "machine": machine_info(), "notes": notes, "roofline_tok_s": roofline,
         "rooflines_tok_s": {str(b): v for b, v in rooflines.items()}, "decode_path": engine.decode_path,
         "bandwidth_bytes_s": bandwidth, "gemv_floor_tok_s": gemv_floor, "results": results,
-        "prefill_tok_s": prefill}
+        "prefill_tok_s": prefill, "quality": quality}
 
 
 def report(payload: dict[str, Any]) -> str:
     rows = []
     base = {r["batch"]: r["decode_tok_s"] for r in payload["results"] if r["impl"] == "transformers"}
+    ours = {r["batch"]: r["decode_tok_s"] for r in payload["results"] if r["impl"] == "pyramoe"}
     for r in payload["results"]:
         vs = r["decode_tok_s"] / base[r["batch"]] if r["batch"] in base else float("nan")
-        roof = r["decode_tok_s"] / payload["rooflines_tok_s"][str(r["batch"])]
+        roofline = r.get("roofline_tok_s", payload["rooflines_tok_s"][str(r["batch"])])
         floor = float("nan")
         if r["batch"] == 1 and payload["gemv_floor_tok_s"]:
             floor = r["decode_tok_s"] / payload["gemv_floor_tok_s"]
-        rows.append([r["impl"], r["batch"], r["decode_tok_s"], vs, roof, floor])
-    table = format_table(["impl", "batch", "decode tok/s", "x transformers", "of roofline",
-                          "x oneDNN GEMVs (b1)"], rows)
-    prefill = ", ".join(f"{name} {value:,.0f}" for name, value in payload["prefill_tok_s"].items())
-    return f"{table}\nprefill tok/s ({payload['shape']['prompt_len']}-token prompts): {prefill}"
+        native = r["decode_tok_s"] / ours[r["batch"]] if r["batch"] in ours else float("nan")
+        rows.append([r["impl"], r["batch"], r["decode_tok_s"], vs, native, roofline, r["decode_tok_s"] / roofline,
+                     floor])
+    table = format_table(["impl", "batch", "decode tok/s", "x transformers", "x pyramoe", "roofline tok/s",
+                          "of roofline", "x oneDNN GEMVs (b1)"], rows)
+    prefill = payload["prefill_tok_s"]
+    ratio = lambda v: f" ({v / prefill['pyramoe']:.2f}x pyramoe)" if "pyramoe" in prefill else ""  # noqa: E731
+    lines = [table, f"prefill tok/s ({payload['shape']['prompt_len']}-token prompts): "
+             + ", ".join(f"{name} {value:,.0f}{ratio(value) if name.startswith('pyramoe-int') else ''}"
+                         for name, value in prefill.items())]
+    quality = payload.get("quality")
+    if quality:
+        q = next(name for name in quality["perplexity"] if name != "bf16")
+        lines.append(f"quality ({quality['checkpoint']}, step {quality['step']}): held-out perplexity bf16 "
+                     f"{quality['perplexity']['bf16']:.4f}, {q} {quality['perplexity'][q]:.4f} "
+                     f"({(quality['perplexity_ratio'] - 1) * 100:+.2f}%); greedy tokens equal to bf16's "
+                     f"{quality['greedy_agreement']:.1%} of {quality['greedy_tokens']} (common prefix "
+                     f"{quality['greedy_common_prefix']:.0f} tokens per prompt on average)")
+    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:

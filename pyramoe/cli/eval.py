@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from pyramoe.inference.packing import check_quantize, quantize_model
 from pyramoe.tables import format_table
 from pyramoe.train import build_model, evaluate, load_checkpoint
 from pyramoe.train.config import merge, run_config_from_dict
@@ -38,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seq-len", type=int, help="default: the run's seq_len")
     parser.add_argument("--corpus", metavar="SPEC", help="evaluate on another corpus's validation split")
     parser.add_argument("--dropless", action="store_true", help="no capacity limit: no token is dropped")
+    parser.add_argument("--quantize", default=None, metavar="FORMAT",
+                        help="int8: evaluate the model with its linear layers and experts quantized as "
+                             "`pyramoe generate --quantize` runs them (CPU)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     zeroshot = parser.add_argument_group("zero-shot tasks (lm-evaluation-harness)")
     zeroshot.add_argument("--tasks", metavar="T1,T2", help="harness tasks to run instead of validation loss")
@@ -55,6 +59,7 @@ def main(args: argparse.Namespace) -> int:
         return build_tasks_main(args)
     if args.checkpoint is None:
         raise ValueError("CKPT: a checkpoint or run directory is required")
+    check_quantize(args.quantize, "--quantize")
     if args.tasks is not None:
         return zeroshot_main(args)
     return loss_main(args)
@@ -84,7 +89,7 @@ def zeroshot_main(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads: must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    model = harness.load_model(args.checkpoint, args.dtype, args.batch_size)
+    model = harness.load_model(args.checkpoint, args.dtype, args.batch_size, args.quantize)
     warning = harness.heldout_warning(model.source, tasks)
     if warning:
         print(f"pyramoe eval: warning: {warning}", file=sys.stderr)
@@ -118,6 +123,8 @@ def loss_main(args: argparse.Namespace) -> int:
     train = merge(ckpt.state["run_config"]["train"], {k: v for k, v in overrides.items() if v is not None})
     run = run_config_from_dict({"train": train, "model": ckpt.state["run_config"].get("model", {})})
     model = build_model(ckpt, dropless=args.dropless)
+    if args.quantize is not None:
+        quantize_model(model.eval(), args.quantize)
     cfg = run.train
     if cfg.seq_len > model.config.max_seq_len:
         raise ValueError(f"--seq-len: {cfg.seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pyramoe.inference import Engine, SamplingParams
+from pyramoe.inference.packing import check_quantize
 from pyramoe.parallel.launch import argv_without_nproc, relaunch_with_torchrun, world_size_from_env
 
 
@@ -36,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="auto",
                         help="auto (bf16 where the CPU multiplies bf16 natively, or on CUDA), fp32 or bf16")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quantize", default=None, metavar="FORMAT",
+                        help="int8: quantize the linear layers and experts at load (per-output-channel scales; CPU)")
     parser.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
     group = add_process_arguments(parser)
     group.add_argument("--expert-slicing", action="store_true",
@@ -72,12 +75,14 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device: cuda asked for but torch sees no CUDA device")
+    check_quantize(args.quantize, "--quantize")
     prompts = read_prompts(args)
     if args.stream and len(prompts) > 1:
         raise ValueError("--stream: streams one prompt; got several")
     if args.nproc_per_node is not None and world_size_from_env() == 1:
         return relaunch_with_torchrun(args.nproc_per_node, argv_without_nproc(args.argv))
-    engine = Engine.load(args.checkpoint, dtype=args.dtype, device=args.device, max_batch=args.max_batch)
+    engine = Engine.load(args.checkpoint, dtype=args.dtype, device=args.device, max_batch=args.max_batch,
+                         quantize=args.quantize)
     run = engine.distribute(args.ep, args.tp, expert_slicing=args.expert_slicing)
     try:
         return _generate(engine, prompts, args, quiet=run is not None and not run.is_main)
@@ -116,6 +121,7 @@ def _generate(engine: Engine, prompts: list[str], args: argparse.Namespace, quie
     prompt_tokens = sum(len(r) for r in (engine.tokenizer.encode(p) for p in prompts))
     print(f"{len(prompts)} prompt(s), {prompt_tokens} prompt tokens, {generated} tokens generated in {seconds:.2f} s "
           f"({generated / max(seconds, 1e-9):,.1f} tok/s, {next(engine.model.parameters()).dtype}, "
+          f"{f'{engine.quantize} weights, ' if engine.quantize else ''}"
           f"batch up to {engine.max_batch}, {engine.decode_path} decode step)", file=sys.stderr)
     if engine.decode_path != "native" and engine.native_unavailable:
         print(f"native step unavailable: {engine.native_unavailable}", file=sys.stderr)

@@ -50,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL's)")
     parser.add_argument("--dtype", default="auto", help="auto, fp32 or bf16")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quantize", default=None, metavar="FORMAT",
+                        help="int8: quantize the linear layers and experts at load (per-output-channel scales; CPU)")
     parser.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
                         help="a request still running after S seconds is aborted (504)")
     parser.add_argument("--drain-grace", type=float, default=30.0, metavar="S",
@@ -85,6 +87,12 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.dist_timeout <= 0:
         print("pyramoe serve: --dist-timeout: must be > 0", file=sys.stderr)
+        return 2
+    from pyramoe.inference.packing import QUANTIZE_FORMATS
+
+    if args.quantize is not None and args.quantize not in QUANTIZE_FORMATS:
+        print(f"pyramoe serve: --quantize: must be one of {', '.join(QUANTIZE_FORMATS)}, got {args.quantize!r}",
+              file=sys.stderr)
         return 2
     world = world_size_from_env()
     if args.nproc_per_node is not None and world == 1:
@@ -126,7 +134,7 @@ def load(args: argparse.Namespace, path: Path, world: int = 1):
     engine = Engine.load(path, dtype=args.dtype, device=device, max_batch=args.max_batch,
                          max_len=args.max_len or DEFAULT_MAX_LEN, max_step_tokens=args.max_step_tokens,
                          kv_cache_bytes=kv_bytes, block_size=args.block_size,
-                         prefix_caching=not args.no_prefix_caching)
+                         prefix_caching=not args.no_prefix_caching, quantize=args.quantize)
     if world > 1:
         engine.distribute(args.ep, args.tp, timeout_s=args.dist_timeout)
     return engine, ChatTemplate.for_model(path)

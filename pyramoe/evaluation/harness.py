@@ -47,11 +47,12 @@ def task_manager(tasks: list[str]):
     return manager
 
 
-def load_model(checkpoint: str, dtype: str = "fp32", batch_size: int | None = None):
-    """The harness model "pyramoe" (a PyramoeLM) for a checkpoint, run or Hugging Face directory."""
+def load_model(checkpoint: str, dtype: str = "fp32", batch_size: int | None = None, quantize: str | None = None):
+    """The harness model "pyramoe" (a PyramoeLM) for a checkpoint, run or Hugging Face directory
+    (`quantize`: its linear layers and experts quantized, `pyramoe.inference.packing.quantize_model`)."""
     from pyramoe.evaluation.lm import PyramoeLM
 
-    return PyramoeLM(checkpoint=checkpoint, dtype=dtype, batch_size=batch_size)
+    return PyramoeLM(checkpoint=checkpoint, dtype=dtype, batch_size=batch_size, quantize=quantize)
 
 
 def heldout_warning(source, tasks: list[str]) -> str | None:

@@ -7,6 +7,7 @@ the local tasks' --include_path added), `pyramoe eval CKPT --tasks ...`, or `imp
 pyramoe.evaluation.lm` before `lm_eval.simple_evaluate(model="pyramoe", ...)`.
 
     --model pyramoe --model_args checkpoint=RUN_OR_CKPT_OR_HF_DIR[,dtype=fp32|bf16|auto][,device=cpu|cuda]
+                                 [,quantize=int8]
 
 A pyramoe checkpoint (or a run directory: its latest) or a Hugging Face MoE directory that
 `pyramoe.hf` reads (with a tokenizer.json). The model's own tokenizer, and MoE layers dropless: a
@@ -29,6 +30,7 @@ from pyramoe.checkpoint import build_model, load_checkpoint
 from pyramoe.data import Tokenizer
 from pyramoe.evaluation.scoring import Scorer, resolve_dtype
 from pyramoe.inference.engine import is_hf_directory
+from pyramoe.inference.packing import check_quantize, quantize_model
 from pyramoe.models import GPT
 
 logger = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ class PyramoeLM(TemplateLM):
         batch_size: int | str | None = None,
         device: str | None = None,
         max_batch_size: int | None = None,  # noqa: ARG002 - passed by the harness; unused
+        quantize: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -109,9 +112,14 @@ class PyramoeLM(TemplateLM):
         unknown = sorted(k for k, v in kwargs.items() if v is not None)
         if unknown:
             raise ValueError(f"model_args: unknown argument {unknown[0]!r} "
-                             "(known: checkpoint, dtype, batch_size, device)")
+                             "(known: checkpoint, dtype, batch_size, device, quantize)")
+        check_quantize(quantize, "model_args: quantize")
         device = resolve_device(device)
         self.source = load_source(checkpoint)
+        if quantize is not None:
+            if device != "cpu":
+                raise ValueError(f"model_args: quantize={quantize} runs on the CPU only, device is {device}")
+            quantize_model(self.source.model, quantize)
         self.pyramoe_tokenizer = self.source.tokenizer
         self.pyramoe_tokenizer.encode_specials_as_text(True)  # as the corpus was tokenized
         self.scorer = Scorer(self.source.model.to(device), self.source.eos_id, parse_batch_size(batch_size),

@@ -32,7 +32,7 @@ from pyramoe.inference.device_step import DeviceStep, device_step_unsupported
 from pyramoe.inference.kv_cache import PagedKVCache
 from pyramoe.inference.model_view import inference_view
 from pyramoe.inference.native import NativeForward, blockable, unsupported_reason
-from pyramoe.inference.packing import pack_model
+from pyramoe.inference.packing import check_quantize, pack_model, quantize_model
 from pyramoe.inference.requests import Completion, Logprob, Request, TokenEvent
 from pyramoe.inference.sampling import SamplingParams, apply_penalties, sample_token, token_logprobs
 from pyramoe.inference.steps import ModelStep, NativeStep, TorchStep
@@ -65,13 +65,16 @@ class Engine:
     (`pack_weights`, `pyramoe.inference.packing`) and the model runs in PyTorch. `step="device"` (the
     default on CUDA, on one process, where it applies) runs `DeviceStep` instead: fixed-shape steps
     with no host sync inside, decode captured as CUDA graphs on CUDA; `step="pytorch"` the PyTorch
-    step. The engine runs its own view of the caller's model (`engine.model`, `inference_view`: its
-    own modules and configs over the caller's weight tensors, none copied): eval mode, dropless and
-    packing change the view only, and the caller's model may go on training; the engine is for the
-    weights as they were at its first step (packed and native steps copy some), so make a new one
-    after they change. Packed weights are copies: while the caller holds its model, they take memory
-    of their own. `decode_path` says which step ran ("native", "pytorch" or "device", with
-    `native_unavailable` giving why not native).
+    step. `quantize="int8"` (CPU) quantizes the linear layers and experts at the first step, before
+    the step is built (`pyramoe.inference.packing.quantize_model`: per-output-channel scales, rows of
+    activations quantized on the fly), so the native and PyTorch steps compute the same quantized
+    model. The engine runs its own view of the caller's model (`engine.model`, `inference_view`: its
+    own modules and configs over the caller's weight tensors, none copied): eval mode, dropless,
+    packing and quantizing change the view only, and the caller's model may go on training; the
+    engine is for the weights as they were at its first step (packed and native steps copy some), so
+    make a new one after they change. Packed weights are copies: while the caller holds its model,
+    they take memory of their own. `decode_path` says which step ran ("native", "pytorch" or
+    "device", with `native_unavailable` giving why not native).
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class Engine:
         prefix_caching: bool = True,
         kv_cache_bytes: int | None = None,
         step: str = "auto",
+        quantize: str | None = None,
     ):
         if step not in STEPS:
             raise ValueError(f"step: must be one of {', '.join(STEPS)}, got {step!r}")
@@ -97,6 +101,7 @@ class Engine:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
         if max_step_tokens < 1:
             raise ValueError(f"max_step_tokens: must be >= 1, got {max_step_tokens}")
+        check_quantize(quantize)
         # The engine's own view (modules and configs, the caller's weight tensors): eval mode,
         # dropless, packing and `distribute` never reach the caller's model, which may go on training.
         self.model = inference_view(model, dropless)
@@ -118,6 +123,10 @@ class Engine:
         # CPU weights are packed at the first step (after any `distribute`): blocked for the native
         # step, else for oneDNN.
         self.pack_weights = pack_weights and self.device.type == "cpu"
+        if quantize is not None and self.device.type != "cpu":
+            raise ValueError(f"quantize: {quantize} weights run on the CPU only, the model is on {self.device}")
+        self.quantize = quantize
+        self.quantized_weights: int | None = None  # how many matrices the first step quantized
         self.packed_weights: int | None = None  # how many weights the first step packed
         self.step_choice = step
         self.native = native and self.device.type == "cpu" and step == "auto"
@@ -370,6 +379,8 @@ class Engine:
         if self.runner is not None:
             return
         rows = self.max_step_tokens + self.max_batch
+        if self.quantize is not None:
+            self.quantized_weights = quantize_model(self.model, self.quantize)
         if self._use_device_step():
             self.runner = DeviceStep(self.model, self.cache, rows)
             return
@@ -395,7 +406,7 @@ class Engine:
 
     @property
     def decode_path(self) -> str:
-        """The step every forward runs on, prompt chunks and decode rows alike: "native" or "pytorch"."""
+        """The step every forward runs on, prompt chunks and decode rows alike: "native", "pytorch" or "device"."""
         return self.runner.name if self.runner is not None else "pytorch"
 
     def expert_counts(self) -> torch.Tensor:

@@ -32,10 +32,19 @@
 
 extern "C" {
 
+// A matrix's format where it is not the model's (see PmModel.bf16/blocked): int8 in its blocked
+// layout (native_products.h) with fp32 scales and int32 128 x row sums, [stack, padded16(N)] each.
+struct PmQuant {
+  int64_t format;  // kFormatInt8
+  const float *scales;
+  const int32_t *sums;
+};
+
 struct PmMlp {  // a dense MLP: in [F or 2F (SwiGLU: gate | up), D], out [D, F]; biases fp32 or null
   const void *in_w, *out_w;
   const float *in_b, *out_b;
   int64_t ff;
+  const PmQuant *in_q, *out_q;  // null: the model's format
 };
 
 struct PmLayer {
@@ -59,6 +68,7 @@ struct PmLayer {
   const float *shared_gate_w;              // [D] or null
   const float *coef_w, *coef_b;            // Residual-MoE mixing [2, D], [2], or null
   int64_t *expert_counts;                  // [E] rows routed to each expert, added to by every forward, or null
+  const PmQuant *qkv_q, *o_q, *exp_in_q, *exp_out_q;  // per-matrix formats (null: the model's)
 };
 
 struct PmModel {
@@ -84,6 +94,7 @@ struct PmModel {
   // block_table[s * max_blocks + p / block_size] (a slot cache is one block of max_len per slot).
   const int64_t *block_table;     // [slots, max_blocks]
   int64_t block_size, block_shift, max_blocks, num_blocks;  // block_shift: log2(block_size), or -1
+  const PmQuant *head_q;          // the LM head's format (null: the model's)
 };
 
 }  // extern "C"
@@ -146,6 +157,7 @@ void workspace_layout(const PmModel &m, int64_t B, int64_t *counts) {
   // xb: bf16 inputs of one phase's products (uint16 counted as floats: room for twice the largest,
   // the experts' A rows of width D or F, or B rows of an attention product)
   counts[12] = std::max(A * std::max(D, m.max_ff), B * widest(m));
+  counts[12] += 16 * (A + 4);  // int8 products: their u8 rows and scales, each job's aligned to 64 bytes
   counts[13] = A;                         // assign_token (int64: 2 floats each)
   counts[14] = A;                         // assign_weight
   counts[15] = A;                         // assign_expert (int64)
@@ -430,20 +442,38 @@ int64_t route(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B)
   return a;
 }
 
-// A product with one of the model's matrices (blocked where the model's are).
+// A product with one of the model's matrices (blocked where the model's are; in its own format
+// where `q` gives one).
 Job model_job(const PmModel &m, const float *x, int64_t M, int64_t K, int64_t N, const void *W, const float *bias,
-              float *y) {
+              float *y, const PmQuant *q = nullptr) {
   Job j{x, nullptr, M, K, N, W, bias, y};
   j.blocked = m.bf16 && m.blocked;
+  if (q) {
+    j.blocked = false;
+    j.format = q->format, j.scales = q->scales, j.sums = q->sums;
+  }
   return j;
 }
 
 Job mlp_in_job(const PmModel &m, const PmMlp &mlp, const float *x, int64_t rows, float *y) {
-  return model_job(m, x, rows, m.d_model, (m.swiglu ? 2 : 1) * mlp.ff, mlp.in_w, mlp.in_b, y);
+  return model_job(m, x, rows, m.d_model, (m.swiglu ? 2 : 1) * mlp.ff, mlp.in_w, mlp.in_b, y, mlp.in_q);
 }
 
 Job mlp_out_job(const PmModel &m, const PmMlp &mlp, const float *x, int64_t rows, float *y) {
-  return model_job(m, x, rows, mlp.ff, m.d_model, mlp.out_w, mlp.out_b, y);
+  return model_job(m, x, rows, mlp.ff, m.d_model, mlp.out_w, mlp.out_b, y, mlp.out_q);
+}
+
+// Expert e's matrix of a stack [E, N, K] in `q`'s format (int8 blocked: rows padded to 16, one
+// byte each) or the model's; `one` receives its scales and sums.
+const void *expert_matrix(const PmModel &m, const void *stack, const PmQuant *q, int64_t e, int64_t N, int64_t K,
+                          PmQuant *one) {
+  if (q) {
+    const int64_t rows = padded16(N);
+    *one = PmQuant{q->format, q->scales + e * rows, q->sums + e * rows};
+    return static_cast<const char *>(stack) + e * rows * K;
+  }
+  const int64_t rows = m.bf16 && m.blocked ? padded16(N) : N;
+  return static_cast<const char *>(stack) + e * rows * K * (m.bf16 ? 2 : 4);
 }
 
 // The FFN of a block: y[B, D] (added to the residual by the caller).
@@ -451,7 +481,6 @@ void ffn(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B, floa
   const int64_t D = m.d_model;
   const bool bf16 = m.bf16;
   const int threads = int(m.threads);
-  const int64_t esz = bf16 ? 2 : 4;
   // Every product of the block's first projection (each chosen expert on its rows, the shared
   // expert, the MLP) runs in one parallel region, then every second projection in another.
   std::vector<Job> in_jobs, out_jobs;
@@ -486,15 +515,16 @@ void ffn(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t B, floa
     std::copy(token.begin(), token.end(), w.assign_token);
     std::copy(weight.begin(), weight.end(), w.assign_weight);
     const int64_t F = L.expert_ff, width = (m.swiglu ? 2 : 1) * F;
+    std::vector<PmQuant> formats(2 * L.num_experts);  // the chosen experts' scales (never reallocated)
     for (int64_t i = 0; i < assignments;) {
       const int64_t e = expert[i];
       int64_t n = 1;
       while (i + n < assignments && expert[i + n] == e) ++n;
-      // Expert e's matrices: blocked ones hold their rows padded to 16.
-      const int64_t rows_in = m.blocked ? padded16(width) : width, rows_out = m.blocked ? padded16(D) : D;
-      PmMlp one{static_cast<const char *>(L.exp_in_w) + e * rows_in * D * esz,
-                static_cast<const char *>(L.exp_out_w) + e * rows_out * F * esz,
-                L.exp_in_b ? L.exp_in_b + e * width : nullptr, L.exp_out_b ? L.exp_out_b + e * D : nullptr, F};
+      PmQuant *in_q = &formats[2 * e], *out_q = &formats[2 * e + 1];
+      PmMlp one{expert_matrix(m, L.exp_in_w, L.exp_in_q, e, width, D, in_q),
+                expert_matrix(m, L.exp_out_w, L.exp_out_q, e, D, F, out_q),
+                L.exp_in_b ? L.exp_in_b + e * width : nullptr, L.exp_out_b ? L.exp_out_b + e * D : nullptr, F,
+                L.exp_in_q ? in_q : nullptr, L.exp_out_q ? out_q : nullptr};
       add(one, w.expert_x + i * D, n);
       i += n;
     }
@@ -581,7 +611,24 @@ int64_t pm_sizeof(const char *name) {
   if (std::strcmp(name, "PmModel") == 0) return sizeof(PmModel);
   if (std::strcmp(name, "PmLayer") == 0) return sizeof(PmLayer);
   if (std::strcmp(name, "PmMlp") == 0) return sizeof(PmMlp);
+  if (std::strcmp(name, "PmQuant") == 0) return sizeof(PmQuant);
   return -1;
+}
+
+// 1 where the int8 products run on VNNI dot products, 0 where on the portable kernel.
+int64_t pm_native_int8() { return kNativeInt8 ? 1 : 0; }
+
+// y[M, N] = x[M, K] . W^T + bias with W int8 blocked (format kFormatInt8; K a multiple of 4), its
+// scales and 128 x row sums; bias fp32 or null. Returns 1 for a bad format or K.
+int64_t pm_linear_quantized(const void *W, int64_t format, const float *scales, const int32_t *sums, int64_t N,
+                            int64_t K, const float *x, int64_t M, const float *bias, float *y, int64_t threads) {
+  if (format != kFormatInt8 || K % 4) return 1;
+  std::vector<uint16_t> scratch((M * K + 4 * M) / 2 + 64);
+  Job j{x, nullptr, M, K, N, W, bias, y};
+  j.format = format, j.scales = scales, j.sums = sums;
+  std::vector<Job> jobs{j};
+  run_jobs(jobs, false, int(threads), scratch.data());
+  return 0;
 }
 
 // A streaming read of `bytes` (a multiple of 4) at `p` on `threads` threads, each summing its
@@ -670,7 +717,7 @@ int64_t pm_forward(const PmModel *mp, const int64_t *tokens, const int64_t *slot
       PhaseTimer t(kNorms);
       norm_rows(m, x, L.attn_norm_w, L.attn_norm_b, w.h, B);
     }
-    std::vector<Job> jobs{model_job(m, w.h, B, D, qkv_width, L.qkv_w, L.qkv_b, w.qkv)};
+    std::vector<Job> jobs{model_job(m, w.h, B, D, qkv_width, L.qkv_w, L.qkv_b, w.qkv, L.qkv_q)};
     {
       PhaseTimer t(kQkv);
       run_jobs(jobs, bf16, threads, w.xb);
@@ -681,7 +728,7 @@ int64_t pm_forward(const PmModel *mp, const int64_t *tokens, const int64_t *slot
         prepare_qkv(m, L, w.qkv + r * qkv_width, cos.data() + r * m.rot_dim, sin.data() + r * m.rot_dim);
       attention(m, L, w, slot, pos, B);
     }
-    jobs = {model_job(m, w.att, B, m.n_heads * m.head_dim, D, L.o_w, L.o_b, w.tmp)};
+    jobs = {model_job(m, w.att, B, m.n_heads * m.head_dim, D, L.o_w, L.o_b, w.tmp, L.o_q)};
     {
       PhaseTimer t(kOutProj);
       run_jobs(jobs, bf16, threads, w.xb);
@@ -698,7 +745,7 @@ int64_t pm_forward(const PmModel *mp, const int64_t *tokens, const int64_t *slot
   PhaseTimer t(kHead);
   for (int64_t i = 0; i < n_logits; ++i) std::memcpy(w.tmp + i * D, x + logit_rows[i] * D, D * 4);
   norm_rows(m, w.tmp, m.final_norm_w, m.final_norm_b, w.h, n_logits);
-  std::vector<Job> head{model_job(m, w.h, n_logits, D, m.vocab, m.head_w, nullptr, logits)};
+  std::vector<Job> head{model_job(m, w.h, n_logits, D, m.vocab, m.head_w, nullptr, logits, m.head_q)};
   run_jobs(head, bf16, threads, w.xb);
   for (int64_t i = 0; i < n_logits; ++i) argmax[i] = first_argmax(logits + i * m.vocab, m.vocab);
   return 0;

@@ -9,8 +9,9 @@ identical to F.linear's, fp32 ones differ in the last bits (another summation or
 
 `pyramoe.inference.packing.pack_model` swaps each plain nn.Linear of a model for a `PackedLinear` and
 gives each `GroupedExperts` one packed weight per expert, freeing the plain copies. A packed weight
-is either oneDNN's (a tensor) or the native kernels' blocked bf16 layout (`pyramoe.kernels.
-BlockedWeight`, what the engine's native forward reads); `packed_linear` takes both.
+is either oneDNN's (a tensor), the native kernels' blocked bf16 layout (`pyramoe.kernels.
+BlockedWeight`, what the engine's native forward reads) or their int8 one (`pyramoe.kernels.
+Int8Weight`, computed here by its PyTorch reference); `packed_linear` takes all three.
 
 Legend: N rows, I input width, O output width, E experts, F expert hidden width.
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pyramoe.kernels import BlockedWeight, block_weights, blocked_linear
+from pyramoe.kernels import BlockedWeight, Int8Weight, block_weights, blocked_linear, int8_linear
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -44,22 +45,27 @@ def pack_weight(weight_OI: torch.Tensor) -> torch.Tensor:
 
 
 def packed_linear(
-    x_NI: torch.Tensor, packed: torch.Tensor | BlockedWeight, bias_O: torch.Tensor | None
+    x_NI: torch.Tensor, packed: torch.Tensor | BlockedWeight | Int8Weight, bias_O: torch.Tensor | None
 ) -> torch.Tensor:
     if isinstance(packed, BlockedWeight):
         return blocked_linear(x_NI, packed, bias_O)
+    if isinstance(packed, Int8Weight):  # PyTorch's reference of the native int8 products
+        return int8_linear(x_NI, packed, bias_O)
     return torch.ops.mkldnn._linear_pointwise(x_NI, packed, bias_O, "none", [], "")
 
 
 class PackedLinear(nn.Module):
     """An inference-only nn.Linear whose weight is prepacked for oneDNN, or `blocked` for the native
-    kernels (bf16)."""
+    kernels (bf16), or quantized (`quantized`: int8, `pyramoe.kernels.Int8Weight`)."""
 
-    def __init__(self, linear: nn.Linear, blocked: bool = False, out: torch.Tensor | None = None):
+    def __init__(self, linear: nn.Linear, blocked: bool = False, out: torch.Tensor | None = None,
+                 quantized: Int8Weight | None = None):
         """`out`: where to write the blocked weight (a preallocated tensor of its shape)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        if blocked:
+        if quantized is not None:
+            self.packed_weight = quantized
+        elif blocked:
             data = block_weights(linear.weight, out)
             self.packed_weight = BlockedWeight(data, self.out_features, self.in_features)
         else:
@@ -70,5 +76,6 @@ class PackedLinear(nn.Module):
         return packed_linear(x, self.packed_weight, self.bias)
 
     def extra_repr(self) -> str:
-        layout = "blocked" if isinstance(self.packed_weight, BlockedWeight) else "packed"
+        layout = ("blocked" if isinstance(self.packed_weight, BlockedWeight) else
+                  "int8" if isinstance(self.packed_weight, Int8Weight) else "packed")
         return f"in_features={self.in_features}, out_features={self.out_features}, {layout}"

@@ -3,9 +3,10 @@
 `unsupported_reason(model, cache)` says why the native step cannot compute a model (None: it can:
 standard or grouped-query attention, RMSNorm or LayerNorm, SwiGLU or GELU, dense, MoE, shared-expert
 and Residual-MoE blocks, softmax or sigmoid routers with DeepSeek-V3 selection, fp32 or bf16 on one
-CPU process, dropless, matrices all plain or all blocked); the engine then keeps the PyTorch step.
-`NativeForward` reads the matrices and the KV cache where the model and cache keep them (no copy);
-norm gains, biases and router weights get fp32 copies. `NativeForward.expert_counts` counts the rows
+CPU process, dropless, matrices all plain or all blocked, any of them int8); the engine then keeps
+the PyTorch step. `NativeForward` reads the matrices and the KV cache where the model and cache keep
+them (no copy; an int8 matrix with a descriptor of its format, scales and sums); norm gains, biases
+and router weights get fp32 copies. `NativeForward.expert_counts` counts the rows
 routed to each expert of each MoE layer over its forwards (what `MoEStats.routed_per_expert` counts).
 
 Legend: B rows, D width, V vocabulary.
@@ -20,7 +21,8 @@ import torch
 from torch import nn
 
 from pyramoe.inference.packing import MIN_BLOCKED_OUTPUTS
-from pyramoe.kernels import BlockedWeight, blocking_available, build_error, can_block, load_library
+from pyramoe.kernels import BlockedWeight, Int8Weight, blocking_available, build_error, can_block, load_library
+from pyramoe.kernels.quantized import FORMAT_INT8
 from pyramoe.layers.attention import CausalSelfAttention
 from pyramoe.layers.dispatch import LocalDispatcher
 from pyramoe.layers.experts import GroupedExperts
@@ -33,8 +35,12 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
 
+class _Quant(ctypes.Structure):  # PmQuant: a matrix's own format
+    _fields_ = [("format", _I), ("scales", _P), ("sums", _P)]
+
+
 class _Mlp(ctypes.Structure):
-    _fields_ = [("in_w", _P), ("out_w", _P), ("in_b", _P), ("out_b", _P), ("ff", _I)]
+    _fields_ = [("in_w", _P), ("out_w", _P), ("in_b", _P), ("out_b", _P), ("ff", _I), ("in_q", _P), ("out_q", _P)]
 
 
 class _Layer(ctypes.Structure):
@@ -46,7 +52,7 @@ class _Layer(ctypes.Structure):
         ("plain_selection", _I), ("groups", _I), ("topk_groups", _I), ("renormalize", _I),
         ("routed_scale", ctypes.c_double), ("exp_in_w", _P), ("exp_out_w", _P), ("exp_in_b", _P),
         ("exp_out_b", _P), ("shared", _Mlp), ("shared_gate_w", _P), ("coef_w", _P), ("coef_b", _P),
-        ("expert_counts", _P),
+        ("expert_counts", _P), ("qkv_q", _P), ("o_q", _P), ("exp_in_q", _P), ("exp_out_q", _P),
     ]
 
 
@@ -58,12 +64,12 @@ class _Model(ctypes.Structure):
         ("final_norm_w", _P), ("final_norm_b", _P), ("head_w", _P), ("layers", ctypes.POINTER(_Layer)),
         ("threads", _I), ("max_rows", _I), ("max_ff", _I), ("max_experts", _I), ("tok_emb", _P), ("pos_emb", _P),
         ("inv_freq", _P), ("rope_factor", ctypes.c_double), ("block_table", _P), ("block_size", _I),
-        ("block_shift", _I), ("max_blocks", _I), ("num_blocks", _I),
+        ("block_shift", _I), ("max_blocks", _I), ("num_blocks", _I), ("head_q", _P),
     ]
 
 
 # The C struct each ctypes struct mirrors field by field (native.cpp).
-MIRRORS: dict[str, type[ctypes.Structure]] = {"PmModel": _Model, "PmLayer": _Layer, "PmMlp": _Mlp}
+MIRRORS: dict[str, type[ctypes.Structure]] = {"PmModel": _Model, "PmLayer": _Layer, "PmMlp": _Mlp, "PmQuant": _Quant}
 
 
 def struct_mismatch(library: ctypes.CDLL) -> str | None:
@@ -114,7 +120,7 @@ def unsupported_reason(model: nn.Module, cache: object) -> str | None:
     layouts = {layout_of(m) for m in native_matrices(model)}
     if None in layouts:
         return "weights packed for oneDNN or split over processes"
-    if len(layouts) > 1:
+    if len(layouts - {"int8"}) > 1:  # int8 matrices carry their own format; the others share one
         return "some weights blocked, others not"
     if "blocked" in layouts and not blocking_available():
         return "blocked weights on a CPU without AVX512-BF16"
@@ -124,7 +130,8 @@ def unsupported_reason(model: nn.Module, cache: object) -> str | None:
 
 
 def native_matrices(model: nn.Module) -> list[nn.Module]:
-    """The modules whose matrices the native step multiplies with (all plain, or all blocked)."""
+    """The modules whose matrices the native step multiplies with (all plain, or all blocked, but
+    for int8 ones)."""
     matrices: list[nn.Module] = [model.lm_head]
     for block in model.blocks:
         matrices += [block.attn.qkv, block.attn.proj]
@@ -139,6 +146,8 @@ def blockable(model: nn.Module) -> bool:
     """Every matrix of the native step can take the blocked layout (bf16, even input widths, at
     least 16 outputs, AVX512-BF16): `pack_model(model, "blocked")` then blocks them all."""
     for module in native_matrices(model):
+        if layout_of(module) == "int8":
+            continue
         if type(module) is nn.Linear:
             if module.out_features < MIN_BLOCKED_OUTPUTS or not can_block(module.weight):
                 return False
@@ -150,16 +159,21 @@ def blockable(model: nn.Module) -> bool:
 
 def layout_of(module: nn.Module) -> str | None:
     """"plain" (nn.Linear, GroupedExperts' stacked weights), "blocked" (the native kernels' layout,
-    `pyramoe.inference.packing.pack_model(layout="blocked")`), or None (anything else)."""
+    `pyramoe.inference.packing.pack_model(layout="blocked")`), "int8" (`pyramoe.inference.packing.
+    quantize_model`), or None (anything else)."""
     if type(module) is nn.Linear:
         return "plain"
     if type(module) is PackedLinear:
-        return "blocked" if isinstance(module.packed_weight, BlockedWeight) else None
+        return _packed_layout(module.packed_weight)
     if type(module) is GroupedExperts:
         if module.packed is None:
             return "plain" if module.w_in is not None else None
-        return "blocked" if isinstance(module.packed[0][0], BlockedWeight) else None
+        return _packed_layout(module.packed[0][0])
     return None
+
+
+def _packed_layout(weight: object) -> str | None:
+    return "blocked" if isinstance(weight, BlockedWeight) else "int8" if isinstance(weight, Int8Weight) else None
 
 
 def _moe_unsupported(moe: MoELayer) -> str | None:
@@ -203,6 +217,7 @@ of (token, slot, position), prompt chunks and decode rows alike, at most `max_ro
             raise RuntimeError(mismatch)
         self.model, self.cache, self.max_rows = model, cache, max_rows
         self._keep: list[torch.Tensor] = []  # fp32 copies the structs point into
+        self._formats: list[_Quant] = []  # the int8 matrices' descriptors the structs point to
         blocks = list(model.blocks)
         max_experts = max([b.ffn.num_experts for b in blocks if b.is_moe] or [1])
         self.expert_counts = torch.zeros(len(blocks), max_experts, dtype=torch.int64, device="cpu")
@@ -235,10 +250,21 @@ of (token, slot, position), prompt chunks and decode rows alike, at most `max_ro
         return tensor.data_ptr()
 
     def _matrix(self, linear: nn.Module) -> int:
-        """The weight's address: nn.Linear's [out, in], or a PackedLinear's blocked data."""
+        """The weight's address: nn.Linear's [out, in], or a PackedLinear's blocked or int8 data."""
         if isinstance(linear, PackedLinear):
             return self._ptr(linear.packed_weight.data)
         return self._ptr(linear.weight)
+
+    def _format(self, weight: object) -> int | None:
+        """The address of a PmQuant for an int8 matrix (or the first of a stack: its scales and sums
+        run on, matrix after matrix), None for the model's own format."""
+        if isinstance(weight, PackedLinear):
+            weight = weight.packed_weight
+        if not isinstance(weight, Int8Weight):
+            return None
+        described = _Quant(FORMAT_INT8, self._ptr(weight.scales), self._ptr(weight.sums))
+        self._formats.append(described)
+        return ctypes.addressof(described)
 
     def _experts(self, experts: GroupedExperts) -> tuple[int, int, int]:
         """Addresses of the stacked first and second projections, and the expert hidden width."""
@@ -246,10 +272,11 @@ of (token, slot, position), prompt chunks and decode rows alike, at most `max_ro
             return self._ptr(experts.w_in), self._ptr(experts.w_out), experts.w_out.shape[2]
         firsts = []
         for per_expert in experts.packed:  # views of one stacked tensor, expert after expert
-            data = [w.data for w in per_expert]
-            step = data[0].numel() * data[0].element_size()
-            assert all(d.data_ptr() == data[0].data_ptr() + e * step for e, d in enumerate(data))
-            firsts.append(data[0])
+            for name in ("data", "scales", "sums") if isinstance(per_expert[0], Int8Weight) else ("data",):
+                parts = [getattr(w, name) for w in per_expert]
+                step = parts[0].numel() * parts[0].element_size()
+                assert all(d.data_ptr() == parts[0].data_ptr() + e * step for e, d in enumerate(parts))
+            firsts.append(per_expert[0].data)
         return self._ptr(firsts[0]), self._ptr(firsts[1]), experts.packed[1][0].in_features
 
     def _mlp(self, mlp: MLP | None) -> _Mlp:
@@ -257,7 +284,7 @@ of (token, slot, position), prompt chunks and decode rows alike, at most `max_ro
             return _Mlp()
         fc_in, fc_out = mlp.fc_in, mlp.fc_out
         return _Mlp(self._matrix(fc_in), self._matrix(fc_out), self._ptr(fc_in.bias, True),
-                    self._ptr(fc_out.bias, True), fc_out.in_features)
+                    self._ptr(fc_out.bias, True), fc_out.in_features, self._format(fc_in), self._format(fc_out))
 
     def _norm(self, norm: nn.Module) -> tuple[int | None, int | None]:
         return self._ptr(norm.weight, True), self._ptr(getattr(norm, "bias", None), True)
@@ -269,6 +296,7 @@ of (token, slot, position), prompt chunks and decode rows alike, at most `max_ro
         layer.ffn_norm_w, layer.ffn_norm_b = self._norm(block.ln_ffn)
         layer.qkv_w, layer.qkv_b = self._matrix(attn.qkv), self._ptr(attn.qkv.bias, True)
         layer.o_w, layer.o_b = self._matrix(attn.proj), self._ptr(attn.proj.bias, True)
+        layer.qkv_q, layer.o_q = self._format(attn.qkv), self._format(attn.proj)
         if attn.qk_norm != "off":
             layer.q_norm_w, layer.k_norm_w = self._ptr(attn.q_norm.weight, True), self._ptr(attn.k_norm.weight, True)
         layer.k_cache, layer.v_cache = self._ptr(self.cache.keys[index]), self._ptr(self.cache.values[index])
@@ -280,6 +308,8 @@ of (token, slot, position), prompt chunks and decode rows alike, at most `max_ro
         layer.is_moe = 1
         layer.mlp = self._mlp(moe.residual_mlp)
         layer.exp_in_w, layer.exp_out_w, layer.expert_ff = self._experts(experts)
+        if experts.packed is not None:
+            layer.exp_in_q, layer.exp_out_q = (self._format(per_expert[0]) for per_expert in experts.packed)
         layer.num_experts, layer.top_k = experts.num_experts, cfg.top_k
         layer.router_w = self._ptr(moe.router.weight, True)
         layer.score_bias = self._ptr(getattr(moe.router, "score_bias", None), True)
@@ -326,7 +356,8 @@ of (token, slot, position), prompt chunks and decode rows alike, at most `max_ro
             n_layers=len(blocks), d_model=cfg.d_model, n_heads=attn.n_heads, n_kv_heads=attn.n_kv_heads,
             head_dim=attn.head_dim, rot_dim=cfg.rope_dim if model.rope is not None else 0,
             vocab=cfg.vocab_size, slots=table.shape[0], max_len=self.max_positions,
-            bf16=int(model.tok_emb.weight.dtype == torch.bfloat16), blocked=int(layout_of(model.lm_head) == "blocked"),
+            bf16=int(model.tok_emb.weight.dtype == torch.bfloat16),
+            blocked=int("blocked" in {layout_of(m) for m in native_matrices(model)}),
             rmsnorm=int(isinstance(blocks[0].ln_attn, RMSNorm)),
             swiglu=int(cfg.activation == "swiglu"), qk_norm={"off": 0, "head": 1, "full": 2}[attn.qk_norm],
             eps=cfg.layer_norm_eps, qkv_clip=attn.qkv_clip or 0.0,
@@ -334,6 +365,7 @@ of (token, slot, position), prompt chunks and decode rows alike, at most `max_ro
         )
         struct.final_norm_w, struct.final_norm_b = self._norm(model.ln_f)
         struct.head_w = self._matrix(model.lm_head)
+        struct.head_q = self._format(model.lm_head)
         struct.tok_emb = self._ptr(model.tok_emb.weight)
         if model.rope is None:
             struct.pos_emb = self._ptr(model.pos_emb.weight)
