@@ -115,3 +115,14 @@ def test_study_summary_pairs_examples_and_batches_across_arms():
     # a run without per-example data: the seed rule, and no bootstrap
     runs[0].val_batch_losses = None
     assert summarize(STUDIES["moe-vs-dense"], [_Plan()], runs)["paired"]["bootstrap"] is None
+
+
+def test_a_run_records_its_final_per_batch_validation_losses(tmp_path):
+    from live_server import train_tiny_run
+
+    from pyramoe.experiments.runner import eval_curve, final_batch_losses
+
+    run_dir = train_tiny_run(tmp_path)  # eval_batches=2, batches of equal size
+    losses = final_batch_losses(run_dir)
+    curve = eval_curve(run_dir)
+    assert len(losses) == 2 and float(np.mean(losses)) == pytest.approx(curve[max(curve)], rel=1e-6)
