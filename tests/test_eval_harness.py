@@ -49,15 +49,20 @@ def lm(env) -> PyramoeLM:
 
 
 def direct_logprob(lm: PyramoeLM, context_ids: list[int], continuation_ids: list[int]) -> tuple[float, bool]:
-    """log p(continuation | context) from one unpadded forward of the last max_len + 1 tokens."""
-    model = lm.scorer.model
-    whole = (context_ids + continuation_ids)[-(model.config.max_seq_len + 1) :]
-    with torch.no_grad():
-        logp = F.log_softmax(model(torch.tensor([whole[:-1]])).logits[0].float(), dim=-1)
-    n = len(continuation_ids)
-    rows = logp[-n:]
-    target = torch.tensor(continuation_ids)
-    return float(rows.gather(-1, target[:, None]).sum()), bool((rows.argmax(-1) == target).all())
+    """log p(continuation | context) from unpadded forwards of the last max_length + 1 tokens, one per
+    max_length continuation tokens (a longer continuation is scored in windows)."""
+    model, n = lm.scorer.model, lm.max_length
+    total, greedy = 0.0, True
+    for a in range(0, len(continuation_ids), n):
+        target_ids = continuation_ids[a : a + n]
+        whole = (context_ids + continuation_ids[: a + len(target_ids)])[-(n + 1) :]
+        with torch.no_grad():
+            logp = F.log_softmax(model(torch.tensor([whole[:-1]])).logits[0].float(), dim=-1)
+        rows = logp[-len(target_ids) :]
+        target = torch.tensor(target_ids)
+        total += float(rows.gather(-1, target[:, None]).sum())
+        greedy = greedy and bool((rows.argmax(-1) == target).all())
+    return total, greedy
 
 
 def split_pair(lm: PyramoeLM, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -266,5 +271,72 @@ def test_in_process_accuracy_equals_the_harness(env, tmp_path, capsys):
     harness = json.loads(capsys.readouterr().out)["tasks"]
     direct = checkpoint_accuracy(loose, limit=limit, batch_size=3)
     for task in ACCURACY_TASKS:
+        outcomes = direct[task].pop("outcomes")
+        assert len(outcomes) == limit and outcomes.count("1") / limit == pytest.approx(direct[task]["acc"])
         assert direct[task] == {"acc": pytest.approx(harness[task]["acc"]), "n": limit,
-                                "chance": harness[task]["chance"]}
+                                "chance": harness[task]["chance"], "baseline": harness[task]["baseline"]}
+
+
+def test_requests_are_scored_in_the_trained_length_by_default(env, capsys):
+    lm = PyramoeLM(checkpoint=str(env), batch_size=2)
+    assert lm.source.trained_len == 32 < lm.scorer.model.config.max_seq_len and lm.max_length == 32
+    assert PyramoeLM(checkpoint=str(env), max_length="48").max_length == 48
+    assert main(["eval", str(env), "--tasks", "pyramoe_stdlib_docsig", "--limit", "2", "--seq-len", "48",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_length"] == 48
+    assert main(["eval", str(env), "--tasks", "pyramoe_stdlib_docsig", "--seq-len", "100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--seq-len: must be between 2 and the model's max_seq_len" in err
+
+
+def test_generate_until_keeps_the_prompt_and_shortens_a_budget_that_does_not_fit(lm):
+    prompts = ["def f1(x):\n", "def f12(x):\n    return", "x = 1\ny = 2\n" * 4]
+    args = [(p, {"until": ["@@@"], "max_gen_toks": 256}) for p in prompts]
+    got = lm.generate_until(instances("generate_until", args), disable_tqdm=True)
+    assert lm.scorer.shortened_generations == len(prompts)
+    for prompt, text in zip(prompts, got):
+        ids = lm.tok_encode(prompt)[-(lm.max_length - 1) :]  # only a prompt that does not fit loses its start
+        new: list[int] = []
+        with torch.no_grad():
+            while len(ids) + len(new) < lm.max_length:  # new tokens while they fit after the prompt
+                token = int(lm.scorer.model(torch.tensor([ids + new])).logits[0, -1].argmax())
+                if token == lm.eot_token_id:
+                    break
+                new.append(token)
+        assert text == lm.tok_decode(new)
+
+
+def test_table_and_json_carry_trivial_baselines_and_dedup(env, capsys):
+    assert main(["eval", str(env), "--tasks", "pyramoe_stdlib_nextline", "--limit", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "baseline" in out.splitlines()[1] and "dropped as their answer line is in the training split" in out
+    assert main(["eval", str(env), "--tasks", "pyramoe_stdlib_nextline", "--limit", "4", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    from pyramoe.evaluation.baselines import task_baseline
+
+    want = task_baseline(read_task("pyramoe_stdlib_nextline")[:4])["acc"]
+    assert record["tasks"]["pyramoe_stdlib_nextline"]["baseline"] == want
+    assert record["dedup"]["records_dropped"]["pyramoe_stdlib_nextline"] > 0
+
+
+def test_standard_task_offline_is_one_line_and_reads_a_local_copy(env, tmp_path, capsys, monkeypatch):
+    from pyramoe.evaluation import standard
+
+    for key in standard.OFFLINE:  # as on a machine with no network: the probe decides
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(standard, "hub_reachable", lambda: False)
+    assert main(["eval", str(env), "--tasks", "piqa", "--limit", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cannot be downloaded here" in err and "--data-dir" in err
+    # a piqa-shaped copy in the Hugging Face layout: DIR/baber/piqa/{train,validation}.jsonl
+    rows = [{"goal": "To open a jar,", "sol1": "twist the lid.", "sol2": "eat the lid.", "label": 0},
+            {"goal": "To cut paper,", "sol1": "use a spoon.", "sol2": "use scissors.", "label": 1},
+            {"goal": "To dry hair,", "sol1": "use a towel.", "sol2": "use water.", "label": 0}]
+    local = tmp_path / "data" / "baber" / "piqa"
+    local.mkdir(parents=True)
+    for split in ("train", "validation"):
+        (local / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["eval", str(env), "--tasks", "piqa", "--data-dir", str(tmp_path / "data"), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["tasks"]["piqa"]["n"] == 3 and 0 <= record["tasks"]["piqa"]["acc"] <= 1
+    assert "dedup" not in record

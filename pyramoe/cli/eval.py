@@ -7,8 +7,12 @@ their eval capacity factor unless --dropless.
 `pyramoe eval CKPT --tasks T1,T2` runs lm-evaluation-harness tasks instead (zero-shot; needs the
 `eval` extra), MoE layers dropless: the local tasks built from the stdlib's held-out files
 (pyramoe_stdlib = all of them; see pyramoe/evaluation/tasks/) or any of the harness's own. It prints
-each score beside its chance level and, for a run's checkpoint, appends a "zeroshot" record to the
-run's metrics.jsonl. `pyramoe eval --build-tasks` builds the local tasks' files ahead of time.
+each score beside its chance level and the accuracy of a trivial strategy (most frequent identifier,
+shortest/longest choice, most words shared with the context) and, for a run's checkpoint, appends a
+"zeroshot" record to the run's metrics.jsonl. Requests are scored in at most the seq_len the checkpoint
+trained on (--seq-len to change it). The harness's own tasks need their datasets: from the Hugging Face
+Hub, or where it cannot be reached, from copies under --data-dir DIR (DIR/baber/piqa, ...). `pyramoe eval
+--build-tasks` builds the local tasks' files ahead of time.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--batches", type=int, help="validation batches (default: the run's eval_batches)")
     parser.add_argument("--batch-size", type=int,
                         help="default: the run's batch_size (with --tasks: 8 sequences per forward)")
-    parser.add_argument("--seq-len", type=int, help="default: the run's seq_len")
+    parser.add_argument("--seq-len", type=int,
+                        help="default: the run's seq_len (with --tasks: the most tokens a request is scored in; "
+                             "default the seq_len the checkpoint trained on)")
     parser.add_argument("--corpus", metavar="SPEC", help="evaluate on another corpus's validation split")
     parser.add_argument("--dropless", action="store_true", help="no capacity limit: no token is dropped")
     parser.add_argument("--quantize", default=None, metavar="FORMAT",
@@ -46,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     zeroshot = parser.add_argument_group("zero-shot tasks (lm-evaluation-harness)")
     zeroshot.add_argument("--tasks", metavar="T1,T2", help="harness tasks to run instead of validation loss")
     zeroshot.add_argument("--limit", type=int, help="at most this many examples per task")
+    zeroshot.add_argument("--data-dir", metavar="DIR",
+                          help="copies of the harness tasks' datasets, DIR/DATASET_PATH (e.g. DIR/baber/piqa), "
+                               "read with no network")
     zeroshot.add_argument("--dtype", default="fp32", help="fp32, bf16 (autocast, CPUs with native bf16) or auto")
     zeroshot.add_argument("--build-tasks", action="store_true",
                           help="build the local tasks' files from the stdlib's validation split and say where")
@@ -72,8 +81,15 @@ def build_tasks_main(args: argparse.Namespace) -> int:
     meta = files.meta
     print(f"{files.directory}: {meta['val_documents']} held-out files of corpus {meta['corpus']!r} "
           f"(val_percent {meta['val_percent']})")
-    rows = [[name, meta["examples"][name], spec.chance, spec.about] for name, spec in TASKS.items()]
-    print(format_table(["task", "examples", "chance", "what"], rows))
+    dedup = meta["dedup"]
+    print(f"deduplicated against the training split: {dedup['documents_dropped']} near-duplicate file(s) dropped; "
+          "records dropped as their answer line is in the training split, per task below")
+    rows = []
+    for name, spec in TASKS.items():
+        baseline = meta["baseline"][name]
+        rows.append([name, meta["examples"][name], dedup["records_dropped"][name], spec.chance,
+                     f"{baseline['acc']:.3f} ({baseline['strategy']})" if baseline else None, spec.about])
+    print(format_table(["task", "examples", "dropped", "chance", "trivial baseline", "what"], rows))
     if args.checkpoint is not None and args.tasks is not None:
         return zeroshot_main(args)
     return 0
@@ -89,19 +105,32 @@ def zeroshot_main(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads: must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    model = harness.load_model(args.checkpoint, args.dtype, args.batch_size, args.quantize)
+    try:
+        model = harness.load_model(args.checkpoint, args.dtype, args.batch_size, args.seq_len, args.quantize)
+    except ValueError as exc:
+        if str(exc).startswith("max_length"):
+            raise ValueError(f"--seq-len: {str(exc).split(': ', 1)[1]}") from None
+        raise
     warning = harness.heldout_warning(model.source, tasks)
     if warning:
         print(f"pyramoe eval: warning: {warning}", file=sys.stderr)
-    results = harness.run_zeroshot(model, tasks, args.limit, args.verbose)
+    results = harness.run_zeroshot(model, tasks, args.limit, args.verbose, args.data_dir)
     source = model.source
-    record = harness.zeroshot_record(source.step, str(source.path.resolve()), results, args.limit)
+    record = harness.zeroshot_record(source.step, str(source.path.resolve()), results, args.limit, model.max_length)
     if args.json:
         print(json.dumps(record, indent=1))
     else:
         step = f"step {source.step}" if source.step is not None else "Hugging Face directory"
-        print(f"{source.path} ({step}), zero-shot" + (f", --limit {args.limit}" if args.limit else ""))
+        print(f"{source.path} ({step}), zero-shot, requests in at most {model.max_length} tokens"
+              + (f", --limit {args.limit}" if args.limit else ""))
         print(harness.table(results))
+        dedup = harness.dedup_line(tasks)
+        if dedup:
+            print(dedup)
+    if model.scorer.shortened_generations:
+        print(f"pyramoe eval: warning: {model.scorer.shortened_generations} generation request(s) had a "
+              f"max_gen_toks that does not fit after the prompt in {model.max_length} tokens; their prompts were "
+              "kept and the generations shortened", file=sys.stderr)
     run_dir = run_dir_of(source.path) if source.step is not None else None
     if run_dir is not None:
         MetricsLog(run_dir / METRICS_FILE).write(record)

@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyramoe.data.dedup import HeldOut, deduplicate
+
 Unit = tuple[str, str]  # (split key, document text)
 
 DEFAULT_VAL_PERCENT = 2.0
@@ -64,6 +66,11 @@ class Corpus:
     def val_docs(self) -> Iterator[str]:
         """Validation documents; never empty when val_percent > 0 and the corpus has two or more units."""
         return (text for is_val, text in self._labelled() if is_val)
+
+    def heldout(self) -> HeldOut:
+        """Validation documents without the near-duplicates of training text (see `dedup`), with the
+        training split's line hashes for finer checks. Reads the corpus twice."""
+        return deduplicate(self.val_docs(), self.train_docs())
 
     def _labelled(self) -> Iterator[tuple[bool, str]]:
         """``(is_val, text)`` per unit: val when the key's hash falls under val_percent.

@@ -7,11 +7,13 @@ the local tasks' --include_path added), `pyramoe eval CKPT --tasks ...`, or `imp
 pyramoe.evaluation.lm` before `lm_eval.simple_evaluate(model="pyramoe", ...)`.
 
     --model pyramoe --model_args checkpoint=RUN_OR_CKPT_OR_HF_DIR[,dtype=fp32|bf16|auto][,device=cpu|cuda]
-                                 [,quantize=int8]
+                                 [,max_length=N] [,quantize=int8]
 
 A pyramoe checkpoint (or a run directory: its latest) or a Hugging Face MoE directory that
 `pyramoe.hf` reads (with a tokenizer.json). The model's own tokenizer, and MoE layers dropless: a
-token's log-likelihood never depends on the other requests in its batch.
+token's log-likelihood never depends on the other requests in its batch. Requests are scored in at
+most max_length tokens: by default the length a pyramoe checkpoint trained on (its run's seq_len: a
+learned-position model never trained the positions beyond), a Hugging Face directory's max positions.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tqdm import tqdm
 
 from pyramoe.checkpoint import build_model, load_checkpoint
 from pyramoe.data import Tokenizer
-from pyramoe.evaluation.scoring import Scorer, resolve_dtype
+from pyramoe.evaluation.scoring import Scorer, resolve_dtype, trained_seq_len
 from pyramoe.inference.engine import is_hf_directory
 from pyramoe.inference.packing import check_quantize, quantize_model
 from pyramoe.models import GPT
@@ -71,6 +73,13 @@ class Source:
     tokenizer: Tokenizer
     eos_id: int
     step: int | None  # None for a Hugging Face directory
+    trained_len: int | None = None  # the sequence length it trained on, when known
+
+    @property
+    def default_max_length(self) -> int:
+        """The trained length, within the model's max_seq_len (which alone a Hugging Face directory knows)."""
+        limit = self.model.config.max_seq_len
+        return min(self.trained_len, limit) if self.trained_len else limit
 
 
 def load_source(path: str | Path) -> Source:
@@ -91,7 +100,18 @@ def load_source(path: str | Path) -> Source:
     if not ckpt.tokenizer_path.is_file():
         raise ValueError(f"{ckpt.path}: incomplete checkpoint ({ckpt.tokenizer_path.name} missing)")
     tokenizer = Tokenizer.from_file(ckpt.tokenizer_path)
-    return Source(ckpt.path, build_model(ckpt, dropless=True), tokenizer, tokenizer.eos_id, ckpt.step)
+    return Source(ckpt.path, build_model(ckpt, dropless=True), tokenizer, tokenizer.eos_id, ckpt.step,
+                  trained_seq_len(ckpt.state))
+
+
+def parse_max_length(value: Any) -> int | None:
+    """model_args max_length: an int, or None (unset: the source's default)."""
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"max_length: expected an integer, got {value!r}") from None
 
 
 @register_model("pyramoe")
@@ -102,6 +122,7 @@ class PyramoeLM(TemplateLM):
         dtype: str = "fp32",
         batch_size: int | str | None = None,
         device: str | None = None,
+        max_length: int | str | None = None,
         max_batch_size: int | None = None,  # noqa: ARG002 - passed by the harness; unused
         quantize: str | None = None,
         **kwargs: Any,
@@ -112,7 +133,7 @@ class PyramoeLM(TemplateLM):
         unknown = sorted(k for k, v in kwargs.items() if v is not None)
         if unknown:
             raise ValueError(f"model_args: unknown argument {unknown[0]!r} "
-                             "(known: checkpoint, dtype, batch_size, device, quantize)")
+                             "(known: checkpoint, dtype, batch_size, device, max_length, quantize)")
         check_quantize(quantize, "model_args: quantize")
         device = resolve_device(device)
         self.source = load_source(checkpoint)
@@ -122,8 +143,9 @@ class PyramoeLM(TemplateLM):
             quantize_model(self.source.model, quantize)
         self.pyramoe_tokenizer = self.source.tokenizer
         self.pyramoe_tokenizer.encode_specials_as_text(True)  # as the corpus was tokenized
+        length = parse_max_length(max_length) or self.source.default_max_length
         self.scorer = Scorer(self.source.model.to(device), self.source.eos_id, parse_batch_size(batch_size),
-                             resolve_dtype(str(dtype), device))
+                             resolve_dtype(str(dtype), device), length)
         self._device = torch.device(device)
 
     # -- what the harness asks of a model --------------------------------------------------------------

@@ -12,6 +12,7 @@ Legend: B batch rows, T positions, V vocabulary.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from pyramoe.models import GPT
 from pyramoe.runtime import cpu_has_native_bf16
 
 TokenPair = tuple[list[int], list[int]]  # (context ids, continuation ids)
+logger = logging.getLogger(__name__)
 
 
 def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
@@ -38,16 +40,36 @@ def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
     raise ValueError(f"dtype: must be fp32, bf16 or auto, got {name!r}")
 
 
+def trained_seq_len(state: dict) -> int | None:
+    """The seq_len a pyramoe checkpoint's run trained with (its state.json), when recorded."""
+    value = (state.get("run_config") or {}).get("train", {}).get("seq_len")
+    return value if isinstance(value, int) and value > 0 else None
+
+
 @dataclass
 class Scorer:
+    """`max_length`: the longest sequence scored or generated (default and upper bound: the model's
+    max_seq_len). Give a checkpoint its trained seq_len: a learned-position model never trained the
+    positions beyond it."""
+
     model: GPT
     pad_id: int
     batch_size: int = 8
     dtype: torch.dtype = torch.float32
+    max_length: int | None = None
+    shortened_generations: int = 0  # prompts whose generation budget was cut to fit max_length
+
+    def __post_init__(self) -> None:
+        limit = self.model.config.max_seq_len
+        if self.max_length is None:
+            self.max_length = limit
+        if not 2 <= self.max_length <= limit:
+            raise ValueError(f"max_length: must be between 2 and the model's max_seq_len={limit}, "
+                             f"got {self.max_length}")
 
     @property
     def max_len(self) -> int:
-        return self.model.config.max_seq_len
+        return self.max_length
 
     @property
     def device(self) -> torch.device:
@@ -65,27 +87,35 @@ class Scorer:
 
     def loglikelihood(self, pairs: Sequence[TokenPair]) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding gives the continuation) per
-        pair. A pair longer than max_seq_len + 1 keeps its last max_seq_len + 1 tokens (context cut on
-        the left)."""
-        rows = [self._row(context, continuation) for context, continuation in pairs]
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths share a batch
-        out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        pair. A pair longer than max_length + 1 keeps its last max_length + 1 tokens (context cut on
+        the left); a continuation longer than max_length is scored in windows of max_length tokens,
+        each after the max_length tokens before it, as a rolling log-likelihood is."""
+        rows, owner = [], []
+        for i, (context, continuation) in enumerate(pairs):
+            for row in self._rows(context, continuation):
+                rows.append(row)
+                owner.append(i)
+        order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))  # similar lengths share a batch
+        out: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            for i, result in zip(batch, self._score_batch([rows[i] for i in batch])):
-                out[i] = result
+            for r, (logp, greedy) in zip(batch, self._score_batch([rows[r] for r in batch])):
+                total, all_greedy = out[owner[r]]
+                out[owner[r]] = (total + logp, all_greedy and greedy)
         return out
 
-    def _row(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
+    def _rows(self, context: list[int], continuation: list[int]) -> list[tuple[list[int], list[int]]]:
+        """(input ids, the continuation ids its last positions predict), one per window."""
         if not context:
             raise ValueError("loglikelihood: the context needs at least one token (a prefix token)")
         if not continuation:
-            return context[-self.max_len :], []
-        if len(continuation) > self.max_len:
-            raise ValueError(f"loglikelihood: a continuation of {len(continuation)} tokens exceeds "
-                             f"max_seq_len={self.max_len}")
-        whole = (context + continuation)[-(self.max_len + 1) :]
-        return whole[:-1], continuation
+            return [(context[-self.max_len :], [])]
+        rows = []
+        for a in range(0, len(continuation), self.max_len):
+            target = continuation[a : a + self.max_len]
+            whole = (context + continuation[: a + len(target)])[-(self.max_len + 1) :]
+            rows.append((whole[:-1], target))
+        return rows
 
     def _score_batch(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         longest = max(len(inp) for inp, _ in rows)
@@ -106,7 +136,7 @@ class Scorer:
 
     def rolling_pairs(self, tokens: list[int], prefix_id: int) -> list[TokenPair]:
         """Pairs that score every token of `tokens` once, each with as much context as fits: chunks of
-        max_seq_len tokens, each after (at most) the max_seq_len tokens before it."""
+        max_length tokens, each after (at most) the max_length tokens before it."""
         full = [prefix_id, *tokens]
         n = self.max_len
         return [(full[max(0, a - n) : a], full[a : a + n]) for a in range(1, len(full), n)]
@@ -126,12 +156,20 @@ class Scorer:
     def greedy(
         self, prompts: Sequence[list[int]], max_new_tokens: int, stop: Callable[[list[int]], bool], eos_id: int
     ) -> list[list[int]]:
-        """Greedy continuations of a batch of prompts (each cut on the left so that it and its new tokens
-        fit max_seq_len); a row ends at `eos_id` (not kept) or once `stop(its new ids)` holds."""
-        steps = min(max_new_tokens, self.max_len - 1)
-        prompts = [list(p)[-(self.max_len - steps) :] for p in prompts]
+        """Greedy continuations of a batch of prompts; a row ends at `eos_id` (not kept), once `stop(its
+        new ids)` holds, or at its budget. The prompt is kept (only one longer than max_len - 1 tokens
+        loses its start) and the budget shrinks to what fits after it, with a warning: cutting the prompt
+        to make room for a large max_new_tokens would leave a short model nothing to condition on."""
         if any(not p for p in prompts):
             raise ValueError("generate: a prompt needs at least one token")
+        prompts = [list(p)[-(self.max_len - 1) :] for p in prompts]
+        budgets = [min(max_new_tokens, self.max_len - len(p)) for p in prompts]
+        if min(budgets) < max_new_tokens:
+            self.shortened_generations += sum(budget < max_new_tokens for budget in budgets)
+            logger.warning("generate_until: max_gen_toks=%d does not fit after prompts of up to %d tokens in "
+                           "max_length=%d; generating at most %d token(s) after such a prompt instead",
+                           max_new_tokens, max(len(p) for p in prompts), self.max_len, min(budgets))
+        steps = max(budgets)
         longest = max(len(p) for p in prompts)
         idx_BT = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
         mask_BL = torch.zeros(len(prompts), longest, dtype=torch.bool)
@@ -154,7 +192,7 @@ class Scorer:
                         done[b] = True
                     else:
                         outputs[b].append(token)
-                        done[b] = stop(outputs[b])
+                        done[b] = stop(outputs[b]) or len(outputs[b]) == budgets[b]
             if all(done) or step + 1 == steps:
                 break
             mask_BL = torch.cat([mask_BL, torch.ones(len(prompts), 1, dtype=torch.bool)], dim=1)

@@ -1,7 +1,10 @@
 """Zero-shot tasks built from a corpus's held-out validation documents (no download).
 
-Every record comes from `Corpus.val_docs()` alone: the documents no run on that corpus and split trains
-on (nor its tokenizer). Building is deterministic: the same documents give the same files, byte for
+Every record comes from `Corpus.heldout()` alone: the validation documents (which no run on that corpus
+and split trains on, nor its tokenizer) less those that are near-duplicates of training text. A record
+whose answer line (cloze: the completed line; nextline: the true line; docsig: a line of the docstring
+summary or of the signature) occurs in the training split is dropped too (`pyramoe.data.dedup`);
+meta.json counts both. Building is deterministic: the same documents give the same files, byte for
 byte (selection and choice order come from SHA-256 hashes of the text, never from a random state).
 
     pyramoe_stdlib_cloze     last identifier of a line, LAMBADA-style: {"context", "target"}
@@ -9,7 +12,8 @@ byte (selection and choice order come from SHA-256 hashes of the text, never fro
     pyramoe_stdlib_docsig    the signature a docstring belongs to, among 4: {"context", "choices", "label"}
     pyramoe_stdlib_ppl       perplexity of held-out text chunks: {"text"}
 
-Files: CACHE/evaluation/FINGERPRINT-vVERSION/TASK.jsonl and meta.json (counts, chance levels, corpus).
+Files: CACHE/evaluation/FINGERPRINT-vVERSION/TASK.jsonl and meta.json (counts, chance levels, trivial
+baselines, what deduplication dropped, corpus).
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from pyramoe.data import DEFAULT_VAL_PERCENT, default_cache_root, load_corpus
+from pyramoe.data.dedup import TrainingText
+from pyramoe.evaluation.baselines import task_baseline
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: deduplicated against the training split; up to 5000 records a task
 TASK_VAL_PERCENT = DEFAULT_VAL_PERCENT  # the split the shipped task configs are built from
 CHOICES = 4  # multiple-choice tasks: the true answer and CHOICES - 1 distractors
-MAX_EXAMPLES = 500
+MAX_EXAMPLES = 5000  # every record the held-out text gives, up to this (intervals shrink with n)
 CONTEXT_CHARS = 1500  # preceding text given as context, cut at a line start
 MIN_LINE_CHARS = 8
 PPL_CHUNK_CHARS = 2000
@@ -44,7 +50,8 @@ _DOC_MAX_CHARS = 300
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    build: Callable[[list[str]], list[dict[str, Any]]]
+    # (held-out documents, training split) -> (records, candidate records dropped as seen in training)
+    build: Callable[[list[str], TrainingText], tuple[list[dict[str, Any]], int]]
     chance: float | None  # accuracy of a uniform random choice; None: no accuracy metric
     about: str
 
@@ -104,16 +111,19 @@ def _cloze_candidate(lines: list[str], i: int) -> dict | None:
     return {"context": context, "target": name}
 
 
-def build_cloze(docs: list[str]) -> list[dict]:
+def build_cloze(docs: list[str], training: TrainingText) -> tuple[list[dict], int]:
     per_doc: dict[str, list[tuple[str, dict]]] = {}
+    dropped = 0
     for text in docs:
         doc = _doc_id(text)
         lines = text.splitlines(keepends=True)
         for i in range(len(lines)):
             record = _cloze_candidate(lines, i)
-            if record is not None:
+            if record is not None and training.seen_line(lines[i]):
+                dropped += 1
+            elif record is not None:
                 per_doc.setdefault(doc, []).append((_hash("cloze", doc, i), record))
-    return _spread(per_doc, MAX_EXAMPLES)
+    return _spread(per_doc, MAX_EXAMPLES), dropped
 
 
 # -- (b) next line among lines of other files ---------------------------------------------------------------
@@ -151,15 +161,19 @@ def _multiple_choice(context: str, truth: str, others: list[str], key: str) -> d
     return {"context": context, "choices": choices, "label": label}
 
 
-def build_nextline(docs: list[str]) -> list[dict]:
+def build_nextline(docs: list[str], training: TrainingText) -> tuple[list[dict], int]:
     split = [(_doc_id(text), text.splitlines(keepends=True)) for text in docs]
     pool = [(doc, line.strip()) for doc, lines in split for line in lines if _is_content_line(line)]
     pool.sort(key=lambda item: _hash("pool", *item))
     per_doc: dict[str, list[tuple[str, dict]]] = {}
+    dropped = 0
     for doc, lines in split:
         for i in range(3, len(lines)):
             line = lines[i].rstrip("\r\n")
             if not _is_content_line(line):
+                continue
+            if training.seen_line(line):
+                dropped += 1
                 continue
             key = _hash("nextline", doc, i)
             others = _distractors(pool, doc, line.strip(), key, CHOICES - 1)
@@ -168,7 +182,7 @@ def build_nextline(docs: list[str]) -> list[dict]:
             others = [_indent(line) + text for text in others]  # indentation must not give it away
             record = _multiple_choice(_context(lines, i), line, others, key)
             per_doc.setdefault(doc, []).append((key, record))
-    return _spread(per_doc, MAX_EXAMPLES)
+    return _spread(per_doc, MAX_EXAMPLES), dropped
 
 
 # -- (c) docstring -> signature --------------------------------------------------------------------------
@@ -195,22 +209,27 @@ def _functions(text: str) -> Iterator[tuple[str, str]]:
             yield comment, signature
 
 
-def build_docsig(docs: list[str]) -> list[dict]:
+def build_docsig(docs: list[str], training: TrainingText) -> tuple[list[dict], int]:
     found = [(_doc_id(text), comment, sig) for text in docs for comment, sig in _functions(text)]
     pool = sorted(((doc, sig) for doc, _, sig in found), key=lambda item: _hash("pool", *item))
     per_doc: dict[str, list[tuple[str, dict]]] = {}
+    dropped = 0
     for doc, comment, sig in found:
+        lines = [line.removeprefix("# ") for line in comment.splitlines()] + sig.splitlines()
+        if any(training.seen_line(line) for line in lines):
+            dropped += 1
+            continue
         key = _hash("docsig", doc, comment, sig)
         others = _distractors(pool, doc, sig, key, CHOICES - 1)
         if others is not None:
             per_doc.setdefault(doc, []).append((key, _multiple_choice(comment, sig, others, key)))
-    return _spread(per_doc, MAX_EXAMPLES)
+    return _spread(per_doc, MAX_EXAMPLES), dropped
 
 
 # -- perplexity chunks -------------------------------------------------------------------------------------
 
 
-def build_ppl(docs: list[str]) -> list[dict]:
+def build_ppl(docs: list[str], training: TrainingText) -> tuple[list[dict], int]:  # noqa: ARG001 - documents deduplicated already
     """Each document's first PPL_CHUNK_CHARS characters, cut at a line end."""
     per_doc: dict[str, list[tuple[str, dict]]] = {}
     for text in docs:
@@ -219,7 +238,7 @@ def build_ppl(docs: list[str]) -> list[dict]:
         if head[:cut].strip():
             doc = _doc_id(text)
             per_doc[doc] = [(doc, {"text": head[:cut]})]
-    return _spread(per_doc, MAX_EXAMPLES)
+    return _spread(per_doc, MAX_EXAMPLES), 0
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -260,7 +279,8 @@ def task_dir(corpus_fingerprint: str, root: Path | None = None) -> Path:
 def build_tasks(
     corpus: str = "stdlib", val_percent: float = TASK_VAL_PERCENT, root: Path | None = None, force: bool = False
 ) -> TaskFiles:
-    """Build every task's JSONL from the corpus's validation documents (once; later calls reuse them)."""
+    """Build every task's JSONL from the corpus's held-out documents, deduplicated against its training
+    split (once; later calls reuse them)."""
     source = load_corpus(corpus, val_percent)
     directory = task_dir(source.fingerprint, root)
     meta_path = directory / "meta.json"
@@ -268,18 +288,22 @@ def build_tasks(
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if all(TaskFiles(directory, meta).path(name).is_file() for name in TASKS):
             return TaskFiles(directory, meta)
-    docs = list(source.val_docs())
+    heldout = source.heldout()
+    docs = heldout.docs
     if not docs:
-        raise ValueError(f"corpus {corpus!r}: no validation documents to build tasks from (val_percent={val_percent})")
+        raise ValueError(f"corpus {corpus!r}: no validation documents to build tasks from (val_percent={val_percent}; "
+                         f"{heldout.dropped} dropped as near-duplicates of training text)")
     directory.mkdir(parents=True, exist_ok=True)
-    counts = {}
+    counts, dropped, baselines = {}, {}, {}
     for name, spec in TASKS.items():
-        records = spec.build(docs)
+        records, dropped[name] = spec.build(docs, heldout.training)
         _write_jsonl(directory / f"{name}.jsonl", records)
         counts[name] = len(records)
+        baselines[name] = task_baseline(records)
     meta = {"builder_version": BUILDER_VERSION, "corpus": corpus, "val_percent": val_percent,
             "fingerprint": source.fingerprint, "val_documents": len(docs), "examples": counts,
-            "chance": {name: spec.chance for name, spec in TASKS.items()}}
+            "chance": {name: spec.chance for name, spec in TASKS.items()}, "baseline": baselines,
+            "dedup": {**heldout.report(), "records_dropped": dropped}}
     _write_atomic(meta_path, json.dumps(meta, indent=1) + "\n")
     return TaskFiles(directory, meta)
 
@@ -298,5 +322,8 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -261,7 +261,7 @@ def add_inference(summary: dict[str, Any], moe: str, timing: dict[str, Any] | No
 
 def checkpoint_dir(run_dir: Path) -> Path:
     """The run's latest checkpoint, or that of the run its result was reused from (followed on)."""
-    from pyramoe.experiments.runner import checkpoint_run_dir
+    from pyramoe.experiments.rundirs import checkpoint_run_dir
     from pyramoe.train import checkpoint as ckpt_io
 
     latest = ckpt_io.latest_checkpoint(ckpt_io.checkpoint_root(checkpoint_run_dir(run_dir)))

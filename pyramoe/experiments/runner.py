@@ -6,8 +6,10 @@ run resumes from its latest checkpoint, or restarts cleanly when it saved none.
 
 Every finished run's final checkpoint is then scored zero-shot on pyramoe's local accuracy tasks
 (pyramoe/evaluation/accuracy.py: the numbers `pyramoe eval --tasks` gives, computed in-process), once:
-the accuracies are stored in its result.json under a key of the task data and eval settings, so a
-re-report reads them back and a change of tasks or settings scores again.
+the accuracies (with each record's outcome) are stored in its result.json under a key of the task
+data and eval settings, so a re-report reads them back and a change of tasks or settings scores again.
+The final evaluation's per-batch validation losses are kept too: verdicts pair both example by example
+(pyramoe/experiments/verdicts.py).
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ import torch
 from pyramoe.bench.common import machine_label, write_json
 from pyramoe.config import ModelConfig
 from pyramoe.experiments.plan import STUDENT_SEED_OFFSET, ArmPlan, config_key, plan_arm
+from pyramoe.experiments.rundirs import RESULT_FILE, checkpoint_run_dir
 from pyramoe.experiments.studies import Study
 from pyramoe.experiments.timing import measure_step_times, speedups
 from pyramoe.experiments.verdicts import (
     accuracy_verdict,
     fewer_params_verdict,
     loss_verdict,
+    paired_bootstrap,
     paired_differences,
     speed_outcome,
     step_time_verdict,
@@ -43,9 +47,9 @@ from pyramoe.train.metrics import METRICS_FILE
 from pyramoe.train.session import LATEST, create_trainer, resolve_run
 from pyramoe.train.trainer import Trainer
 
-RESULT_FILE = "result.json"
 # Zero-shot scoring of each run's final checkpoint: every record of each local accuracy task (None: no
-# limit; cloze 500, nextline 500, docsig 170 with the default corpus), fp32, MoE layers dropless.
+# limit; with the default corpus about 500 cloze, 5000 nextline, 100 docsig after deduplication), fp32,
+# MoE layers dropless, in each checkpoint's trained seq_len.
 ZEROSHOT_LIMIT: int | None = None
 ZEROSHOT_DTYPE = "fp32"
 
@@ -62,8 +66,10 @@ class RunResult:
     n_layers: int
     d_model: int
     tokens: int
-    # {"key", "settings", "checkpoint", "seconds", "tasks": {task: {"acc", "n", "chance"}}} once scored
+    # {"key", "settings", "checkpoint", "seconds", "tasks": {task: {"acc", "n", "chance", "baseline",
+    # "outcomes"}}} once scored
     zeroshot: dict[str, Any] | None = None
+    val_batch_losses: list[float] | None = None  # the final evaluation's per-batch losses, when recorded
 
 
 # -- one run ----------------------------------------------------------------------------------------------
@@ -113,21 +119,6 @@ def stored_settings_key(config: dict[str, Any], root: Path, depth: int = 0) -> s
     return config_key(config)
 
 
-def checkpoint_run_dir(run_dir: Path) -> Path:
-    """The directory that holds a run's checkpoints: its own, or for a result reused from another
-    directory (`reused_from`), that one's (followed on, looked up by study and run name under the
-    same root)."""
-    root, seen = run_dir.parent.parent, set()
-    while ckpt_io.latest_checkpoint(ckpt_io.checkpoint_root(run_dir)) is None:
-        path = run_dir / RESULT_FILE
-        origin = json.loads(path.read_text()).get("reused_from") if path.is_file() else None
-        if not origin or run_dir in seen:
-            raise FileNotFoundError(f"{run_dir}: no checkpoint, and no run it was reused from that has one")
-        seen.add(run_dir)
-        run_dir = root / Path(origin).parent.name / Path(origin).name
-    return run_dir
-
-
 def open_trainer(plan: ArmPlan, progress: bool) -> Trainer:
     """A new run, or the interrupted one resumed from its latest checkpoint. A directory without a
     checkpoint (stopped before its first save) or with a stale result is cleared and started again."""
@@ -141,6 +132,18 @@ def open_trainer(plan: ArmPlan, progress: bool) -> Trainer:
         return create_distill_trainer(resolve_distill_run(plan.sources, resume), progress=progress)
     run, ckpt = resolve_run(plan.sources, resume)
     return create_trainer(run, ckpt, progress=progress)
+
+
+def final_batch_losses(run_dir: Path) -> list[float] | None:
+    """The last evaluation's per-batch validation losses from metrics.jsonl (None: not recorded)."""
+    last = None
+    for line in (run_dir / METRICS_FILE).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            if record.get("type") == "eval":
+                last = record
+    losses = (last or {}).get("val_batch_losses")
+    return [float(x) for x in losses] if losses else None
 
 
 def eval_curve(run_dir: Path) -> dict[int, float]:
@@ -169,7 +172,7 @@ def run_arm(plan: ArmPlan, progress: bool = True) -> RunResult:
         arm=plan.arm.name, seed=plan.seed, train_seed=plan.train_seed, val_loss=curve[max(curve)],
         val_losses=curve, parameters=count_parameters(trainer.model),
         active_parameters=count_active_parameters(trainer.model), n_layers=config.n_layers,
-        d_model=config.d_model, tokens=trainer.tokens_seen,
+        d_model=config.d_model, tokens=trainer.tokens_seen, val_batch_losses=final_batch_losses(plan.run_dir),
     )
     write_json(plan.run_dir / RESULT_FILE, {**asdict(result), "key": plan.key, "config": plan.config})
     return result
@@ -299,6 +302,32 @@ def _by_seed(arm: dict[str, Any]) -> dict[int, float]:
     return {int(seed): loss for seed, loss in arm["val_loss_by_seed"].items()}
 
 
+def _outcomes(run: dict[str, Any]) -> dict[str, list[float]] | None:
+    """task -> 1/0 per record of a scored run (None: scored before outcomes were stored)."""
+    tasks = (run.get("zeroshot") or {}).get("tasks") or {}
+    if not tasks or any("outcomes" not in entry for entry in tasks.values()):
+        return None
+    return {task: [float(c == "1") for c in entry["outcomes"]] for task, entry in tasks.items()}
+
+
+def _batch_losses(run: dict[str, Any]) -> dict[str, list[float]] | None:
+    losses = run.get("val_batch_losses")
+    return {"val": losses} if losses else None
+
+
+def _per_example(summary: dict[str, Any], arm: str, values) -> dict[int, dict[str, list[float]]]:
+    """seed -> group -> per-example values of an arm's runs; empty when any run lacks them (the verdict
+    then falls back to the seed rule rather than pairing a subset)."""
+    out = {}
+    for run in summary["runs"]:
+        if run["arm"] == arm:
+            found = values(run)
+            if found is None:
+                return {}
+            out[run["seed"]] = found
+    return out
+
+
 def _mean_accuracy_by_seed(arm: dict[str, Any]) -> dict[int, float]:
     return {int(seed): acc["mean"] for seed, acc in arm["accuracy_by_seed"].items()}
 
@@ -320,6 +349,8 @@ def add_accuracy(study: Study, summary: dict[str, Any]) -> None:
         "threads": sorted({z.get("threads") for z in scored if z.get("threads")}),
     }
     paired = paired_differences(_mean_accuracy_by_seed(better), _mean_accuracy_by_seed(worse))  # better - worse
+    paired["bootstrap"] = paired_bootstrap(_per_example(summary, study.expected_better, _outcomes),
+                                           _per_example(summary, study.expected_worse, _outcomes))
     summary["paired_accuracy"] = paired
     speed = None
     if study.compare == "step_time" and summary.get("step_time"):
@@ -339,6 +370,9 @@ def summarize(
     }
     better, worse = arms[study.expected_better], arms[study.expected_worse]
     summary["paired"] = paired_differences(_by_seed(worse), _by_seed(better))
+    summary["paired"]["bootstrap"] = paired_bootstrap(  # worse - better: lower loss is the expected direction
+        _per_example(summary, study.expected_worse, _batch_losses),
+        _per_example(summary, study.expected_better, _batch_losses))
     summary["verdict"] = verdict(study, summary)
     add_accuracy(study, summary)
     return summary

@@ -1,9 +1,17 @@
-"""Verdicts on paired differences by seed.
+"""Verdicts on paired differences: example by example where the runs' per-example outcomes are
+stored, else seed by seed.
 
-Arms of a study share each seed's initialisation and data order, so arm B - arm A on the same seed is
-one paired measurement of the effect. A direction *holds* only with at least MIN_SEEDS seeds, every
-paired difference of the expected sign and their mean larger than their spread (max - min); it is
-*contradicted* when the same is true the other way, and *inconclusive* otherwise.
+Arms of a study share each seed's initialisation and data order, and score the same examples (the
+same validation batches, the same task records), so arm B - arm A on one example and seed is one paired
+measurement of the effect. With per-example outcomes (`paired_bootstrap`): the difference is the mean
+over tasks of the mean over examples and seeds; its 95% interval comes from a paired bootstrap that
+resamples the examples of each task, each with its outcomes on every seed (so the interval covers
+which examples were drawn; the seeds are averaged, not resampled). A direction *holds* when the
+interval lies above zero, is *contradicted* when it lies below, and is *inconclusive* otherwise; two
+arms are *on par* when the interval lies within the tolerance.
+
+Without them (runs from before per-batch losses were recorded) the seed rule stands: at least
+MIN_SEEDS seeds, every paired difference of the expected sign and their mean larger than their spread.
 
 Step time is judged on the per-round speedups of one interleaved timing run against the claim's own
 threshold (e.g. "more than 10% faster" is 1.10): holds when the lower quartile of the rounds' speedups
@@ -17,9 +25,14 @@ better), with ACC_PAR_TOLERANCE in place of PAR_TOLERANCE where a claim is "abou
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 MIN_SEEDS = 2
+BOOTSTRAP_ITERS = 10_000
+CONFIDENCE = 0.95
 PAR_TOLERANCE = 0.02  # validation-loss difference (nats) within which two arms count as on par
 ACC_PAR_TOLERANCE = 0.01  # mean zero-shot accuracy difference (1 point) within which two arms are on par
 
@@ -37,8 +50,52 @@ def paired_differences(worse: dict[int, float], better: dict[int, float]) -> dic
             "max": max(values), "spread": max(values) - min(values)}
 
 
+def paired_bootstrap(
+    expected: Mapping[Any, Mapping[str, Sequence[float]]], other: Mapping[Any, Mapping[str, Sequence[float]]],
+    iters: int = BOOTSTRAP_ITERS, seed: int = 0,
+) -> dict[str, Any] | None:
+    """Paired difference expected - other with its CONFIDENCE interval, from per-example values.
+
+    `expected`/`other`: seed -> group (a task, or "val" for validation batches) -> one value per example,
+    the same examples in the same order for every seed and arm. Seeds and groups both arms have are
+    used; the statistic is the mean over groups of the mean over examples and seeds. None when no seed
+    and group are shared."""
+    seeds = sorted(set(expected) & set(other), key=str)
+    groups = sorted(set.intersection(*(set(expected[s]) & set(other[s]) for s in seeds))) if seeds else []
+    if not groups:
+        return None
+    rng = np.random.default_rng(seed)
+    point, draws, examples = [], np.zeros(iters), 0
+    for group in groups:
+        n = len(expected[seeds[0]][group])
+        if n == 0 or any(len(expected[s][group]) != n or len(other[s][group]) != n for s in seeds):
+            raise ValueError(f"paired bootstrap: group {group!r} has differing example counts across seeds or arms")
+        diffs = np.array([np.subtract(expected[s][group], other[s][group], dtype=np.float64) for s in seeds])
+        per_example = diffs.mean(axis=0)  # each example's difference, averaged over seeds
+        point.append(per_example.mean())
+        draws += per_example[rng.integers(0, n, size=(iters, n))].mean(axis=1)
+        examples += n
+    draws /= len(groups)
+    tail = (1 - CONFIDENCE) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return {"diff": float(np.mean(point)), "low": float(low), "high": float(high), "confidence": CONFIDENCE,
+            "examples": examples, "groups": groups, "seeds": len(seeds), "iters": iters}
+
+
+def interval_outcome(boot: dict[str, Any]) -> str:
+    """holds when the interval is above zero, contradicted when below, inconclusive otherwise."""
+    if boot["low"] > 0:
+        return HOLDS
+    if boot["high"] < 0:
+        return CONTRADICTED
+    return INCONCLUSIVE
+
+
 def paired_outcome(paired: dict[str, Any]) -> str:
-    """holds / contradicted / inconclusive for paired differences (positive: the expected direction)."""
+    """holds / contradicted / inconclusive for paired differences (positive: the expected direction):
+    on the bootstrap interval when there is one, else the seed rule."""
+    if paired.get("bootstrap"):
+        return interval_outcome(paired["bootstrap"])
     if paired["n"] < MIN_SEEDS:
         return INCONCLUSIVE
     if paired["min"] > 0 and paired["mean"] > paired["spread"]:
@@ -53,7 +110,10 @@ def quality(paired: dict[str, Any], tolerance: float = PAR_TOLERANCE) -> str:
     outcome = paired_outcome(paired)
     if outcome == HOLDS:
         return "better"
-    if paired["n"] >= MIN_SEEDS and max(abs(paired["min"]), abs(paired["max"])) <= tolerance:
+    boot = paired.get("bootstrap")
+    if boot and -tolerance <= boot["low"] and boot["high"] <= tolerance:
+        return "on par"
+    if not boot and paired["n"] >= MIN_SEEDS and max(abs(paired["min"]), abs(paired["max"])) <= tolerance:
         return "on par"
     if outcome == CONTRADICTED:
         return "worse"
@@ -62,20 +122,39 @@ def quality(paired: dict[str, Any], tolerance: float = PAR_TOLERANCE) -> str:
 
 def describe_paired(paired: dict[str, Any]) -> str:
     diffs = ", ".join(f"{d:+.3f}" for d in paired["diffs"].values())
-    return (f"mean paired difference {paired['mean']:+.3f} over {paired['n']} seeds "
-            f"(per seed {diffs}; spread {paired['spread']:.3f})")
+    seeds = (f"mean paired difference {paired['mean']:+.3f} over {paired['n']} seeds "
+             f"(per seed {diffs}; spread {paired['spread']:.3f})")
+    boot = paired.get("bootstrap")
+    if not boot:
+        return seeds
+    return (f"paired difference {boot['diff']:+.4f}, {boot['confidence']:.0%} interval [{boot['low']:+.4f}, "
+            f"{boot['high']:+.4f}] (paired bootstrap over {boot['examples']} examples x {boot['seeds']} seeds); "
+            + seeds)
+
+
+def _why_inconclusive(paired: dict[str, Any]) -> str:
+    if paired.get("bootstrap"):
+        return "the interval includes zero"
+    return "the paired differences do not exceed their spread"
+
+
+def _needs_seeds(paired: dict[str, Any]) -> bool:
+    """Too few seeds for the seed rule (the bootstrap needs one seed)."""
+    return not paired.get("bootstrap") and paired["n"] < MIN_SEEDS
 
 
 def loss_verdict(better: str, worse: str, paired: dict[str, Any]) -> str:
     outcome = paired_outcome(paired)
     detail = describe_paired(paired)
-    if paired["n"] < MIN_SEEDS:
+    if _needs_seeds(paired):
         return f"{INCONCLUSIVE}: {paired['n']} seed(s); a verdict needs at least {MIN_SEEDS} ({detail})"
+    how = "the interval excludes zero" if paired.get("bootstrap") else "on every seed"
     if outcome == HOLDS:
-        return f"{HOLDS}: {better} is lower than {worse} on every seed; {detail}"
+        return f"{HOLDS}: {better} is lower than {worse} ({how}); {detail}"
     if outcome == CONTRADICTED:
-        return f"{CONTRADICTED}: {better} is higher than {worse} on every seed; {detail}"
-    return f"{INCONCLUSIVE}: the paired differences do not exceed their spread; {detail}"
+        return f"{CONTRADICTED}: {better} is higher than {worse} ({how}); {detail}"
+    why = _why_inconclusive(paired)
+    return f"{INCONCLUSIVE}: {why}; {detail}"
 
 
 def speed_outcome(speedups: list[float], threshold: float) -> str:
@@ -108,7 +187,8 @@ def fewer_params_verdict(better: str, worse: str, params: tuple[int, int], paire
     loss = quality(paired)
     outcome = {"better": HOLDS, "on par": HOLDS, "worse": CONTRADICTED}.get(loss, INCONCLUSIVE)
     return (f"{outcome}: {better} has {ratio:.0%} of {worse}'s parameters and its validation loss is {loss} "
-            f"(on par would need every paired difference within {PAR_TOLERANCE}; {describe_paired(paired)})")
+            f"(on par would need the interval, or every paired difference, within {PAR_TOLERANCE}; "
+            f"{describe_paired(paired)})")
 
 
 def accuracy_verdict(
@@ -120,7 +200,7 @@ def accuracy_verdict(
     at least on par (every paired difference within ACC_PAR_TOLERANCE) or higher. step_time: the
     speed outcome `speed`, unless the accuracy is worse."""
     detail = describe_paired(paired)
-    if paired["n"] < MIN_SEEDS:
+    if _needs_seeds(paired):
         return f"{INCONCLUSIVE}: {paired['n']} seed(s); a verdict needs at least {MIN_SEEDS} ({detail})"
     if compare in ("loss_per_param", "step_time"):
         level = quality(paired, ACC_PAR_TOLERANCE)
@@ -129,11 +209,13 @@ def accuracy_verdict(
             return (f"{outcome}: the step-time outcome, as {better}'s mean accuracy vs {worse}'s is {level} "
                     f"(required: not worse; {detail})")
         outcome = {"better": HOLDS, "on par": HOLDS, "worse": CONTRADICTED}.get(level, INCONCLUSIVE)
-        return (f"{outcome}: {better}'s mean accuracy is {level} vs {worse}'s (on par would need every paired "
-                f"difference within {ACC_PAR_TOLERANCE}; {detail})")
+        return (f"{outcome}: {better}'s mean accuracy is {level} vs {worse}'s (on par would need the interval, or "
+                f"every paired difference, within {ACC_PAR_TOLERANCE}; {detail})")
     outcome = paired_outcome(paired)
+    how = "the interval excludes zero" if paired.get("bootstrap") else "on every seed"
     if outcome == HOLDS:
-        return f"{HOLDS}: {better}'s mean accuracy is higher than {worse}'s on every seed; {detail}"
+        return f"{HOLDS}: {better}'s mean accuracy is higher than {worse}'s ({how}); {detail}"
     if outcome == CONTRADICTED:
-        return f"{CONTRADICTED}: {better}'s mean accuracy is lower than {worse}'s on every seed; {detail}"
-    return f"{INCONCLUSIVE}: the paired differences do not exceed their spread; {detail}"
+        return f"{CONTRADICTED}: {better}'s mean accuracy is lower than {worse}'s ({how}); {detail}"
+    why = _why_inconclusive(paired)
+    return f"{INCONCLUSIVE}: {why}; {detail}"

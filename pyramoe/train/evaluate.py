@@ -37,6 +37,9 @@ class EvalResult:
     loss: float
     tokens: int
     load: dict[int, ExpertLoad] = field(default_factory=dict)  # block index -> counts
+    # Mean loss of each validation batch, in batch order: every run on the same data sees the same
+    # batches, so two runs can be compared batch by batch (pyramoe/experiments/verdicts.py).
+    batch_losses: list[float] = field(default_factory=list)
 
     @property
     def perplexity(self) -> float:
@@ -56,6 +59,7 @@ class EvalResult:
             "expert_load": {str(i): x.routed for i, x in self.load.items()},
             "expert_kept": {str(i): x.kept for i, x in self.load.items()},
             "layer_drop_rate": {str(i): x.drop_rate for i, x in self.load.items()},
+            "val_batch_losses": self.batch_losses,
         }
 
 
@@ -84,6 +88,7 @@ def evaluate(
     model.eval()
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
+    batch_losses: list[float] = []
     load: dict[int, ExpertLoad] = {}
     try:
         for x, y in dataset.iter_eval_batches(batch_size, seq_len, max_batches):
@@ -91,9 +96,12 @@ def evaluate(
             with autocast(precision, device.type):
                 out = model(x)
             logits = out.logits.float()
-            total += F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), reduction="sum").item()
+            # .item(): one host sync per validation batch, outside the training step
+            batch_total = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.view(-1), reduction="sum").item()
+            total += batch_total
             tokens += y.numel()
+            batch_losses.append(batch_total / y.numel())
             accumulate_load(load, out.moe_stats)
     finally:
         model.train(was_training)
-    return EvalResult(loss=total / max(tokens, 1), tokens=tokens, load=load)
+    return EvalResult(loss=total / max(tokens, 1), tokens=tokens, load=load, batch_losses=batch_losses)
