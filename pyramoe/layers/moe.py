@@ -110,7 +110,7 @@ class MoELayer(nn.Module):
         else:
             plan = self.dispatcher.plan(routing, self.num_experts)
             batch = self.dispatcher.dispatch(x_TD, plan)
-            expert_out = self.experts(batch.rows, batch.tokens_per_expert, batch.rows_per_expert)
+            expert_out = self.experts(batch.rows, batch.tokens_per_expert, batch.rows_per_expert, batch.host_counts)
             y_TD = self.dispatcher.combine(expert_out, batch, plan)
             tokens_E, routed_E, dropped = plan.tokens_per_expert_E, plan.routed_per_expert_E, plan.dropped_fraction
         if self.residual_mlp is not None:
