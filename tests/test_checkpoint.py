@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from test_train import start, tiny_sources
 from torch import nn
 
@@ -63,8 +64,8 @@ def test_resuming_an_earlier_checkpoint_prunes_the_abandoned_continuation(tmp_pa
     root = tmp_path / "run" / "checkpoints"
     assert [p.name for p in list_checkpoints(root)] == ["step-0000002", "step-0000004", "step-0000006"]
     overrides = [{"train": {"run_dir": str(tmp_path / "run"), "keep_last": 2, "save_every": 1}}]
-    trainer = start(overrides, resume=str(root / "step-0000002"))
-    trainer.fit(max_steps=3)
+    with start(overrides, resume=str(root / "step-0000002")) as trainer:  # then the directory is free again
+        trainer.fit(max_steps=3)
     # Kept: the checkpoint just written and the one resumed from; 4 and 6 were another continuation.
     assert [p.name for p in list_checkpoints(root)] == ["step-0000002", "step-0000003"]
     assert start(overrides, resume="latest").step == 3
@@ -79,3 +80,47 @@ def test_keep_last_one_never_deletes_the_checkpoint_just_written(tmp_path):
         save(root, step)
     written = save(root, 150, keep_last=1)
     assert written.is_dir() and names(root) == ["step-0000150"]
+
+
+def record_durability(monkeypatch) -> list[tuple[str, str]]:
+    """("fsync", path) and ("replace", target) events, in order."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = ckpt_io.os.fsync, ckpt_io.os.replace
+
+    def fsync(fd):
+        events.append(("fsync", ckpt_io.os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(Path(dst).resolve())))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_io.os, "fsync", fsync)
+    monkeypatch.setattr(ckpt_io.os, "replace", replace)
+    return events
+
+
+def check_published_durably(events: list[tuple[str, str]], final: Path) -> None:
+    """Every file of `final` and its directory reached the disk before the rename that published
+    it, and the parent directory (the new entry) after."""
+    published = events.index(("replace", str(final.resolve())))
+    synced_before = {Path(path).name for kind, path in events[:published] if kind == "fsync"}
+    assert {p.name for p in final.iterdir()} <= synced_before
+    tmp_dirs = [Path(path) for kind, path in events[:published]
+                if kind == "fsync" and Path(path).name.startswith(".tmp-step-")]
+    assert tmp_dirs, "the directory's entries were not flushed before the rename"
+    assert ("fsync", str(final.parent.resolve())) in events[published:]
+
+
+def test_every_checkpoint_file_and_its_directory_reach_the_disk_before_the_rename(tmp_path, monkeypatch):
+    events = record_durability(monkeypatch)
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text("{}")
+    module = nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(module.parameters())
+    module(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    final = ckpt_io.save_checkpoint(tmp_path / "checkpoints", 1, module, optimizer, {}, tokenizer, 3)
+    assert {p.name for p in final.iterdir()} == {ckpt_io.MODEL_FILE, ckpt_io.OPTIMIZER_FILE, ckpt_io.STATE_FILE,
+                                                  ckpt_io.TOKENIZER_FILE}
+    check_published_durably(events, final)

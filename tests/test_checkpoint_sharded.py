@@ -249,3 +249,49 @@ def test_any_part_is_read_from_the_pieces_of_another_layout(tmp_path, saved, loa
         for rank in range(ep * tp):
             part = ckpt_io.Part(experts=(rank // tp * (4 // ep), 4 // ep), tp=(dim, blocks, rank % tp, tp))
             assert torch.equal(files.read("w", part), part.cut(full["w"]))
+
+
+def _run_directory_worker(rank: int, world: int, root: str, out: str) -> None:
+    """Rank 0 alone cleans the checkpoint directory while the others wait; then a sharded save in
+    which each rank records what it fsynced and renamed."""
+    import os
+    import time
+
+    from pyramoe.train.distributed import clean_stale_once
+
+    calls = []
+
+    def slow_clean(path):
+        calls.append(rank)
+        time.sleep(0.5)  # a rank that did not wait would be past the barrier before this ends
+        Path(out, "cleaned").write_text("done")
+
+    ckpt_io.clean_stale = slow_clean
+    clean_stale_once(Path(root), DistRun(Topology(world, rank)))
+    Path(out, f"clean{rank}.json").write_text(json.dumps({"calls": calls, "saw_done": Path(out, "cleaned").exists()}))
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    os.fsync = lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1]
+    os.replace = lambda src, dst: (events.append(("replace", str(Path(dst).resolve()))), real_replace(src, dst))[1]
+    tensors = {"w": torch.full((2, 3), float(rank))}
+    parts = {"w": ckpt_io.Part(experts=(2 * rank, 2))}
+    ckpt_io.save_sharded_checkpoint(Path(root), 1, tensors, parts, ({}, []), {}, {}, None, keep_last=3)
+    Path(out, f"events{rank}.json").write_text(json.dumps(events))
+
+
+def test_rank_0_alone_cleans_and_every_file_is_on_disk_before_the_checkpoint_is_published(tmp_path):
+    from test_checkpoint import check_published_durably
+
+    root = tmp_path / "ckpt"
+    run_workers(_run_directory_worker, 2, tmp_path, str(root), str(tmp_path))
+    assert json.loads((tmp_path / "clean0.json").read_text()) == {"calls": [0], "saw_done": True}
+    assert json.loads((tmp_path / "clean1.json").read_text()) == {"calls": [], "saw_done": True}
+    final = root / "step-0000001"
+    # Rank 1 flushes its own files before it reports them written, and rank 0 renames only after
+    # every rank reported: its fsyncs come first.
+    events_1 = [tuple(e) for e in json.loads((tmp_path / "events1.json").read_text())]
+    assert {Path(p).name for kind, p in events_1 if kind == "fsync"} == {
+        ckpt_io.shard_file("model", 1, 2), ckpt_io.shard_file("optimizer", 1, 2)}
+    events = events_1 + [tuple(e) for e in json.loads((tmp_path / "events0.json").read_text())]
+    check_published_durably(events, final)

@@ -31,12 +31,16 @@ def _worker(rank: int, world: int, per_node: int, out_dir: str) -> None:
     hier = build_exchange(groups, world, hierarchical=True)
     assert isinstance(flat, FlatExchange) and isinstance(hier, HierarchicalExchange)
     results = {}
-    for name, exchange in (("flat", flat), ("hier", hier)):
+    known = [send_splits(source, world)[rank] for source in range(world)]  # what a count table told
+    cases = (("flat", flat, None), ("hier", hier, None), ("hier_known", hier, known), ("flat_known", flat, known))
+    for name, exchange, recv_splits in cases:
         x = rows(rank, world).requires_grad_()
-        out, received = exchange(x, send_splits(rank, world))
+        out, received = exchange(x, send_splits(rank, world), recv_splits)
         grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(rank), dtype=out.dtype)
         out.backward(grad)
         results[name] = dict(out=out.detach(), received=received, grad=x.grad)
+    table = torch.tensor([[rank, q] for q in range(world)])  # row q goes to rank q
+    results["table"], _ = hier(table, [1] * world, [1] * world)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
@@ -56,6 +60,12 @@ def test_hierarchical_equals_flat(tmp_path, world, per_node):
         assert got["flat"]["received"] == got["hier"]["received"] == counts
         assert torch.equal(got["hier"]["out"], got["flat"]["out"])
         assert torch.equal(got["hier"]["grad"], got["flat"]["grad"])
+        for name in ("hier_known", "flat_known"):  # given the counts: the same rows, fewer count rounds
+            assert got[name]["received"] == counts
+            assert torch.equal(got[name]["out"], got["flat"]["out"])
+            assert torch.equal(got[name]["grad"], got["flat"]["grad"])
+        # Equal splits (a count table: one row to every rank) need no count exchange at all.
+        assert torch.equal(got["table"], torch.tensor([[source, rank] for source in range(world)]))
 
 
 def test_node_layouts_and_partitions():

@@ -107,3 +107,45 @@ def test_tensor_parallel_step_matches_one_process(tmp_path, world, tp, ep, slici
                 sharded += want.shape != full.shape
                 torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6, msg=f"{case} rank {rank} {name}")
             assert sharded > 0
+
+
+# -- the logged aux loss ---------------------------------------------------------------------------------
+
+
+def build_with_aux() -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(vocab_size=VOCAB, max_seq_len=32, d_model=32, n_heads=4, aux_loss_coef=0.01,
+                           z_loss_coef=0.001, layers=build_layers(4, "every_other", 4, top_k=2, dropless=True)))
+
+
+def _aux_worker(rank: int, world: int, out_dir: str) -> None:
+    from pyramoe.train.trainer import train_step
+
+    model = build_with_aux()
+    state = parallelize(model, Topology(world, rank, tp=world))
+    idx = dp_batch(0)
+    stats = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), [(idx[:, :-1], idx[:, 1:].contiguous())],
+                       parallel=state)
+    torch.save(stats.aux, f"{out_dir}/aux{rank}.pt")
+
+
+def test_the_logged_aux_loss_under_tp_is_its_value_not_a_share(tmp_path):
+    """Each TP rank routes half of an MoE layer's tokens; the logged aux loss (the ranks' mean, as
+    the trainer logs it) is the mean of the halves' aux losses, not that divided by TP."""
+    run_workers(_aux_worker, 2, tmp_path, str(tmp_path))
+    logged = sum(torch.load(tmp_path / f"aux{r}.pt") for r in range(2)) / 2
+    model = build_with_aux()
+    inputs = {}
+    for index, block in enumerate(model.blocks):
+        if block.is_moe:
+            block.ffn.register_forward_hook(lambda m, args, out, i=index: inputs.__setitem__(i, args[0]))
+    idx = dp_batch(0)
+    model(idx[:, :-1])
+    expected = 0.0
+    for index, x in inputs.items():
+        router = model.blocks[index].ffn.router
+        for half in x.reshape(-1, x.shape[-1]).chunk(2):
+            routing = router(half)
+            expected += (0.01 * routing.balance_loss + 0.001 * routing.z_loss).item() / 2
+    assert expected > 0
+    assert logged == pytest.approx(expected, rel=1e-4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 from pathlib import Path
 
@@ -110,11 +111,11 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     real_save = ckpt_io.save_file
     calls = []
 
-    def failing_save(tensors, path):
+    def failing_save(tensors, path, metadata=None):
         calls.append(path)
         if path.endswith(ckpt_io.OPTIMIZER_FILE):  # the model file is already written by now
             raise OSError("disk full")
-        real_save(tensors, path)
+        real_save(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(ckpt_io, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
@@ -266,3 +267,51 @@ def test_resume_refuses_another_train_validation_split(tmp_path):
             resolve_run([{"train": {"run_dir": run_dir, name: value}}], resume="latest")
     restated = resolve_run([{"train": {"run_dir": run_dir, "val_percent": 10, "max_bytes": None}}], resume="latest")
     assert restated[0].train.val_percent == 10.0
+
+
+def test_a_second_run_in_the_same_directory_is_refused_in_one_line(tmp_path, capsys):
+    from pyramoe.cli.main import main
+
+    first = start(tiny_sources(tmp_path, steps=2, eval_every=0))
+    with pytest.raises(ValueError, match="another run is using this directory") as info:
+        start(tiny_sources(tmp_path, steps=2))
+    assert "\n" not in str(info.value) and str(tmp_path / "run") in str(info.value)
+    corpus = str(tmp_path / "corpus.txt")
+    argv = ["train", "--corpus", corpus, "--run-dir", str(tmp_path / "run"), "--steps", "2", "--quiet"]
+    assert main(argv) == 2  # e.g. a second terminal: refused before anything is written
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"pid {os.getpid()}" in err
+    first.fit()
+    assert not (tmp_path / "run" / "metrics.jsonl").read_text().count('"resume"')
+    first.close()  # the directory is free again
+    with start([{"train": {"run_dir": str(tmp_path / "run"), "steps": 3}}], resume="latest") as again:
+        assert again.fit().step == 3
+
+
+def test_resume_on_another_dp_size_keeps_the_global_batch(tmp_path):
+    from pyramoe.train.session import keep_global_batch
+
+    with start(tiny_sources(tmp_path, steps=2, eval_every=0, grad_accum=2, batch_size=4)) as trainer:
+        trainer.fit()
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.state["global_batch"] == 8
+    run, _ = resolve_run([{"train": {"run_dir": str(tmp_path / "run")}}], "latest")
+
+    def settings(dp: int, **train) -> tuple[int, int]:
+        resumed, _ = resolve_run([{"train": {"run_dir": str(tmp_path / "run"), **train}}], "latest")
+        got = keep_global_batch(resumed, ckpt, dp).train
+        assert got.batch_size * got.grad_accum * dp == 8
+        return got.batch_size, got.grad_accum
+
+    assert settings(1) == (4, 2)
+    assert settings(2) == (2, 2)  # the same micro-batches of the same global draws, split over 2 ranks
+    assert settings(4) == (1, 2)
+    assert settings(8) == (1, 1)  # the accumulation derived when the micro-batch cannot shrink further
+    assert settings(2, batch_size=4, grad_accum=1) == (4, 1)  # restated to fit: accepted as given
+    with pytest.raises(ValueError, match=r"train.batch_size: 8 x grad_accum 2 x DP 2 = 32 sequences per step, "
+                                         r"but .* trained on 8") as info:
+        keep_global_batch(resolve_run([{"train": {"run_dir": str(tmp_path / "run"), "batch_size": 8}}],
+                                      "latest")[0], ckpt, 2)
+    with pytest.raises(ValueError, match="data-parallel size 3 does not divide the global batch of 8"):
+        keep_global_batch(run, ckpt, 3)
+    assert "\n" not in str(info.value)

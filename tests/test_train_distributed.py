@@ -20,12 +20,14 @@ from pyramoe.train.metrics import read_metrics, records_of
 pytestmark = pytest.mark.usefixtures("tiny_run_env")
 
 
-def run_args(tmp_path: Path, run_dir: str, steps: int, batch: int) -> list[str]:
+def run_args(tmp_path: Path, run_dir: str, steps: int, batch: int | None) -> list[str]:
+    """None: no --batch-size (a resumed run derives it from the checkpoint's global batch)."""
     corpus = tmp_path / "corpus.txt"
     if not corpus.exists():
         corpus.write_text("".join(f"def f{i}(x):\n    return x * {i % 13} + {i % 7}\n\n" for i in range(400)))
     return [
-        "train", "--corpus", str(corpus), "--steps", str(steps), "--batch-size", str(batch), "--seq-len", "32",
+        "train", "--corpus", str(corpus), "--steps", str(steps), "--seq-len", "32",
+        *(["--batch-size", str(batch)] if batch is not None else []),
         "--run-dir", run_dir, "--quiet", "--no-plot", "--sample-tokens", "0",
         "--set", "train.vocab_size=300", "--set", "train.val_percent=10", "--set", "train.eval_every=3",
         "--set", "train.eval_batches=2", "--set", "train.save_every=3", "--set", "train.threads=1",
@@ -71,9 +73,10 @@ def test_expert_parallel_training_matches_one_process_and_reshards_on_resume(tmp
     shutil.copytree("ep2", "slice")
     assert main([*run_args(tmp_path, "ep2", 6, 8), "--resume"]) == 0  # saved at EP=2, resumed in one process
 
-    # EP=4 over two emulated nodes of two ranks, hierarchical all-to-all
+    # EP=4 over two emulated nodes of two ranks, hierarchical all-to-all; the micro-batch derived
+    # from the checkpoint's global batch (8 sequences: 2 per rank)
     done = torchrun(
-        [*run_args(tmp_path, "ep4", 6, 2), "--resume", "--ep", "4", "--all-to-all", "hierarchical",
+        [*run_args(tmp_path, "ep4", 6, None), "--resume", "--ep", "4", "--all-to-all", "hierarchical",
          "--ranks-per-node", "2"],
         nproc=4,
     )
@@ -88,6 +91,8 @@ def test_expert_parallel_training_matches_one_process_and_reshards_on_resume(tmp
     assert done.returncode == 0, done.stderr[-2000:]
     assert main([*run_args(tmp_path, "slice", 8, 8), "--resume"]) == 0
 
+    resumed = records_of(read_metrics(Path("ep4") / "metrics.jsonl"), "resume")[-1]
+    assert (resumed["global_batch"], resumed["batch_size"], resumed["grad_accum"]) == (8, 2, 1)
     for run_dir, last in (("ep2", 6), ("ep4", 6), ("tp", 8), ("slice", 8)):
         got = losses(run_dir)
         assert sorted(got) == list(range(1, last + 1))
@@ -151,6 +156,10 @@ def test_a_killed_rank_ends_the_job_quickly(tmp_path):
     [
         (["--ep", "3"], "layers[1].ep: expert-parallel degree 3"),
         (["--tp", "3"], "--tp: 3 does not divide world size 2"),
+        (["--tp", "2", "--set", "model.n_kv_heads=1"], "--tp: model.n_kv_heads=1 does not split over 2 ranks"),
+        # EP groups of 2 over nodes of 3 ranks: the group of ranks 2 and 3 straddles two nodes.
+        (["--nproc-per-node", "6", "--ep", "2", "--all-to-all", "hierarchical", "--ranks-per-node", "3"],
+         "--all-to-all hierarchical: layers[1].ep: groups of degree 2 are spread unevenly over nodes of 3 ranks"),
     ],
 )
 def test_a_layout_that_cannot_fit_is_refused_before_launching(tmp_path, capsys, layout, fragment):

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pyramoe.bench.train_step import build, random_batch
+from pyramoe.bench.train_setup import build, random_batch
 from pyramoe.comm import Topology
 from pyramoe.parallel import parallelize
 from pyramoe.train.trainer import train_step

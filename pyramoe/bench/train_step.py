@@ -19,38 +19,14 @@ from typing import Any
 import torch
 
 from pyramoe.bench.common import machine_info, native_bf16_matmul, write_json
-from pyramoe.config import ModelConfig
-from pyramoe.models import GPT, count_active_parameters, count_parameters
+from pyramoe.bench.scaling import report, run_scaling
+from pyramoe.bench.train_setup import build, random_batch
+from pyramoe.models import count_active_parameters, count_parameters
 from pyramoe.presets import get_preset
 from pyramoe.tables import format_table
-from pyramoe.train.config import TrainConfig
-from pyramoe.train.optim import make_optimizer, set_lr
 from pyramoe.train.trainer import train_step
 
 TARGET_RATIO = 1.3  # an MoE step should cost at most this many dense steps of the same active size
-
-
-def build(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    config = get_preset(name)
-    config.vocab_size = args.vocab_size
-    if args.seq_len > config.max_seq_len:
-        raise ValueError(f"--seq-len: {args.seq_len} exceeds {name}'s max_seq_len={config.max_seq_len}")
-    return build_setup(config)
-
-
-def build_setup(config: ModelConfig) -> dict[str, Any]:
-    """A model and its optimizer, ready to time `pyramoe train`'s step on."""
-    torch.manual_seed(0)
-    model = GPT(config).train()
-    optimizer = make_optimizer(model, TrainConfig())
-    set_lr(optimizer, 1e-4)  # small: the weights barely move, so every timed step routes alike
-    return {"model": model, "optimizer": optimizer, "times": []}
-
-
-def random_batch(vocab_size: int, batch_size: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=generator)
-    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
 
 def time_interleaved(
@@ -183,8 +159,6 @@ def validate(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     validate(args)
     if args.nproc > 1:
-        from pyramoe.bench.scaling import report, run_scaling
-
         payload = {"benchmark": "train-step-scaling", "machine": machine_info(), **run_scaling(args)}
         print(report(payload))
         print(f"wrote {write_json(args.out or 'bench-results/train_step_scaling.json', payload)}")

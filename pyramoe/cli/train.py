@@ -43,7 +43,7 @@ from pyramoe.parallel.launch import (
 from pyramoe.train import Checkpoint, RunConfig, build_model, create_trainer, load_checkpoint, resolve_run
 from pyramoe.train.config import build_model_config, load_toml, parse_override
 from pyramoe.train.metrics import METRICS_FILE, read_metrics, records_of
-from pyramoe.train.session import LATEST, check_plain_run
+from pyramoe.train.session import LATEST, check_plain_run, keep_global_batch
 from pyramoe.train.trainer import FitResult, Trainer
 
 # Dedicated flags are shorthands for --set; values are checked by the same code, so errors match.
@@ -165,6 +165,7 @@ def main(args: argparse.Namespace) -> int:
     if args.nproc_per_node is not None and world_size_from_env() == 1:
         model = ckpt.model_config() if ckpt is not None else build_model_config(run, run.train.vocab_size)
         check_layout(model, args.nproc_per_node, launch)  # one line here rather than one per rank
+        keep_global_batch(run, ckpt, args.nproc_per_node // launch.tp)
         return relaunch_with_torchrun(args.nproc_per_node, argv_without_nproc(args.argv))
     if nothing_to_do(run, ckpt):
         return 0
@@ -194,7 +195,15 @@ def nothing_to_do(run: RunConfig, ckpt: Checkpoint | None) -> bool:
 
 
 def fit_and_report(trainer: Trainer, args: argparse.Namespace, start: float) -> int:
-    """Train to the end, then a summary, plots and a sample; or, when a signal stopped it, how to go on."""
+    """Train to the end, then a summary, plots and a sample; or, when a signal stopped it, how to go on.
+    The run directory is released at the end, however it ends."""
+    try:
+        return _fit_and_report(trainer, args, start)
+    finally:
+        trainer.close()
+
+
+def _fit_and_report(trainer: Trainer, args: argparse.Namespace, start: float) -> int:
     result = trainer.fit()
     wall = time.perf_counter() - start
     if not trainer.is_main:

@@ -7,6 +7,7 @@ from pyramoe.comm.exchange import (
     FlatExchange,
     HierarchicalExchange,
     build_exchange,
+    counts_to_host,
     transposed_run_order,
 )
 from pyramoe.comm.topology import ProcessGroups, Topology, layer_ep
@@ -19,6 +20,7 @@ __all__ = [
     "Topology",
     "all_to_all",
     "build_exchange",
+    "counts_to_host",
     "layer_ep",
     "transposed_run_order",
 ]

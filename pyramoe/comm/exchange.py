@@ -32,15 +32,22 @@ class Exchange(Protocol):
         self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int] | None = None
     ) -> tuple[torch.Tensor, list[int]]:
         """Rows x[send run q] go to rank q; returns the rows received (source order) and their counts.
-        `recv_splits`, when the caller knows them, saves the flat exchange a round of counts."""
+        `recv_splits`, when the caller knows them, saves a round of counts (the flat exchange's only
+        one, the hierarchical exchange's second, and both when every split is the same)."""
         ...
 
 
 def _exchange_counts(counts: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Equal-split all-to-all of a [size, k] int64 table (row q goes to rank q)."""
+    """Equal-split all-to-all of a [size, k] int64 table (row q goes to rank q), on the table's
+    device (the rows' device: NCCL takes no CPU tensor)."""
     out = torch.empty_like(counts)
     dist.all_to_all_single(out.view(-1), counts.contiguous().view(-1), group=group)
     return out
+
+
+def _count_table(splits: list[int], like: torch.Tensor) -> torch.Tensor:
+    """`splits` as an int64 tensor on `like`'s device."""
+    return torch.tensor(splits, dtype=torch.int64, device=like.device)
 
 
 @dataclass
@@ -52,8 +59,8 @@ class FlatExchange:
         self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int] | None = None
     ) -> tuple[torch.Tensor, list[int]]:
         if recv_splits is None:
-            sent = torch.tensor(send_splits, dtype=torch.int64).view(-1, 1)
-            recv_splits = _exchange_counts(sent, self.group).view(-1).tolist()
+            sent = _count_table(send_splits, x).view(-1, 1)
+            recv_splits = _exchange_counts(sent, self.group).view(-1).tolist()  # host sync: the splits
         return all_to_all(x, recv_splits, send_splits, self.group), recv_splits
 
 
@@ -75,37 +82,69 @@ class HierarchicalExchange:
         self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int] | None = None
     ) -> tuple[torch.Tensor, list[int]]:
         n_nodes, g_local = self.nodes, self.per_node
+        if recv_splits is not None and len(set(send_splits) | set(recv_splits)) == 1:
+            return self._equal_splits(x, send_splits[0]), list(recv_splits)
         # sizes_NG[n', g']: rows this rank sends to (n', g'), as given (destination order).
-        sizes_NG = torch.tensor(send_splits, dtype=torch.int64).view(n_nodes, g_local)
+        sizes_NG = _count_table(send_splits, x).view(n_nodes, g_local)
         # Hop 1, inside the node: local rank g' gets the rows for (n', g') for every n'. Reorder this
         # rank's rows to [g'][n'] runs first.
-        by_local = _transpose_runs(x, sizes_NG)
+        by_local = _transpose_runs(x, sizes_NG, sum(send_splits))
         # got_GN[g, n']: rows local source g sends me for (n', my local index).
         got_GN = _exchange_counts(sizes_NG.t().contiguous(), self.local_group)
-        hop1 = all_to_all(by_local, got_GN.sum(1).tolist(), sizes_NG.sum(0).tolist(), self.local_group)
+        # One host sync for the splits of both hops: what hop 1 sends and receives, what hop 2 sends.
+        sent_1, received_1, sent_2 = counts_to_host(sizes_NG.sum(0), got_GN.sum(1), got_GN.sum(0))
+        hop1 = all_to_all(by_local, received_1, sent_1, self.local_group)
         # Layout transform: [local source g][destination node n'] -> [n'][g].
-        by_node = _transpose_runs(hop1, got_GN)
+        by_node = _transpose_runs(hop1, got_GN, sum(received_1))
         # Hop 2, across nodes: node n' gets, from every local source g here, its rows for (n', me).
-        got_NG = _exchange_counts(got_GN.t().contiguous(), self.cross_group)  # [source node n][source g]
-        out = all_to_all(by_node, got_NG.sum(1).tolist(), got_GN.sum(0).tolist(), self.cross_group)
-        return out, got_NG.reshape(-1).tolist()
+        if recv_splits is None:
+            got_NG = _exchange_counts(got_GN.t().contiguous(), self.cross_group)  # [source node n][source g]
+            recv_splits = got_NG.reshape(-1).tolist()  # host sync: the splits
+        received_N = [sum(recv_splits[n * g_local : (n + 1) * g_local]) for n in range(n_nodes)]
+        out = all_to_all(by_node, received_N, sent_2, self.cross_group)
+        return out, list(recv_splits)
+
+    def _equal_splits(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """Every rank sends `rows` rows to every rank (a count table): all sizes are known, no
+        count is exchanged and nothing waits on the device."""
+        n_nodes, g_local = self.nodes, self.per_node
+        sizes = torch.full((n_nodes, g_local), rows, dtype=torch.int64, device=x.device)
+        hop1 = all_to_all(_transpose_runs(x, sizes, x.shape[0]), [rows * n_nodes] * g_local,
+                          [rows * n_nodes] * g_local, self.local_group)
+        by_node = _transpose_runs(hop1, sizes.t(), hop1.shape[0])  # [local source][node] -> [node][local source]
+        return all_to_all(by_node, [rows * g_local] * n_nodes, [rows * g_local] * n_nodes, self.cross_group)
 
 
-def _transpose_runs(x: torch.Tensor, sizes_AB: torch.Tensor) -> torch.Tensor:
-    """x holds runs laid out [a][b] with sizes_AB[a, b] rows each; returns them laid out [b][a]."""
-    return x.index_select(0, transposed_run_order(sizes_AB).to(x.device))
+def counts_to_host(*counts: torch.Tensor) -> list[list[int]]:
+    """Several count vectors as lists, in one device-to-host copy."""
+    lengths = [c.numel() for c in counts]
+    flat = torch.cat([c.reshape(-1) for c in counts]).tolist()
+    out, start = [], 0
+    for n in lengths:
+        out.append(flat[start : start + n])
+        start += n
+    return out
 
 
-def transposed_run_order(sizes_AB: torch.Tensor) -> torch.Tensor:
+def _transpose_runs(x: torch.Tensor, sizes_AB: torch.Tensor, rows: int) -> torch.Tensor:
+    """x holds runs laid out [a][b] with sizes_AB[a, b] rows each (`rows` in all); returns them laid
+    out [b][a]."""
+    return x.index_select(0, transposed_run_order(sizes_AB, rows))
+
+
+def transposed_run_order(sizes_AB: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     """Row indices that reorder runs laid out [a][b] (sizes_AB[a, b] rows each, kept in order) into
-    [b][a]; e.g. rows received [source rank][local expert] into [local expert][source rank]."""
+    [b][a]; e.g. rows received [source rank][local expert] into [local expert][source rank].
+    `rows`, the total when the caller knows it, keeps the computation on the device (no sync)."""
     flat = sizes_AB.reshape(-1)
     starts_AB = (torch.cumsum(flat, 0) - flat).view_as(sizes_AB)
     runs = sizes_AB.t().reshape(-1)
     run_starts = starts_AB.t().reshape(-1)
-    first_of_run = torch.repeat_interleave(torch.cumsum(runs, 0) - runs, runs)
-    within = torch.arange(int(runs.sum()), device=sizes_AB.device) - first_of_run
-    return torch.repeat_interleave(run_starts, runs) + within
+    if rows is None:
+        rows = int(runs.sum())  # host sync
+    first_of_run = torch.repeat_interleave(torch.cumsum(runs, 0) - runs, runs, output_size=rows)
+    within = torch.arange(rows, device=sizes_AB.device) - first_of_run
+    return torch.repeat_interleave(run_starts, runs, output_size=rows) + within
 
 
 def build_exchange(groups: object, ep: int, hierarchical: bool) -> Exchange:

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from pyramoe.bench.common import machine_info, write_json
-from pyramoe.bench.train_step import build_setup, random_batch, round_ratios, time_interleaved
+from pyramoe.bench.train_setup import build_setup, random_batch
+from pyramoe.bench.train_step import round_ratios, time_interleaved
 from pyramoe.config import ModelConfig
 from pyramoe.experiments.plan import config_key
 

@@ -114,7 +114,7 @@ def plan_dispatch(
     if capacity is None:
         kept_E = routed_E
         kept_TK = torch.ones_like(expert_idx_TK, dtype=torch.bool)
-        rows = int(routed_E.max())
+        rows = None  # the largest expert's rows: read (a host sync) only if a padded layout may be chosen
     else:
         keep_sorted_N = position_sorted_N < capacity
         kept_KT = torch.empty(n, dtype=torch.bool, device=device)
@@ -128,7 +128,9 @@ def plan_dispatch(
 
     slot_N = None
     rows_per_expert = None
-    if num_experts > 1 and num_experts * rows <= padded_waste_limit * n:
+    if num_experts > 1 and padded_waste_limit > 0 and rows is None:
+        rows = int(routed_E.max())
+    if num_experts > 1 and rows is not None and num_experts * rows <= padded_waste_limit * n:
         rows_per_expert = rows
         slot_N = expert_sorted_N * rows + position_sorted_N
     return DispatchPlan(
@@ -179,6 +181,7 @@ class ExpertBatch:
     tokens_per_expert: torch.Tensor  # int64 [E_local] rows that hold tokens, per local expert
     rows_per_expert: int | None  # S of the padded layout; None: compact
     handle: object = None
+    host_counts: list[int] | None = None  # tokens_per_expert as a list, when the dispatcher read it anyway
 
 
 class Dispatcher(Protocol):

@@ -67,12 +67,14 @@ class GroupedExperts(nn.Module):
         return shard
 
     def forward(
-        self, x_rows: torch.Tensor, tokens_per_expert: torch.Tensor, rows_per_expert: int | None
+        self, x_rows: torch.Tensor, tokens_per_expert: torch.Tensor, rows_per_expert: int | None,
+        host_counts: list[int] | None = None,
     ) -> torch.Tensor:
         """x_rows is either padded ([E*S, D], expert e owns rows e*S..e*S+S) or compact
-        ([N, D], expert e owns the next tokens_per_expert[e] rows)."""
+        ([N, D], expert e owns the next tokens_per_expert[e] rows). `host_counts`: tokens_per_expert
+        as a list, when the caller already read it (saves the CPU loop a wait on the device)."""
         if self.packed is not None:
-            return self._forward_packed(x_rows, tokens_per_expert, rows_per_expert)
+            return self._forward_packed(x_rows, tokens_per_expert, rows_per_expert, host_counts)
         if rows_per_expert is None and use_device_grouped_mm(x_rows):
             return self._forward_grouped_mm(x_rows, tokens_per_expert)
         if rows_per_expert is not None:
@@ -80,7 +82,7 @@ class GroupedExperts(nn.Module):
             counts = None
         else:
             x = x_rows
-            counts = tokens_per_expert.tolist()
+            counts = host_counts if host_counts is not None else tokens_per_expert.tolist()
         h = grouped_linear(x, self.w_in, self.b_in, counts)
         y = grouped_linear(activate(h, self.activation), self.w_out, self.b_out, counts)
         return y.flatten(0, 1) if counts is None else y
@@ -97,9 +99,10 @@ class GroupedExperts(nn.Module):
         return F.linear(activate(h, self.activation), self.w_out[e], b_out)
 
     def _forward_packed(
-        self, x_rows: torch.Tensor, tokens_per_expert: torch.Tensor, rows_per_expert: int | None
+        self, x_rows: torch.Tensor, tokens_per_expert: torch.Tensor, rows_per_expert: int | None,
+        host_counts: list[int] | None = None,
     ) -> torch.Tensor:
-        sizes = rows_per_expert if rows_per_expert is not None else tokens_per_expert.tolist()
+        sizes = rows_per_expert if rows_per_expert is not None else host_counts or tokens_per_expert.tolist()
         outs = [self.expert_forward(e, x_e) if x_e.shape[0] else x_e for e, x_e in enumerate(x_rows.split(sizes))]
         return torch.cat(outs)
 

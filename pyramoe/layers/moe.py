@@ -42,12 +42,15 @@ class TokenSplit(Protocol):
 class MoEStats:
     """Per-layer routing statistics and aux losses, returned by every MoE forward."""
 
-    balance_loss: torch.Tensor
+    balance_loss: torch.Tensor  # over the tokens this process routed: their true value
     z_loss: torch.Tensor
     tokens_per_expert: torch.Tensor  # kept assignments per expert (int64, detached)
     routed_per_expert: torch.Tensor  # assignments per expert before capacity drops
     dropped_fraction: torch.Tensor  # fraction of (token, choice) assignments dropped
     capacity: int | None
+    # Weight of these aux losses in this process's objective: 1/TP when the layer's tokens are split
+    # over a TP group whose gradients are then summed (so the sum is the mean over the shares).
+    aux_weight: float = 1.0
 
 
 class MoELayer(nn.Module):
@@ -107,7 +110,7 @@ class MoELayer(nn.Module):
         else:
             plan = self.dispatcher.plan(routing, self.num_experts)
             batch = self.dispatcher.dispatch(x_TD, plan)
-            expert_out = self.experts(batch.rows, batch.tokens_per_expert, batch.rows_per_expert)
+            expert_out = self.experts(batch.rows, batch.tokens_per_expert, batch.rows_per_expert, batch.host_counts)
             y_TD = self.dispatcher.combine(expert_out, batch, plan)
             tokens_E, routed_E, dropped = plan.tokens_per_expert_E, plan.routed_per_expert_E, plan.dropped_fraction
         if self.residual_mlp is not None:
@@ -115,13 +118,15 @@ class MoELayer(nn.Module):
             y_TD = y_TD * coef_T2[:, :1] + self.residual_mlp(x_TD) * coef_T2[:, 1:]
         if self.shared_expert is not None:
             y_TD = y_TD + self._shared(x_TD)
-        balance_loss, z_loss = routing.balance_loss, routing.z_loss
+        aux_weight = 1.0
         if split:
             y_TD = self.token_split.gather(y_TD, num_tokens)
-            balance_loss, z_loss = balance_loss * self.token_split.aux_scale, z_loss * self.token_split.aux_scale
+            aux_weight = self.token_split.aux_scale
         if torch.is_grad_enabled():  # (statistics must not keep the graph alive)
             tokens_E, routed_E, dropped = tokens_E.detach(), routed_E.detach(), dropped.detach()
-        stats = MoEStats(balance_loss, z_loss, tokens_E, routed_E, dropped, routing.capacity)
+        stats = MoEStats(
+            routing.balance_loss, routing.z_loss, tokens_E, routed_E, dropped, routing.capacity, aux_weight
+        )
         return y_TD, stats
 
     def _few_assignments(self, routing: Routing) -> bool:

@@ -29,6 +29,9 @@ class GPTOutput:
     logits: torch.Tensor  # [B, T, V]
     aux_loss: torch.Tensor  # sum over MoE layers of aux_loss_coef*balance + z_loss_coef*z (0 if dense)
     moe_stats: dict[int, MoEStats] = field(default_factory=dict)  # block index -> stats
+    # The aux losses' value, to log: `aux_loss` is this process's term of the objective, which under
+    # tensor parallelism weighs each layer by its share of the tokens (None: equal to aux_loss).
+    aux_value: torch.Tensor | None = None
 
     @property
     def balance_loss(self) -> torch.Tensor:
@@ -156,9 +159,15 @@ class GPT(nn.Module):
         cfg = self.config
         if self.training or torch.is_grad_enabled():
             aux_terms = [cfg.aux_loss_coef * s.balance_loss + cfg.z_loss_coef * s.z_loss for s in moe_stats.values()]
+            weights = [s.aux_weight for s in moe_stats.values()]
         else:  # inference: the routers return no aux losses (see `Routing`)
-            aux_terms = []
-        return GPTOutput(logits=logits, aux_loss=_sum_or_zero(aux_terms, logits), moe_stats=moe_stats)
+            aux_terms, weights = [], []
+        aux_value = _sum_or_zero(aux_terms, logits)
+        if any(w != 1.0 for w in weights):
+            aux_loss = _sum_or_zero([w * term for w, term in zip(weights, aux_terms)], logits)
+        else:
+            aux_loss = aux_value
+        return GPTOutput(logits=logits, aux_loss=aux_loss, moe_stats=moe_stats, aux_value=aux_value)
 
     def final_hidden(
         self,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pyramoe.comm import Exchange, transposed_run_order
+from pyramoe.comm import Exchange, counts_to_host, transposed_run_order
 from pyramoe.layers.dispatch import (
     DispatchPlan,
     ExpertBatch,
@@ -57,12 +57,15 @@ class AllToAllDispatcher:
         rows_ND = move_rows(expand_top_k(x_TD, plan.top_k), plan.assignment_N, None, plan.num_rows)
         send_counts_WL = plan.tokens_per_expert_E.view(self.ep_size, self.num_local_experts)
         ones = [1] * self.ep_size
-        recv_counts_WL, _ = self.exchange(send_counts_WL, ones, ones)
-        sent, received = send_counts_WL.sum(1).tolist(), recv_counts_WL.sum(1).tolist()
+        recv_counts_WL, _ = self.exchange(send_counts_WL, ones, ones)  # the count table, on the device
+        # The layer's one wait for the device (the flat exchange's only one): the row splits both
+        # ways and the local experts' row counts, in one copy.
+        tokens_L = recv_counts_WL.sum(0)
+        sent, received, host_L = counts_to_host(send_counts_WL.sum(1), recv_counts_WL.sum(1), tokens_L)
         received_ND, _ = self.exchange(rows_ND, sent, received)
-        order_N = transposed_run_order(recv_counts_WL.cpu()).to(received_ND.device)
+        order_N = transposed_run_order(recv_counts_WL, sum(received))
         local_ND = move_rows(received_ND, order_N, None, order_N.numel())
-        return ExpertBatch(local_ND, recv_counts_WL.sum(0), None, _Sent(order_N, sent, received))
+        return ExpertBatch(local_ND, tokens_L, None, _Sent(order_N, sent, received), host_L)
 
     def combine(self, y_rows: torch.Tensor, batch: ExpertBatch, plan: DispatchPlan) -> torch.Tensor:
         sent: _Sent = batch.handle

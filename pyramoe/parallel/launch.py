@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -60,6 +60,9 @@ class DistRun:
 
     topology: Topology
     state: ParallelState | None = None
+    # Where this job's collectives take their tensors: the run's GPU under NCCL (which accepts no
+    # CPU tensor), the CPU under gloo.
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def rank(self) -> int:
@@ -76,15 +79,15 @@ class DistRun:
     def barrier(self) -> None:
         dist.barrier()
 
-    def mean(self, values: list[float], device: torch.device) -> list[float]:
+    def mean(self, values: list[float]) -> list[float]:
         """Mean of each value over all ranks."""
-        t = torch.tensor(values, dtype=torch.float64, device=device)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return (t / self.topology.world_size).tolist()
 
-    def any(self, flag: bool, device: torch.device) -> bool:
+    def any(self, flag: bool) -> bool:
         """True on every rank when it is true on one (a stop signal seen by any rank)."""
-        t = torch.tensor([1 if flag else 0], device=device)
+        t = torch.tensor([1 if flag else 0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
@@ -115,9 +118,17 @@ def init_distributed(launch: Launch, device: torch.device) -> DistRun | None:
         )
     ranks_per_node = launch.ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     try:
-        return DistRun(Topology(world, rank, tp=launch.tp, ranks_per_node=ranks_per_node))
+        topology = Topology(world, rank, tp=launch.tp, ranks_per_node=ranks_per_node)
     except ValueError as exc:
         raise ValueError(f"--{exc}") from None
+    return DistRun(topology, device=collective_device(device))
+
+
+def collective_device(device: torch.device) -> torch.device:
+    """The device collectives use for a run on `device`: the GPU itself (NCCL), else the CPU (gloo)."""
+    if device.type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device()) if device.index is None else device
+    return torch.device("cpu")
 
 
 def check_layout(config: object, nproc: int, launch: Launch) -> None:
@@ -130,13 +141,20 @@ def check_layout(config: object, nproc: int, launch: Launch) -> None:
     except ValueError as exc:
         raise ValueError(f"--{exc}") from None
     for index, layer in enumerate(config.layers):
-        if layer.moe is not None:
-            layer_ep(layer.moe.num_experts, launch.ep, topology, index)
+        if layer.moe is None:
+            continue
+        degree = layer_ep(layer.moe.num_experts, launch.ep, topology, index)
+        if launch.hierarchical and degree > 1:
+            try:
+                topology.ep_node_layout(degree)  # what `build_exchange` asks of each EP group
+            except ValueError as exc:
+                raise ValueError(f"--all-to-all hierarchical: layers[{index}].{exc}") from None
     if launch.tp > 1:
-        for name in ("n_heads", "kv_heads"):
-            heads = getattr(config, name)
+        # `kv_heads` resolves n_kv_heads=None (one key/value head per query head); the message
+        # names the field a user sets.
+        for field_name, heads in (("n_heads", config.n_heads), ("n_kv_heads", config.kv_heads)):
             if heads % launch.tp:
-                raise ValueError(f"--tp: model.{name}={heads} does not split over {launch.tp} ranks")
+                raise ValueError(f"--tp: model.{field_name}={heads} does not split over {launch.tp} ranks")
 
 
 def apply_parallelism(

@@ -75,22 +75,29 @@ class ParallelState:
     def grad_norm(self, model: nn.Module) -> torch.Tensor:
         """Global L2 norm of the synced gradients: replicated parameters count once, expert shards
         are summed over their expert-parallel group and TP slices over the TP group."""
+        params = _unique_parameters(model)
+        # Every bucket's sum lives on the parameters' device: NCCL reduces no CPU tensor, and an
+        # empty bucket (a rank whose share of a group holds no gradient) still joins its reduction.
+        device = params[0].device
         squares: dict[tuple[int, bool], torch.Tensor] = {}
-        for param in _unique_parameters(model):
+        for param in params:
             if param.grad is not None:
                 key = (self.expert_ep.get(id(param), 1), id(param) in self.tp_sharded)
-                squares[key] = squares.get(key, 0.0) + param.grad.detach().float().square().sum()
+                square = param.grad.detach().float().square().sum()
+                squares[key] = squares[key] + square if key in squares else square
         keys = set(squares) | {(d, False) for d in self.layer_ep.values()}
         if self.tp_sharded:
             keys |= {(1, True)}
-        total = torch.zeros(())
+        total = torch.zeros((), dtype=torch.float32, device=device)
         for ep, sliced in sorted(keys):
-            square = torch.as_tensor(squares.get((ep, sliced), 0.0), dtype=torch.float32)
+            square = squares.get((ep, sliced))
+            if square is None:
+                square = torch.zeros((), dtype=torch.float32, device=device)
             if ep > 1:
                 dist.all_reduce(square, group=self.groups.ep(ep))
             if sliced:
                 dist.all_reduce(square, group=self.groups.tp())
-            total = total + square.cpu()
+            total = total + square
         return total.sqrt()
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:

@@ -175,13 +175,14 @@ class SlicedExperts(nn.Module):
         self.b_out = None if experts.b_out is None else nn.Parameter(experts.b_out.detach().clone())
 
     def forward(
-        self, x_rows: torch.Tensor, tokens_per_expert: torch.Tensor, rows_per_expert: int | None
+        self, x_rows: torch.Tensor, tokens_per_expert: torch.Tensor, rows_per_expert: int | None,
+        host_counts: list[int] | None = None,
     ) -> torch.Tensor:
         x = copy_to_tp(x_rows, self.group)
         if rows_per_expert is not None:
             x, counts = x.view(self.num_experts, rows_per_expert, -1), None
         else:
-            counts = tokens_per_expert.tolist()
+            counts = host_counts if host_counts is not None else tokens_per_expert.tolist()
         h = grouped_linear(x, self.w_in, self.b_in, counts)
         y = grouped_linear(activate(h, self.activation), self.w_out, None, counts)
         y = reduce_from_tp(y if counts is not None else y.flatten(0, 1), self.group)

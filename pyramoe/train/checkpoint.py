@@ -8,7 +8,9 @@ the sharded one (`save_sharded_checkpoint`), every rank its own files and no ten
 
 A checkpoint is written under a hidden temporary name and renamed into place, so a crash mid-save
 leaves the previous checkpoints untouched; state.json is written last, and a directory without it is
-never treated as a checkpoint. A sharded save renames only after every rank reported its files
+never treated as a checkpoint. Every file is fsynced as it is written, and the directory before the
+rename that publishes it (the parent after), so a power loss cannot publish a checkpoint whose
+files are not on disk. A sharded save renames only after every rank reported its files
 written: a rank failing mid-save leaves no step-* directory.
 """
 
@@ -91,14 +93,14 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_file(model if isinstance(model, dict) else model_tensors(model), str(tmp / MODEL_FILE))
+        _save_tensors(model if isinstance(model, dict) else model_tensors(model), tmp / MODEL_FILE)
         state = {"format": FORMAT, "version": VERSION, "step": step, **state}
         if optimizer is not None:
             tensors, groups = optimizer if isinstance(optimizer, tuple) else optimizer_tensors(optimizer)
-            save_file(tensors, str(tmp / OPTIMIZER_FILE))
+            _save_tensors(tensors, tmp / OPTIMIZER_FILE)
             state["optimizer"] = {"param_groups": groups}
         if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+            _copy_file(tokenizer_file, tmp / TOKENIZER_FILE)
             state["tokenizer"] = TOKENIZER_FILE
         _write_json(tmp / STATE_FILE, state)
         _swap_in(tmp, final)
@@ -227,7 +229,7 @@ def save_sharded_checkpoint(
             record = {"format": FORMAT, "version": VERSION, "step": step, **state,
                       "optimizer": {"param_groups": groups}, "layout": "sharded", "world_size": world}
             if tokenizer_file is not None:
-                shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+                _copy_file(tokenizer_file, tmp / TOKENIZER_FILE)
                 record["tokenizer"] = TOKENIZER_FILE
             _write_json(tmp / STATE_FILE, record)
             _swap_in(tmp, final)
@@ -250,7 +252,7 @@ def write_shard(
         for key, row in _pieces(name, h):
             if owner[key] == rank:
                 mine[key] = (tensors[name] if row is None else tensors[name][row]).detach().clone()
-    save_file(mine, str(directory / shard_file(kind, rank, len(held_by_rank))), metadata={"format": "pt"})
+    _save_tensors(mine, directory / shard_file(kind, rank, len(held_by_rank)))
 
 
 def _owners(held_by_rank: list[dict[str, _Held]]) -> dict[str, int]:
@@ -312,14 +314,18 @@ def remove_checkpoint(path: Path) -> None:
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
-    """rename(tmp, final); an existing `final` (re-saving a step) is moved aside first."""
-    if not final.exists():
+    """rename(tmp, final), durably: `tmp`'s entries are flushed before the rename, the parent's
+    after; an existing `final` (re-saving a step) is moved aside first."""
+    fsync_path(tmp)
+    if final.exists():
+        aside = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, aside)
         os.replace(tmp, final)
+        fsync_path(final.parent)
+        shutil.rmtree(aside, ignore_errors=True)
         return
-    aside = final.with_name(f".old-{final.name}-{os.getpid()}")
-    os.replace(final, aside)
     os.replace(tmp, final)
-    shutil.rmtree(aside, ignore_errors=True)
+    fsync_path(final.parent)
 
 
 def clean_stale(root: Path) -> None:
@@ -349,8 +355,38 @@ def _is_leftover(path: Path) -> bool:
     return path.name.startswith(_DELETING) or (_NAME.match(path.name) is not None and not (path / STATE_FILE).exists())
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a written file's data, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    path.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_json_atomically(path: Path, obj: dict[str, Any]) -> None:
+    """Write, fsync, rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _write_json(tmp, obj)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    fsync_path(path)
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    shutil.copyfile(source, target)
+    fsync_path(target)
 
 
 # -- optimizer state -------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from pyramoe.models.student import LayerMap, default_layer_map, init_student_fro
 from pyramoe.train.config import LAYOUT_KEYS, RunConfig, build_model_config, merge
 from pyramoe.train.evaluate import EvalResult, autocast, evaluate
 from pyramoe.train.kd import DistillConfig, kd_loss, kd_weight_at
+from pyramoe.train.run_lock import lock_run_dir
 from pyramoe.train.session import LATEST, load_data, prepare_run, resolve_run, resumed_model_config, write_run_config
 from pyramoe.train.trainer import LossFn, Trainer, cross_entropy_loss
 
@@ -188,8 +189,20 @@ def _check_student_settings(merged: dict[str, Any], teacher: ckpt_io.Checkpoint,
 
 def create_distill_trainer(setup: DistillSetup, progress: bool = True) -> DistillTrainer:
     """Data (the teacher's tokenizer), teacher, student and optimizer; restored when resuming."""
-    run, ckpt, teacher_ckpt = setup.run, setup.ckpt, setup.teacher
+    run = setup.run
     assert run.distill is not None
+    lock = lock_run_dir(run.run_dir)
+    try:
+        trainer = _build_distill_trainer(setup, progress)
+    except BaseException:
+        lock.release()
+        raise
+    trainer.run_lock = lock
+    return trainer
+
+
+def _build_distill_trainer(setup: DistillSetup, progress: bool) -> DistillTrainer:
+    run, ckpt, teacher_ckpt = setup.run, setup.ckpt, setup.teacher
     prepare_run(run, ckpt)
     teacher_config = teacher_ckpt.model_config()
     data = load_data(run, ckpt or teacher_ckpt, progress)

@@ -17,18 +17,16 @@ checkpoints that any layout can load. Joining the job and sharding the model: `p
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+import pyramoe.train.checkpoint as ckpt_io
 from pyramoe.parallel.launch import DistRun
 from pyramoe.parallel.tensor import tp_layouts
-from pyramoe.train.checkpoint import Part
-
-Parts = Callable[[str], "Part | None"]
-
+from pyramoe.train.checkpoint import Part, Parts
 
 # -- checkpoints: which part of each full tensor this rank holds -------------------------------------------
 
@@ -50,39 +48,51 @@ def rank_parts(model: nn.Module) -> dict[str, Part]:
     return out
 
 
-def optimizer_rank_parts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Part]:
-    """Like `rank_parts`, for the optimizer's `state.INDEX.NAME` tensors (a parameter's moments are
-    split like the parameter; scalars such as step counts are whole)."""
+def _parts_by_index(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, Part]:
+    """The optimizer's parameter index -> that parameter's `Part` (its moments are split like it).
+    By index, not by the optimizer's state: before the first step (a resume) there is none yet."""
     by_name = rank_parts(model)
     names = {id(p): n for n, p in model.named_parameters()}
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    out = {}
-    for key, values in optimizer.state_dict()["state"].items():
-        part = by_name.get(names.get(id(params[key]), ""))
-        for name, value in values.items():
-            if part is not None and torch.is_tensor(value) and value.dim() > 0:
-                out[f"state.{key}.{name}"] = part
-    return out
+    return {i: by_name[names[id(p)]] for i, p in enumerate(params) if names.get(id(p)) in by_name}
+
+
+def _state_index(key: str) -> int:
+    """The parameter index of an optimizer tensor named `state.INDEX.NAME`."""
+    return int(key.split(".", 2)[1])
+
+
+def optimizer_rank_parts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Part]:
+    """Like `rank_parts`, for the optimizer's `state.INDEX.NAME` tensors (scalars such as step
+    counts are whole)."""
+    by_index = _parts_by_index(model, optimizer)
+    tensors, _ = ckpt_io.optimizer_tensors(optimizer)
+    return {key: by_index[_state_index(key)] for key, value in tensors.items()
+            if value.dim() > 0 and _state_index(key) in by_index}
 
 
 def model_parts(model: nn.Module, run: DistRun | None) -> Parts | None:
     """This rank's part of each saved model tensor, by name (None in one process: all of it)."""
     if run is None or run.state is None:
         return None
-    parts = rank_parts(model)
-    return parts.get
+    return rank_parts(model).get
 
 
 def optimizer_parts(model: nn.Module, optimizer: torch.optim.Optimizer, run: DistRun | None) -> Parts | None:
     """Like `model_parts`, for optimizer tensors named `state.INDEX.NAME`."""
     if run is None or run.state is None:
         return None
-    by_name = rank_parts(model)
-    names = {id(p): n for n, p in model.named_parameters()}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    by_index = _parts_by_index(model, optimizer)
+    return lambda key: by_index.get(_state_index(key))
 
-    def part(key: str) -> Part | None:
-        index = int(key.split(".", 2)[1])
-        return by_name.get(names.get(id(params[index]), "")) if index < len(params) else None
 
-    return part
+# -- the run directory ---------------------------------------------------------------------------------------
+
+
+def clean_stale_once(root: Path, run: DistRun | None) -> None:
+    """`clean_stale` by rank 0 alone while the others wait: ranks sharing a directory would race
+    to rename and delete the same leftovers."""
+    if run is None or run.is_main:
+        ckpt_io.clean_stale(root)
+    if run is not None:
+        run.barrier()

@@ -5,7 +5,6 @@ build a Trainer. Refuses to start a new run over an existing one, so nothing on 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,14 @@ from pyramoe.parallel.launch import DistRun, Launch, init_distributed
 from pyramoe.train.config import (
     DEFAULT_PRESET,
     RunConfig,
+    TrainConfig,
     build_model_config,
     check_model_overrides,
     merge,
     run_config_from_dict,
 )
 from pyramoe.train.metrics import METRICS_FILE
+from pyramoe.train.run_lock import lock_run_dir
 from pyramoe.train.trainer import Trainer
 
 LATEST = "latest"
@@ -175,6 +176,21 @@ def create_trainer(
     launch = launch or Launch()
     device = launch.resolved_device()
     dist_run = init_distributed(launch, device)
+    run = keep_global_batch(run, ckpt, dist_run.dp if dist_run is not None else 1)
+    lock = lock_run_dir(run.run_dir, dist_run)
+    try:
+        trainer = _build_trainer(run, ckpt, progress, launch, device, dist_run)
+    except BaseException:
+        lock.release()
+        raise
+    trainer.run_lock = lock
+    return trainer
+
+
+def _build_trainer(
+    run: RunConfig, ckpt: ckpt_io.Checkpoint | None, progress: bool, launch: Launch, device: torch.device,
+    dist_run: DistRun | None,
+) -> Trainer:
     prepare_run(run, ckpt)
     data = _rank0_first(dist_run, lambda: load_data(run, ckpt, progress and (dist_run is None or dist_run.is_main)))
     if ckpt is None:
@@ -205,6 +221,54 @@ def _rank0_first(dist_run: DistRun | None, build):  # noqa: ANN001, ANN202
     dist_run.barrier()
     dist_run.barrier()
     return build()
+
+
+def global_batch(train: TrainConfig, dp: int) -> int:
+    """Sequences per optimizer step: every data-parallel rank's micro-batches together."""
+    return train.batch_size * train.grad_accum * dp
+
+
+def saved_global_batch(ckpt: ckpt_io.Checkpoint) -> int | None:
+    """The global batch `ckpt` was trained on (None: a sharded checkpoint from before it was
+    recorded, whose data-parallel size is unknown)."""
+    if "global_batch" in ckpt.state:
+        return int(ckpt.state["global_batch"])
+    if ckpt.state.get("layout") == "sharded":
+        return None
+    saved = ckpt.state["run_config"]["train"]
+    return int(saved.get("batch_size", 1)) * int(saved.get("grad_accum", 1))  # one process: DP 1
+
+
+def keep_global_batch(run: RunConfig, ckpt: ckpt_io.Checkpoint | None, dp: int) -> RunConfig:
+    """A resumed run keeps the checkpoint's global batch on any number of data-parallel ranks.
+
+    With the checkpoint's micro-batch settings (unset or restated), the micro-batch is derived from
+    it, as Megatron derives accumulation: batch_size = global / (grad_accum x DP), which keeps the
+    very batch stream; when that does not divide, the largest micro-batch up to the saved one that
+    does, and the accumulation that fills the global batch. Settings that change the global batch
+    are refused in one line: never silently."""
+    want = saved_global_batch(ckpt) if ckpt is not None else None
+    cfg = run.train
+    if want is None or global_batch(cfg, dp) == want:
+        return run
+    saved = ckpt.state["run_config"]["train"]
+    restated = cfg.batch_size == saved.get("batch_size") and cfg.grad_accum == saved.get("grad_accum", 1)
+    if not restated:
+        raise ValueError(
+            f"train.batch_size: {cfg.batch_size} x grad_accum {cfg.grad_accum} x DP {dp} = {global_batch(cfg, dp)} "
+            f"sequences per step, but {ckpt.path} trained on {want}; resume with batch_size x grad_accum x DP = "
+            f"{want} (or leave both unset to derive them)"
+        )
+    if want % dp:
+        raise ValueError(f"--nproc-per-node: data-parallel size {dp} does not divide the global batch of {want} "
+                         f"sequences that {ckpt.path} trained on; resume on a size that does")
+    per_rank = want // dp
+    if per_rank % cfg.grad_accum == 0:
+        micro, accum = per_rank // cfg.grad_accum, cfg.grad_accum
+    else:
+        micro = max(b for b in range(1, min(cfg.batch_size, per_rank) + 1) if per_rank % b == 0)
+        accum = per_rank // micro
+    return dataclasses.replace(run, train=dataclasses.replace(cfg, batch_size=micro, grad_accum=accum))
 
 
 def check_plain_run(run: RunConfig) -> None:
@@ -238,4 +302,4 @@ def write_run_config(run: RunConfig, trainer: Trainer) -> None:
     """config.json: the resolved settings, for people reading the run directory."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     payload = {"run": run.to_dict(), "model_config": trainer.model.config.to_dict()}
-    (run.run_dir / "config.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    ckpt_io.write_json_atomically(run.run_dir / "config.json", payload)

@@ -29,10 +29,17 @@ from pyramoe.models import GPT, GPTOutput
 from pyramoe.parallel import ParallelState
 from pyramoe.parallel.launch import DistRun, apply_parallelism
 from pyramoe.train.config import RunConfig
-from pyramoe.train.distributed import model_parts, optimizer_parts, optimizer_rank_parts, rank_parts
+from pyramoe.train.distributed import (
+    clean_stale_once,
+    model_parts,
+    optimizer_parts,
+    optimizer_rank_parts,
+    rank_parts,
+)
 from pyramoe.train.evaluate import EvalResult, autocast, evaluate
 from pyramoe.train.metrics import METRICS_FILE, MetricsLog
 from pyramoe.train.optim import LRPlan, apply_settings, make_optimizer, resume_plan, set_lr
+from pyramoe.train.run_lock import RunLock
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 # A loss hook turns the model's output on one micro-batch (x, y) into the objective to minimise - the
@@ -86,7 +93,9 @@ def train_step(
         aux = out.aux_loss.float()
         ((loss + aux) / n).backward()
         loss_sum += loss.item()
-        aux_sum += aux.item()
+        # Logged: the aux losses' value, not this rank's weighted term of the objective (1/TP of it
+        # under tensor parallelism).
+        aux_sum += (out.aux_value if out.aux_value is not None else aux).item()
         for name, value in terms.items():
             term_sums[name] = term_sums.get(name, 0.0) + float(value)
         for index, stats in out.moe_stats.items():
@@ -171,10 +180,28 @@ class Trainer:
         self.evaluated_step: int | None = None
         self.last_eval: EvalResult | None = None
         self.stop_signal: int | None = None
+        self.run_lock: RunLock | None = None  # RUN_DIR's lock, taken by `session.create_trainer`
+
+    def close(self) -> None:
+        """Release the run directory (another run may use it then)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def checkpoint_root(self) -> Path:
         return ckpt_io.checkpoint_root(self.run_dir)
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step over all data-parallel ranks (kept when resuming)."""
+        return self.config.batch_size * self.config.grad_accum * self.dp
 
     # -- state -------------------------------------------------------------------------------------------
 
@@ -196,7 +223,9 @@ class Trainer:
             self.discard_after = ckpt.step
         self.lr_plan = resume_plan(saved_lr_plan(ckpt), self.config, self.step)
         self.tokens_seen = int(ckpt.state.get("tokens_seen", 0))
-        record = {"type": "resume", "step": self.step, "checkpoint": str(ckpt.path)}
+        record = {"type": "resume", "step": self.step, "checkpoint": str(ckpt.path),
+                  "global_batch": self.global_batch, "batch_size": self.config.batch_size,
+                  "grad_accum": self.config.grad_accum}
         if self.discard_after is not None:
             later = [p.name for p in ckpt_io.list_checkpoints(self.checkpoint_root) if ckpt_io.step_of(p) > self.step]
             if later:
@@ -237,6 +266,7 @@ class Trainer:
             rng["cuda"] = ckpt_io.encode_rng(torch.cuda.get_rng_state(self.device))
         return {
             "tokens_seen": self.tokens_seen,
+            "global_batch": self.global_batch,
             "preset": self.run.preset,
             "run_config": self.run.to_dict(),
             "model_config": self.model.config.to_dict(),
@@ -280,7 +310,7 @@ class Trainer:
         result = FitResult(step=self.step, checkpoint=None, stopped_by=None)
         start = time.perf_counter()
         self.stop_signal = None
-        ckpt_io.clean_stale(self.checkpoint_root)
+        clean_stale_once(self.checkpoint_root, self.dist)
         with _stop_on_signals(self), self._bar() as bar:
             if self.step == 0:
                 result.evals[0] = self._eval(bar)
@@ -304,12 +334,9 @@ class Trainer:
         """A signal stops every rank at the same step (torchrun forwards it to each, not in step)."""
         if self.dist is None:
             return self.stop_signal is not None
-        if self.dist.any(self.stop_signal is not None, self._collective_device()) and self.stop_signal is None:
+        if self.dist.any(self.stop_signal is not None) and self.stop_signal is None:
             self.stop_signal = signal.SIGTERM
         return self.stop_signal is not None
-
-    def _collective_device(self) -> torch.device:
-        return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     def step_objective(self, step: int) -> tuple[LossFn, dict[str, float | None]]:
         """The loss hook of optimizer step `step` (0-based) and per-step settings to log with it.
@@ -368,7 +395,7 @@ class Trainer:
         """Logged losses and drop rate averaged over ranks (the grad norm is already global)."""
         names = sorted(stats.terms)
         values = [stats.loss, stats.ce, stats.aux, stats.drop_rate] + [stats.terms[n] for n in names]
-        mean = self.dist.mean(values, self._collective_device())
+        mean = self.dist.mean(values)
         return StepStats(mean[0], mean[1], mean[2], stats.grad_norm, mean[3], dict(zip(names, mean[4:])), stats.routed)
 
     def _eval(self, bar: tqdm) -> EvalResult:
