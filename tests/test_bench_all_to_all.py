@@ -32,10 +32,12 @@ def test_peer_counts_equal_the_topology_formulas(payload):
     }
     calls = {  # peers of every collective a rank called, in order
         "flat": [3, 3, 3],  # counts, rows out, rows back
-        "hierarchical": [1, 1, 1, 1] * 3,  # counts + rows of hop 1, counts + rows of hop 2, per call
+        # The count table (equal splits): its two hops; then rows out and back: counts of hop 1, its
+        # rows, the rows of hop 2 (their counts follow from hop 1's).
+        "hierarchical": [1, 1] + [1, 1, 1] * 2,
         "coordinated": [1, 1, 1, 1],  # 2 ranks per TP index (one per node), then the TP all-gather
         # One rank of a TP index per node: hop 1 runs over a group of one (0 peers), hop 2 is the exchange.
-        "coordinated-hierarchical": [0, 0, 1, 1] * 3 + [1],
+        "coordinated-hierarchical": [0, 1] + [0, 0, 1] * 2 + [1],
     }
     for row in payload["results"]:
         for rank in row["per_rank"]:

@@ -35,7 +35,10 @@ def test_one_node_hierarchical_is_flat():
 
 def test_round_trip_collectives_as_the_dispatcher_runs_them():
     assert [ph.what for ph in cm.round_trip("flat", 8, 4, 1.0)] == ["counts", "dispatch", "combine"]
-    assert len(cm.round_trip("hierarchical", 8, 4, 1.0)) == 3 * 4  # counts + data hop, twice, per call
+    # The count table's two hops (equal splits: no counts); rows out and back: counts of hop 1, two data hops.
+    assert [ph.what for ph in cm.round_trip("hierarchical", 8, 4, 1.0)] == [
+        "counts hop1", "counts hop2", "dispatch counts hop1", "dispatch hop1", "dispatch hop2",
+        "combine counts hop1", "combine hop1", "combine hop2"]
     coordinated = cm.round_trip("coordinated", 8, 4, 800.0, tp=2)
     assert [ph.what for ph in coordinated][-1] == "tp all-gather"
     assert coordinated[1].intra_bytes + coordinated[1].inter_bytes == 800.0 / 2 * 3 / 4  # 1/TP, 3 of 4 peers

@@ -21,7 +21,8 @@ assumed spread evenly over the destinations (a balanced top-1 router).
 
 `round_trip` is what `pyramoe.parallel.AllToAllDispatcher` does per MoE layer forward: a counts
 exchange, the rows out, the rows back (and the TP all-gather when coordinated); the hierarchical
-exchange runs a counts hop before each of its two data hops.
+exchange runs a counts hop before its first data hop when it moves rows (the counts exchange, equal
+splits, needs none).
 """
 
 from __future__ import annotations
@@ -91,14 +92,18 @@ def hierarchical_exchange(p: int, per_node: int, nbytes: float, what: str = "exc
     ]
 
 
-def exchange_call(p: int, per_node: int, nbytes: float, hierarchical: bool, what: str) -> list[Phase]:
-    """One `Exchange.__call__` as pyramoe runs it: the flat one with known splits is one collective;
-    the hierarchical one exchanges counts before each data hop."""
+def exchange_call(p: int, per_node: int, nbytes: float, hierarchical: bool, what: str,
+                  equal_splits: bool = False) -> list[Phase]:
+    """One `Exchange.__call__` as pyramoe runs it, the receive splits known: the flat one is one
+    collective; the hierarchical one exchanges counts before its first data hop (the second hop's
+    follow from them), none when every split is equal (the count table itself)."""
     if not hierarchical or p <= min(per_node, p):
         return [flat_exchange(p, per_node, nbytes, what)]
-    counts = hierarchical_exchange(p, per_node, COUNT_BYTES * p, f"{what} counts")
     data = hierarchical_exchange(p, per_node, nbytes, what)
-    return [counts[0], data[0], counts[1], data[1]]
+    if equal_splits:
+        return data
+    counts = hierarchical_exchange(p, per_node, COUNT_BYTES * p, f"{what} counts")
+    return [counts[0], data[0], data[1]]
 
 
 def round_trip(scheme: str, p: int, per_node: int, nbytes: float, tp: int = 1) -> list[Phase]:
@@ -111,7 +116,7 @@ def round_trip(scheme: str, p: int, per_node: int, nbytes: float, tp: int = 1) -
     check_layout(p, per_node, tp)
     hier = scheme.endswith("hierarchical")
     ep, ep_per_node, share = p // tp, min(per_node, p) // tp, nbytes / tp
-    phases = exchange_call(ep, ep_per_node, COUNT_BYTES * ep, hier, "counts")
+    phases = exchange_call(ep, ep_per_node, COUNT_BYTES * ep, hier, "counts", equal_splits=True)
     phases += exchange_call(ep, ep_per_node, share, hier, "dispatch")
     phases += exchange_call(ep, ep_per_node, share, hier, "combine")
     if coordinated and tp > 1:
