@@ -75,8 +75,9 @@ def api(fp32_server, card) -> LocalCompletionsAPI:
 
 
 @pytest.fixture(scope="module")
-def local(env) -> PyramoeLM:
-    return PyramoeLM(checkpoint=str(env), dtype="fp32", batch_size=8)
+def local(env, card) -> PyramoeLM:
+    # The server's context (the model's), not the length the run trained on (the in-process default).
+    return PyramoeLM(checkpoint=str(env), dtype="fp32", batch_size=8, max_length=card["max_model_len"])
 
 
 def windowed(lm: PyramoeLM, window: int) -> PyramoeLM:

@@ -195,7 +195,7 @@ def create_distill_trainer(setup: DistillSetup, progress: bool = True) -> Distil
     try:
         trainer = _build_distill_trainer(setup, progress)
     except BaseException:
-        lock.release()
+        lock.abandon()
         raise
     trainer.run_lock = lock
     return trainer

@@ -19,18 +19,29 @@ LOCK_FILE = ".lock"
 class RunLock:
     """The held lock (rank 0's file, None on other ranks); `release` ends it (idempotent)."""
 
-    def __init__(self, file: object | None):
+    def __init__(self, file: object | None, created: Path | None = None):
         self._file = file
+        self._created = created  # the run directory, when taking the lock made it
 
     def release(self) -> None:
         if self._file is not None:
             self._file.close()  # closing the descriptor drops the flock
             self._file = None
 
+    def abandon(self) -> None:
+        """Release after a run failed to start: a run directory the lock made, still holding
+        nothing but the lock, goes too (a bad command leaves nothing on disk)."""
+        self.release()
+        run_dir, self._created = self._created, None
+        if run_dir is not None and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+            (run_dir / LOCK_FILE).unlink()
+            run_dir.rmdir()
+
 
 def lock_run_dir(run_dir: Path, dist_run: DistRun | None = None) -> RunLock:
     """Take RUN_DIR's lock or raise a one-line ValueError naming the directory (on every rank)."""
     held, problem = None, None
+    created = None if Path(run_dir).exists() else Path(run_dir)
     if dist_run is None or dist_run.is_main:
         try:
             held = _try_lock(Path(run_dir))
@@ -43,7 +54,7 @@ def lock_run_dir(run_dir: Path, dist_run: DistRun | None = None) -> RunLock:
         problem = f"{run_dir}: another run is using this directory (see rank 0's message)"
     if problem is not None:
         raise ValueError(problem)
-    return RunLock(held)
+    return RunLock(held, created if held is not None else None)
 
 
 def _try_lock(run_dir: Path) -> object:

@@ -181,7 +181,7 @@ def create_trainer(
     try:
         trainer = _build_trainer(run, ckpt, progress, launch, device, dist_run)
     except BaseException:
-        lock.release()
+        lock.abandon()
         raise
     trainer.run_lock = lock
     return trainer
