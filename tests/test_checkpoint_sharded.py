@@ -15,8 +15,8 @@ from distributed import run_workers
 from safetensors import safe_open
 
 import pyramoe.train.checkpoint as ckpt_io
-from pyramoe.config import ModelConfig, build_layers
 from pyramoe.comm import Topology
+from pyramoe.config import ModelConfig, build_layers
 from pyramoe.models import GPT
 from pyramoe.parallel import parallelize
 from pyramoe.parallel.launch import DistRun

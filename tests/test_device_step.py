@@ -9,7 +9,6 @@ skip without CUDA."""
 from __future__ import annotations
 
 import copy
-
 from collections import deque
 
 import pytest

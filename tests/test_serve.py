@@ -244,7 +244,7 @@ def test_kv_budget_and_prefix_cache_in_metrics(tiny_run, tmp_path):  # noqa: F81
         alone = [ask(p) for p in prompts]
         with ThreadPoolExecutor(4) as pool:
             assert list(pool.map(ask, prompts)) == alone
-        preempted = float(re.search(r"^pyramoe_preemptions (\S+)", httpx.get(f"{live.url}/metrics").text, re.M).group(1))
-        assert preempted > 0
+        metrics = httpx.get(f"{live.url}/metrics").text
+        assert float(re.search(r"^pyramoe_preemptions (\S+)", metrics, re.M).group(1)) > 0
     finally:
         assert live.stop() == 0

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from distributed import run_workers
 
-from pyramoe.config import ModelConfig, build_layers
 from pyramoe.comm import Topology
+from pyramoe.config import ModelConfig, build_layers
 from pyramoe.models import GPT
 from pyramoe.parallel import parallelize
 

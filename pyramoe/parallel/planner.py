@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pyramoe.config import ModelConfig
 from pyramoe.comm import cost_model as cm
+from pyramoe.config import ModelConfig
 from pyramoe.models import GPT
 
 GB = 1e9
