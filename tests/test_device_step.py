@@ -17,6 +17,7 @@ from host_syncs import no_host_syncs
 from test_native_decode import CASES, _model  # noqa: I001 - the block kinds of the engine's tests
 
 from pyramoe.inference import Engine, SamplingParams
+from pyramoe.inference.device_sampling import RowSampling, SamplingBatch, sample
 from pyramoe.inference.device_step import DeviceStep, bucket
 from pyramoe.inference.kv_cache import PagedKVCache, SlotKVCache
 from pyramoe.inference.steps import TorchStep
@@ -111,15 +112,27 @@ def test_buckets():
 
 
 @torch.no_grad()
-def test_device_forward_makes_no_host_sync():
+@pytest.mark.parametrize("mode", ["greedy", "sampled", "top-k top-p"])
+def test_device_forward_makes_no_host_sync(mode):
+    """The whole step on the device, from the plan's copy to the chosen tokens, sampling included:
+    no sync until `forward` reads the token ids back (its one sync)."""
     model = _model(CASES["qwen2 (shared gated expert, qkv bias)"], torch.bfloat16)
     step = DeviceStep(model, _cache(model), max_rows=16)
     sequences = _sequences(model.config.vocab_size)
+    params = {"greedy": None, "sampled": SamplingParams(temperature=0.8),
+              "top-k top-p": SamplingParams(temperature=0.8, top_k=5, top_p=0.9)}[mode]
     for runs in CALLS:
         tokens, slots, positions = _rows(runs, sequences)
-        plan, host = step._plan(tokens, slots, positions, list(range(len(tokens))))
+        logit_rows = list(range(len(tokens)))
+        sampling = [None if params is None or row % 2 else RowSampling(params, 7 + row, row) for row in logit_rows]
+        plan, host = step._plan(tokens, slots, positions, logit_rows, sampling)
+        assert plan.sampling == ["greedy", "sampled", "top-k top-p"].index(mode)
         with no_host_syncs():
-            step._run(plan, host)
+            logits_RV, tokens_R = step._device_forward(plan, host)
+        batch = SamplingBatch.build([r.params if r else SamplingParams(temperature=0) for r in sampling],
+                                    [r.seed if r else 0 for r in sampling], [r.counter if r else 0 for r in sampling],
+                                    "cpu")
+        assert tokens_R[: len(logit_rows)].tolist() == sample(logits_RV[: len(logit_rows)], batch).tolist()
 
 
 def _engine_tokens(model: GPT, step: str, params: SamplingParams) -> tuple[list[list[int]], Engine]:
@@ -180,11 +193,33 @@ def test_cuda_replayed_decode_step_makes_no_host_sync():
     sequences = _sequences(model.config.vocab_size)
     _run(step, sequences, CALLS)  # captures the decode bucket
     tokens, slots, positions = _rows([(3, 5, 1), (0, 7, 1), (2, 11, 1)], sequences)
-    plan, host = step._plan(tokens, slots, positions, [0, 1, 2])
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step._replay(plan, host)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    sampling = [RowSampling(SamplingParams(temperature=0.8, top_k=5, top_p=0.9), 3, 0), None,
+                RowSampling(SamplingParams(temperature=1.1), 4, 2)]
+    for rows in (None, sampling):  # greedy, then sampled on the device: a graph each
+        plan, host = step._plan(tokens, slots, positions, [0, 1, 2], rows)
+        step._replay(plan, host)  # captures this (bucket, sampling) pair
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _, tokens_R = step._replay(plan, host)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    eager = DeviceStep(model, _cache(model), 16, graphs=False)
+    _run(eager, sequences, CALLS)
+    assert tokens_R[:3].tolist() == eager.forward(tokens, slots, positions, [0, 1, 2], sampling)[1]
+    assert len(step._graphs) == 2
+
+
+def test_a_call_without_logit_rows():
+    """A prompt chunk that does not reach its prompt's end asks for no logits (a long prompt alone)."""
+    model = _model(CASES["mixtral"], torch.float32)
+    sequences = _sequences(model.config.vocab_size)
+    step, reference = DeviceStep(model, _cache(model), 16), DeviceStep(model, _cache(model), 16)
+    tokens, slots, positions = _rows([(2, 0, 7)], sequences)
+    logits_RV, tokens_R = step.forward(tokens, slots, positions, [])
+    assert logits_RV.shape == (0, model.config.vocab_size) and tokens_R == []
+    tokens, slots, positions = _rows([(2, 7, 3)], sequences)
+    got = step.forward(tokens, slots, positions, [2])[0]
+    want = _run(reference, sequences, [[(2, 0, 10)]])[0][-1:]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
