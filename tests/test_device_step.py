@@ -14,7 +14,7 @@ from collections import deque
 import pytest
 import torch
 from host_syncs import no_host_syncs
-from test_native_decode import CASES, _model  # noqa: I001 - the block kinds of the engine's tests
+from test_native_decode import CASES, _llama, _model  # noqa: I001 - the block kinds of the engine's tests
 
 from pyramoe.inference import Engine, SamplingParams
 from pyramoe.inference.device_sampling import RowSampling, SamplingBatch, sample
@@ -27,6 +27,15 @@ from pyramoe.models import GPT
 # prompt chunk continuing at position 7 and a new prompt (slots out of order), then decode rows only.
 CALLS = [[(2, 0, 7), (0, 0, 5)], [(0, 5, 1), (3, 0, 4), (2, 7, 3)], [(3, 4, 1), (0, 6, 1), (2, 10, 1)]]
 BF16_CASES = ["mixtral", "gpt-2 moe", "deepseek-v3 routing"]
+_MLA = dict(attention="latent", n_kv_heads=None, qk_norm="off", mla_kv_rank=32, mla_rope_dim=8, mla_nope_dim=16,
+            mla_v_dim=12)
+# Multi-head latent attention (the PyTorch step expands keys per head; the device step absorbs them).
+LATENT_CASES = {
+    "deepseek-v2-lite (one q projection)": _llama(**_MLA),
+    "deepseek-v3 (q rank, interleaved rope, sigmoid routing)": _llama(
+        **_MLA, mla_q_rank=24, rope_interleave=True,
+        moe={"router_score": "sigmoid", "score_correction_bias": True, "routed_scaling": 2.5}),
+}
 
 
 def _sequences(vocab: int) -> dict[int, list[int]]:
@@ -77,6 +86,21 @@ def test_device_step_equals_pytorch_step(name, dtype):
         torch.testing.assert_close(a, b, **tolerance)
     if dtype == torch.float32:  # a bf16 near-tie may route one token differently
         assert torch.equal(device.expert_counts(), pytorch.expert_counts())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(LATENT_CASES))
+def test_latent_attention_equals_pytorch_step(name, dtype):
+    model = _model(LATENT_CASES[name], dtype)
+    sequences = _sequences(model.config.vocab_size)
+    device, pytorch = DeviceStep(model, _cache(model), max_rows=16), TorchStep(model, _cache(model), max_rows=16)
+    with torch.no_grad():
+        got, want = _run(device, sequences), _run(pytorch, sequences)
+    tolerance = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tolerance)
+    for ours, theirs in zip(device.cache.keys + device.cache.values, pytorch.cache.keys + pytorch.cache.values):
+        torch.testing.assert_close(ours, theirs, **tolerance)  # the same latents and rotated keys, same blocks
 
 
 def test_padded_rows_equal_rows_alone_and_write_nothing_else():
@@ -141,9 +165,9 @@ def _engine_tokens(model: GPT, step: str, params: SamplingParams) -> tuple[list[
     return [c.token_ids for c in engine.generate(prompts, params)], engine
 
 
-@pytest.mark.parametrize("name", ["mixtral", "gpt-2 top-2"])
+@pytest.mark.parametrize("name", ["mixtral", "gpt-2 top-2", "deepseek-v3 (q rank, interleaved rope, sigmoid routing)"])
 def test_engine_runs_the_device_step(name):
-    model = _model(CASES[name], torch.float32)
+    model = _model({**CASES, **LATENT_CASES}[name], torch.float32)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     got, engine = _engine_tokens(model, "device", params)
     want, reference = _engine_tokens(model, "pytorch", params)

@@ -30,7 +30,8 @@ from pyramoe.inference.kv_cache import PagedKVCache, SlotKVCache
 from pyramoe.inference.steps import check_rows
 from pyramoe.layers.attention import CausalSelfAttention
 from pyramoe.layers.device_moe import DeviceMoE, device_moe_unsupported
-from pyramoe.layers.paged_attention import PagedRows, paged_attention
+from pyramoe.layers.mla import LatentAttention
+from pyramoe.layers.paged_attention import PagedRows, paged_attention, paged_latent_attention
 from pyramoe.models import GPT
 
 
@@ -44,8 +45,8 @@ def device_step_unsupported(model: GPT, cache: SlotKVCache) -> str | None:
     if not isinstance(cache, PagedKVCache):
         return "it needs the paged KV cache"
     for block in model.blocks:
-        if type(block.attn) is not CausalSelfAttention:
-            return f"{type(block.attn).__name__} (only multi-head and grouped-query attention)"
+        if type(block.attn) not in (CausalSelfAttention, LatentAttention):
+            return f"{type(block.attn).__name__} (only multi-head, grouped-query and latent attention)"
         if block.is_moe:
             reason = device_moe_unsupported(block.ffn)
             if reason is not None:
@@ -205,7 +206,8 @@ class DeviceStep:
             rope = model.rope.cos_sin(f["positions_N"].unsqueeze(0), x_ND.dtype)
         real_N = f["real_N"].bool()
         for i, block in enumerate(model.blocks):
-            x_ND = x_ND + paged_attention(block.attn, block.ln_attn(x_ND), rope, cache.keys[i], cache.values[i], rows)
+            attend = paged_latent_attention if isinstance(block.attn, LatentAttention) else paged_attention
+            x_ND = x_ND + attend(block.attn, block.ln_attn(x_ND), rope, cache.keys[i], cache.values[i], rows)
             h_ND = block.ln_ffn(x_ND)
             if block.is_moe:
                 h_ND, routed_E = self._moe[i](h_ND, real_N)
