@@ -90,3 +90,23 @@ def test_penalised_requests_sample_on_the_host_as_before():
     penalised = SamplingParams(max_tokens=10, temperature=0.8, seed=5, presence_penalty=1.5, ignore_eos=True)
     requests = [(PROMPT, penalised), OTHERS[0]]
     assert _tokens(_engine(model), requests) == _tokens(_engine(model, step="pytorch"), requests)
+
+
+def test_step_flag_of_generate_and_serve(tmp_path, capsys):
+    from live_server import train_tiny_run
+
+    from pyramoe.cli.main import main
+
+    run = str(train_tiny_run(tmp_path))
+    capsys.readouterr()
+    argv = ["generate", run, "--step", "device", "--prompt", "def f", "--max-new-tokens", "6", "--seed", "3"]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert "device decode step" in first.err
+    assert main(argv) == 0 and capsys.readouterr().out == first.out  # seeded draws on the device repeat
+    for command, extra, field in [("generate", ["--step", "cuda-graphs"], "--step"),
+                                  ("serve", ["--step", "cuda-graphs"], "--step"),
+                                  ("generate", ["--step", "device", "--quantize", "int8"], "device step")]:
+        assert main([command, run, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and field in err, err

@@ -24,8 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pyramoe.inference.device_sampling import (FIELDS, RowSampling, SamplingBatch, sample, sampling_fields,
-                                               sampling_mode)
+from pyramoe.inference.device_sampling import FIELDS, RowSampling, SamplingBatch, sample, sampling_fields, sampling_mode
 from pyramoe.inference.kv_cache import PagedKVCache, SlotKVCache
 from pyramoe.inference.steps import check_rows
 from pyramoe.layers.attention import CausalSelfAttention
