@@ -67,9 +67,10 @@ class Engine:
     (`pack_weights`, `pyramoe.inference.packing`) and the model runs in PyTorch. `step="device"` (the
     default on CUDA, on one process, where it applies) runs `DeviceStep` instead: fixed-shape steps
     with no host sync inside, decode captured as CUDA graphs on CUDA, sampled requests drawn on the
-    device (penalised ones on the host); `step="pytorch"` the PyTorch step. `quantize="int8"` (CPU) quantizes the linear layers and experts at the first step, before
-    the step is built (`pyramoe.inference.packing.quantize_model`: per-output-channel scales, rows of
-    activations quantized on the fly), so the native and PyTorch steps compute the same quantized
+    device (penalised ones on the host); `step="pytorch"` the PyTorch step. `quantize="int8"` (CPU)
+    quantizes the linear layers and experts at the first step, before the step is built
+    (`pyramoe.inference.packing.quantize_model`: per-output-channel scales, rows of activations
+    quantized on the fly), so the native and PyTorch steps compute the same quantized
     model. The engine runs its own view of the caller's model (`engine.model`, `inference_view`: its
     own modules and configs over the caller's weight tensors, none copied): eval mode, dropless,
     packing and quantizing change the view only, and the caller's model may go on training; the
