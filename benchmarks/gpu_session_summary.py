@@ -41,7 +41,7 @@ def main(out: Path) -> int:
     if status_file.is_file():
         for line in status_file.read_text().splitlines():
             name, _, code = line.rpartition("\t")
-            steps[name] = int(code)
+            steps[name] = int(code) if code.lstrip("-").isdigit() else code  # or "skipped"
     results = {}
     for path in sorted(out.glob("*.json")):
         if path.name != "session.json":

@@ -101,3 +101,43 @@ def test_bench_generate_device_is_checked(capsys):
     assert main(["bench", "generate", "--device", "cuda", "--out", "unused.json"]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--device" in err
+
+
+def test_bench_generate_shapes_step_and_compiled_peer(tmp_path, capsys):
+    """--shape fills the sizes left unset; --step picks the engine's step; transformers-compiled is
+    CUDA-only (a note on the CPU), and where it fails it is dropped with a note, nothing else is."""
+    import argparse
+
+    from pyramoe.bench.generate import COMPILED, add_arguments, resolve_shape, warm_up
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--shape", "large", "--layers", "2"])
+    resolve_shape(args)
+    assert (args.hidden, args.layers, args.experts, args.intermediate, args.heads, args.kv_heads) == (
+        2048, 2, 8, 5632, 16, 4)
+    out = tmp_path / "generate.json"
+    argv = ["bench", "generate", "--hidden", "32", "--layers", "2", "--experts", "4", "--intermediate", "48",
+            "--heads", "4", "--kv-heads", "2", "--vocab", "64", "--prompt-len", "4", "--new-tokens", "3",
+            "--batches", "1,3", "--rounds", "1", "--dtype", "fp32", "--step", "device", "--no-pytorch-path",
+            "--no-plain-moe", "--out", str(out)]
+    assert main(argv) == 0
+    payload = json.loads(out.read_text())
+    assert payload["decode_path"] == "device" and payload["shape"]["shape"] == "small"
+    assert {r["impl"] for r in payload["results"]} == {"pyramoe", "transformers"}
+    assert f"{COMPILED}: not run (CUDA only)" in payload["notes"]
+
+    def fails(n):
+        raise RuntimeError("inductor: no compiler\nmore")
+
+    notes = []
+    fns = {"pyramoe": lambda n: None, COMPILED: fails}
+    warm_up(fns, 8, notes)
+    assert list(fns) == ["pyramoe"] and notes == [f"{COMPILED} dropped: RuntimeError: inductor: no compiler"]
+    with pytest.raises(RuntimeError):
+        warm_up({"pyramoe": fails}, 8, [])
+    capsys.readouterr()
+    for flag, value in (("--shape", "huge"), ("--step", "graphs")):
+        assert main(["bench", "generate", flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and flag in err

@@ -11,7 +11,7 @@ import pytest
 import torch
 from host_syncs import no_host_syncs
 
-from pyramoe.inference.device_sampling import SamplingBatch, filtered_probs, sample, uniforms
+from pyramoe.inference.device_sampling import SamplingBatch, filtered_probs, sample, uniforms, unit_interval
 from pyramoe.inference.sampling import SamplingParams, sampling_probs
 
 SETTINGS = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3),
@@ -59,6 +59,16 @@ def test_uniforms_are_uniform_and_independent_of_neighbours():
         assert abs(float(row.mean()) - 0.5) < 0.01 and abs(float(row.var()) - 1 / 12) < 0.005
     assert abs(float(torch.corrcoef(u)[0, 1])) < 0.02 and abs(float(torch.corrcoef(u)[0, 2])) < 0.02
     assert torch.equal(uniforms(torch.tensor([[7, 0]]), torch.tensor([1]), 50_000)[0], u[1])
+
+
+def test_uniforms_stay_inside_the_open_interval_at_the_extreme_bits():
+    u = unit_interval(torch.tensor([0, 1, 2**31, 2**32 - 512, 2**32 - 2, 2**32 - 1]))
+    assert float(u.min()) > 0 and float(u.max()) < 1
+    # Seed 766's first draw over 101 tokens hit bits 2^32 - 1 at token 17: it must still pick a kept token.
+    logits_V = torch.arange(101, dtype=torch.float32) / 10
+    params = SamplingParams(temperature=1.0, top_k=6)
+    token = sample(logits_V[None], _batch([params], [766], [0]))
+    assert int(token) in range(95, 101)
 
 
 def test_a_rows_token_depends_on_its_seed_and_counter_only():

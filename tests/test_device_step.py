@@ -14,9 +14,10 @@ from collections import deque
 import pytest
 import torch
 from host_syncs import no_host_syncs
-from test_native_decode import CASES, _model  # noqa: I001 - the block kinds of the engine's tests
+from test_native_decode import CASES, _llama, _model  # noqa: I001 - the block kinds of the engine's tests
 
 from pyramoe.inference import Engine, SamplingParams
+from pyramoe.inference.device_sampling import RowSampling, SamplingBatch, sample
 from pyramoe.inference.device_step import DeviceStep, bucket
 from pyramoe.inference.kv_cache import PagedKVCache, SlotKVCache
 from pyramoe.inference.steps import TorchStep
@@ -26,6 +27,15 @@ from pyramoe.models import GPT
 # prompt chunk continuing at position 7 and a new prompt (slots out of order), then decode rows only.
 CALLS = [[(2, 0, 7), (0, 0, 5)], [(0, 5, 1), (3, 0, 4), (2, 7, 3)], [(3, 4, 1), (0, 6, 1), (2, 10, 1)]]
 BF16_CASES = ["mixtral", "gpt-2 moe", "deepseek-v3 routing"]
+_MLA = dict(attention="latent", n_kv_heads=None, qk_norm="off", mla_kv_rank=32, mla_rope_dim=8, mla_nope_dim=16,
+            mla_v_dim=12)
+# Multi-head latent attention (the PyTorch step expands keys per head; the device step absorbs them).
+LATENT_CASES = {
+    "deepseek-v2-lite (one q projection)": _llama(**_MLA),
+    "deepseek-v3 (q rank, interleaved rope, sigmoid routing)": _llama(
+        **_MLA, mla_q_rank=24, rope_interleave=True,
+        moe={"router_score": "sigmoid", "score_correction_bias": True, "routed_scaling": 2.5}),
+}
 
 
 def _sequences(vocab: int) -> dict[int, list[int]]:
@@ -78,6 +88,21 @@ def test_device_step_equals_pytorch_step(name, dtype):
         assert torch.equal(device.expert_counts(), pytorch.expert_counts())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(LATENT_CASES))
+def test_latent_attention_equals_pytorch_step(name, dtype):
+    model = _model(LATENT_CASES[name], dtype)
+    sequences = _sequences(model.config.vocab_size)
+    device, pytorch = DeviceStep(model, _cache(model), max_rows=16), TorchStep(model, _cache(model), max_rows=16)
+    with torch.no_grad():
+        got, want = _run(device, sequences), _run(pytorch, sequences)
+    tolerance = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tolerance)
+    for ours, theirs in zip(device.cache.keys + device.cache.values, pytorch.cache.keys + pytorch.cache.values):
+        torch.testing.assert_close(ours, theirs, **tolerance)  # the same latents and rotated keys, same blocks
+
+
 def test_padded_rows_equal_rows_alone_and_write_nothing_else():
     model = _model(CASES["mixtral"], torch.float32)
     sequences = _sequences(model.config.vocab_size)
@@ -111,15 +136,27 @@ def test_buckets():
 
 
 @torch.no_grad()
-def test_device_forward_makes_no_host_sync():
+@pytest.mark.parametrize("mode", ["greedy", "sampled", "top-k top-p"])
+def test_device_forward_makes_no_host_sync(mode):
+    """The whole step on the device, from the plan's copy to the chosen tokens, sampling included:
+    no sync until `forward` reads the token ids back (its one sync)."""
     model = _model(CASES["qwen2 (shared gated expert, qkv bias)"], torch.bfloat16)
     step = DeviceStep(model, _cache(model), max_rows=16)
     sequences = _sequences(model.config.vocab_size)
+    params = {"greedy": None, "sampled": SamplingParams(temperature=0.8),
+              "top-k top-p": SamplingParams(temperature=0.8, top_k=5, top_p=0.9)}[mode]
     for runs in CALLS:
         tokens, slots, positions = _rows(runs, sequences)
-        plan, host = step._plan(tokens, slots, positions, list(range(len(tokens))))
+        logit_rows = list(range(len(tokens)))
+        sampling = [None if params is None or row % 2 else RowSampling(params, 7 + row, row) for row in logit_rows]
+        plan, host = step._plan(tokens, slots, positions, logit_rows, sampling)
+        assert plan.sampling == ["greedy", "sampled", "top-k top-p"].index(mode)
         with no_host_syncs():
-            step._run(plan, host)
+            logits_RV, tokens_R = step._device_forward(plan, host)
+        batch = SamplingBatch.build([r.params if r else SamplingParams(temperature=0) for r in sampling],
+                                    [r.seed if r else 0 for r in sampling], [r.counter if r else 0 for r in sampling],
+                                    "cpu")
+        assert tokens_R[: len(logit_rows)].tolist() == sample(logits_RV[: len(logit_rows)], batch).tolist()
 
 
 def _engine_tokens(model: GPT, step: str, params: SamplingParams) -> tuple[list[list[int]], Engine]:
@@ -128,9 +165,9 @@ def _engine_tokens(model: GPT, step: str, params: SamplingParams) -> tuple[list[
     return [c.token_ids for c in engine.generate(prompts, params)], engine
 
 
-@pytest.mark.parametrize("name", ["mixtral", "gpt-2 top-2"])
+@pytest.mark.parametrize("name", ["mixtral", "gpt-2 top-2", "deepseek-v3 (q rank, interleaved rope, sigmoid routing)"])
 def test_engine_runs_the_device_step(name):
-    model = _model(CASES[name], torch.float32)
+    model = _model({**CASES, **LATENT_CASES}[name], torch.float32)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     got, engine = _engine_tokens(model, "device", params)
     want, reference = _engine_tokens(model, "pytorch", params)
@@ -180,11 +217,33 @@ def test_cuda_replayed_decode_step_makes_no_host_sync():
     sequences = _sequences(model.config.vocab_size)
     _run(step, sequences, CALLS)  # captures the decode bucket
     tokens, slots, positions = _rows([(3, 5, 1), (0, 7, 1), (2, 11, 1)], sequences)
-    plan, host = step._plan(tokens, slots, positions, [0, 1, 2])
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step._replay(plan, host)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
+    sampling = [RowSampling(SamplingParams(temperature=0.8, top_k=5, top_p=0.9), 3, 0), None,
+                RowSampling(SamplingParams(temperature=1.1), 4, 2)]
+    for rows in (None, sampling):  # greedy, then sampled on the device: a graph each
+        plan, host = step._plan(tokens, slots, positions, [0, 1, 2], rows)
+        step._replay(plan, host)  # captures this (bucket, sampling) pair
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            _, tokens_R = step._replay(plan, host)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    eager = DeviceStep(model, _cache(model), 16, graphs=False)
+    _run(eager, sequences, CALLS)
+    assert tokens_R[:3].tolist() == eager.forward(tokens, slots, positions, [0, 1, 2], sampling)[1]
+    assert len(step._graphs) == 2
+
+
+def test_a_call_without_logit_rows():
+    """A prompt chunk that does not reach its prompt's end asks for no logits (a long prompt alone)."""
+    model = _model(CASES["mixtral"], torch.float32)
+    sequences = _sequences(model.config.vocab_size)
+    step, reference = DeviceStep(model, _cache(model), 16), DeviceStep(model, _cache(model), 16)
+    tokens, slots, positions = _rows([(2, 0, 7)], sequences)
+    logits_RV, tokens_R = step.forward(tokens, slots, positions, [])
+    assert logits_RV.shape == (0, model.config.vocab_size) and tokens_R == []
+    tokens, slots, positions = _rows([(2, 7, 3)], sequences)
+    got = step.forward(tokens, slots, positions, [2])[0]
+    want = _run(reference, sequences, [[(2, 0, 10)]])[0][-1:]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -1,13 +1,15 @@
 """`pyramoe bench generate`: generation throughput of pyramoe's engine against transformers' `generate`
 on the same random weights, in one run.
 
-The model is Mixtral-shaped (defaults: hidden 512, 8 layers, 8 experts top-2, intermediate 1024,
-vocab 32000), built by transformers from its config, saved, and loaded by pyramoe from that
-directory, so both run identical weights. Implementations:
+The model is Mixtral-shaped (`--shape small`, the default: hidden 512, 8 layers, 8 experts top-2,
+intermediate 1024, vocab 32000; `--shape large`: hidden 2048, 16 layers, 16 heads over 4 key/value
+heads, intermediate 5632; each size flag overrides its shape's value), built by transformers from
+its config, saved, and loaded by pyramoe from that directory, so both run identical weights.
+Implementations:
 
-- pyramoe: the continuous-batching engine (`pyramoe.inference.Engine`), greedy (its native step
-  where it builds; with `--device cuda`, its device step, `pyramoe.inference.device_step`, and
-  the roofline from the GPU's memory);
+- pyramoe: the continuous-batching engine (`pyramoe.inference.Engine`), greedy (`--step`, default
+  auto: its native step where it builds; with `--device cuda`, its device step,
+  `pyramoe.inference.device_step`, and the roofline from the GPU's memory);
 - pyramoe-pytorch: the same engine with `native=False` (its PyTorch step, oneDNN-packed weights;
   on CUDA `step="pytorch"`);
 - pyramoe-int8 (`--quantize int8`, CPU): the engine with int8 weights (`Engine(quantize="int8")`), its
@@ -15,6 +17,9 @@ directory, so both run identical weights. Implementations:
   `--quality-checkpoint RUN` the quality that costs on a trained model (perplexity of the held-out
   split and greedy agreement with bf16: `pyramoe.bench.quantized_quality`);
 - transformers: `generate(do_sample=False)` with its grouped-GEMM experts (`grouped_mm`);
+- transformers-compiled (CUDA; `--no-compiled-transformers` skips it): the same with its static
+  cache and `torch.compile(mode="reduce-overhead")` (`cache_implementation="static"` and a
+  `CompileConfig`), decode only; dropped with a note where that transformers cannot compile it;
 - plain-moe: transformers with its eager experts, a Python loop over experts (a plain PyTorch MoE);
 - roofline: batch x memory bandwidth (measured in the same run) / bytes of weights one decode step
   reads (attention, norms, router, the LM head, and per MoE layer the experts the batch touches:
@@ -44,28 +49,37 @@ import torch
 
 from pyramoe.bench.common import decode_bytes, machine_info, time_call, timed, write_json
 from pyramoe.inference import Engine, SamplingParams, resolve_dtype
+from pyramoe.inference.engine import STEPS
 from pyramoe.inference.packing import check_quantize
 from pyramoe.kernels import BlockedWeight, Int8Weight, huge_page_tensors, load_library, native_read
 from pyramoe.layers.experts import GroupedExperts
 from pyramoe.layers.packed import can_pack, pack_weight, packed_linear
 from pyramoe.tables import format_table
 
+# The issue's two Mixtral shapes (the larger one for a GPU).
+SHAPES = {
+    "small": dict(hidden=512, layers=8, experts=8, top_k=2, intermediate=1024, heads=8, kv_heads=2, vocab=32000),
+    "large": dict(hidden=2048, layers=16, experts=8, top_k=2, intermediate=5632, heads=16, kv_heads=4, vocab=32000),
+}
+COMPILED = "transformers-compiled"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--intermediate", type=int, default=1024)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--shape", default="small", metavar="|".join(SHAPES),
+                        help="the model's sizes (small: hidden 512, 8 layers, ffn 1024; large: hidden 2048, "
+                             "16 layers, ffn 5632); the size flags below override single values")
+    for name in SHAPES["small"]:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help="default: the shape's")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
     parser.add_argument("--dtype", default="auto", help="auto (bf16 with native bf16 matmul), bf16 or fp32")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-transformers", action="store_true", help="pyramoe and the roofline only")
+    parser.add_argument("--no-plain-moe", action="store_true", help="skip plain-moe (transformers' eager experts)")
+    parser.add_argument("--no-compiled-transformers", action="store_true",
+                        help="skip transformers-compiled (its static cache + torch.compile; CUDA only)")
+    parser.add_argument("--step", default="auto", metavar="auto|pytorch|device", help="pyramoe's engine step")
     parser.add_argument("--no-pytorch-path", action="store_true",
                         help="skip pyramoe-pytorch (the engine with native=False on the same weights)")
     parser.add_argument("--device", default="cpu",
@@ -80,7 +94,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench-results/generate.json")
 
 
+def resolve_shape(args: argparse.Namespace) -> None:
+    """Fill the size flags left unset from `--shape`."""
+    if args.shape not in SHAPES:
+        raise ValueError(f"--shape: must be one of {', '.join(SHAPES)}, got {args.shape!r}")
+    for name, value in SHAPES[args.shape].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def validate(args: argparse.Namespace) -> list[int]:
+    resolve_shape(args)
+    if args.step not in STEPS:
+        raise ValueError(f"--step: must be one of {', '.join(STEPS)}, got {args.step!r}")
     for name in ("hidden", "layers", "experts", "top_k", "intermediate", "heads", "kv_heads", "vocab",
                  "prompt_len", "rounds"):
         if getattr(args, name) < 1:
@@ -110,7 +136,9 @@ def validate(args: argparse.Namespace) -> list[int]:
     return batches
 
 
-def build_transformers(args: argparse.Namespace, dtype: torch.dtype) -> Any:
+def build_transformers(args: argparse.Namespace, dtype: torch.dtype, device: str = "cpu") -> Any:
+    """Random Mixtral weights (seed 0: every call builds the same), made on `device` (the large
+    shape's 4.5B parameters initialise in seconds on a GPU, minutes on its host)."""
     import transformers
 
     config = transformers.MixtralConfig(
@@ -119,7 +147,8 @@ def build_transformers(args: argparse.Namespace, dtype: torch.dtype) -> Any:
         num_local_experts=args.experts, num_experts_per_tok=args.top_k, max_position_embeddings=4096,
     )
     torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(config).eval()
+    with torch.device(device):
+        model = transformers.MixtralForCausalLM(config).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.to(dtype)
@@ -131,6 +160,7 @@ def bench_engine(dtype: str = "bf16", **engine_options: Any) -> tuple[Engine, ar
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     shape = parser.parse_args([])
+    resolve_shape(shape)
     reference = build_transformers(shape, resolve_dtype(dtype, "cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         reference.save_pretrained(tmp)
@@ -255,13 +285,40 @@ def runners(args: argparse.Namespace, batch: int, prompts: torch.Tensor, engines
         out[name] = ours
     ids_hf = prompts[:batch].to(args.device)
     for name, model in hf.items():
-        def theirs(n: int, model: Any = model) -> Any:
+        options = compiled_generate_options() if name == COMPILED else {}
+
+        def theirs(n: int, model: Any = model, options: dict = options) -> Any:
             with torch.no_grad():
                 tokens = model.generate(input_ids=ids_hf, attention_mask=torch.ones_like(ids_hf), max_new_tokens=n,
-                                        min_new_tokens=n, do_sample=False)
+                                        min_new_tokens=n, do_sample=False, **options)
             return tokens.tolist()  # waits for the device
         out[name] = theirs
     return out
+
+
+def compiled_generate_options() -> dict[str, Any] | None:
+    """`generate` arguments for transformers' static cache with its forward compiled (CUDA graphs
+    through reduce-overhead), or None where this transformers has no `CompileConfig`."""
+    import transformers
+
+    if not hasattr(transformers, "CompileConfig"):
+        return None
+    return {"cache_implementation": "static",
+            "compile_config": transformers.CompileConfig(fullgraph=False, mode="reduce-overhead")}
+
+
+def warm_up(fns: dict[str, Callable[[int], Any]], new_tokens: int, notes: list[str]) -> None:
+    """One call of each (the quantized engine quantizes at its first step; the compiled peer
+    compiles for the longest call, whose static cache the shorter ones reuse). A compiled peer
+    that fails is dropped with a note; anything else that fails is a failure of the bench."""
+    for name, fn in list(fns.items()):
+        try:
+            fn(new_tokens if name == COMPILED else 2)
+        except Exception as exc:  # noqa: BLE001 - torch.compile's failures have many types
+            if name != COMPILED:
+                raise
+            del fns[name]
+            notes.append(f"{COMPILED} dropped: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
 
 def prefill_runners(
@@ -271,6 +328,7 @@ def prefill_runners(
     `generate` asks its prefill for those alone too, `logits_to_keep=1`). The engine prefills
     prompts of one length together."""
     out: dict[str, Callable[[], Any]] = {}
+    hf = {name: model for name, model in hf.items() if name != COMPILED}  # its prefill is transformers' own
 
     for name, engine in engines.items():
         def ours(engine: Engine = engine) -> Any:
@@ -298,26 +356,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         notes.append(f"device {torch.cuda.get_device_name(device)}")
     hf: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        reference = build_transformers(args, dtype)
+        reference = build_transformers(args, dtype, device)
         reference.save_pretrained(tmp)
         # Every round feeds the same prompts: without prefix caching each reads them anew, as transformers does.
         load = functools.partial(Engine.load, tmp, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
-                                 max_batch=max(batches), eos_id=None, prefix_caching=False, device=device)
+                                 max_batch=max(batches), eos_id=None, prefix_caching=False, device=device,
+                                 step=args.step)
         engine = load()
         engines = {"pyramoe": engine}
         if not args.no_pytorch_path and (load_library() is not None or not on_cpu):  # the same weights
-            engines["pyramoe-pytorch"] = load(native=False) if on_cpu else load(step="pytorch")
+            engines["pyramoe-pytorch"] = load(step="pytorch")
         if args.quantize is not None:
             engines[f"pyramoe-{args.quantize}"] = load(quantize=args.quantize)
     if not args.no_transformers:
         if _set_experts(reference, "grouped_mm"):
             hf["transformers"] = reference.to(device)
-            eager = build_transformers(args, dtype)
-            if _set_experts(eager, "eager"):
+            eager = None if args.no_plain_moe else build_transformers(args, dtype, device)
+            if eager is not None and _set_experts(eager, "eager"):
                 hf["plain-moe"] = eager.to(device)
         else:
             hf["transformers"] = reference.to(device)
             notes.append("transformers has no set_experts_implementation: its default experts ran")
+        if on_cpu or args.no_compiled_transformers:
+            notes.append(f"{COMPILED}: not run ({'CUDA only' if on_cpu else '--no-compiled-transformers'})")
+        elif compiled_generate_options() is None:
+            notes.append(f"{COMPILED}: not run (this transformers has no CompileConfig)")
+        else:
+            hf[COMPILED] = hf["transformers"]  # the same model: generate compiles its forward for the static cache
     torch.manual_seed(1)
     prompts = torch.randint(1, args.vocab, (max(batches), args.prompt_len))
     bandwidth = measure_bandwidth() if on_cpu else measure_device_bandwidth(device)
@@ -333,9 +398,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = []
     for batch in batches:
         fns = runners(args, batch, prompts, engines, hf)
+        warm_up(fns, args.new_tokens, notes)
+        hf = {name: model for name, model in hf.items() if name in fns}
         samples: dict[str, list[float]] = {name: [] for name in fns}
-        for fn in fns.values():
-            fn(2)  # warm-up (the quantized engine quantizes at its first step)
         for _ in range(args.rounds):
             for name, fn in fns.items():
                 long, short = timed(lambda fn=fn: fn(args.new_tokens)), timed(lambda fn=fn: fn(1))
@@ -370,7 +435,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         notes.append(f"the engine's packed weights read at {weights_read / 1e9:.1f} GB/s (the VM's memory speed "
                      f"differs between allocations: the roofline takes the bench's best buffer)")
     return {"weights_read_bytes_s": weights_read, "benchmark": "generate", "shape": {k: getattr(args, k) for k in (
-        "hidden", "layers", "experts", "top_k", "intermediate", "heads", "kv_heads", "vocab", "prompt_len",
+        "shape", "hidden", "layers", "experts", "top_k", "intermediate", "heads", "kv_heads", "vocab", "prompt_len",
         "new_tokens")}, "device": device, "machine": machine_info(), "notes": notes, "roofline_tok_s": roofline,
         "rooflines_tok_s": {str(b): v for b, v in rooflines.items()}, "decode_path": engine.decode_path,
         "bandwidth_bytes_s": bandwidth, "gemv_floor_tok_s": gemv_floor, "results": results,

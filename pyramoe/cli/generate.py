@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from pyramoe.inference import Engine, SamplingParams
+from pyramoe.inference.engine import STEPS
 from pyramoe.inference.packing import check_quantize
 from pyramoe.parallel.launch import argv_without_nproc, relaunch_with_torchrun, world_size_from_env
 
@@ -37,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="auto",
                         help="auto (bf16 where the CPU multiplies bf16 natively, or on CUDA), fp32 or bf16")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_step_argument(parser)
     parser.add_argument("--quantize", default=None, metavar="FORMAT",
                         help="int8: quantize the linear layers and experts at load (per-output-channel scales; CPU)")
     parser.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
@@ -44,6 +46,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--expert-slicing", action="store_true",
                        help="with --tp: split every expert's hidden units over TP ranks instead of the MoE tokens")
     parser.set_defaults(func=main)
+
+
+def add_step_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--step", default="auto", metavar="|".join(STEPS),
+                        help="the engine's step: auto (CPU: native, else pytorch; CUDA: device where it applies), "
+                             "pytorch, or device (fixed shapes, sampling on the device, CUDA graphs on CUDA)")
+
+
+def check_step(step: str) -> None:
+    if step not in STEPS:
+        raise ValueError(f"--step: must be one of {', '.join(STEPS)}, got {step!r}")
 
 
 def add_process_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -76,14 +89,16 @@ def main(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device: cuda asked for but torch sees no CUDA device")
     check_quantize(args.quantize, "--quantize")
+    check_step(args.step)
     prompts = read_prompts(args)
     if args.stream and len(prompts) > 1:
         raise ValueError("--stream: streams one prompt; got several")
     if args.nproc_per_node is not None and world_size_from_env() == 1:
         return relaunch_with_torchrun(args.nproc_per_node, argv_without_nproc(args.argv))
     engine = Engine.load(args.checkpoint, dtype=args.dtype, device=args.device, max_batch=args.max_batch,
-                         quantize=args.quantize)
+                         quantize=args.quantize, step=args.step)
     run = engine.distribute(args.ep, args.tp, expert_slicing=args.expert_slicing)
+    engine.prepare()  # a step that cannot run this model says so before any output
     try:
         return _generate(engine, prompts, args, quiet=run is not None and not run.is_main)
     finally:

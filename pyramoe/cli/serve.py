@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pyramoe.cli.generate import add_process_arguments
+from pyramoe.cli.generate import add_process_arguments, add_step_argument, check_step
 from pyramoe.parallel.launch import argv_without_nproc, world_size_from_env
 
 LEADER_PID_FILE = "PYRAMOE_SERVE_LEADER_PID_FILE"  # where rank 0 writes its pid for `--nproc-per-node`
@@ -50,6 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--served-model-name", default=None, help="the model's name in the API (default: MODEL's)")
     parser.add_argument("--dtype", default="auto", help="auto, fp32 or bf16")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_step_argument(parser)
     parser.add_argument("--quantize", default=None, metavar="FORMAT",
                         help="int8: quantize the linear layers and experts at load (per-output-channel scales; CPU)")
     parser.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
@@ -87,6 +88,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.dist_timeout <= 0:
         print("pyramoe serve: --dist-timeout: must be > 0", file=sys.stderr)
+        return 2
+    try:
+        check_step(args.step)
+    except ValueError as exc:
+        print(f"pyramoe serve: {exc}", file=sys.stderr)
         return 2
     from pyramoe.inference.packing import QUANTIZE_FORMATS
 
@@ -134,7 +140,7 @@ def load(args: argparse.Namespace, path: Path, world: int = 1):
     engine = Engine.load(path, dtype=args.dtype, device=device, max_batch=args.max_batch,
                          max_len=args.max_len or DEFAULT_MAX_LEN, max_step_tokens=args.max_step_tokens,
                          kv_cache_bytes=kv_bytes, block_size=args.block_size,
-                         prefix_caching=not args.no_prefix_caching, quantize=args.quantize)
+                         prefix_caching=not args.no_prefix_caching, quantize=args.quantize, step=args.step)
     if world > 1:
         engine.distribute(args.ep, args.tp, timeout_s=args.dist_timeout)
     return engine, ChatTemplate.for_model(path)

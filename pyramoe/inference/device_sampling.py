@@ -12,6 +12,9 @@ which picks v with probability p_v / sum(p) exactly and never a token of probabi
 The distribution each row samples from is `sampling.sampling_probs`'s (temperature, then top-k
 with ties kept, softmax, then the top-p nucleus), computed for all rows at once.
 
+A step hands its rows' settings to the device as `FIELDS` int64 rows (`sampling_fields`: floats as
+their fp32 bits), so they can ride in the same host buffer as the rest of the step's plan: one copy.
+
 Legend: R rows, V vocabulary.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -26,6 +30,41 @@ from pyramoe.inference.sampling import MIN_TEMPERATURE, SamplingParams
 
 MASK32 = 0xFFFFFFFF
 GOLDEN32 = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive counters and vocabulary indices
+
+
+class RowSampling(NamedTuple):
+    """How one row draws its token: its request's settings and seed (any int; taken mod 2^64), and
+    the counter (which of the request's samples this is)."""
+
+    params: SamplingParams
+    seed: int
+    counter: int
+
+
+# Rows of `sampling_fields`: temperature (fp32 bits), top_p (fp32 bits), top_k, seed low / high 32
+# bits, counter.
+FIELDS = 6
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def sampling_fields(rows_R: Sequence[RowSampling | None]) -> list[list[int]]:
+    """The rows' settings as FIELDS lists of R ints (None: a greedy row). Floats travel as their fp32
+    bit patterns (signed 32-bit ints, exact in int64) so every field fits one int64 buffer."""
+    rows = [row if row is not None else RowSampling(GREEDY, 0, 0) for row in rows_R]
+    floats = torch.tensor([[r.params.temperature for r in rows], [r.params.top_p for r in rows]],
+                          dtype=torch.float32)
+    bits = floats.view(torch.int32).tolist()
+    return [bits[0], bits[1], [r.params.top_k for r in rows], [r.seed & MASK32 for r in rows],
+            [(r.seed >> 32) & MASK32 for r in rows], [r.counter & MASK32 for r in rows]]
+
+
+def sampling_mode(rows_R: Sequence[RowSampling | None]) -> int:
+    """0: every row greedy (argmax only); 1: some row samples, none truncates; 2: some row has top-k
+    or top-p (the sort runs). Known on the host, so a step's ops (and its CUDA graph) follow it."""
+    sampled = [r.params for r in rows_R if r is not None and not r.params.greedy]
+    if not sampled:
+        return 0
+    return 2 if any(p.top_k > 0 or p.top_p < 1.0 for p in sampled) else 1
 
 
 @dataclass
@@ -43,15 +82,17 @@ class SamplingBatch:
     @classmethod
     def build(cls, params_R: Sequence[SamplingParams], seeds_R: Sequence[int], counters_R: Sequence[int],
               device: torch.device | str) -> SamplingBatch:
-        """From each row's request settings, seed (any int; taken mod 2^64) and counter: two host
-        tensors, two copies to the device."""
-        floats = torch.tensor([[p.temperature for p in params_R], [p.top_p for p in params_R]], dtype=torch.float32)
-        ints = torch.tensor([[p.top_k for p in params_R], [s & MASK32 for s in seeds_R],
-                             [(s >> 32) & MASK32 for s in seeds_R], [c & MASK32 for c in counters_R]],
-                            dtype=torch.int64)
-        floats, ints = floats.to(device, non_blocking=True), ints.to(device, non_blocking=True)
-        truncates = any(p.top_k > 0 or p.top_p < 1.0 for p in params_R)
-        return cls(floats[0], ints[0], floats[1], ints[1:3].t(), ints[3], truncates)
+        """From each row's request settings, seed (any int; taken mod 2^64) and counter: one host
+        tensor, one copy to the device."""
+        rows = [RowSampling(p, s, c) for p, s, c in zip(params_R, seeds_R, counters_R)]
+        fields = torch.tensor(sampling_fields(rows), dtype=torch.int64).to(device, non_blocking=True)
+        return cls.from_fields(fields, truncates=sampling_mode(rows) == 2)
+
+    @classmethod
+    def from_fields(cls, fields_6R: torch.Tensor, truncates: bool) -> SamplingBatch:
+        """Views of `sampling_fields` already on the device (no copy, no sync)."""
+        floats = fields_6R[:2].to(torch.int32).view(torch.float32)
+        return cls(floats[0], fields_6R[2], floats[1], fields_6R[3:5].t(), fields_6R[5], truncates)
 
 
 def sample(logits_RV: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -91,8 +132,14 @@ def uniforms(seed_R2: torch.Tensor, counter_R: torch.Tensor, width: int) -> torc
     key_R = _fmix32(key_R ^ _mul32(counter_R, GOLDEN32))
     column_V = _mul32(torch.arange(width, dtype=torch.int64, device=seed_R2.device), GOLDEN32)
     bits_RV = _fmix32(_fmix32(key_R.unsqueeze(1) ^ column_V) ^ key_R.unsqueeze(1))
-    # 24 bits: exact in fp32, and +0.5 keeps them off 0 and 1.
-    return ((bits_RV >> 8).to(torch.float32) + 0.5) * 2.0**-24
+    return unit_interval(bits_RV)
+
+
+def unit_interval(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit integers to fp32 in (0, 1): their top 23 bits k as (k + 0.5) / 2^23, every value
+    exact. (24 bits would not be: (2^24 - 1) + 0.5 rounds to 2^24 in fp32, a uniform of exactly 1,
+    an exponential of 0, and p / 0 picked a token of probability 0 about once per 2^24 draws.)"""
+    return ((bits >> 9).to(torch.float32) + 0.5) * 2.0**-23
 
 
 def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:

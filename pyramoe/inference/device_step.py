@@ -8,7 +8,10 @@ of that bucket is one graph replay (gpt-fast's and vLLM's way), with no host syn
 - The host plans the step in one int64 tensor (`StepPlan`), copied to the device in one transfer;
   attention reads each sequence's blocks of the paged cache (`pyramoe.layers.paged_attention`)
   and MoE layers run `DeviceMoE` (routing table, offsets and grouped GEMMs on the device).
-- The only sync is the argmax list the step returns, once per step.
+- Each logit row's token is chosen on the device: its argmax, or, for the rows the caller asks to
+  sample (`sampling_R`), a draw by `pyramoe.inference.device_sampling` (temperature, top-k, top-p,
+  the request's seed and a counter), all rows in one batched call. The only sync is the list of
+  chosen ids the step returns, once per step.
 
 On the CPU the same code runs eagerly (no capture): that is how CI tests it.
 
@@ -21,11 +24,13 @@ from collections.abc import Sequence
 
 import torch
 
+from pyramoe.inference.device_sampling import FIELDS, RowSampling, SamplingBatch, sample, sampling_fields, sampling_mode
 from pyramoe.inference.kv_cache import PagedKVCache, SlotKVCache
 from pyramoe.inference.steps import check_rows
 from pyramoe.layers.attention import CausalSelfAttention
 from pyramoe.layers.device_moe import DeviceMoE, device_moe_unsupported
-from pyramoe.layers.paged_attention import PagedRows, paged_attention
+from pyramoe.layers.mla import LatentAttention
+from pyramoe.layers.paged_attention import PagedRows, paged_attention, paged_latent_attention
 from pyramoe.models import GPT
 
 
@@ -39,8 +44,8 @@ def device_step_unsupported(model: GPT, cache: SlotKVCache) -> str | None:
     if not isinstance(cache, PagedKVCache):
         return "it needs the paged KV cache"
     for block in model.blocks:
-        if type(block.attn) is not CausalSelfAttention:
-            return f"{type(block.attn).__name__} (only multi-head and grouped-query attention)"
+        if type(block.attn) not in (CausalSelfAttention, LatentAttention):
+            return f"{type(block.attn).__name__} (only multi-head, grouped-query and latent attention)"
         if block.is_moe:
             reason = device_moe_unsupported(block.ffn)
             if reason is not None:
@@ -49,15 +54,19 @@ def device_step_unsupported(model: GPT, cache: SlotKVCache) -> str | None:
 
 
 class StepPlan:
-    """One step's rows as fixed-shape int64 fields of one host tensor (one copy to the device)."""
+    """One step's rows as fixed-shape int64 fields of one host tensor (one copy to the device).
+    `sampling`: `device_sampling.sampling_mode` of the logit rows (part of `key`: a CUDA graph per
+    bucket and mode)."""
 
     FIELDS = ("tokens_N", "positions_N", "real_N", "write_block_N", "write_offset_N", "write_source_N",
-              "cell_of_row_N", "grid_row_GT", "key_limit_GT", "blocks_GM", "logit_rows_R")
+              "cell_of_row_N", "grid_row_GT", "key_limit_GT", "blocks_GM", "logit_rows_R", "sampling_FR")
 
-    def __init__(self, rows: int, groups: int, per_group: int, blocks: int, logit_rows: int):
+    def __init__(self, rows: int, groups: int, per_group: int, blocks: int, logit_rows: int, sampling: int = 0):
         self.shape = (rows, groups, per_group, blocks, logit_rows)
+        self.sampling = sampling
+        self.key = (*self.shape, sampling)
         n, cells = rows, groups * per_group
-        self.sizes = (n, n, n, n, n, n, n, cells, cells, groups * blocks, logit_rows)
+        self.sizes = (n, n, n, n, n, n, n, cells, cells, groups * blocks, logit_rows, FIELDS * logit_rows)
         self.decode = per_group == 1
 
     @property
@@ -69,6 +78,7 @@ class StepPlan:
         fields = dict(zip(self.FIELDS, flat.split(self.sizes)))
         for name, width in (("grid_row_GT", per_group), ("key_limit_GT", per_group), ("blocks_GM", blocks)):
             fields[name] = fields[name].view(groups, width)
+        fields["sampling_FR"] = fields["sampling_FR"].view(FIELDS, self.shape[4])
         return fields
 
 
@@ -94,24 +104,34 @@ class DeviceStep:
         if model.rope is not None:  # its frequencies on the device: moved once, not by every step
             model.rope.inv_freq = model.rope.inv_freq.to(self.device)
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.samples = True  # the engine may hand it rows to sample (`sampling_R`)
         self._pool = None
         self._host: torch.Tensor | None = None  # pinned on CUDA: the plan's copy runs asynchronously
 
     @torch.no_grad()
     def forward(
-        self, tokens_N: Sequence[int], slots_N: Sequence[int], positions_N: Sequence[int], logit_rows_R: Sequence[int]
+        self, tokens_N: Sequence[int], slots_N: Sequence[int], positions_N: Sequence[int], logit_rows_R: Sequence[int],
+        sampling_R: Sequence[RowSampling | None] | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
+        """As `ModelStep.forward`; the ids returned are each logit row's argmax, or its draw where
+        `sampling_R` (one entry per logit row, None: greedy) asks for one."""
         check_rows(tokens_N, slots_N, positions_N, logit_rows_R, self.max_rows)
         if max(positions_N) >= self.cache.max_len:
             raise ValueError(f"step: position {max(positions_N)} is outside the cache ({self.cache.max_len} positions)")
-        plan, host = self._plan(tokens_N, slots_N, positions_N, logit_rows_R)
-        if self.graphs and plan.decode:
-            logits_RV, argmax_R = self._replay(plan, host)
-        else:
-            flat = host if self.device.type == "cpu" else host.to(self.device, non_blocking=True)
-            logits_RV, argmax_R = self._run(plan, flat)
+        if sampling_R is not None and len(sampling_R) != len(logit_rows_R):
+            raise ValueError(f"step: {len(sampling_R)} sampling rows for {len(logit_rows_R)} logit rows")
+        plan, host = self._plan(tokens_N, slots_N, positions_N, logit_rows_R, sampling_R)
+        logits_RV, tokens_R = self._device_forward(plan, host)
         picks = len(logit_rows_R)
-        return logits_RV[:picks], argmax_R[:picks].tolist()  # the step's one sync: the greedy tokens
+        return logits_RV[:picks], tokens_R[:picks].tolist()  # the step's one sync: the chosen tokens
+
+    def _device_forward(self, plan: StepPlan, host: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plan's one copy to the device, the forward (a graph replay for decode buckets on CUDA)
+        and the tokens' choice: logits [R bucket, V] and token ids [R bucket], both on the device."""
+        if self.graphs and plan.decode:
+            return self._replay(plan, host)
+        flat = host if self.device.type == "cpu" else host.to(self.device, non_blocking=True)
+        return self._run(plan, flat)
 
     def expert_counts(self) -> torch.Tensor:
         return self._counts.cpu()
@@ -119,7 +139,8 @@ class DeviceStep:
     # -- planning (host) ---------------------------------------------------------------------------
 
     def _plan(self, tokens_N: Sequence[int], slots_N: Sequence[int], positions_N: Sequence[int],
-              logit_rows_R: Sequence[int]) -> tuple[StepPlan, torch.Tensor]:
+              logit_rows_R: Sequence[int], sampling_R: Sequence[RowSampling | None] | None = None,
+              ) -> tuple[StepPlan, torch.Tensor]:
         rows = len(tokens_N)
         runs = _runs(slots_N, positions_N)  # (first row, length) per group
         longest = max(length for _, length in runs)
@@ -129,7 +150,8 @@ class DeviceStep:
         if any(p // bs >= len(held[s]) for s, p in zip(slots_N, positions_N)):
             raise ValueError("step: a row's position is past the blocks its slot holds (reserve or extend first)")
         plan = StepPlan(bucket(rows, self.max_rows), bucket(len(runs), self.max_rows), bucket(longest, self.max_rows),
-                        bucket(blocks_needed, self.cache.max_blocks), bucket(len(logit_rows_R), self.max_rows))
+                        bucket(blocks_needed, self.cache.max_blocks), bucket(len(logit_rows_R), self.max_rows),
+                        sampling_mode(sampling_R or []))
         n_pad, g_pad, t_pad, m_pad, r_pad = plan.shape
         pad = lambda values, size: list(values) + [values[0]] * (size - len(values))  # noqa: E731
         table = self.cache.block_table
@@ -152,7 +174,12 @@ class DeviceStep:
         blocks_GM = table[pad(slot_G, g_pad), :m_pad]  # entries past a slot's blocks are masked out
         host[offset : offset + blocks_GM.numel()] = blocks_GM.reshape(-1)
         offset += blocks_GM.numel()
-        host[offset : offset + r_pad] = torch.tensor(pad(list(logit_rows_R), r_pad), dtype=torch.int64)
+        # A prompt chunk short of its prompt's end asks for no logits: row 0 stands in, never returned.
+        host[offset : offset + r_pad] = torch.tensor(pad(list(logit_rows_R) or [0], r_pad), dtype=torch.int64)
+        offset += r_pad
+        # Padding rows sample greedily: their tokens are never read.
+        sampling = list(sampling_R or [None] * len(logit_rows_R)) + [None] * (r_pad - len(logit_rows_R))
+        host[offset : offset + FIELDS * r_pad] = torch.tensor(sampling_fields(sampling), dtype=torch.int64).view(-1)
         return plan, host[: plan.numel]
 
     def _host_buffer(self, numel: int) -> torch.Tensor:
@@ -164,7 +191,8 @@ class DeviceStep:
     # -- the forward (device) ----------------------------------------------------------------------
 
     def _run(self, plan: StepPlan, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The forward on the plan's fields (a device tensor); logits [R bucket, V] fp32 and argmax."""
+        """The forward on the plan's fields (a device tensor); logits [R bucket, V] fp32 and each
+        row's token (its argmax, or its draw: `plan.sampling`)."""
         f = plan.views(flat)
         model, cache = self.model, self.cache
         rows = PagedRows(f["write_block_N"], f["write_offset_N"], f["write_source_N"], f["grid_row_GT"],
@@ -177,7 +205,8 @@ class DeviceStep:
             rope = model.rope.cos_sin(f["positions_N"].unsqueeze(0), x_ND.dtype)
         real_N = f["real_N"].bool()
         for i, block in enumerate(model.blocks):
-            x_ND = x_ND + paged_attention(block.attn, block.ln_attn(x_ND), rope, cache.keys[i], cache.values[i], rows)
+            attend = paged_latent_attention if isinstance(block.attn, LatentAttention) else paged_attention
+            x_ND = x_ND + attend(block.attn, block.ln_attn(x_ND), rope, cache.keys[i], cache.values[i], rows)
             h_ND = block.ln_ffn(x_ND)
             if block.is_moe:
                 h_ND, routed_E = self._moe[i](h_ND, real_N)
@@ -187,18 +216,20 @@ class DeviceStep:
             x_ND = x_ND + h_ND
         hidden_RD = model.ln_f(x_ND.index_select(0, f["logit_rows_R"]))
         logits_RV = model.lm_head(hidden_RD).float()
-        return logits_RV, logits_RV.argmax(-1)
+        if plan.sampling == 0:
+            return logits_RV, logits_RV.argmax(-1)
+        return logits_RV, sample(logits_RV, SamplingBatch.from_fields(f["sampling_FR"], truncates=plan.sampling == 2))
 
     def _replay(self, plan: StepPlan, host: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A decode bucket: captured at its first step, replayed after (CUDA)."""
-        graph = self._graphs.get(plan.shape)
+        """A decode bucket (and sampling mode): captured at its first step, replayed after (CUDA)."""
+        graph = self._graphs.get(plan.key)
         if graph is None:
             graph = self._capture(plan, host)
-            self._graphs[plan.shape] = graph
-        cuda_graph, flat, logits_RV, argmax_R = graph
+            self._graphs[plan.key] = graph
+        cuda_graph, flat, logits_RV, tokens_R = graph
         flat.copy_(host, non_blocking=True)
         cuda_graph.replay()
-        return logits_RV, argmax_R
+        return logits_RV, tokens_R
 
     def _capture(self, plan: StepPlan, host: torch.Tensor) -> tuple:
         """Warm up on a side stream (lazy allocations, kernel choice), then capture. The warm-up
@@ -216,9 +247,9 @@ class DeviceStep:
         torch.cuda.current_stream().wait_stream(side)
         cuda_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(cuda_graph, pool=self._pool):
-            logits_RV, argmax_R = self._run(plan, flat)
+            logits_RV, tokens_R = self._run(plan, flat)
         self._counts.copy_(counts)
-        return cuda_graph, flat, logits_RV, argmax_R
+        return cuda_graph, flat, logits_RV, tokens_R
 
 
 def _runs(slots_N: Sequence[int], positions_N: Sequence[int]) -> list[tuple[int, int]]:

@@ -5,8 +5,9 @@ forward of the engine's step (`pyramoe.inference.steps`: native CPU or PyTorch) 
 (token, slot, position): one decode row per running request and, within a token budget
 (`max_step_tokens`), the next chunk of each prompt still being read, so a long prompt arriving
 does not freeze the running streams (chunked prefill). Finished requests leave between steps and
-their slot is reused. Each request samples with its own generator and stops on EOS, stop token ids,
-stop strings or max tokens; `step()` returns the new tokens and text deltas (streaming), with
+their slot is reused. Each request samples with its own seed (a CPU generator; on the device step,
+a counter-hashed draw on the device, `pyramoe.inference.device_sampling`) and stops on EOS, stop
+token ids, stop strings or max tokens; `step()` returns the new tokens and text deltas (streaming), with
 log-probabilities when asked. A request that fails (bad logits, a sampling error, a failed forward)
 ends with an "error" event; the others go on. MoE layers run dropless unless asked otherwise, so a
 token's output never depends on which other tokens share its batch.
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 
 from pyramoe.data import Tokenizer
+from pyramoe.inference.device_sampling import RowSampling
 from pyramoe.inference.device_step import DeviceStep, device_step_unsupported
 from pyramoe.inference.kv_cache import PagedKVCache
 from pyramoe.inference.model_view import inference_view
@@ -64,10 +66,11 @@ class Engine:
     first step (`pack_weights`); otherwise the weights are prepacked for oneDNN at the first step
     (`pack_weights`, `pyramoe.inference.packing`) and the model runs in PyTorch. `step="device"` (the
     default on CUDA, on one process, where it applies) runs `DeviceStep` instead: fixed-shape steps
-    with no host sync inside, decode captured as CUDA graphs on CUDA; `step="pytorch"` the PyTorch
-    step. `quantize="int8"` (CPU) quantizes the linear layers and experts at the first step, before
-    the step is built (`pyramoe.inference.packing.quantize_model`: per-output-channel scales, rows of
-    activations quantized on the fly), so the native and PyTorch steps compute the same quantized
+    with no host sync inside, decode captured as CUDA graphs on CUDA, sampled requests drawn on the
+    device (penalised ones on the host); `step="pytorch"` the PyTorch step. `quantize="int8"` (CPU)
+    quantizes the linear layers and experts at the first step, before the step is built
+    (`pyramoe.inference.packing.quantize_model`: per-output-channel scales, rows of activations
+    quantized on the fly), so the native and PyTorch steps compute the same quantized
     model. The engine runs its own view of the caller's model (`engine.model`, `inference_view`: its
     own modules and configs over the caller's weight tensors, none copied): eval mode, dropless,
     packing and quantizing change the view only, and the caller's model may go on training; the
@@ -192,12 +195,12 @@ class Engine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._live_ids:
             raise ValueError(f"request_id: {request_id!r} is already queued or running")
-        generator = None
+        generator = seed = None
         if not params.greedy:
             # Unseeded: a seed from the OS's entropy (torch.seed() would reseed the global generator).
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
             generator = torch.Generator().manual_seed(seed)
-        self.waiting.append(Request(request_id, prompt_ids, params, generator))
+        self.waiting.append(Request(request_id, prompt_ids, params, generator, seed))
         self._live_ids.add(request_id)
         return request_id
 
@@ -254,7 +257,10 @@ class Engine:
         plan, rows = self._plan()
         if plan:
             try:
-                logits_RV, greedy_R = self.runner.forward(*rows)
+                if isinstance(self.runner, DeviceStep):
+                    logits_RV, greedy_R = self.runner.forward(*rows, sampling_R=self._device_draws(plan, rows[3]))
+                else:
+                    logits_RV, greedy_R = self.runner.forward(*rows)
             except Exception as exc:  # noqa: BLE001 - a failed forward fails its requests, not the engine
                 events += [self._fail(request, exc) for request, _, _ in plan]
             else:
@@ -417,12 +423,33 @@ class Engine:
             return torch.zeros(len(layers), max(layers, default=1), dtype=torch.int64, device="cpu")  # a CPU copy
         return self.runner.expert_counts()
 
+    def _samples_on_device(self, request: Request) -> bool:
+        """The step draws this request's tokens on the device: the device step, sampling without
+        penalties (penalties need the request's output counts: the host path applies them)."""
+        params = request.params
+        return (isinstance(self.runner, DeviceStep) and not params.greedy
+                and params.presence_penalty == 0 and params.frequency_penalty == 0)
+
+    def _device_draws(self, plan: list[tuple[Request, int, list[int]]], logit_rows: list[int]
+                      ) -> list[RowSampling | None] | None:
+        """Per logit row, how the device step draws its token: the last row of each request that
+        samples its next token this step (seed, and the token's index as the counter, so a
+        preempted request draws the same again); None elsewhere (argmax), or no list when no row
+        samples."""
+        draws: list[RowSampling | None] = [None] * len(logit_rows)
+        for request, fed, picks in plan:
+            done_reading = request.cached + fed >= len(request.context_ids)
+            if picks and done_reading and self._samples_on_device(request):
+                draws[picks[-1]] = RowSampling(request.params, request.seed, len(request.output_ids))
+        return draws if any(d is not None for d in draws) else None
+
     def _accept(self, request: Request, logits_RV: torch.Tensor, greedy_R: list[int], pick: int) -> TokenEvent:
-        """Choose the request's next token from logit row `pick` (`greedy_R[pick]`: its argmax),
-        update its text, decide whether it is done."""
+        """Choose the request's next token from logit row `pick` (`greedy_R[pick]`: its argmax, or
+        the device step's draw for it), update its text, decide whether it is done. Penalties and
+        log-probabilities are computed here, on the host, from the row's logits."""
         params = request.params
         penalised = params.presence_penalty != 0 or params.frequency_penalty != 0
-        if params.greedy and not penalised:
+        if (params.greedy and not penalised) or self._samples_on_device(request):
             token = greedy_R[pick]  # no row indexed: a few microseconds per request and step
         else:
             scored_V = apply_penalties(logits_RV[pick], request.output_ids, params)

@@ -32,6 +32,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     generator: torch.Generator | None
+    seed: int | None = None  # what seeded `generator`: the device step's sampling draws from it too
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of `text` already sent in events

@@ -1,0 +1,112 @@
+"""The engine samples on the device when the device step runs (`Engine(step="device")`): a seeded
+request's tokens are the device sampler's draws (its seed, the token's index as the counter) from
+the model's logits, whatever else shares its steps, across preemptions and from run to run; greedy
+requests keep the argmax; the first tokens of many seeds follow the sampling distribution;
+penalised requests still sample on the host as the PyTorch step does."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from test_native_decode import CASES, _model  # noqa: I001 - the block kinds of the engine's tests
+
+from pyramoe.inference import Engine, SamplingParams
+from pyramoe.inference.device_sampling import SamplingBatch, sample
+from pyramoe.inference.sampling import sampling_probs
+
+SAMPLED = SamplingParams(max_tokens=12, temperature=0.9, top_k=20, top_p=0.9, seed=7, ignore_eos=True)
+PROMPT = [5, 9, 2, 7, 1, 3, 8, 4, 6, 2, 11]
+OTHERS = [([3, 1], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)),
+          ([7, 7, 7, 2, 5], SamplingParams(max_tokens=8, temperature=1.2, seed=3, ignore_eos=True))]
+
+
+def _engine(model, step: str = "device", **options) -> Engine:
+    return Engine(model, **{"max_batch": 3, "max_len": 48, "max_step_tokens": 8, "block_size": 4, "step": step,
+                            **options})
+
+
+def _tokens(engine: Engine, requests) -> list[list[int]]:
+    prompts, params = zip(*requests)
+    return [c.token_ids for c in engine.generate(list(prompts), list(params))]
+
+
+def test_seeded_draws_do_not_depend_on_the_batch_and_repeat():
+    model = _model(CASES["mixtral"], torch.float32)
+    alone = _tokens(_engine(model, max_batch=1), [(PROMPT, SAMPLED)])[0]
+    # Prompt chunks and decode rows of three requests mixed in each step, in another order.
+    together = _tokens(_engine(model), [OTHERS[0], (PROMPT, SAMPLED), OTHERS[1]])
+    again = _tokens(_engine(model), [OTHERS[0], (PROMPT, SAMPLED), OTHERS[1]])
+    assert together[1] == alone and again == together
+    assert len(alone) == 12
+    other_seed = SamplingParams(**{**SAMPLED.__dict__, "seed": 8})
+    assert _tokens(_engine(model, max_batch=1), [(PROMPT, other_seed)])[0] != alone
+    # The greedy request beside them keeps the PyTorch step's argmax tokens.
+    assert together[0] == _tokens(_engine(model, step="pytorch"), [OTHERS[0]])[0]
+
+
+def test_draws_are_the_device_samplers_with_the_token_index_as_counter():
+    model = _model(CASES["gpt-2 top-2"], torch.float32)
+    tokens = _tokens(_engine(model), [(PROMPT, SAMPLED), OTHERS[1]])[0]
+    with torch.no_grad():
+        logits_TV = model(torch.tensor([PROMPT + tokens[:-1]])).logits[0, len(PROMPT) - 1 :].float()
+    batch = SamplingBatch.build([SAMPLED] * len(tokens), [SAMPLED.seed] * len(tokens), range(len(tokens)), "cpu")
+    assert sample(logits_TV, batch).tolist() == tokens
+
+
+def test_a_preempted_request_draws_the_same_tokens():
+    model = _model(CASES["mixtral"], torch.float32)
+    requests = [(PROMPT, SAMPLED), OTHERS[1], ([4, 4, 9], SamplingParams(max_tokens=10, temperature=0.7, seed=1,
+                                                                         ignore_eos=True))]
+    roomy = _engine(model)
+    tight = _engine(model, kv_blocks=9)  # 13 blocks wanted at the end: the last admitted gives its back
+    assert _tokens(tight, requests) == _tokens(roomy, requests)
+    assert tight.preemptions > 0 and roomy.preemptions == 0
+
+
+def chi_square_critical(df: int, z: float = 3.09) -> float:
+    """The chi-square value exceeded with probability ~0.001 (Wilson-Hilferty)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_first_tokens_of_many_seeds_follow_the_distribution():
+    model = _model(CASES["mixtral"], torch.float32)
+    params = SamplingParams(max_tokens=1, temperature=1.5, top_k=6, ignore_eos=True)
+    draws = 1200
+    engine = Engine(model, max_batch=64, max_len=16, max_step_tokens=256, step="device")
+    first = _tokens(engine, [(PROMPT[:5], SamplingParams(**{**params.__dict__, "seed": s})) for s in range(draws)])
+    with torch.no_grad():
+        probs_V = sampling_probs(model(torch.tensor([PROMPT[:5]])).logits[0, -1].float(), params)
+    counts_V = torch.bincount(torch.tensor([t[0] for t in first]), minlength=probs_V.numel()).double()
+    kept = probs_V > 0
+    assert counts_V[~kept].sum() == 0 and int(kept.sum()) == 6
+    expected = probs_V[kept].double() * draws
+    chi2 = float(((counts_V[kept] - expected) ** 2 / expected).sum())
+    assert chi2 < chi_square_critical(5), (chi2, counts_V[kept].tolist(), expected.tolist())
+
+
+def test_penalised_requests_sample_on_the_host_as_before():
+    model = _model(CASES["mixtral"], torch.float32)
+    penalised = SamplingParams(max_tokens=10, temperature=0.8, seed=5, presence_penalty=1.5, ignore_eos=True)
+    requests = [(PROMPT, penalised), OTHERS[0]]
+    assert _tokens(_engine(model), requests) == _tokens(_engine(model, step="pytorch"), requests)
+
+
+def test_step_flag_of_generate_and_serve(tmp_path, capsys):
+    from live_server import train_tiny_run
+
+    from pyramoe.cli.main import main
+
+    run = str(train_tiny_run(tmp_path))
+    capsys.readouterr()
+    argv = ["generate", run, "--step", "device", "--prompt", "def f", "--max-new-tokens", "6", "--seed", "3"]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    assert "device decode step" in first.err
+    assert main(argv) == 0 and capsys.readouterr().out == first.out  # seeded draws on the device repeat
+    for command, extra, field in [("generate", ["--step", "cuda-graphs"], "--step"),
+                                  ("serve", ["--step", "cuda-graphs"], "--step"),
+                                  ("generate", ["--step", "device", "--quantize", "int8"], "device step")]:
+        assert main([command, run, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and field in err, err
