@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pyramoe.bench import all_to_all, generate, moe_layer, serve, train_step
+from pyramoe.bench import all_to_all, generate, long_context, moe_layer, serve, train_step
 
 # name -> (module with add_arguments/main and a docstring, one-line help)
 BENCHMARKS = {
@@ -12,6 +12,7 @@ BENCHMARKS = {
     "train-step": (train_step, "training tokens/s: tiny-moe vs tiny-dense (same active parameters), interleaved"),
     "all-to-all": (all_to_all, "MoE all-to-all, local gloo ranks: flat vs hierarchical vs coordinated, cost model"),
     "generate": (generate, "generation tokens/s: the engine vs transformers vs a plain MoE vs the roofline"),
+    "long-context": (long_context, "decode tokens/s of the native step with the cache at 128, 1K, 4K positions"),
     "serve": (serve, "pyramoe serve under 1-64 streaming clients vs the engine in-process; long prompts arriving"),
 }
 

@@ -56,7 +56,7 @@ def _cpu_flags() -> str:
     return os.uname().machine
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
@@ -71,21 +71,28 @@ def library_path(compiler: str) -> Path:
 def build() -> Path:
     """The compiled library's path (compiling it if this machine has no cached build); raises
     RuntimeError with the compiler's message when it cannot."""
-    compiler = _compiler()
-    if compiler is None:
+    compiler_path = compiler()
+    if compiler_path is None:
         raise RuntimeError("no C++ compiler (g++ or $CXX) on PATH")
-    target = library_path(compiler)
-    if target.exists():
-        return target
+    target = library_path(compiler_path)
+    if not target.exists():
+        compile_library(compiler_path, SOURCE, target)
+    return target
+
+
+def compile_library(compiler: str, source: Path, target: Path) -> None:
+    """Compile `source` (and the headers beside it) with flags() into `target`; RuntimeError with
+    the compiler's first errors when it cannot (also used by `pyramoe bench long-context
+    --baseline` for another revision's kernels)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # A temporary name, then a rename: a concurrent or interrupted build never leaves half a library.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([compiler, *flags(), str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        result = subprocess.run([compiler, *flags(), str(source), "-o", tmp], capture_output=True, text=True,
                                 timeout=300)
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {first_errors(result.stderr)}")
+            raise RuntimeError(f"{compiler} could not build {source.name}: {first_errors(result.stderr)}")
         # mkstemp made it 0600 and the linker only adds execute bits: readable by every user of the cache.
         os.chmod(tmp, 0o755)
         with open(tmp, "rb") as written:
@@ -95,7 +102,6 @@ def build() -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return target
 
 
 def first_errors(stderr: str) -> str:

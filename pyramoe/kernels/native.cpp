@@ -23,6 +23,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -124,7 +125,7 @@ inline int64_t cache_row(const PmModel &m, const int64_t *blocks, int64_t h, int
 }
 
 struct Workspace {  // carved from the caller's buffer (sizes from pm_workspace_bytes)
-  float *h, *qkv, *att, *tmp, *moe, *router, *act, *gate_up, *expert_out, *x, *scores;
+  float *h, *qkv, *att, *tmp, *moe, *router, *act, *gate_up, *expert_out, *x, *attn_scratch;
   float *expert_x;
   uint16_t *xb;
   int64_t *assign_token;
@@ -134,6 +135,12 @@ struct Workspace {  // carved from the caller's buffer (sizes from pm_workspace_
 
 int64_t widest(const PmModel &m) { return std::max(m.d_model, m.n_heads * m.head_dim); }
 
+}  // namespace
+
+#include "native_attention.h"  // attention(): it needs the structs above
+
+namespace {
+
 // Sizes in elements; the order here is the order in the buffer.
 void workspace_layout(const PmModel &m, int64_t B, int64_t *counts) {
   const int64_t D = m.d_model, qkv = (m.n_heads + 2 * m.n_kv_heads) * m.head_dim;
@@ -141,7 +148,6 @@ void workspace_layout(const PmModel &m, int64_t B, int64_t *counts) {
   for (int64_t l = 0; l < m.n_layers; ++l) top_k = std::max(top_k, m.layers[l].top_k);
   const int64_t A = B * top_k + 2 * B;  // expert assignments, then the shared expert and the MLP
   const int64_t F2 = 2 * m.max_ff;
-  const int64_t G = m.n_heads / m.n_kv_heads;
   counts[0] = B * D;                      // h
   counts[1] = B * qkv;                    // qkv
   counts[2] = B * m.n_heads * m.head_dim; // att
@@ -152,7 +158,7 @@ void workspace_layout(const PmModel &m, int64_t B, int64_t *counts) {
   counts[7] = A * F2;                     // gate_up
   counts[8] = A * D;                      // expert_out
   counts[9] = B * D;                      // x (the residual stream)
-  counts[10] = m.threads * (G * m.max_len + m.head_dim); // scores (+ a key/value row)
+  counts[10] = attention_scratch_floats(m, B);  // attention: its parts' results, each thread's tile
   counts[11] = A * D;                     // expert_x
   // xb: bf16 inputs of one phase's products (uint16 counted as floats: room for twice the largest,
   // the experts' A rows of width D or F, or B rows of an attention product)
@@ -176,7 +182,7 @@ Workspace carve(const PmModel &m, int64_t B, void *buffer) {
   };
   Workspace w;
   float **floats[] = {&w.h, &w.qkv, &w.att, &w.tmp, &w.moe, &w.router, &w.act, &w.gate_up, &w.expert_out,
-                      &w.x, &w.scores, &w.expert_x};
+                      &w.x, &w.attn_scratch, &w.expert_x};
   for (int i = 0; i < 12; ++i) *floats[i] = reinterpret_cast<float *>(take(counts[i], 4));
   w.xb = reinterpret_cast<uint16_t *>(take(counts[12], 4));
   w.assign_token = reinterpret_cast<int64_t *>(take(counts[13], 8));
@@ -233,150 +239,6 @@ void prepare_qkv(const PmModel &m, const PmLayer &L, float *qkv, const float *co
       const float a = v[i], b = v[i + half];
       v[i] = a * cos[i] - b * sin[i];
       v[i + half] = b * cos[i + half] + a * sin[i + half];
-    }
-  }
-}
-
-#if defined(__AVX512F__)
-// One cached key or value row as C vectors of 16 floats.
-template <int C>
-inline void load_row(const void *cache, int64_t at, bool bf16, __m512 *v) {
-  for (int c = 0; c < C; ++c) {
-    if (bf16) {
-      const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(static_cast<const uint16_t *>(cache) + at + 16 * c));
-      v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-    } else {
-      v[c] = _mm512_loadu_ps(static_cast<const float *>(cache) + at + 16 * c);
-    }
-  }
-}
-
-// Attention of the G <= GMAX query heads of one key/value head over `len` cached positions, head
-// width 16 C, with the queries and outputs held in registers (the generic loop kept its outputs in
-// memory and reduced every dot product through it: 0.43 ms of a 7 ms batch-16 step at 50 positions).
-template <int C, int GMAX>
-void attend_registers(const PmModel &m, const PmLayer &L, const float *q, float *o, const int64_t *blocks, int64_t h,
-                      int64_t len, float scale, float *scores, int64_t G) {
-  const int64_t Dh = m.head_dim, S = m.max_len;
-  __m512 qv[GMAX][C];
-  for (int g = 0; g < GMAX; ++g)
-    for (int c = 0; c < C; ++c) qv[g][c] = g < G ? _mm512_loadu_ps(q + g * Dh + 16 * c) : _mm512_setzero_ps();
-  float top[GMAX];
-  for (int g = 0; g < GMAX; ++g) top[g] = -INFINITY;
-  for (int64_t l = 0; l < len; ++l) {
-    __m512 k[C];
-    load_row<C>(L.k_cache, cache_row(m, blocks, h, l), m.bf16, k);
-    for (int g = 0; g < GMAX; ++g) {
-      if (g >= G) break;
-      __m512 acc = _mm512_mul_ps(qv[g][0], k[0]);
-      for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[g][c], k[c], acc);
-      const float sc = scale * _mm512_reduce_add_ps(acc);
-      scores[g * S + l] = sc;
-      top[g] = std::max(top[g], sc);
-    }
-  }
-  float inv_total[GMAX];
-  for (int g = 0; g < GMAX; ++g)
-    inv_total[g] = g < G ? 1.0f / exp_shifted(scores + g * S, scores + g * S, len, top[g]) : 0.0f;
-  __m512 out[GMAX][C];
-  for (int g = 0; g < GMAX; ++g)
-    for (int c = 0; c < C; ++c) out[g][c] = _mm512_setzero_ps();
-  for (int64_t l = 0; l < len; ++l) {
-    __m512 v[C];
-    load_row<C>(L.v_cache, cache_row(m, blocks, h, l), m.bf16, v);
-    for (int g = 0; g < GMAX; ++g) {
-      if (g >= G) break;
-      const __m512 p = _mm512_set1_ps(scores[g * S + l] * inv_total[g]);
-      for (int c = 0; c < C; ++c) out[g][c] = _mm512_fmadd_ps(p, v[c], out[g][c]);
-    }
-  }
-  for (int g = 0; g < GMAX; ++g)
-    for (int c = 0; c < C; ++c)
-      if (g < G) _mm512_storeu_ps(o + g * Dh + 16 * c, out[g][c]);
-}
-#endif
-
-// The register kernel where the head width and group size fit it (head width 32, 64 or 128; up to
-// 8, 4 or 2 query heads per key/value head); false: the caller's generic loop.
-bool attend_in_registers(const PmModel &m, const PmLayer &L, const Workspace &w, int64_t r, int64_t h,
-                         const int64_t *blocks, int64_t len, float scale, float *scores) {
-#if defined(__AVX512F__)
-  const int64_t H = m.n_heads, Hkv = m.n_kv_heads, Dh = m.head_dim, G = H / Hkv;
-  const float *q = w.qkv + r * (H + 2 * Hkv) * Dh + h * G * Dh;
-  float *o = w.att + r * H * Dh + h * G * Dh;
-  if (Dh == 64 && G <= 4) attend_registers<4, 4>(m, L, q, o, blocks, h, len, scale, scores, G);
-  else if (Dh == 128 && G <= 2) attend_registers<8, 2>(m, L, q, o, blocks, h, len, scale, scores, G);
-  else if (Dh == 32 && G <= 8) attend_registers<2, 8>(m, L, q, o, blocks, h, len, scale, scores, G);
-  else return false;
-  return true;
-#else
-  (void)m, (void)L, (void)w, (void)r, (void)h, (void)blocks, (void)len, (void)scale, (void)scores;
-  return false;
-#endif
-}
-
-// The cached key or value row at `at` in fp32: in place for an fp32 cache, else converted into `row`.
-inline const float *cached_row(const void *cache, int64_t at, int64_t Dh, bool bf16, float *row) {
-  if (!bf16) return static_cast<const float *>(cache) + at;
-  const uint16_t *src = static_cast<const uint16_t *>(cache) + at;
-#pragma omp simd
-  for (int64_t d = 0; d < Dh; ++d) row[d] = bf16_to_f32(src[d]);
-  return row;
-}
-
-// Row r's key and value go to cache slot slot[r] at position pos[r] (all rows first: rows of one
-// sequence at consecutive positions, a prefill chunk, then see each other); its queries attend to
-// that slot's positions [0, pos[r]].
-void attention(const PmModel &m, const PmLayer &L, const Workspace &w, const int64_t *slot, const int64_t *pos,
-               int64_t B) {
-  const int64_t H = m.n_heads, Hkv = m.n_kv_heads, Dh = m.head_dim, G = H / Hkv, S = m.max_len;
-  const int64_t qkv_width = (H + 2 * Hkv) * Dh;
-  const bool bf16 = m.bf16;
-  for (int64_t r = 0; r < B; ++r) {
-    const float *k = w.qkv + r * qkv_width + H * Dh, *v = k + Hkv * Dh;
-    const int64_t *blocks = m.block_table + slot[r] * m.max_blocks;
-    for (int64_t h = 0; h < Hkv; ++h) {
-      const int64_t at = cache_row(m, blocks, h, pos[r]);
-      for (int64_t d = 0; d < Dh; ++d) {
-        store_f(L.k_cache, at + d, k[h * Dh + d], bf16);
-        store_f(L.v_cache, at + d, v[h * Dh + d], bf16);
-      }
-    }
-  }
-  const float scale = 1.0f / std::sqrt(float(Dh));
-  const int threads = int(m.threads);
-  // One (row, key/value head) per iteration: each cached key and value row is read once for the G
-  // query heads it serves.
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (threads > 1 && B * Hkv > 1)
-  for (int64_t rh = 0; rh < B * Hkv; ++rh) {
-    const int64_t r = rh / Hkv, h = rh % Hkv, len = pos[r] + 1;
-    float *scores = w.scores + int64_t(omp_get_thread_num()) * (G * S + Dh);
-    const int64_t *blocks = m.block_table + slot[r] * m.max_blocks;
-    if (attend_in_registers(m, L, w, r, h, blocks, len, scale, scores)) continue;
-    float *row = scores + G * S;  // one key or value row in fp32
-    const float *q = w.qkv + r * qkv_width + h * G * Dh;  // the G query heads of this key/value head
-    float top[64];
-    for (int64_t g = 0; g < G; ++g) top[g] = -INFINITY;
-    for (int64_t l = 0; l < len; ++l) {
-      const float *k = cached_row(L.k_cache, cache_row(m, blocks, h, l), Dh, bf16, row);
-      for (int64_t g = 0; g < G; ++g) {
-        const float sc = scale * dot(q + g * Dh, k, Dh);
-        scores[g * S + l] = sc;
-        top[g] = std::max(top[g], sc);
-      }
-    }
-    float inv_total[64];
-    for (int64_t g = 0; g < G; ++g) inv_total[g] = 1.0f / exp_shifted(scores + g * S, scores + g * S, len, top[g]);
-    float *out = w.att + r * H * Dh + h * G * Dh;
-    for (int64_t i = 0; i < G * Dh; ++i) out[i] = 0;
-    for (int64_t l = 0; l < len; ++l) {
-      const float *v = cached_row(L.v_cache, cache_row(m, blocks, h, l), Dh, bf16, row);
-      for (int64_t g = 0; g < G; ++g) {
-        const float p = scores[g * S + l] * inv_total[g];
-        float *o = out + g * Dh;
-#pragma omp simd
-        for (int64_t d = 0; d < Dh; ++d) o[d] += p * v[d];
-      }
     }
   }
 }

@@ -208,8 +208,9 @@ of (token, slot, position), prompt chunks and decode rows alike, at most `max_ro
     Rows of dense blocks, and columns beyond a layer's experts, stay 0. The forward adds to it in
     place (never reallocated: read it, or copy it, between calls)."""
 
-    def __init__(self, model: nn.Module, cache: object, max_rows: int):
-        self.library = load_library()
+    def __init__(self, model: nn.Module, cache: object, max_rows: int, library: ctypes.CDLL | None = None):
+        # `library`: another build of the kernels (a benchmark's baseline); by default this machine's.
+        self.library = library if library is not None else load_library()
         if self.library is None:
             raise RuntimeError(f"native forward: the native library is unavailable ({build_error()})")
         mismatch = struct_mismatch(self.library)

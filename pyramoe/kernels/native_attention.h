@@ -1,0 +1,278 @@
+// Attention of the native step (see native.cpp): each row's query heads over its slot's cached
+// keys [0, pos], read through the paged block table as they are stored (bf16 or fp32).
+//
+// Why this shape: the two-pass kernel before it (all scores, then the softmax, then the values)
+// reduced every key's dot product horizontally and kept a row's scores in a buffer as long as the
+// context; a batch-16 step at ~1K positions spent ~3.5 ms in it against ~6 ms for the whole
+// short-context step. Here keys come in tiles of 16: a query head's 16 dot products end in one
+// 16-lane vector (one transposing reduction per tile instead of 16 horizontal sums), the softmax is
+// online (a running max and sum per query head; the output is rescaled when the max grows), so
+// nothing but the reads grows with the context. Rows with many keys are split into parts over the
+// threads (flash-decoding): each part keeps its (max, sum, unnormalised output) and a row's parts
+// merge after, so a batch-1 step at 4K positions uses every thread.
+//
+// Included once, by native.cpp, after PmModel, PmLayer, Workspace and cache_row.
+#pragma once
+
+namespace {
+
+constexpr int64_t kKeyTile = 16;        // keys scored together: one 16-lane vector per query head
+constexpr int64_t kMinPartKeys = 256;   // fewest keys in a part of a split row: a merge costs about a tile
+constexpr int64_t kPartsPerThread = 4;  // parts per thread a step aims for: rows differ in length
+
+inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// One part's result, per query head: the unnormalised output [G, Dh], then the running max [G] and sum [G].
+inline int64_t part_floats(const PmModel &m) {
+  return round16((m.n_heads / m.n_kv_heads) * (m.head_dim + 2));
+}
+
+// A thread's scratch: the tile's keys and values in fp32 (bf16 caches), the G heads' probabilities
+// for the tile, and the scaled queries.
+inline int64_t tile_floats(const PmModel &m) {
+  const int64_t G = m.n_heads / m.n_kv_heads, Dh = m.head_dim;
+  return round16(2 * kKeyTile * Dh + G * kKeyTile + G * Dh);
+}
+
+// Parts of a step of B rows: each (row, key/value head) is split into ceil(keys / part keys)
+// parts, at most B * Hkv + kPartsPerThread * threads in all (see attention()).
+inline int64_t max_parts(const PmModel &m, int64_t B) { return B * m.n_kv_heads + kPartsPerThread * m.threads; }
+
+// The workspace's attention scratch in floats (parts, then one tile scratch per thread).
+int64_t attention_scratch_floats(const PmModel &m, int64_t B) {
+  return max_parts(m, B) * part_floats(m) + m.threads * tile_floats(m);
+}
+
+struct AttentionPart {
+  int64_t row, head, first, end;  // keys [first, end) of row `row`'s key/value head `head`
+};
+
+// The cached row at `at` in fp32: in place for an fp32 cache, else converted into `dst`.
+inline const float *row_f32(const void *cache, int64_t at, int64_t Dh, bool bf16, float *dst) {
+  if (!bf16) return static_cast<const float *>(cache) + at;
+  const uint16_t *src = static_cast<const uint16_t *>(cache) + at;
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  for (; d + 16 <= Dh; d += 16) {
+    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(src + d));
+    _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)));
+  }
+#endif
+  for (; d < Dh; ++d) dst[d] = bf16_to_f32(src[d]);
+  return dst;
+}
+
+// Rows first..first+n-1 of head h of `cache` (n <= kKeyTile) as fp32 row pointers; the pointers past
+// n repeat the last row (scored, then masked out, so a short tile needs no branch in its products).
+inline void tile_rows(const PmModel &m, const void *cache, const int64_t *blocks, int64_t h, int64_t first, int64_t n,
+                      float *scratch, const float **rows) {
+  const int64_t Dh = m.head_dim;
+  for (int64_t k = 0; k < n; ++k)
+    rows[k] = row_f32(cache, cache_row(m, blocks, h, first + k), Dh, m.bf16, scratch + k * Dh);
+  for (int64_t k = n; k < kKeyTile; ++k) rows[k] = rows[n - 1];
+}
+
+// The running max, sum and output of one query head take a tile's scores: returns the factor the
+// earlier output and sum are scaled by (1 where the max did not grow); the caller scales the output.
+inline float raise_max(float *run_max, float *run_sum, float tile_max) {
+  if (!(tile_max > *run_max)) return 1.0f;
+  const float factor = std::exp(*run_max - tile_max);  // exp(-inf) = 0 at the first tile
+  *run_max = tile_max;
+  *run_sum *= factor;
+  return factor;
+}
+
+#if defined(__AVX512F__)
+// r[k] = the sum of v[k]'s 16 lanes, for 16 vectors: unpacks within 128-bit lanes, then lane
+// shuffles (45 instructions against ~8 per horizontal sum).
+inline __m512 sum_lanes16(const __m512 *v) {
+  __m512 pairs[8], quads[4];
+  for (int i = 0; i < 8; ++i)  // lane j of 128 bits: [v0(0+2), v1(0+2), v0(1+3), v1(1+3)]
+    pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // lane j: [v0, v1, v2, v3] summed over lane j
+    const __m512d a = _mm512_castps_pd(pairs[2 * i]), b = _mm512_castps_pd(pairs[2 * i + 1]);
+    quads[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  __m512 halves[2];
+  for (int i = 0; i < 2; ++i)  // [q0 lanes 0+1, q0 lanes 2+3, q1 lanes 0+1, q1 lanes 2+3]
+    halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                              _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Keys [first, end) of head h for its G query heads, head width 16 C: the part's (output, max, sum).
+template <int C>
+void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, const int64_t *blocks, int64_t h,
+                        int64_t first, int64_t end, float scale, float *scratch, float *part) {
+  const int64_t G = m.n_heads / m.n_kv_heads, Dh = 16 * C;
+  float *keys = scratch, *values = keys + kKeyTile * Dh, *probs = values + kKeyTile * Dh, *qs = probs + G * kKeyTile;
+  float *out = part, *run_max = part + G * Dh, *run_sum = run_max + G;
+  for (int64_t i = 0; i < G * Dh; ++i) qs[i] = q[i] * scale, out[i] = 0.0f;
+  for (int64_t g = 0; g < G; ++g) run_max[g] = -INFINITY, run_sum[g] = 0.0f;
+  const float *rows[kKeyTile];
+  for (int64_t t = first; t < end; t += kKeyTile) {
+    const int64_t n = std::min(kKeyTile, end - t);
+    const __mmask16 valid = __mmask16((1u << n) - 1);
+    tile_rows(m, L.k_cache, blocks, h, t, n, keys, rows);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 dots[kKeyTile];
+      for (int k = 0; k < kKeyTile; ++k) dots[k] = _mm512_mul_ps(_mm512_loadu_ps(qs + g * Dh), _mm512_loadu_ps(rows[k]));
+      for (int c = 1; c < C; ++c) {
+        const __m512 qc = _mm512_loadu_ps(qs + g * Dh + 16 * c);
+        for (int k = 0; k < kKeyTile; ++k) dots[k] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(rows[k] + 16 * c), dots[k]);
+      }
+      const __m512 scores = sum_lanes16(dots);
+      const float factor = raise_max(run_max + g, run_sum + g, _mm512_mask_reduce_max_ps(valid, scores));
+      if (factor != 1.0f)
+        for (int64_t d = 0; d < Dh; ++d) out[g * Dh + d] *= factor;
+      const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(run_max[g]))));
+      run_sum[g] += _mm512_reduce_add_ps(p);
+      _mm512_storeu_ps(probs + g * kKeyTile, p);
+    }
+    tile_rows(m, L.v_cache, blocks, h, t, n, values, rows);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 acc[C];
+      for (int c = 0; c < C; ++c) acc[c] = _mm512_loadu_ps(out + g * Dh + 16 * c);
+      for (int64_t k = 0; k < n; ++k) {
+        const __m512 p = _mm512_set1_ps(probs[g * kKeyTile + k]);
+        for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(rows[k] + 16 * c), acc[c]);
+      }
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * Dh + 16 * c, acc[c]);
+    }
+  }
+}
+#endif
+
+// The same for any head width, plain loops (CPUs without AVX512, widths not a multiple of 16).
+void attend_part_portable(const PmModel &m, const PmLayer &L, const float *q, const int64_t *blocks, int64_t h,
+                          int64_t first, int64_t end, float scale, float *scratch, float *part) {
+  const int64_t G = m.n_heads / m.n_kv_heads, Dh = m.head_dim;
+  float *keys = scratch, *values = keys + kKeyTile * Dh, *probs = values + kKeyTile * Dh, *qs = probs + G * kKeyTile;
+  float *out = part, *run_max = part + G * Dh, *run_sum = run_max + G;
+  for (int64_t i = 0; i < G * Dh; ++i) qs[i] = q[i] * scale, out[i] = 0.0f;
+  for (int64_t g = 0; g < G; ++g) run_max[g] = -INFINITY, run_sum[g] = 0.0f;
+  const float *rows[kKeyTile];
+  for (int64_t t = first; t < end; t += kKeyTile) {
+    const int64_t n = std::min(kKeyTile, end - t);
+    tile_rows(m, L.k_cache, blocks, h, t, n, keys, rows);
+    for (int64_t g = 0; g < G; ++g) {
+      float *p = probs + g * kKeyTile, tile_max = -INFINITY;
+      for (int64_t k = 0; k < n; ++k) tile_max = std::max(tile_max, p[k] = dot(qs + g * Dh, rows[k], Dh));
+      const float factor = raise_max(run_max + g, run_sum + g, tile_max);
+      if (factor != 1.0f)
+        for (int64_t d = 0; d < Dh; ++d) out[g * Dh + d] *= factor;
+      run_sum[g] += exp_shifted(p, p, n, run_max[g]);
+    }
+    tile_rows(m, L.v_cache, blocks, h, t, n, values, rows);
+    for (int64_t g = 0; g < G; ++g) {
+      float *o = out + g * Dh;
+      for (int64_t k = 0; k < n; ++k) {
+        const float p = probs[g * kKeyTile + k], *v = rows[k];
+#pragma omp simd
+        for (int64_t d = 0; d < Dh; ++d) o[d] += p * v[d];
+      }
+    }
+  }
+}
+
+void attend_part(const PmModel &m, const PmLayer &L, const float *q, const int64_t *blocks, int64_t h, int64_t first,
+                 int64_t end, float scale, float *scratch, float *part) {
+#if defined(__AVX512F__)
+  switch (m.head_dim) {
+    case 16: return attend_part_avx512<1>(m, L, q, blocks, h, first, end, scale, scratch, part);
+    case 32: return attend_part_avx512<2>(m, L, q, blocks, h, first, end, scale, scratch, part);
+    case 48: return attend_part_avx512<3>(m, L, q, blocks, h, first, end, scale, scratch, part);
+    case 64: return attend_part_avx512<4>(m, L, q, blocks, h, first, end, scale, scratch, part);
+    case 80: return attend_part_avx512<5>(m, L, q, blocks, h, first, end, scale, scratch, part);
+    case 96: return attend_part_avx512<6>(m, L, q, blocks, h, first, end, scale, scratch, part);
+    case 128: return attend_part_avx512<8>(m, L, q, blocks, h, first, end, scale, scratch, part);
+    default: break;
+  }
+#endif
+  attend_part_portable(m, L, q, blocks, h, first, end, scale, scratch, part);
+}
+
+// The G query heads' outputs [G, Dh] of `count` parts of one (row, key/value head): each part's
+// output and sum rescaled to the largest of their maxima, summed, and divided by the total.
+void merge_parts(const PmModel &m, const float *parts, int64_t count, float *o) {
+  const int64_t G = m.n_heads / m.n_kv_heads, Dh = m.head_dim, stride = part_floats(m);
+  for (int64_t g = 0; g < G; ++g) {
+    float top = -INFINITY, total = 0.0f;
+    for (int64_t i = 0; i < count; ++i) top = std::max(top, parts[i * stride + G * Dh + g]);
+    float *og = o + g * Dh;
+    for (int64_t d = 0; d < Dh; ++d) og[d] = 0.0f;
+    for (int64_t i = 0; i < count; ++i) {
+      const float *part = parts + i * stride;
+      const float weight = std::exp(part[G * Dh + g] - top);
+      total += weight * part[G * Dh + G + g];
+      const float *out = part + g * Dh;
+#pragma omp simd
+      for (int64_t d = 0; d < Dh; ++d) og[d] += weight * out[d];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t d = 0; d < Dh; ++d) og[d] *= inv;
+  }
+}
+
+// Row r's key and value go to cache slot slot[r] at position pos[r] (all rows first: rows of one
+// sequence at consecutive positions, a prefill chunk, then see each other); its queries attend to
+// that slot's positions [0, pos[r]].
+void attention(const PmModel &m, const PmLayer &L, const Workspace &w, const int64_t *slot, const int64_t *pos,
+               int64_t B) {
+  const int64_t H = m.n_heads, Hkv = m.n_kv_heads, Dh = m.head_dim, G = H / Hkv;
+  const int64_t qkv_width = (H + 2 * Hkv) * Dh;
+  const bool bf16 = m.bf16;
+  for (int64_t r = 0; r < B; ++r) {
+    const float *k = w.qkv + r * qkv_width + H * Dh, *v = k + Hkv * Dh;
+    const int64_t *blocks = m.block_table + slot[r] * m.max_blocks;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const int64_t at = cache_row(m, blocks, h, pos[r]);
+      for (int64_t d = 0; d < Dh; ++d) {
+        store_f(L.k_cache, at + d, k[h * Dh + d], bf16);
+        store_f(L.v_cache, at + d, v[h * Dh + d], bf16);
+      }
+    }
+  }
+  // Parts of about equal keys, kPartsPerThread per thread over the step's keys (no fewer than
+  // kMinPartKeys each): a long row of a small batch spreads over the threads, a batch of short rows
+  // keeps one part per (row, head). Each (row, head) takes ceil(keys / part_keys) <= keys /
+  // part_keys + 1 parts, so max_parts() bounds them. Boundaries fall on tiles of 16 keys.
+  const int threads = int(m.threads);
+  int64_t total_keys = 0;
+  for (int64_t r = 0; r < B; ++r) total_keys += (pos[r] + 1) * Hkv;
+  const int64_t aim = kPartsPerThread * threads;
+  const int64_t part_keys = std::max(kMinPartKeys, (total_keys + aim - 1) / aim);
+  std::vector<AttentionPart> parts;
+  std::vector<int64_t> first_part(B * Hkv + 1);
+  for (int64_t r = 0; r < B; ++r)
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const int64_t len = pos[r] + 1, count = (len + part_keys - 1) / part_keys;
+      first_part[r * Hkv + h] = int64_t(parts.size());
+      for (int64_t i = 0; i < count; ++i)
+        parts.push_back({r, h, i == 0 ? 0 : len * i / count / kKeyTile * kKeyTile,
+                         i + 1 == count ? len : len * (i + 1) / count / kKeyTile * kKeyTile});
+    }
+  first_part[B * Hkv] = int64_t(parts.size());
+  assert(int64_t(parts.size()) <= max_parts(m, B));
+  const float scale = 1.0f / std::sqrt(float(Dh));
+  const int64_t n_parts = int64_t(parts.size()), stride = part_floats(m);
+  float *results = w.attn_scratch, *scratch = results + max_parts(m, B) * stride;
+#pragma omp parallel num_threads(threads) if (threads > 1 && n_parts > 1)
+  {
+    float *mine = scratch + int64_t(omp_get_thread_num()) * tile_floats(m);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < n_parts; ++i) {
+      const AttentionPart &p = parts[i];
+      const float *q = w.qkv + p.row * qkv_width + p.head * G * Dh;  // the G query heads of this key/value head
+      attend_part(m, L, q, m.block_table + slot[p.row] * m.max_blocks, p.head, p.first, p.end, scale, mine,
+                  results + i * stride);
+    }
+#pragma omp for schedule(static)
+    for (int64_t rh = 0; rh < B * Hkv; ++rh)
+      merge_parts(m, results + first_part[rh] * stride, first_part[rh + 1] - first_part[rh],
+                  w.att + rh * G * Dh);  // row r's heads h G .. h G + G - 1: [r, H, Dh] with rh = r Hkv + h
+  }
+}
+
+}  // namespace
