@@ -65,10 +65,11 @@ class Engine:
     (`pack_weights`, `pyramoe.inference.packing`) and the model runs in PyTorch. `step="device"` (the
     default on CUDA, on one process, where it applies) runs `DeviceStep` instead: fixed-shape steps
     with no host sync inside, decode captured as CUDA graphs on CUDA; `step="pytorch"` the PyTorch
-    step. `quantize="int8"` (CPU) quantizes the linear layers and experts at the first step, before
-    the step is built (`pyramoe.inference.packing.quantize_model`: per-output-channel scales, rows of
-    activations quantized on the fly), so the native and PyTorch steps compute the same quantized
-    model. The engine runs its own view of the caller's model (`engine.model`, `inference_view`: its
+    step. `quantize="int8"` or `"int4"` (CPU; options in `pyramoe.inference.packing.parse_quantize`)
+    quantizes the linear layers and experts at the first step, before the step is built
+    (`pyramoe.inference.packing.quantize_model`: int8 per-output-channel or int4 group-wise scales,
+    rows of activations quantized on the fly), so the native and PyTorch steps compute the same
+    quantized model. The engine runs its own view of the caller's model (`engine.model`, `inference_view`: its
     own modules and configs over the caller's weight tensors, none copied): eval mode, dropless,
     packing and quantizing change the view only, and the caller's model may go on training; the
     engine is for the weights as they were at its first step (packed and native steps copy some), so
