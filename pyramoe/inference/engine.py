@@ -33,6 +33,7 @@ from pyramoe.inference.kv_cache import PagedKVCache
 from pyramoe.inference.model_view import inference_view
 from pyramoe.inference.native import NativeForward, blockable, unsupported_reason
 from pyramoe.inference.packing import check_quantize, pack_model, quantize_model
+from pyramoe.inference.quantized_checkpoint import is_quantized_directory, load_quantized
 from pyramoe.inference.requests import Completion, Logprob, Request, TokenEvent
 from pyramoe.inference.sampling import SamplingParams, apply_penalties, sample_token, token_logprobs
 from pyramoe.inference.steps import ModelStep, NativeStep, TorchStep
@@ -145,7 +146,8 @@ class Engine:
     # -- loading -----------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, dtype: str = "auto", device: str = "cpu", **kwargs) -> Engine:
-        """From a pyramoe checkpoint or run directory, or a Hugging Face model directory."""
+        """From a pyramoe checkpoint or run directory, a quantized model directory (`pyramoe quantize`:
+        its weights as saved, `quantize` set to their format), or a Hugging Face model directory."""
         path = Path(path)
         torch_dtype = resolve_dtype(dtype, device)
         if is_hf_directory(path):
@@ -156,6 +158,14 @@ class Engine:
             eos = hf.hf_config.get("eos_token_id")
             kwargs.setdefault("eos_id", eos[0] if isinstance(eos, list) else eos)
             return cls(hf.model.to(device), tokenizer, **kwargs)
+        if is_quantized_directory(path):  # `pyramoe quantize`'s output: no quantizing at load
+            model, meta = load_quantized(path, torch_dtype)
+            if kwargs.get("quantize") not in (None, meta["quantize"]):
+                raise ValueError(f"quantize: {path} holds {meta['quantize']} weights already; leave it out "
+                                 f"(asked for {kwargs['quantize']})")
+            kwargs["quantize"] = meta["quantize"]
+            tokenizer = Tokenizer.from_file(path / meta["tokenizer"]) if meta.get("tokenizer") else None
+            return cls(model.to(device), tokenizer, **kwargs)
         from pyramoe.checkpoint import build_model, load_checkpoint
 
         ckpt = load_checkpoint(path)
@@ -380,7 +390,7 @@ class Engine:
         if self.runner is not None:
             return
         rows = self.max_step_tokens + self.max_batch
-        if self.quantize is not None:
+        if self.quantize is not None:  # 0 where the model came quantized (a quantized directory)
             self.quantized_weights = quantize_model(self.model, self.quantize)
         if self._use_device_step():
             self.runner = DeviceStep(self.model, self.cache, rows)
