@@ -147,7 +147,8 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, dtype: str = "auto", device: str = "cpu", **kwargs) -> Engine:
         """From a pyramoe checkpoint or run directory, a quantized model directory (`pyramoe quantize`:
-        its weights as saved, `quantize` set to their format), or a Hugging Face model directory."""
+        its weights as saved, `quantize` set to their format), a llama.cpp GGUF file (`pyramoe.
+        inference.gguf`), or a Hugging Face model directory."""
         path = Path(path)
         torch_dtype = resolve_dtype(dtype, device)
         if is_hf_directory(path):
@@ -158,6 +159,13 @@ class Engine:
             eos = hf.hf_config.get("eos_token_id")
             kwargs.setdefault("eos_id", eos[0] if isinstance(eos, list) else eos)
             return cls(hf.model.to(device), tokenizer, **kwargs)
+        if path.suffix == ".gguf":  # llama.cpp's file: Q4_0 / Q8_0 matrices kept, the rest quantized at load
+            from pyramoe.inference.gguf import load_gguf
+
+            model, held = load_gguf(path, torch_dtype)
+            kwargs.setdefault("quantize", held["quantize"])
+            sibling = path.parent / "tokenizer.json"
+            return cls(model.to(device), Tokenizer.from_file(sibling) if sibling.is_file() else None, **kwargs)
         if is_quantized_directory(path):  # `pyramoe quantize`'s output: no quantizing at load
             model, meta = load_quantized(path, torch_dtype)
             if kwargs.get("quantize") not in (None, meta["quantize"]):
