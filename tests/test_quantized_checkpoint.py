@@ -51,7 +51,8 @@ def test_cli_quantize_then_generate(tiny_run, tmp_path, capsys):
     prompts, params = [[5, 6, 7], [8, 9]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     ours = Engine.load(out, dtype="fp32", max_batch=2)
     theirs = Engine.load(tiny_run, dtype="fp32", max_batch=2, quantize="int4")
-    assert [c.token_ids for c in ours.generate(prompts, params)] == [c.token_ids for c in theirs.generate(prompts, params)]
+    outputs = [[c.token_ids for c in engine.generate(prompts, params)] for engine in (ours, theirs)]
+    assert outputs[0] == outputs[1]
     assert ours.quantize == "int4" and ours.quantized_weights == 0  # nothing left to quantize
     with pytest.raises(ValueError, match="holds int4 weights already"):
         Engine.load(out, quantize="int8")

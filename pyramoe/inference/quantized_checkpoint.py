@@ -164,7 +164,8 @@ def _checked(entry: dict[str, Any], parts: dict[str, torch.Tensor], where: str) 
         blocks = (n + 15) // 16
         lead = (experts,) if experts else ()
         if entry["format"] == "int8":
-            shapes = {"data": (*lead, blocks, k // 4, 16, 4), "scales": (*lead, blocks * 16), "sums": (*lead, blocks * 16)}
+            padded = (*lead, blocks * 16)
+            shapes = {"data": (*lead, blocks, k // 4, 16, 4), "scales": padded, "sums": padded}
             dtypes = {"data": torch.int8, "scales": torch.float32, "sums": torch.int32}
         elif entry["format"] == "int4":
             numbers = (*lead, blocks, k // int(entry["group"]), 16)
@@ -226,7 +227,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None) -> tuple[
         entries.append((entry, {key[len(prefix):]: tensors.pop(key) for key in [k for k in tensors
                                                                                 if k.startswith(prefix)]}))
     names = list(meta["matrices"])
-    for name, (entry, _), weight in zip(names, entries, _weights(entries, [f"{path / TENSOR_FILE}: {n}" for n in names])):
+    weights = _weights(entries, [f"{path / TENSOR_FILE}: {n}" for n in names])
+    for name, (entry, _), weight in zip(names, entries, weights):
         owner, _, attr = name.rpartition(".")
         experts = modules.get(owner)
         if entry.get("experts") and type(experts) is GroupedExperts and attr in ("w_in", "w_out"):

@@ -22,7 +22,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pyramoe.kernels import BlockedWeight, Int4Weight, Int8Weight, block_weights, blocked_linear, int4_linear, int8_linear
+from pyramoe.kernels import (
+    BlockedWeight,
+    Int4Weight,
+    Int8Weight,
+    block_weights,
+    blocked_linear,
+    int4_linear,
+    int8_linear,
+)
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 

@@ -21,7 +21,15 @@ import torch
 from torch import nn
 
 from pyramoe.inference.packing import MIN_BLOCKED_OUTPUTS
-from pyramoe.kernels import BlockedWeight, Int4Weight, Int8Weight, blocking_available, build_error, can_block, load_library
+from pyramoe.kernels import (
+    BlockedWeight,
+    Int4Weight,
+    Int8Weight,
+    blocking_available,
+    build_error,
+    can_block,
+    load_library,
+)
 from pyramoe.kernels.quantized import FORMAT_INT8
 from pyramoe.kernels.quantized4 import FORMAT_INT4
 from pyramoe.layers.attention import CausalSelfAttention
