@@ -163,7 +163,8 @@ class Engine:
             from pyramoe.inference.gguf import load_gguf
 
             model, held = load_gguf(path, torch_dtype)
-            kwargs.setdefault("quantize", held["quantize"])
+            if kwargs.get("quantize") is None:  # what stayed plain (a float LM head) in the file's format
+                kwargs["quantize"] = held["quantize"]
             sibling = path.parent / "tokenizer.json"
             return cls(model.to(device), Tokenizer.from_file(sibling) if sibling.is_file() else None, **kwargs)
         if is_quantized_directory(path):  # `pyramoe quantize`'s output: no quantizing at load
