@@ -372,8 +372,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.quality_checkpoint is not None:
         from pyramoe.bench.quantized_quality import quantized_quality
 
-        qualities = [quantized_quality(args.quality_checkpoint, fmt, args.quality_tokens)
-                     for fmt in quantize_formats(args)]
+        from pyramoe.checkpoint import resolve_checkpoint
+
+        # One checkpoint for every format, resolved once: a run still training writes new ones meanwhile.
+        checkpoint = resolve_checkpoint(args.quality_checkpoint)
+        qualities = [quantized_quality(checkpoint, fmt, args.quality_tokens) for fmt in quantize_formats(args)]
     weights_read = packed_weights_read(engine)
     if weights_read is not None:
         notes.append(f"the engine's packed weights read at {weights_read / 1e9:.1f} GB/s (the VM's memory speed "
