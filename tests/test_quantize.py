@@ -147,8 +147,8 @@ def test_engine_int8_greedy_tokens_native_equal_pytorch():
 
 def test_engine_refuses_an_unknown_format():
     model = native_cases._model(native_cases.CASES["mixtral"], torch.float32)
-    with pytest.raises(ValueError, match="^quantize: must be one of int8"):
-        Engine(model, quantize="int4")
+    with pytest.raises(ValueError, match="^quantize: must be one of int8, int4"):
+        Engine(model, quantize="int3")
 
 
 AVX2_CHECK = """

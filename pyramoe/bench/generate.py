@@ -12,8 +12,9 @@ Implementations:
   `pyramoe.inference.device_step`, and the roofline from the GPU's memory);
 - pyramoe-pytorch: the same engine with `native=False` (its PyTorch step, oneDNN-packed weights;
   on CUDA `step="pytorch"`);
-- pyramoe-int8 (`--quantize int8`, CPU): the engine with int8 weights (`Engine(quantize="int8")`), its
-  roofline from the bytes its own step reads (int8 matrices with their scales), and with
+- pyramoe-int8, pyramoe-int4 (`--quantize int8,int4`, CPU): the engine with quantized weights
+  (`Engine(quantize=...)`), each with its roofline from the bytes its own step reads (quantized
+  matrices with their scales), and with
   `--quality-checkpoint RUN` the quality that costs on a trained model (perplexity of the held-out
   split and greedy agreement with bf16: `pyramoe.bench.quantized_quality`);
 - transformers: `generate(do_sample=False)` with its grouped-GEMM experts (`grouped_mm`);
@@ -51,7 +52,7 @@ from pyramoe.bench.common import decode_bytes, machine_info, time_call, timed, w
 from pyramoe.inference import Engine, SamplingParams, resolve_dtype
 from pyramoe.inference.engine import STEPS
 from pyramoe.inference.packing import check_quantize
-from pyramoe.kernels import BlockedWeight, Int8Weight, huge_page_tensors, load_library, native_read
+from pyramoe.kernels import BlockedWeight, Int4Weight, Int8Weight, huge_page_tensors, load_library, native_read
 from pyramoe.layers.experts import GroupedExperts
 from pyramoe.layers.packed import can_pack, pack_weight, packed_linear
 from pyramoe.tables import format_table
@@ -84,8 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip pyramoe-pytorch (the engine with native=False on the same weights)")
     parser.add_argument("--device", default="cpu",
                         help="cpu, or cuda (pyramoe: its device step; pyramoe-pytorch: its PyTorch step)")
-    parser.add_argument("--quantize", default=None, metavar="FORMAT",
-                        help="int8: also time the engine with quantized weights (pyramoe-int8)")
+    parser.add_argument("--quantize", default=None, metavar="FORMATS",
+                        help="comma-separated formats (int8, int4, int4-g64, ...): also time the engine with "
+                             "quantized weights in each (pyramoe-int8, ...), interleaved with the others")
     parser.add_argument("--quality-checkpoint", default=None, metavar="RUN",
                         help="with --quantize: perplexity and greedy agreement of this trained checkpoint, "
                              "bf16 against quantized")
@@ -123,7 +125,8 @@ def validate(args: argparse.Namespace) -> list[int]:
         raise ValueError(f"--batches: sizes must be >= 1, got {args.batches!r}")
     if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
         raise ValueError(f"--device: must be cpu or cuda (with CUDA available), got {args.device!r}")
-    check_quantize(args.quantize, "--quantize")
+    for fmt in quantize_formats(args):
+        check_quantize(fmt, "--quantize")
     if args.quality_checkpoint is not None:
         if args.quantize is None:
             raise ValueError("--quality-checkpoint: compares quantized weights with bf16: add --quantize")
@@ -132,8 +135,13 @@ def validate(args: argparse.Namespace) -> list[int]:
     if args.quality_tokens < 4:
         raise ValueError(f"--quality-tokens: must be >= 4, got {args.quality_tokens}")
     if args.quantize is not None and args.device != "cpu":
-        raise ValueError("--quantize: int8 weights run on the CPU; leave out --device")
+        raise ValueError("--quantize: quantized weights run on the CPU; leave out --device")
     return batches
+
+
+def quantize_formats(args: argparse.Namespace) -> list[str]:
+    """The formats `--quantize` lists (none when left out)."""
+    return [] if args.quantize is None else args.quantize.split(",")
 
 
 def build_transformers(args: argparse.Namespace, dtype: torch.dtype, device: str = "cpu") -> Any:
@@ -228,15 +236,15 @@ def packed_weights_read(engine: Engine, repeats: int = 5) -> float | None:
 
 
 def quantized_decode_bytes(model: torch.nn.Module, experts_read: float) -> int:
-    """`decode_bytes` of a model after `quantize_model`: its remaining parameters, and each int8
-    matrix with its scales and sums (of each MoE layer's experts, `experts_read` of them)."""
+    """`decode_bytes` of a model after `quantize_model`: its remaining parameters, and each int8 or
+    int4 matrix with its scales (of each MoE layer's experts, `experts_read` of them)."""
     total = float(decode_bytes(model, experts_read))
     for module in model.modules():
         weight = getattr(module, "packed_weight", None)
-        if isinstance(weight, Int8Weight):
+        if isinstance(weight, (Int8Weight, Int4Weight)):
             total += weight.nbytes()
         packed = getattr(module, "packed", None) if isinstance(module, GroupedExperts) else None
-        if packed is not None and isinstance(packed[0][0], Int8Weight):
+        if packed is not None and isinstance(packed[0][0], (Int8Weight, Int4Weight)):
             total += sum(w.nbytes() for per_expert in packed for w in per_expert) * experts_read / module.num_experts
     return int(total)
 
@@ -366,8 +374,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         engines = {"pyramoe": engine}
         if not args.no_pytorch_path and (load_library() is not None or not on_cpu):  # the same weights
             engines["pyramoe-pytorch"] = load(step="pytorch")
-        if args.quantize is not None:
-            engines[f"pyramoe-{args.quantize}"] = load(quantize=args.quantize)
+        for fmt in quantize_formats(args):
+            engines[f"pyramoe-{fmt}"] = load(quantize=fmt)
     if not args.no_transformers:
         if _set_experts(reference, "grouped_mm"):
             hf["transformers"] = reference.to(device)
@@ -425,11 +433,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             times[name].append(timed(fn))
     for name, values in times.items():
         prefill[name] = prompts.numel() / statistics.median(values)
-    quality = None
+    qualities = []
     if args.quality_checkpoint is not None:
         from pyramoe.bench.quantized_quality import quantized_quality
 
-        quality = quantized_quality(args.quality_checkpoint, args.quantize, args.quality_tokens)
+        from pyramoe.checkpoint import resolve_checkpoint
+
+        # One checkpoint for every format, resolved once: a run still training writes new ones meanwhile.
+        checkpoint = resolve_checkpoint(args.quality_checkpoint)
+        qualities = [quantized_quality(checkpoint, fmt, args.quality_tokens) for fmt in quantize_formats(args)]
     weights_read = packed_weights_read(engine)
     if weights_read is not None:
         notes.append(f"the engine's packed weights read at {weights_read / 1e9:.1f} GB/s (the VM's memory speed "
@@ -439,7 +451,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "new_tokens")}, "device": device, "machine": machine_info(), "notes": notes, "roofline_tok_s": roofline,
         "rooflines_tok_s": {str(b): v for b, v in rooflines.items()}, "decode_path": engine.decode_path,
         "bandwidth_bytes_s": bandwidth, "gemv_floor_tok_s": gemv_floor, "results": results,
-        "prefill_tok_s": prefill, "quality": quality}
+        "prefill_tok_s": prefill, "quality": qualities[0] if qualities else None, "qualities": qualities}
 
 
 def report(payload: dict[str, Any]) -> str:
@@ -462,8 +474,7 @@ def report(payload: dict[str, Any]) -> str:
     lines = [table, f"prefill tok/s ({payload['shape']['prompt_len']}-token prompts): "
              + ", ".join(f"{name} {value:,.0f}{ratio(value) if name.startswith('pyramoe-int') else ''}"
                          for name, value in prefill.items())]
-    quality = payload.get("quality")
-    if quality:
+    for quality in payload.get("qualities") or ([payload["quality"]] if payload.get("quality") else []):
         q = next(name for name in quality["perplexity"] if name != "bf16")
         lines.append(f"quality ({quality['checkpoint']}, step {quality['step']}): held-out perplexity bf16 "
                      f"{quality['perplexity']['bf16']:.4f}, {q} {quality['perplexity'][q]:.4f} "

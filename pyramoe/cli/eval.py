@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from pyramoe.inference.packing import check_quantize, quantize_model
+from pyramoe.inference.packing import QUANTIZE_HELP, check_quantize, quantize_model
 from pyramoe.tables import format_table
 from pyramoe.train import build_model, evaluate, load_checkpoint
 from pyramoe.train.config import merge, run_config_from_dict
@@ -46,8 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--corpus", metavar="SPEC", help="evaluate on another corpus's validation split")
     parser.add_argument("--dropless", action="store_true", help="no capacity limit: no token is dropped")
     parser.add_argument("--quantize", default=None, metavar="FORMAT",
-                        help="int8: evaluate the model with its linear layers and experts quantized as "
-                             "`pyramoe generate --quantize` runs them (CPU)")
+                        help="evaluate the model with its linear layers and experts quantized as "
+                             "`pyramoe generate --quantize` runs them (CPU): " + QUANTIZE_HELP)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     zeroshot = parser.add_argument_group("zero-shot tasks (lm-evaluation-harness)")
     zeroshot.add_argument("--tasks", metavar="T1,T2", help="harness tasks to run instead of validation loss")

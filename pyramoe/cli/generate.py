@@ -17,7 +17,7 @@ import torch
 
 from pyramoe.inference import Engine, SamplingParams
 from pyramoe.inference.engine import STEPS
-from pyramoe.inference.packing import check_quantize
+from pyramoe.inference.packing import QUANTIZE_HELP, check_quantize
 from pyramoe.parallel.launch import argv_without_nproc, relaunch_with_torchrun, world_size_from_env
 
 
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     add_step_argument(parser)
     parser.add_argument("--quantize", default=None, metavar="FORMAT",
-                        help="int8: quantize the linear layers and experts at load (per-output-channel scales; CPU)")
+                        help="quantize the linear layers and experts at load (CPU): " + QUANTIZE_HELP)
     parser.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
     group = add_process_arguments(parser)
     group.add_argument("--expert-slicing", action="store_true",

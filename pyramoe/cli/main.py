@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pyramoe.cli import bench, distill, experiments, export, generate, plan, plot, presets, serve, train
+from pyramoe.cli import bench, distill, experiments, export, generate, plan, plot, presets, quantize, serve, train
 from pyramoe.cli import eval as eval_cmd
 from pyramoe.parallel.launch import DistributedFailure
 from pyramoe.runtime import configure_cpu_allocator
@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pyramoe", description="Train, compress and serve Mixture-of-Experts GPT models."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (presets, train, distill, eval_cmd, generate, serve, export, plot, experiments, bench, plan):
+    for module in (presets, train, distill, eval_cmd, generate, serve, export, quantize, plot, experiments, bench,
+                   plan):
         module.register(sub)
     return parser
 

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from pyramoe.cli.generate import add_process_arguments, add_step_argument, check_step
+from pyramoe.inference.packing import QUANTIZE_HELP
 from pyramoe.parallel.launch import argv_without_nproc, world_size_from_env
 
 LEADER_PID_FILE = "PYRAMOE_SERVE_LEADER_PID_FILE"  # where rank 0 writes its pid for `--nproc-per-node`
@@ -52,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     add_step_argument(parser)
     parser.add_argument("--quantize", default=None, metavar="FORMAT",
-                        help="int8: quantize the linear layers and experts at load (per-output-channel scales; CPU)")
+                        help="quantize the linear layers and experts at load (CPU): " + QUANTIZE_HELP)
     parser.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
                         help="a request still running after S seconds is aborted (504)")
     parser.add_argument("--drain-grace", type=float, default=30.0, metavar="S",
@@ -94,11 +95,12 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"pyramoe serve: {exc}", file=sys.stderr)
         return 2
-    from pyramoe.inference.packing import QUANTIZE_FORMATS
+    from pyramoe.inference.packing import check_quantize
 
-    if args.quantize is not None and args.quantize not in QUANTIZE_FORMATS:
-        print(f"pyramoe serve: --quantize: must be one of {', '.join(QUANTIZE_FORMATS)}, got {args.quantize!r}",
-              file=sys.stderr)
+    try:
+        check_quantize(args.quantize, "--quantize")
+    except ValueError as exc:
+        print(f"pyramoe serve: {exc}", file=sys.stderr)
         return 2
     world = world_size_from_env()
     if args.nproc_per_node is not None and world == 1:

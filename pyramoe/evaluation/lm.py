@@ -7,7 +7,7 @@ the local tasks' --include_path added), `pyramoe eval CKPT --tasks ...`, or `imp
 pyramoe.evaluation.lm` before `lm_eval.simple_evaluate(model="pyramoe", ...)`.
 
     --model pyramoe --model_args checkpoint=RUN_OR_CKPT_OR_HF_DIR[,dtype=fp32|bf16|auto][,device=cpu|cuda]
-                                 [,max_length=N] [,quantize=int8]
+                                 [,max_length=N] [,quantize=int8|int4[-g64][-asym]]
 
 A pyramoe checkpoint (or a run directory: its latest) or a Hugging Face MoE directory that
 `pyramoe.hf` reads (with a tokenizer.json). The model's own tokenizer, and MoE layers dropless: a

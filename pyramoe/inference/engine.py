@@ -35,6 +35,7 @@ from pyramoe.inference.kv_cache import PagedKVCache
 from pyramoe.inference.model_view import inference_view
 from pyramoe.inference.native import NativeForward, blockable, unsupported_reason
 from pyramoe.inference.packing import check_quantize, pack_model, quantize_model
+from pyramoe.inference.quantized_checkpoint import is_quantized_directory, load_quantized
 from pyramoe.inference.requests import Completion, Logprob, Request, TokenEvent
 from pyramoe.inference.sampling import SamplingParams, apply_penalties, sample_token, token_logprobs
 from pyramoe.inference.steps import ModelStep, NativeStep, TorchStep
@@ -67,11 +68,12 @@ class Engine:
     (`pack_weights`, `pyramoe.inference.packing`) and the model runs in PyTorch. `step="device"` (the
     default on CUDA, on one process, where it applies) runs `DeviceStep` instead: fixed-shape steps
     with no host sync inside, decode captured as CUDA graphs on CUDA, sampled requests drawn on the
-    device (penalised ones on the host); `step="pytorch"` the PyTorch step. `quantize="int8"` (CPU)
-    quantizes the linear layers and experts at the first step, before the step is built
-    (`pyramoe.inference.packing.quantize_model`: per-output-channel scales, rows of activations
-    quantized on the fly), so the native and PyTorch steps compute the same quantized
-    model. The engine runs its own view of the caller's model (`engine.model`, `inference_view`: its
+    device (penalised ones on the host); `step="pytorch"` the PyTorch step. `quantize="int8"` or
+    `"int4"` (CPU; options in `pyramoe.inference.packing.parse_quantize`) quantizes the linear layers
+    and experts at the first step, before the step is built (`pyramoe.inference.packing.quantize_model`:
+    int8 per-output-channel or int4 group-wise scales, rows of activations quantized on the fly), so
+    the native and PyTorch steps compute the same quantized model. The engine runs its own view of
+    the caller's model (`engine.model`, `inference_view`: its
     own modules and configs over the caller's weight tensors, none copied): eval mode, dropless,
     packing and quantizing change the view only, and the caller's model may go on training; the
     engine is for the weights as they were at its first step (packed and native steps copy some), so
@@ -147,7 +149,9 @@ class Engine:
     # -- loading -----------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, dtype: str = "auto", device: str = "cpu", **kwargs) -> Engine:
-        """From a pyramoe checkpoint or run directory, or a Hugging Face model directory."""
+        """From a pyramoe checkpoint or run directory, a quantized model directory (`pyramoe quantize`:
+        its weights as saved, `quantize` set to their format), a llama.cpp GGUF file (`pyramoe.
+        inference.gguf`), or a Hugging Face model directory."""
         path = Path(path)
         torch_dtype = resolve_dtype(dtype, device)
         if is_hf_directory(path):
@@ -158,6 +162,22 @@ class Engine:
             eos = hf.hf_config.get("eos_token_id")
             kwargs.setdefault("eos_id", eos[0] if isinstance(eos, list) else eos)
             return cls(hf.model.to(device), tokenizer, **kwargs)
+        if path.suffix == ".gguf":  # llama.cpp's file: Q4_0 / Q8_0 matrices kept, the rest quantized at load
+            from pyramoe.inference.gguf import load_gguf
+
+            model, held = load_gguf(path, torch_dtype)
+            if kwargs.get("quantize") is None:  # what stayed plain (a float LM head) in the file's format
+                kwargs["quantize"] = held["quantize"]
+            sibling = path.parent / "tokenizer.json"
+            return cls(model.to(device), Tokenizer.from_file(sibling) if sibling.is_file() else None, **kwargs)
+        if is_quantized_directory(path):  # `pyramoe quantize`'s output: no quantizing at load
+            model, meta = load_quantized(path, torch_dtype)
+            if kwargs.get("quantize") not in (None, meta["quantize"]):
+                raise ValueError(f"quantize: {path} holds {meta['quantize']} weights already; leave it out "
+                                 f"(asked for {kwargs['quantize']})")
+            kwargs["quantize"] = meta["quantize"]
+            tokenizer = Tokenizer.from_file(path / meta["tokenizer"]) if meta.get("tokenizer") else None
+            return cls(model.to(device), tokenizer, **kwargs)
         from pyramoe.checkpoint import build_model, load_checkpoint
 
         ckpt = load_checkpoint(path)
@@ -385,7 +405,7 @@ class Engine:
         if self.runner is not None:
             return
         rows = self.max_step_tokens + self.max_batch
-        if self.quantize is not None:
+        if self.quantize is not None:  # 0 where the model came quantized (a quantized directory)
             self.quantized_weights = quantize_model(self.model, self.quantize)
         if self._use_device_step():
             self.runner = DeviceStep(self.model, self.cache, rows)

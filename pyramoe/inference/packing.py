@@ -1,6 +1,7 @@
 """Prepack a model's weights before serving it on the CPU (`pyramoe.layers.packed`): for oneDNN, or
 in the native kernels' blocked bf16 layout (`layout="blocked"`, what the native forward reads);
-or quantize them (`quantize_model`: int8 with per-output scales, `pyramoe.kernels.quantized`).
+or quantize them (`quantize_model`: int8 with per-output scales, `pyramoe.kernels.quantized`, or
+int4 with group-wise scales, `pyramoe.kernels.quantized4`).
 
 The packed model is for inference only: no gradients, no resharding, no state_dict round trip. It
 still runs in PyTorch. Packing drops the model's references to the plain weights, which frees them
@@ -10,23 +11,30 @@ weights take up to twice their memory (the blocked layout: one buffer for them a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from pyramoe.kernels import (
     BlockedWeight,
+    Int4Weight,
+    Int8Weight,
     block_weights,
     blocked_shape,
     can_block,
     can_quantize,
+    can_quantize_int4,
     huge_page_tensors,
+    int4_blocked_shape,
     int8_blocked_shape,
     quantize_weights,
+    quantize_weights_int4,
 )
 from pyramoe.layers.experts import GroupedExperts
 from pyramoe.layers.packed import PackedLinear, can_pack, pack_weight, packing_available
 
-QUANTIZE_FORMATS = ("int8",)
+QUANTIZE_FORMATS = ("int8", "int4")
 
 # Blocked layout: outputs are padded to 16, so narrower layers (Residual-MoE's 2 mixing
 # coefficients, a shared expert's 1 gate) stay as they are; the native step reads those in fp32.
@@ -92,32 +100,101 @@ def _packable_experts(experts: GroupedExperts, blocked: bool = False) -> bool:
     return can_block(experts.w_in) and can_block(experts.w_out) if blocked else can_pack(experts.w_in[0])
 
 
+@dataclass(frozen=True)
+class QuantSpec:
+    """A `--quantize` format: "int8" (per-output scales) or "int4" (groups of `group` inputs,
+    symmetric unless "-asym"; the LM head at 8 bits unless "-head4"), e.g. "int4-g64-asym"."""
+
+    bits: int
+    group: int = 32
+    asymmetric: bool = False
+    head_bits: int = 8
+
+    @property
+    def name(self) -> str:
+        return "int8" if self.bits == 8 else "int4"
+
+
+QUANTIZE_HELP = ("int8 (per-output-channel scales) or int4 (group-wise scales; options -g32|-g64|-g128 group size, "
+                 "default 32; -asym zero points; -head4 also the LM head, else kept int8), e.g. int4-g64")
+
+
+def parse_quantize(quantize: str, field: str = "quantize") -> QuantSpec:
+    """The QuantSpec a `--quantize` text names; a ValueError naming `field` for anything else."""
+    bad = ValueError(f"{field}: must be one of {', '.join(QUANTIZE_FORMATS)} with int4 options -g32|-g64|-g128, "
+                     f"-asym, -head4 (or left out), got {quantize!r}")
+    if not isinstance(quantize, str):
+        raise bad
+    base, *options = quantize.split("-")
+    if base == "int8" and not options:
+        return QuantSpec(8)
+    if base != "int4" or len(set(options)) != len(options):
+        raise bad
+    group, asymmetric, head_bits = 32, False, 8
+    for option in options:
+        if option in ("g32", "g64", "g128"):
+            group = int(option[1:])
+        elif option == "asym":
+            asymmetric = True
+        elif option == "head4":
+            head_bits = 4
+        else:
+            raise bad
+    return QuantSpec(4, group, asymmetric, head_bits)
+
+
 def check_quantize(quantize: str | None, field: str = "quantize") -> None:
     """A ValueError naming `field` unless `quantize` is None or a known format."""
-    if quantize is not None and quantize not in QUANTIZE_FORMATS:
-        raise ValueError(f"{field}: must be one of {', '.join(QUANTIZE_FORMATS)} (or left out), got {quantize!r}")
+    if quantize is not None:
+        parse_quantize(quantize, field)
 
 
 def quantize_model(model: nn.Module, quantize: str = "int8") -> int:
     """Quantize, in place, every plain nn.Linear with at least 16 outputs (narrower ones, Residual-MoE's
     mixing coefficients and shared-expert gates, and the routers stay as they are) and the grouped
     experts of a CPU model, where the input width is a multiple of 4; returns how many matrices it
-    quantized. The int8 matrices share one buffer of transparent huge pages; the plain weights go
-    (a tied LM head's stays: it is the embedding). The model then runs in PyTorch (the int8 products'
-    reference) or in the native step, and is for inference only."""
-    check_quantize(quantize)
+    quantized. int4 (`parse_quantize`): matrices whose input width is not a multiple of the group
+    size, and the LM head unless "-head4", take int8 (llama.cpp keeps its output layer at higher
+    precision too: the head's errors go straight into the logits). The quantized matrices share one
+    buffer of transparent huge pages per format; the plain weights go (a tied LM head's stays: it is
+    the embedding). The model then runs in PyTorch (the products' reference) or in the native step,
+    and is for inference only."""
+    spec = parse_quantize(quantize)
     experts = [m for m in model.modules() if type(m) is GroupedExperts and m.packed is None and m.w_in is not None
                and can_quantize(m.w_in) and can_quantize(m.w_out)]
     linears = [(module, name, child) for module in model.modules() for name, child in module.named_children()
                if type(child) is nn.Linear and child.out_features >= MIN_BLOCKED_OUTPUTS
                and can_quantize(child.weight)]
-    shapes = [int8_blocked_shape(w.shape) for e in experts for w in (e.w_in, e.w_out)]
-    shapes += [int8_blocked_shape(child.weight.shape) for _, _, child in linears]
-    outs = huge_page_tensors(shapes, torch.int8)
+    head = getattr(model, "lm_head", None)
+
+    def bits(weight: torch.Tensor, is_head: bool = False) -> int:
+        wide = spec.bits == 8 or (is_head and spec.head_bits == 8)
+        return 8 if wide or not can_quantize_int4(weight, spec.group) else 4
+
+    matrices = [w for e in experts for w in (e.w_in, e.w_out)] + [child.weight for _, _, child in linears]
+    heads = [False] * (2 * len(experts)) + [child is head for _, _, child in linears]
+    formats = [bits(w, is_head) for w, is_head in zip(matrices, heads)]
+    outs = _buffers(matrices, formats)
+    quantized = [_quantize(w, b, spec, out) for w, b, out in zip(matrices, formats, outs)]
     for i, module in enumerate(experts):
-        stacks = [quantize_weights(w, out) for w, out in zip((module.w_in, module.w_out), outs[2 * i : 2 * i + 2])]
-        module.packed = tuple([stack[e] for e in range(module.num_experts)] for stack in stacks)
+        module.packed = tuple([stack[e] for e in range(module.num_experts)] for stack in quantized[2 * i : 2 * i + 2])
         module.w_in = module.w_out = None
-    for (module, name, child), out in zip(linears, outs[2 * len(experts) :]):
-        setattr(module, name, PackedLinear(child, quantized=quantize_weights(child.weight, out)))
+    for (module, name, child), weight in zip(linears, quantized[2 * len(experts) :]):
+        setattr(module, name, PackedLinear(child, quantized=weight))
     return 2 * sum(e.num_experts for e in experts) + len(linears)
+
+
+def _buffers(matrices: list[torch.Tensor], formats: list[int]) -> list[torch.Tensor]:
+    """Where each quantized matrix's data goes: one huge-page buffer per format."""
+    outs: list[torch.Tensor | None] = [None] * len(matrices)
+    for bits, shape_of, dtype in ((8, int8_blocked_shape, torch.int8), (4, int4_blocked_shape, torch.uint8)):
+        chosen = [i for i, b in enumerate(formats) if b == bits]
+        for i, out in zip(chosen, huge_page_tensors([shape_of(matrices[i].shape) for i in chosen], dtype)):
+            outs[i] = out
+    return outs
+
+
+def _quantize(weight: torch.Tensor, bits: int, spec: QuantSpec, out: torch.Tensor) -> Int8Weight | Int4Weight:
+    if bits == 8:
+        return quantize_weights(weight, out)
+    return quantize_weights_int4(weight, spec.group, spec.asymmetric, out)

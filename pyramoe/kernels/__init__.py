@@ -1,5 +1,5 @@
 """Native CPU kernels compiled for the machine at first use (`native.cpp`): the engine's forward
-(prefill chunks and decode steps) and bf16 or int8 products on weights in a blocked layout. Imports
+(prefill chunks and decode steps) and bf16, int8 or int4 products on weights in a blocked layout. Imports
 only torch, so layers may use it."""
 
 from pyramoe.kernels.blocked import (
@@ -21,6 +21,15 @@ from pyramoe.kernels.quantized import (
     int8_native,
     quantize_weights,
 )
+from pyramoe.kernels.quantized4 import (
+    GROUP_SIZES,
+    Int4Weight,
+    can_quantize_int4,
+    int4_blocked_shape,
+    int4_linear,
+    int4_linear_native,
+    quantize_weights_int4,
+)
 
 __all__ = [
     "BlockedWeight",
@@ -30,7 +39,14 @@ __all__ = [
     "blocking_available",
     "build_error",
     "can_block",
+    "GROUP_SIZES",
+    "Int4Weight",
     "Int8Weight",
+    "can_quantize_int4",
+    "int4_blocked_shape",
+    "int4_linear",
+    "int4_linear_native",
+    "quantize_weights_int4",
     "can_quantize",
     "huge_page_tensors",
     "int8_blocked_shape",

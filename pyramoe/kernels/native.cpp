@@ -35,10 +35,14 @@ extern "C" {
 
 // A matrix's format where it is not the model's (see PmModel.bf16/blocked): int8 in its blocked
 // layout (native_products.h) with fp32 scales and int32 128 x row sums, [stack, padded16(N)] each.
+// Or int4 (kFormatInt4) in its blocked layout with fp16 group scales and mins (null: symmetric),
+// [stack, ceil(N/16), K/group, 16] each; scales and sums are then unused.
 struct PmQuant {
-  int64_t format;  // kFormatInt8
+  int64_t format;  // kFormatInt8 or kFormatInt4
   const float *scales;
   const int32_t *sums;
+  int64_t group;
+  const uint16_t *group_scales, *group_mins;
 };
 
 struct PmMlp {  // a dense MLP: in [F or 2F (SwiGLU: gate | up), D], out [D, F]; biases fp32 or null
@@ -313,6 +317,7 @@ Job model_job(const PmModel &m, const float *x, int64_t M, int64_t K, int64_t N,
   if (q) {
     j.blocked = false;
     j.format = q->format, j.scales = q->scales, j.sums = q->sums;
+    j.group = q->group, j.group_scales = q->group_scales, j.group_mins = q->group_mins;
   }
   return j;
 }
@@ -329,9 +334,15 @@ Job mlp_out_job(const PmModel &m, const PmMlp &mlp, const float *x, int64_t rows
 // byte each) or the model's; `one` receives its scales and sums.
 const void *expert_matrix(const PmModel &m, const void *stack, const PmQuant *q, int64_t e, int64_t N, int64_t K,
                           PmQuant *one) {
+  if (q && q->format == kFormatInt4) {  // half a byte per weight; group numbers per 16 outputs
+    const int64_t rows = padded16(N), numbers = rows * (K / q->group);
+    *one = PmQuant{q->format, nullptr, nullptr, q->group, q->group_scales + e * numbers,
+                   q->group_mins ? q->group_mins + e * numbers : nullptr};
+    return static_cast<const char *>(stack) + e * rows * K / 2;
+  }
   if (q) {
     const int64_t rows = padded16(N);
-    *one = PmQuant{q->format, q->scales + e * rows, q->sums + e * rows};
+    *one = PmQuant{q->format, q->scales + e * rows, q->sums + e * rows, 0, nullptr, nullptr};
     return static_cast<const char *>(stack) + e * rows * K;
   }
   const int64_t rows = m.bf16 && m.blocked ? padded16(N) : N;
@@ -489,6 +500,21 @@ int64_t pm_linear_quantized(const void *W, int64_t format, const float *scales, 
   Job j{x, nullptr, M, K, N, W, bias, y};
   j.format = format, j.scales = scales, j.sums = sums;
   std::vector<Job> jobs{j};
+  run_jobs(jobs, false, int(threads), scratch.data());
+  return 0;
+}
+
+// y[M, N] = x[M, K] . W^T + bias with W in the format `q` describes (int8: K a multiple of 4; int4:
+// group 32, 64 or 128 dividing K); bias fp32 or null. Returns 1 for a bad format, K or group.
+int64_t pm_linear_described(const void *W, const PmQuant *q, int64_t N, int64_t K, const float *x, int64_t M,
+                            const float *bias, float *y, int64_t threads) {
+  if (q->format == kFormatInt4 ? (q->group != 32 && q->group != 64 && q->group != 128) || K % q->group
+                               : q->format != kFormatInt8 || K % 4)
+    return 1;
+  std::vector<uint16_t> scratch(M * K + 4 * M + 256);  // u8/s8 rows, scales, group sums (2 bytes each here)
+  std::vector<Job> jobs{Job{x, nullptr, M, K, N, W, bias, y}};
+  jobs[0].format = q->format, jobs[0].scales = q->scales, jobs[0].sums = q->sums;
+  jobs[0].group = q->group, jobs[0].group_scales = q->group_scales, jobs[0].group_mins = q->group_mins;
   run_jobs(jobs, false, int(threads), scratch.data());
   return 0;
 }

@@ -23,9 +23,15 @@ struct Job {
   const int32_t *sums = nullptr;
   const uint8_t *xq = nullptr;      // x per row as u8 (round(x / x_scales[m]) + 128), set by run_jobs
   const float *x_scales = nullptr;  // [M]
+  // kFormatInt4 (see the int4 kernels below): the group size, fp16 scales and mins (null:
+  // symmetric) [ceil(N/16), K/group, 16]; x per row as s8 with its per-group sums, set by run_jobs.
+  int64_t group = 0;
+  const uint16_t *group_scales = nullptr, *group_mins = nullptr;
+  const int32_t *x_sums = nullptr;  // [M, K/group]
 };
 
 constexpr int64_t kFormatInt8 = 1;
+constexpr int64_t kFormatInt4 = 2;
 
 constexpr int64_t kRowBlock = 16;  // weight rows per unit of work (the threads split these)
 
@@ -333,6 +339,189 @@ constexpr bool kNativeInt8 = false;
 void blocks_int8(const Job &j, int64_t b0, int64_t b1) { blocks_int8_generic(j, b0, b1); }
 #endif
 
+// ---- int4 weights ------------------------------------------------------------------------------
+// Layout (pyramoe/kernels/quantized4.py): an [N, K] matrix as [ceil(N/16), K/8, 64] bytes; byte i of
+// chunk p holds the 4-bit codes of output i / 4 at inputs 8p + i % 4 (low nibble) and 8p + 4 + i % 4
+// (high nibble). Groups of `group` inputs carry fp16 scales s (and mins m; symmetric: m = -8 s) for
+// 16 outputs at a time, [ceil(N/16), K/group, 16]: w = s u + m. Rows of x are quantized on the fly
+// to s8 (q = round(x / s_x), s_x = max|x| / 127, the int8 products' integers) with per-group sums
+// S_g, and y = s_x sum_g (s_g D_g + m_g S_g) + b, D_g = sum_{k in g} u_k q_k: the codes are the
+// unsigned operand of vpdpbusd, x the signed one. Widened to int8 for the VNNI products rather than to
+// bf16: 64 products per instruction against 32, and two masks per 128 weights against a conversion
+// per 16 (the int8 products made the same choice).
+
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+  uint32_t bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | (mantissa << 13);
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else {  // zero or subnormal: mantissa x 2^-24, exact in fp32
+    const float v = float(mantissa) * 5.9604644775390625e-08f;
+    std::memcpy(&bits, &v, 4);
+    bits |= sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Rows of x [M, K] as s8 (the integers of quantize_rows_u8, without its +128), their scales and
+// per-group sums [M, K / group] (group a multiple of 16).
+void quantize_rows_s8(const float *x, int64_t M, int64_t K, int64_t group, int8_t *q, float *scales, int32_t *sums) {
+  const int64_t groups = K / group;
+  for (int64_t m = 0; m < M; ++m) {
+    const float *xr = x + m * K;
+    int8_t *qr = q + m * K;
+    float amax = 0.0f;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 top = _mm512_setzero_ps();
+    for (; i + 16 <= K; i += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(xr + i)));
+    amax = _mm512_reduce_max_ps(top);
+#endif
+    for (; i < K; ++i) amax = std::max(amax, std::fabs(xr[i]));
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    scales[m] = amax > 0.0f ? amax / 127.0f : 1.0f;
+    for (int64_t g = 0; g < groups; ++g) {
+      int64_t k = g * group;
+      const int64_t end = k + group;
+      int32_t total = 0;
+#if defined(__AVX512F__)
+      const __m512 vinv = _mm512_set1_ps(inv);
+      __m512i acc = _mm512_setzero_si512();
+      for (; k < end; k += 16) {
+        const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), vinv));  // nearest even
+        acc = _mm512_add_epi32(acc, r);
+        _mm_storeu_si128(reinterpret_cast<__m128i *>(qr + k), _mm512_cvtepi32_epi8(r));
+      }
+      total = _mm512_reduce_add_epi32(acc);
+#endif
+      for (; k < end; ++k) {
+        const int32_t r = int32_t(std::nearbyint(xr[k] * inv));
+        qr[k] = int8_t(r);
+        total += r;
+      }
+      sums[m * groups + g] = total;
+    }
+  }
+}
+
+// Portable kernel: output blocks [b0, b1) of an int4 product.
+void blocks_int4_generic(const Job &j, int64_t b0, int64_t b1) {
+  const int64_t K8 = j.K / 8, groups = j.K / j.group, chunks = j.group / 8;
+  const int8_t *xs = reinterpret_cast<const int8_t *>(j.xq);
+  for (int64_t nb = b0; nb < b1; ++nb) {
+    const uint8_t *base = static_cast<const uint8_t *>(j.W) + nb * K8 * 64;
+    const int64_t left = std::min<int64_t>(16, j.N - nb * 16);
+    for (int64_t m = 0; m < j.M; ++m) {
+      const int8_t *x = xs + m * j.K;
+      float out[16] = {0};
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t acc[16] = {0};
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t p = g * chunks + c;
+          for (int o = 0; o < 16; ++o)
+            for (int i = 0; i < 4; ++i) {
+              const uint8_t byte = base[p * 64 + o * 4 + i];
+              acc[o] += int32_t(byte & 15) * x[8 * p + i] + int32_t(byte >> 4) * x[8 * p + 4 + i];
+            }
+        }
+        const int32_t S = j.x_sums[m * groups + g];
+        const uint16_t *s = j.group_scales + (nb * groups + g) * 16;
+        for (int o = 0; o < 16; ++o) {
+          if (j.group_mins)
+            out[o] += f16_to_f32(s[o]) * float(acc[o]) + f16_to_f32(j.group_mins[(nb * groups + g) * 16 + o]) * float(S);
+          else
+            out[o] += f16_to_f32(s[o]) * float(acc[o] - 8 * S);
+        }
+      }
+      for (int o = 0; o < left; ++o) {
+        const int64_t n = nb * 16 + o;
+        j.y[m * j.N + n] = out[o] * j.x_scales[m] + (j.bias ? j.bias[n] : 0.0f);
+      }
+    }
+  }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// One block of 16 outputs x MB rows. SPLIT: low and high nibbles into separate sums (two chains of
+// vpdpbusd where the tile has few rows, as the int8 kernel's U = 2).
+template <int MB, bool SPLIT>
+inline void tile_int4(const Job &j, int64_t nb, int64_t m) {
+  const int64_t K8 = j.K / 8, groups = j.K / j.group, chunks = j.group / 8;
+  const uint8_t *base = static_cast<const uint8_t *>(j.W) + nb * K8 * 64;
+  const uint16_t *scales = j.group_scales + nb * groups * 16;
+  const uint16_t *mins = j.group_mins ? j.group_mins + nb * groups * 16 : nullptr;
+  const __m512i low = _mm512_set1_epi8(15);
+  __m512 out[MB];
+  for (int b = 0; b < MB; ++b) out[b] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i acc[MB], acc_high[SPLIT ? MB : 1];
+    for (int b = 0; b < MB; ++b) acc[b] = _mm512_setzero_si512();
+    if constexpr (SPLIT)
+      for (int b = 0; b < MB; ++b) acc_high[b] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t p = g * chunks + c;
+      const __m512i v = _mm512_loadu_si512(base + p * 64);
+      if (m == 0) _mm_prefetch(reinterpret_cast<const char *>(base + (p + kPrefetchQuads) * 64), _MM_HINT_T0);
+      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      for (int b = 0; b < MB; ++b) {
+        int32_t quads[2];
+        std::memcpy(quads, j.xq + (m + b) * j.K + 8 * p, 8);
+        acc[b] = _mm512_dpbusd_epi32(acc[b], lo, _mm512_set1_epi32(quads[0]));
+        if constexpr (SPLIT) acc_high[b] = _mm512_dpbusd_epi32(acc_high[b], hi, _mm512_set1_epi32(quads[1]));
+        else acc[b] = _mm512_dpbusd_epi32(acc[b], hi, _mm512_set1_epi32(quads[1]));
+      }
+    }
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(scales + g * 16)));
+    if (mins) {
+      const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(mins + g * 16)));
+      for (int b = 0; b < MB; ++b) {
+        __m512i d = acc[b];
+        if constexpr (SPLIT) d = _mm512_add_epi32(d, acc_high[b]);
+        out[b] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(d), out[b]);
+        out[b] = _mm512_fmadd_ps(mn, _mm512_set1_ps(float(j.x_sums[(m + b) * groups + g])), out[b]);
+      }
+    } else {
+      for (int b = 0; b < MB; ++b) {
+        __m512i d = acc[b];
+        if constexpr (SPLIT) d = _mm512_add_epi32(d, acc_high[b]);
+        d = _mm512_sub_epi32(d, _mm512_set1_epi32(8 * j.x_sums[(m + b) * groups + g]));
+        out[b] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(d), out[b]);
+      }
+    }
+  }
+  const int64_t n = nb * 16, left = std::min<int64_t>(16, j.N - n);
+  const __mmask16 mask = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+  const __m512 bias = j.bias ? _mm512_maskz_loadu_ps(mask, j.bias + n) : _mm512_setzero_ps();
+  for (int b = 0; b < MB; ++b)
+    _mm512_mask_storeu_ps(j.y + (m + b) * j.N + n, mask,
+                          _mm512_fmadd_ps(out[b], _mm512_set1_ps(j.x_scales[m + b]), bias));
+}
+
+template <int R>
+inline void int4_rest(const Job &j, int64_t nb, int64_t m, int64_t rows) {
+  if constexpr (R >= 1) {
+    if (rows == R) tile_int4<R, (R <= 2)>(j, nb, m);
+    else int4_rest<R - 1>(j, nb, m, rows);
+  }
+}
+
+// Output blocks [b0, b1): one block at a time with up to 12 rows per pass (registers: 2 x 12
+// accumulators; rows past 12 read the block again, from L1/L2).
+void blocks_int4(const Job &j, int64_t b0, int64_t b1) {
+  for (int64_t nb = b0; nb < b1; ++nb) {
+    int64_t m = 0;
+    for (; m + 12 <= j.M; m += 12) tile_int4<12, false>(j, nb, m);
+    int4_rest<11>(j, nb, m, j.M - m);
+  }
+}
+#else
+void blocks_int4(const Job &j, int64_t b0, int64_t b1) { blocks_int4_generic(j, b0, b1); }
+#endif
+
 // x rounded to bf16 (to nearest even, as torch): vcvtneps2bf16 where the CPU has it (a scalar loop
 // spent ~0.2 ms of a batch-16 step on the experts' inputs).
 void rows_to_bf16(const float *x, uint16_t *y, int64_t n) {
@@ -351,6 +540,7 @@ bool reads_bf16_x(const Job &j, bool bf16) { return bf16 && kNativeBf16 && (j.bl
 // Outputs [n0, n1) of a job (multiples of 16 for blocked weights, but n1 may be N).
 void run_rows(const Job &j, int64_t n0, int64_t n1, bool bf16) {
   if (j.format == kFormatInt8) blocks_int8(j, n0 / 16, (n1 + 15) / 16);
+  else if (j.format == kFormatInt4) blocks_int4(j, n0 / 16, (n1 + 15) / 16);
   else if (!bf16) rows_generic<float>(j, n0, n1);
   else if (j.blocked) blocks_bf16(j, n0 / 16, (n1 + 15) / 16);
   else if (reads_bf16_x(j, bf16)) rows_bf16(j, n0, n1);
@@ -371,12 +561,19 @@ void run_jobs(std::vector<Job> &jobs, bool bf16, int threads, uint16_t *xb_scrat
       quantize_rows_u8(j.x, j.M, j.K, q, scales);
       j.xq = q, j.x_scales = scales;
       xb_scratch += ((j.M * j.K + 63) / 64 * 64 + (4 * j.M + 63) / 64 * 64) / 2;
+    } else if (j.format == kFormatInt4) {  // x per row as s8 with a scale and per-group sums
+      uint8_t *q = reinterpret_cast<uint8_t *>(xb_scratch);
+      float *scales = reinterpret_cast<float *>(q + (j.M * j.K + 63) / 64 * 64);
+      int32_t *sums = reinterpret_cast<int32_t *>(reinterpret_cast<char *>(scales) + (4 * j.M + 63) / 64 * 64);
+      quantize_rows_s8(j.x, j.M, j.K, j.group, reinterpret_cast<int8_t *>(q), scales, sums);
+      j.xq = q, j.x_scales = scales, j.x_sums = sums;
+      xb_scratch += ((j.M * j.K + 63) / 64 * 64 + (4 * j.M + 63) / 64 * 64 + (4 * j.M * (j.K / j.group) + 63) / 64 * 64) / 2;
     } else if (reads_bf16_x(j, bf16)) {  // the kernels read x as bf16
       rows_to_bf16(j.x, xb_scratch, j.M * j.K);
       j.xb = xb_scratch;
       xb_scratch += j.M * j.K;
     }
-    unit_rows[i] = j.blocked || j.format == kFormatInt8 ? 128 : kRowBlock;
+    unit_rows[i] = j.blocked || j.format != 0 ? 128 : kRowBlock;
     first_unit[i + 1] = first_unit[i] + (j.N + unit_rows[i] - 1) / unit_rows[i];
   }
   const int64_t units = first_unit.back();

@@ -10,8 +10,9 @@ identical to F.linear's, fp32 ones differ in the last bits (another summation or
 `pyramoe.inference.packing.pack_model` swaps each plain nn.Linear of a model for a `PackedLinear` and
 gives each `GroupedExperts` one packed weight per expert, freeing the plain copies. A packed weight
 is either oneDNN's (a tensor), the native kernels' blocked bf16 layout (`pyramoe.kernels.
-BlockedWeight`, what the engine's native forward reads) or their int8 one (`pyramoe.kernels.
-Int8Weight`, computed here by its PyTorch reference); `packed_linear` takes all three.
+BlockedWeight`, what the engine's native forward reads) or their int8 and int4 ones (`pyramoe.
+kernels.Int8Weight`, `Int4Weight`, computed here by their PyTorch references); `packed_linear` takes
+them all.
 
 Legend: N rows, I input width, O output width, E experts, F expert hidden width.
 """
@@ -21,7 +22,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pyramoe.kernels import BlockedWeight, Int8Weight, block_weights, blocked_linear, int8_linear
+from pyramoe.kernels import (
+    BlockedWeight,
+    Int4Weight,
+    Int8Weight,
+    block_weights,
+    blocked_linear,
+    int4_linear,
+    int8_linear,
+)
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -45,21 +54,23 @@ def pack_weight(weight_OI: torch.Tensor) -> torch.Tensor:
 
 
 def packed_linear(
-    x_NI: torch.Tensor, packed: torch.Tensor | BlockedWeight | Int8Weight, bias_O: torch.Tensor | None
+    x_NI: torch.Tensor, packed: torch.Tensor | BlockedWeight | Int8Weight | Int4Weight, bias_O: torch.Tensor | None
 ) -> torch.Tensor:
     if isinstance(packed, BlockedWeight):
         return blocked_linear(x_NI, packed, bias_O)
     if isinstance(packed, Int8Weight):  # PyTorch's reference of the native int8 products
         return int8_linear(x_NI, packed, bias_O)
+    if isinstance(packed, Int4Weight):
+        return int4_linear(x_NI, packed, bias_O)
     return torch.ops.mkldnn._linear_pointwise(x_NI, packed, bias_O, "none", [], "")
 
 
 class PackedLinear(nn.Module):
     """An inference-only nn.Linear whose weight is prepacked for oneDNN, or `blocked` for the native
-    kernels (bf16), or quantized (`quantized`: int8, `pyramoe.kernels.Int8Weight`)."""
+    kernels (bf16), or quantized (`quantized`: `pyramoe.kernels.Int8Weight` or `Int4Weight`)."""
 
     def __init__(self, linear: nn.Linear, blocked: bool = False, out: torch.Tensor | None = None,
-                 quantized: Int8Weight | None = None):
+                 quantized: Int8Weight | Int4Weight | None = None):
         """`out`: where to write the blocked weight (a preallocated tensor of its shape)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -77,5 +88,6 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         layout = ("blocked" if isinstance(self.packed_weight, BlockedWeight) else
-                  "int8" if isinstance(self.packed_weight, Int8Weight) else "packed")
+                  "int8" if isinstance(self.packed_weight, Int8Weight) else
+                  "int4" if isinstance(self.packed_weight, Int4Weight) else "packed")
         return f"in_features={self.in_features}, out_features={self.out_features}, {layout}"

@@ -3,9 +3,9 @@
 `unsupported_reason(model, cache)` says why the native step cannot compute a model (None: it can:
 standard or grouped-query attention, RMSNorm or LayerNorm, SwiGLU or GELU, dense, MoE, shared-expert
 and Residual-MoE blocks, softmax or sigmoid routers with DeepSeek-V3 selection, fp32 or bf16 on one
-CPU process, dropless, matrices all plain or all blocked, any of them int8); the engine then keeps
+CPU process, dropless, matrices all plain or all blocked, any of them int8 or int4); the engine then keeps
 the PyTorch step. `NativeForward` reads the matrices and the KV cache where the model and cache keep
-them (no copy; an int8 matrix with a descriptor of its format, scales and sums); norm gains, biases
+them (no copy; a quantized matrix with a descriptor of its format and scales); norm gains, biases
 and router weights get fp32 copies. `NativeForward.expert_counts` counts the rows
 routed to each expert of each MoE layer over its forwards (what `MoEStats.routed_per_expert` counts).
 
@@ -21,8 +21,17 @@ import torch
 from torch import nn
 
 from pyramoe.inference.packing import MIN_BLOCKED_OUTPUTS
-from pyramoe.kernels import BlockedWeight, Int8Weight, blocking_available, build_error, can_block, load_library
+from pyramoe.kernels import (
+    BlockedWeight,
+    Int4Weight,
+    Int8Weight,
+    blocking_available,
+    build_error,
+    can_block,
+    load_library,
+)
 from pyramoe.kernels.quantized import FORMAT_INT8
+from pyramoe.kernels.quantized4 import FORMAT_INT4
 from pyramoe.layers.attention import CausalSelfAttention
 from pyramoe.layers.dispatch import LocalDispatcher
 from pyramoe.layers.experts import GroupedExperts
@@ -34,9 +43,14 @@ from pyramoe.layers.packed import PackedLinear
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
+QUANTIZED_LAYOUTS = {"int8", "int4"}
+# The tensors of a quantized expert stack the native step addresses from expert 0's.
+_STACKED_PARTS = {Int8Weight: ("data", "scales", "sums"), Int4Weight: ("data", "scales", "mins")}
+
 
 class _Quant(ctypes.Structure):  # PmQuant: a matrix's own format
-    _fields_ = [("format", _I), ("scales", _P), ("sums", _P)]
+    _fields_ = [("format", _I), ("scales", _P), ("sums", _P), ("group", _I), ("group_scales", _P),
+                ("group_mins", _P)]
 
 
 class _Mlp(ctypes.Structure):
@@ -120,7 +134,7 @@ def unsupported_reason(model: nn.Module, cache: object) -> str | None:
     layouts = {layout_of(m) for m in native_matrices(model)}
     if None in layouts:
         return "weights packed for oneDNN or split over processes"
-    if len(layouts - {"int8"}) > 1:  # int8 matrices carry their own format; the others share one
+    if len(layouts - QUANTIZED_LAYOUTS) > 1:  # quantized matrices carry their own format; the others share one
         return "some weights blocked, others not"
     if "blocked" in layouts and not blocking_available():
         return "blocked weights on a CPU without AVX512-BF16"
@@ -146,7 +160,7 @@ def blockable(model: nn.Module) -> bool:
     """Every matrix of the native step can take the blocked layout (bf16, even input widths, at
     least 16 outputs, AVX512-BF16): `pack_model(model, "blocked")` then blocks them all."""
     for module in native_matrices(model):
-        if layout_of(module) == "int8":
+        if layout_of(module) in QUANTIZED_LAYOUTS:
             continue
         if type(module) is nn.Linear:
             if module.out_features < MIN_BLOCKED_OUTPUTS or not can_block(module.weight):
@@ -159,8 +173,8 @@ def blockable(model: nn.Module) -> bool:
 
 def layout_of(module: nn.Module) -> str | None:
     """"plain" (nn.Linear, GroupedExperts' stacked weights), "blocked" (the native kernels' layout,
-    `pyramoe.inference.packing.pack_model(layout="blocked")`), "int8" (`pyramoe.inference.packing.
-    quantize_model`), or None (anything else)."""
+    `pyramoe.inference.packing.pack_model(layout="blocked")`), "int8" or "int4" (`pyramoe.inference.
+    packing.quantize_model`), or None (anything else)."""
     if type(module) is nn.Linear:
         return "plain"
     if type(module) is PackedLinear:
@@ -173,7 +187,9 @@ def layout_of(module: nn.Module) -> str | None:
 
 
 def _packed_layout(weight: object) -> str | None:
-    return "blocked" if isinstance(weight, BlockedWeight) else "int8" if isinstance(weight, Int8Weight) else None
+    if isinstance(weight, BlockedWeight):
+        return "blocked"
+    return "int8" if isinstance(weight, Int8Weight) else "int4" if isinstance(weight, Int4Weight) else None
 
 
 def _moe_unsupported(moe: MoELayer) -> str | None:
@@ -261,9 +277,12 @@ of (token, slot, position), prompt chunks and decode rows alike, at most `max_ro
         run on, matrix after matrix), None for the model's own format."""
         if isinstance(weight, PackedLinear):
             weight = weight.packed_weight
-        if not isinstance(weight, Int8Weight):
+        if isinstance(weight, Int4Weight):
+            described = _Quant(FORMAT_INT4, None, None, weight.group, self._ptr(weight.scales), self._ptr(weight.mins))
+        elif isinstance(weight, Int8Weight):
+            described = _Quant(FORMAT_INT8, self._ptr(weight.scales), self._ptr(weight.sums))
+        else:
             return None
-        described = _Quant(FORMAT_INT8, self._ptr(weight.scales), self._ptr(weight.sums))
         self._formats.append(described)
         return ctypes.addressof(described)
 
@@ -273,8 +292,10 @@ of (token, slot, position), prompt chunks and decode rows alike, at most `max_ro
             return self._ptr(experts.w_in), self._ptr(experts.w_out), experts.w_out.shape[2]
         firsts = []
         for per_expert in experts.packed:  # views of one stacked tensor, expert after expert
-            for name in ("data", "scales", "sums") if isinstance(per_expert[0], Int8Weight) else ("data",):
+            for name in _STACKED_PARTS.get(type(per_expert[0]), ("data",)):
                 parts = [getattr(w, name) for w in per_expert]
+                if parts[0] is None:  # symmetric int4: no mins
+                    continue
                 step = parts[0].numel() * parts[0].element_size()
                 assert all(d.data_ptr() == parts[0].data_ptr() + e * step for e, d in enumerate(parts))
             firsts.append(per_expert[0].data)
