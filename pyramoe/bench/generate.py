@@ -436,7 +436,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     qualities = []
     if args.quality_checkpoint is not None:
         from pyramoe.bench.quantized_quality import quantized_quality
-
         from pyramoe.checkpoint import resolve_checkpoint
 
         # One checkpoint for every format, resolved once: a run still training writes new ones meanwhile.
