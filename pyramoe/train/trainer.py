@@ -36,7 +36,7 @@ from pyramoe.train.distributed import (
     optimizer_rank_parts,
     rank_parts,
 )
-from pyramoe.train.evaluate import EvalResult, autocast, evaluate
+from pyramoe.train.evaluate import EvalResult, RankShare, autocast, evaluate
 from pyramoe.train.metrics import METRICS_FILE, MetricsLog
 from pyramoe.train.optim import LRPlan, apply_settings, make_optimizer, resume_plan, set_lr
 from pyramoe.train.run_lock import RunLock
@@ -295,10 +295,14 @@ class Trainer:
 
     def evaluate(self) -> EvalResult:
         cfg = self.config
-        # Global batches, as in training; every rank evaluates all of them (expert-parallel layers
-        # need every rank in each forward), so the result does not depend on the DP size.
+        # Global batches, as in training, each split over the data-parallel ranks and the sums
+        # all-reduced, so the result does not depend on the layout.
         batch = cfg.batch_size * self.dp
-        result = evaluate(self.model, self.val_data, batch, cfg.seq_len, cfg.eval_batches, cfg.precision)
+        share = None
+        if self.dist is not None:
+            topology = self.dist.topology
+            share = RankShare(topology.dp_index, topology.dp, topology.tp_index == 0, self.dist.device)
+        result = evaluate(self.model, self.val_data, batch, cfg.seq_len, cfg.eval_batches, cfg.precision, share)
         self.last_eval, self.evaluated_step = result, self.step
         self.metrics.write({"type": "eval", "step": self.step, **result.to_record()})
         return result
