@@ -13,8 +13,9 @@ non-expert parameters over the data-parallel group (ranks of the same TP index);
 over the expert-data-parallel group (their all-to-all backward already summed the contributions of
 the whole expert-parallel group's tokens). Under TP, replicated parameters that saw only this
 rank's share - an MoE layer's router, Residual-MoE, shared expert and experts (a share of the
-tokens), per-head q/k norms (a share of the heads) - are first summed over the TP group. The net
-factor is 1/DP throughout, as in DeepSpeed.
+tokens), per-head q/k norms (a share of the heads) - are summed over the TP group too (one
+reduction over both). The net factor is 1/DP throughout, as in DeepSpeed. The reductions run in
+buckets during the backward (`pyramoe.parallel.grad_reduction`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from pyramoe.comm import ProcessGroups, Topology, build_exchange, layer_ep
 from pyramoe.layers.moe import MoELayer
 from pyramoe.parallel.expert import AllToAllDispatcher
+from pyramoe.parallel.grad_reduction import DEFAULT_BUCKET_BYTES, BucketedGradReduction
 from pyramoe.parallel.tensor import SlicedExperts, TPTokenSplit, shard_attention, shard_mlp
 
 
@@ -44,33 +45,47 @@ class ParallelState:
     layer_ep: dict[int, int] = field(default_factory=dict)  # block index -> EP degree
     tp_partial: set[int] = field(default_factory=set)  # its gradient on a TP rank covers a share: sum over TP
     tp_sharded: set[int] = field(default_factory=set)  # a different slice on every TP rank
+    # Gradients reduced during the last micro-batch's backward (False: all after it, for timing
+    # the difference); buckets of up to bucket_bytes.
+    overlap_reduction: bool = True
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    _reduction: BucketedGradReduction | None = None
 
     def _key(self, param: nn.Parameter) -> tuple[int, bool]:
         """(EP degree whose expert-data-parallel group reduces it, 1: the data-parallel group;
         whether it is first summed over the TP group)."""
         return self.expert_ep.get(id(param), 1), id(param) in self.tp_partial
 
+    def _reduction_group(self, key: tuple[int, bool]) -> dist.ProcessGroup | None:
+        """Where a gradient of reduction `key` is summed: with its TP partners too when it covers
+        a share of the tokens or heads (one reduction over both)."""
+        ep, tp_sum = key
+        if tp_sum:
+            return self.groups.tp_expert_dp(ep)
+        return self.groups.dp() if ep == 1 else self.groups.expert_dp(ep)
+
+    def gradient_reduction(self, model: nn.Module) -> BucketedGradReduction:
+        """The model's bucketed reduction, built (its hooks registered) on first use."""
+        if self._reduction is None:
+            params = [p for p in _unique_parameters(model) if p.requires_grad]
+            self._reduction = BucketedGradReduction.build(
+                params, lambda p: (self._key(p), self._reduction_group(self._key(p))), self.topology.dp,
+                self.bucket_bytes,
+            )
+        return self._reduction
+
+    def overlap_next_backward(self, model: nn.Module) -> None:
+        """Reduce gradients during the next backward, bucket by bucket as they complete (call it
+        before the last micro-batch's backward; `sync_gradients` then waits for them)."""
+        if self.topology.world_size > 1 and self.overlap_reduction:
+            self.gradient_reduction(model).arm()
+
     def sync_gradients(self, model: nn.Module) -> None:
-        """All-reduce gradients (a missing one counts as zero) and divide by DP."""
+        """All-reduce gradients (a missing one counts as zero) and divide by DP: what the backward
+        has not reduced already (`overlap_next_backward`) is reduced now; returns when all is."""
         if self.topology.world_size == 1:
             return
-        buckets: dict[tuple[int, bool], list[nn.Parameter]] = {}
-        for param in _unique_parameters(model):
-            if param.requires_grad:
-                buckets.setdefault(self._key(param), []).append(param)
-        for key in sorted(buckets):
-            params = buckets[key]
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            flat = _flatten_dense_tensors([p.grad for p in params])
-            ep, tp_sum = key
-            if tp_sum:
-                dist.all_reduce(flat, group=self.groups.tp())
-            dist.all_reduce(flat, group=self.groups.dp() if ep == 1 else self.groups.expert_dp(ep))
-            flat.div_(self.topology.dp)
-            for p, synced in zip(params, _unflatten_dense_tensors(flat, [p.grad for p in params])):
-                p.grad.copy_(synced)
+        self.gradient_reduction(model).finish()
 
     def grad_norm(self, model: nn.Module) -> torch.Tensor:
         """Global L2 norm of the synced gradients: replicated parameters count once, expert shards
@@ -137,6 +152,9 @@ def parallelize(
                 state.tp_sharded.update(id(p) for p in shard_mlp(moe, tp_group, f"layers[{index}].ffn"))
         if isinstance(moe, MoELayer):
             _parallelize_moe(moe, index, ep, hierarchical, tp_group, expert_slicing, state)
+    # Group creation is collective: every rank creates the reduction groups here, in one order.
+    for key in sorted({state._key(p) for p in _unique_parameters(model) if p.requires_grad}):
+        state._reduction_group(key)
     return state
 
 

@@ -65,6 +65,9 @@ class StepStats:
     drop_rate: float  # mean over MoE layers and micro-batches
     terms: dict[str, float] = field(default_factory=dict)  # the hook's other logged scalars (e.g. kd)
     routed: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> assignments per expert, this rank
+    # From the end of the last backward to the optimizer step: the gradient reduction the backward
+    # did not hide, and clipping.
+    after_backward_s: float = 0.0
 
 
 def train_step(
@@ -85,12 +88,14 @@ def train_step(
     drop_count = 0
     routed: dict[int, torch.Tensor] = {}
     term_sums: dict[str, float] = {}
-    for x, y in batches:
+    for i, (x, y) in enumerate(batches):
         x, y = x.to(device), y.to(device)
         with autocast(precision, device.type):
             out = model(x)
         loss, terms = loss_fn(out, x, y)
         aux = out.aux_loss.float()
+        if parallel is not None and i == n - 1:
+            parallel.overlap_next_backward(model)  # the gradients are final in this backward
         ((loss + aux) / n).backward()
         loss_sum += loss.item()
         # Logged: the aux losses' value, not this rank's weighted term of the objective (1/TP of it
@@ -102,16 +107,20 @@ def train_step(
             drop_sum += stats.dropped_fraction.item()
             drop_count += 1
             routed[index] = routed[index] + stats.routed_per_expert if index in routed else stats.routed_per_expert
+    backward_end = time.perf_counter()
+    if parallel is not None:
+        parallel.sync_gradients(model)  # also before a raise: no reduction is left in flight
     if not math.isfinite(loss_sum + aux_sum):
         optimizer.zero_grad(set_to_none=True)
         raise ValueError("loss is not finite; lower train.lr or raise train.warmup")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = grad_clip if grad_clip > 0 else math.inf  # inf: measure the norm, never scale
     if parallel is not None:
-        parallel.sync_gradients(model)
         grad_norm = float(parallel.clip_grad_norm_(model, max_norm))
     else:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    # float(norm) above waited for the device: the gradients are reduced and clipped by now
+    after_backward_s = time.perf_counter() - backward_end
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     means = {name: total / n for name, total in term_sums.items()}
@@ -123,6 +132,7 @@ def train_step(
         drop_rate=drop_sum / drop_count if drop_count else 0.0,
         terms=means,
         routed=routed,
+        after_backward_s=after_backward_s,
     )
 
 
@@ -400,7 +410,8 @@ class Trainer:
         names = sorted(stats.terms)
         values = [stats.loss, stats.ce, stats.aux, stats.drop_rate] + [stats.terms[n] for n in names]
         mean = self.dist.mean(values)
-        return StepStats(mean[0], mean[1], mean[2], stats.grad_norm, mean[3], dict(zip(names, mean[4:])), stats.routed)
+        return StepStats(mean[0], mean[1], mean[2], stats.grad_norm, mean[3], dict(zip(names, mean[4:])), stats.routed,
+                         stats.after_backward_s)
 
     def _eval(self, bar: tqdm) -> EvalResult:
         result = self.evaluate()
