@@ -25,11 +25,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from pyramoe.comm import ProcessGroups, Topology, build_exchange, layer_ep
 from pyramoe.layers.moe import MoELayer
 from pyramoe.parallel.expert import AllToAllDispatcher
 from pyramoe.parallel.grad_reduction import DEFAULT_BUCKET_BYTES, BucketedGradReduction
+from pyramoe.parallel.sharding import shard_parameters
 from pyramoe.parallel.tensor import SlicedExperts, TPTokenSplit, shard_attention, shard_mlp
 
 
@@ -50,6 +52,10 @@ class ParallelState:
     overlap_reduction: bool = True
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     _reduction: BucketedGradReduction | None = None
+    # Parameters, gradients and optimizer state sharded by FSDP2 (`pyramoe.parallel.sharding`),
+    # which reduces the gradients itself.
+    zero: bool = False
+    sharded_experts: list[tuple[nn.Module, int]] = field(default_factory=list)  # (experts, EP degree)
 
     def _key(self, param: nn.Parameter) -> tuple[int, bool]:
         """(EP degree whose expert-data-parallel group reduces it, 1: the data-parallel group;
@@ -74,15 +80,26 @@ class ParallelState:
             )
         return self._reduction
 
-    def overlap_next_backward(self, model: nn.Module) -> None:
-        """Reduce gradients during the next backward, bucket by bucket as they complete (call it
-        before the last micro-batch's backward; `sync_gradients` then waits for them)."""
-        if self.topology.world_size > 1 and self.overlap_reduction:
+    def before_backward(self, model: nn.Module, last: bool) -> None:
+        """Call before each micro-batch's backward: the last one's completes the step's gradients,
+        which are then reduced during it, bucket by bucket (FSDP: its reduce-scatters; earlier
+        micro-batches only accumulate). `sync_gradients` then waits for them."""
+        if self.zero:
+            model.set_requires_gradient_sync(last)
+        elif last and self.topology.world_size > 1 and self.overlap_reduction:
             self.gradient_reduction(model).arm()
 
     def sync_gradients(self, model: nn.Module) -> None:
         """All-reduce gradients (a missing one counts as zero) and divide by DP: what the backward
-        has not reduced already (`overlap_next_backward`) is reduced now; returns when all is."""
+        has not reduced already (`before_backward`) is reduced now; returns when all is."""
+        if self.zero:
+            # FSDP's backward has reduce-scattered them, divided by each group's size: DP/EP for
+            # experts, whose reference divisor is DP (see pyramoe.parallel.sharding).
+            for experts, degree in self.sharded_experts:
+                for param in experts.parameters():
+                    if param.grad is not None:
+                        _local(param.grad).div_(degree)
+            return
         if self.topology.world_size == 1:
             return
         self.gradient_reduction(model).finish()
@@ -94,6 +111,8 @@ class ParallelState:
         # Every bucket's sum lives on the parameters' device: NCCL reduces no CPU tensor, and an
         # empty bucket (a rank whose share of a group holds no gradient) still joins its reduction.
         device = params[0].device
+        if self.zero:
+            return _sharded_norm(params, device)
         squares: dict[tuple[int, bool], torch.Tensor] = {}
         for param in params:
             if param.grad is not None:
@@ -120,7 +139,7 @@ class ParallelState:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for param in _unique_parameters(model):
             if param.grad is not None:
-                param.grad.mul_(scale.to(param.grad.device))
+                _local(param.grad).mul_(scale.to(param.grad.device))
         return norm
 
 
@@ -131,13 +150,16 @@ def parallelize(
     groups: ProcessGroups | None = None,
     hierarchical: bool = False,
     expert_slicing: bool = False,
+    zero: bool = False,
+    device_type: str = "cpu",
 ) -> ParallelState:
     """Shard every MoE layer's experts over min(ep, num_experts) ranks and swap in all-to-all
     dispatch (`hierarchical`: node-local hop first when an EP group spans nodes); with
     `topology.tp > 1` also split attention and dense MLPs over the TP group, and MoE layers either
     split their tokens over it (coordinated, default) or their experts' hidden units
-    (`expert_slicing`). The model must be built identically on every rank (same seed or same
-    checkpoint)."""
+    (`expert_slicing`). `zero`: then shard parameters, gradients and optimizer state with FSDP2 on
+    `device_type` (`pyramoe.parallel.sharding`). The model must be built identically on every rank
+    (same seed or same checkpoint)."""
     groups = groups or ProcessGroups(topology)
     state = ParallelState(topology, groups)
     groups.dp()
@@ -155,6 +177,9 @@ def parallelize(
     # Group creation is collective: every rank creates the reduction groups here, in one order.
     for key in sorted({state._key(p) for p in _unique_parameters(model) if p.requires_grad}):
         state._reduction_group(key)
+    if zero and topology.world_size > 1:
+        state.sharded_experts = shard_parameters(model, topology, groups, state.layer_ep, device_type)
+        state.zero = True
     return state
 
 
@@ -180,6 +205,23 @@ def _parallelize_moe(
         state.tp_partial.update(id(p) for p in moe.parameters())
     if degree > 1:
         state.expert_ep.update((id(p), degree) for p in moe.experts.parameters())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (FSDP) DTensor, else the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _sharded_norm(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+    """Under FSDP (no TP) every element of every gradient lives on exactly one rank: dense ones
+    split over the data-parallel group, expert ones over their expert-data-parallel group and
+    their shards over the expert-parallel group. So the squares sum once over the world."""
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for param in params:
+        if param.grad is not None:
+            total = total + _local(param.grad).detach().float().square().sum()
+    dist.all_reduce(total)
+    return total.sqrt()
 
 
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:

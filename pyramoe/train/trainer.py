@@ -94,8 +94,8 @@ def train_step(
             out = model(x)
         loss, terms = loss_fn(out, x, y)
         aux = out.aux_loss.float()
-        if parallel is not None and i == n - 1:
-            parallel.overlap_next_backward(model)  # the gradients are final in this backward
+        if parallel is not None:
+            parallel.before_backward(model, last=i == n - 1)
         ((loss + aux) / n).backward()
         loss_sum += loss.item()
         # Logged: the aux losses' value, not this rank's weighted term of the objective (1/TP of it
