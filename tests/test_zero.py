@@ -33,7 +33,8 @@ def build() -> GPT:
 def micro_batches(step: int, dp_index: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out = []
     for micro in range(2):
-        idx = torch.randint(0, VOCAB, (ROWS, 13), generator=torch.Generator().manual_seed(100 * step + 10 * micro + dp_index))
+        seed = 100 * step + 10 * micro + dp_index
+        idx = torch.randint(0, VOCAB, (ROWS, 13), generator=torch.Generator().manual_seed(seed))
         out.append((idx[:, :-1].contiguous(), idx[:, 1:].contiguous()))
     return out
 
