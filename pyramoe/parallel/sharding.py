@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from pyramoe.comm import ProcessGroups, Topology
 from pyramoe.layers.moe import MoELayer
@@ -42,20 +42,8 @@ def shard_parameters(model: nn.Module, topology: Topology, groups: ProcessGroups
     return sharded_experts
 
 
-def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
 def gather_full(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each DTensor gathered whole (what this rank holds without the sharding: its experts, all
     the rest), so checkpoints keep the unsharded layout and reshard across world sizes. Every
     rank calls it on the same names (the gathers are collective)."""
     return {name: t.full_tensor() if isinstance(t, DTensor) else t for name, t in tensors.items()}
-
-
-def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`full` split as `like` (a DTensor parameter or moment) is; no communication: every rank
-    holds `full` and keeps its own chunk."""
-    if not isinstance(like, DTensor):
-        return full
-    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)

@@ -28,6 +28,7 @@ from pyramoe.data import PreparedData
 from pyramoe.models import GPT, GPTOutput
 from pyramoe.parallel import ParallelState
 from pyramoe.parallel.launch import DistRun, apply_parallelism
+from pyramoe.parallel.sharding import gather_full
 from pyramoe.train.config import RunConfig
 from pyramoe.train.distributed import (
     clean_stale_once,
@@ -153,7 +154,7 @@ class Trainer:
     def __init__(
         self, run: RunConfig, model_config: ModelConfig, data: PreparedData, progress: bool = True,
         device: torch.device | None = None, dist_run: DistRun | None = None, ep: int = 1,
-        hierarchical: bool = False, expert_slicing: bool = False,
+        hierarchical: bool = False, expert_slicing: bool = False, zero: bool = False,
     ):
         self.run = run
         self.config = run.train
@@ -166,7 +167,7 @@ class Trainer:
         torch.manual_seed(self.config.seed)  # every rank builds the same model, then keeps its shard
         self.model = GPT(model_config)
         if dist_run is not None:
-            apply_parallelism(dist_run, self.model, ep, hierarchical, expert_slicing)
+            apply_parallelism(dist_run, self.model, ep, hierarchical, expert_slicing, zero)
         self.model.to(self.device)
         self.optimizer = make_optimizer(self.model, self.config)
         biased = [b for b in self.model.blocks if b.is_moe and b.ffn.config.score_correction_bias]
@@ -250,6 +251,9 @@ class Trainer:
             return existing
         tensors = ckpt_io.model_tensors(self.model)
         opt_tensors, groups = ckpt_io.optimizer_tensors(self.optimizer)
+        if self.dist is not None and self.dist.state is not None and self.dist.state.zero:
+            # whole, as without the sharding: the layout any world size can load
+            tensors, opt_tensors = gather_full(tensors), gather_full(opt_tensors)
         if self.is_main and not self.tokenizer_file.is_file():
             self.data.tokenizer.save(self.tokenizer_file)
         if self.dist is not None and self.dist.state is not None:
