@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from pyramoe.config import ModelConfig
 from pyramoe.models import GPT
@@ -164,12 +165,21 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     seen: set[tuple[int, int]] = set()
     out = {}
     for key, tensor in model.state_dict().items():
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor  # a sharded (FSDP) one: its shard
+        ident = (local.untyped_storage().data_ptr(), local.storage_offset())
         if ident in seen:
             continue
         seen.add(ident)
         out[key] = tensor.detach().contiguous()
     return out
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` split as `like` (a sharded DTensor parameter or moment) is, with no communication:
+    every rank holds `full` and keeps its chunk; `full` itself when `like` is a plain tensor."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
 def is_sharded(ckpt: Checkpoint) -> bool:
@@ -197,7 +207,11 @@ def load_model_weights(model: nn.Module, ckpt: Checkpoint, parts: Parts | None =
             )
     with torch.no_grad():
         for key, tensor in tensors.items():
-            expected[key].copy_(tensor)
+            target = expected[key]
+            if isinstance(target, DTensor):  # sharded (FSDP): this rank's chunk of what it would hold whole
+                target.to_local().copy_(shard_like(tensor, target).to_local())
+            else:
+                target.copy_(tensor)
 
 
 def _check_names(ckpt: Checkpoint, expected: dict[str, Any], saved: dict[str, Any]) -> None:

@@ -18,6 +18,9 @@ def test_scaling_report_is_consistent(tmp_path, capsys):
     assert r["parallel"]["tokens_per_s"] == pytest.approx(2 * 2 * 8 / r["parallel"]["step_s"])
     for rank in r["samples"]["ranks"]:
         assert all(0 < s["a2a_s"] < s["step_s"] for s in rank)  # exchanges happened, inside the step
+        assert all(0 < s["after_backward_s"] < s["step_s"] for s in rank)
+        assert sorted(s["overlap"] for s in rank) == [False, True]  # each round runs both, interleaved
+    assert set(r["parallel"]["exposed_reduction_share"]) == {"overlapped", "after_backward"}
     assert all(s["a2a_s"] == 0 for s in r["samples"]["single"])
     assert "scaling efficiency" in capsys.readouterr().out
 

@@ -14,6 +14,7 @@ from pyramoe.parallel.planner import (
     make_plan,
     memory_per_gpu,
     model_sizes,
+    plan_at,
 )
 from pyramoe.presets import get_preset
 
@@ -45,6 +46,19 @@ def test_memory_per_gpu_inference_and_training():
     # s b h (10 + 24/t + 5 a s / (h t)) per layer, 4 layers, + fp32 logits s b V
     activations = 4 * 256 * 256 * (10 + 24 / 2 + 5 * 4 * 256 / (256 * 2)) + 4 * 256 * 8192
     assert train == {"parameters": pytest.approx(16 * held), "activations": pytest.approx(activations)}
+
+
+def test_zero_holds_one_dp_share_of_the_training_state_and_gathers_an_expert_shard():
+    sizes = model_sizes(get_preset("tiny-moe"))
+    plain = memory_per_gpu(sizes, tp=1, eps={1: 2, 3: 2}, workload=Workload("train"), dp=4)
+    zero = memory_per_gpu(sizes, tp=1, eps={1: 2, 3: 2}, workload=Workload("train", zero=True), dp=4)
+    total = EMBEDDINGS + NORMS + ROUTERS + ATTENTION + DENSE_MLP + 2 * EXPERTS
+    assert zero["parameters"] == pytest.approx(16 * total / 4)
+    assert zero["gathered experts"] == pytest.approx(8 * EXPERTS / 2)  # one layer's EP shard, fp32 weights + grads
+    assert zero["activations"] == plain["activations"]
+    assert sum(zero.values()) < sum(plain.values())
+    hardware = Hardware(gpus_per_node=8, gpu_memory_bytes=80e9)
+    assert plan_at(sizes, 8, hardware, Workload("train", zero=True)).tp == 1  # --zero runs without TP
 
 
 def test_smallest_count_that_holds_it():

@@ -41,13 +41,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch", type=int, default=8, help="inference: sequences decoding per data-parallel rank")
     parser.add_argument("--no-expert-slicing", dest="expert_slicing", action="store_false",
                         help="never split experts' hidden units over TP (MoE layers split their tokens instead)")
+    parser.add_argument("--zero", action="store_true",
+                        help="train: parameters, gradients and Adam moments sharded over data parallel "
+                        "(`pyramoe train --zero`; TP=1)")
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     config = get_preset(args.preset)
     hardware = Hardware(gpus_per_node=args.gpus_per_node, gpu_memory_bytes=parse_memory(args.gpu_memory))
-    workload = Workload(mode=args.mode, seq_len=args.seq_len, micro_batch=args.micro_batch, batch=args.batch)
+    if args.zero and args.mode != "train":
+        raise ValueError("--zero: only with --mode train (it shards training state)")
+    workload = Workload(mode=args.mode, seq_len=args.seq_len, micro_batch=args.micro_batch, batch=args.batch,
+                        zero=args.zero)
     plan, smallest, sizes = make_plan(config, hardware, workload, args.gpus, args.expert_slicing)
     print(f"plan: {args.preset} ({sizes.total / 1e9:.2f}B parameters, {sizes.active / 1e9:.2f}B active per token), "
           f"{workload.mode}, {hardware.gpu_memory_bytes / GB:g} GB GPUs, {hardware.gpus_per_node} per node")

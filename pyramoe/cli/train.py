@@ -87,6 +87,9 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--expert-slicing", action="store_true",
                        help="with --tp: split every expert's hidden units over the TP ranks instead of the MoE tokens "
                        "(for layers with fewer experts than ranks)")
+    group.add_argument("--zero", action="store_true",
+                       help="shard parameters, gradients and AdamW state over the data-parallel ranks (FSDP2; experts "
+                       "over their expert-data-parallel ranks); checkpoints keep the unsharded layout")
     group.add_argument("--nproc-per-node", type=int, metavar="N",
                        help="launch N local processes with torchrun (gloo on CPU, NCCL on CUDA)")
     group.add_argument("--all-to-all", choices=("flat", "hierarchical"), default="flat",
@@ -108,6 +111,7 @@ def launch_of(args: argparse.Namespace) -> Launch:
     return Launch(
         device=args.device, ep=args.ep, timeout_s=args.dist_timeout, hierarchical=args.all_to_all == "hierarchical",
         ranks_per_node=args.ranks_per_node, tp=args.tp, expert_slicing=args.expert_slicing,
+        zero=getattr(args, "zero", False),
     )
 
 

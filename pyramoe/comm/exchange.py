@@ -25,15 +25,32 @@ import torch.distributed as dist
 from pyramoe.comm.all_to_all import all_to_all
 
 
+@dataclass
+class RouteCounts:
+    """An exchange's own counts for one call, exchanged ahead on the device (`route_counts`) so
+    that the caller brings them to the host together with its own, in one copy."""
+
+    sizes: torch.Tensor  # rows this rank sends each group rank, on the device
+    table: torch.Tensor  # the exchange's counts, on the device
+    host: list[int] | None = None  # `table` on the host, filled in by the caller
+
+
 class Exchange(Protocol):
     size: int  # ranks in the group
 
     def __call__(
-        self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int] | None = None
+        self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int] | None = None,
+        route: RouteCounts | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
         """Rows x[send run q] go to rank q; returns the rows received (source order) and their counts.
         `recv_splits`, when the caller knows them, saves a round of counts (the flat exchange's only
-        one, the hierarchical exchange's second, and both when every split is the same)."""
+        one, the hierarchical exchange's second, and both when every split is the same); `route`
+        (from `route_counts`, its host copy filled in) saves the exchange its own wait."""
+        ...
+
+    def route_counts(self, sizes: torch.Tensor) -> RouteCounts | None:
+        """The counts a call sending `sizes` (rows per group rank, int64 on the device) will need
+        besides the receive splits, exchanged now on the device; None when it needs none."""
         ...
 
 
@@ -56,12 +73,16 @@ class FlatExchange:
     size: int
 
     def __call__(
-        self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int] | None = None
+        self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int] | None = None,
+        route: RouteCounts | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
         if recv_splits is None:
             sent = _count_table(send_splits, x).view(-1, 1)
             recv_splits = _exchange_counts(sent, self.group).view(-1).tolist()  # host sync: the splits
         return all_to_all(x, recv_splits, send_splits, self.group), recv_splits
+
+    def route_counts(self, sizes: torch.Tensor) -> None:
+        return None  # one hop: the receive splits are all it needs
 
 
 @dataclass
@@ -78,21 +99,31 @@ class HierarchicalExchange:
     def size(self) -> int:
         return self.nodes * self.per_node
 
+    def route_counts(self, sizes: torch.Tensor) -> RouteCounts:
+        """The first hop's counts (`got_GN` below) of a call sending `sizes`."""
+        sizes_NG = sizes.view(self.nodes, self.per_node)
+        return RouteCounts(sizes_NG, _exchange_counts(sizes_NG.t().contiguous(), self.local_group))
+
     def __call__(
-        self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int] | None = None
+        self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int] | None = None,
+        route: RouteCounts | None = None,
     ) -> tuple[torch.Tensor, list[int]]:
         n_nodes, g_local = self.nodes, self.per_node
         if recv_splits is not None and len(set(send_splits) | set(recv_splits)) == 1:
             return self._equal_splits(x, send_splits[0]), list(recv_splits)
+        if route is None:
+            route = self.route_counts(_count_table(send_splits, x))
         # sizes_NG[n', g']: rows this rank sends to (n', g'), as given (destination order).
-        sizes_NG = _count_table(send_splits, x).view(n_nodes, g_local)
+        sizes_NG = route.sizes.view(n_nodes, g_local)
         # Hop 1, inside the node: local rank g' gets the rows for (n', g') for every n'. Reorder this
         # rank's rows to [g'][n'] runs first.
         by_local = _transpose_runs(x, sizes_NG, sum(send_splits))
         # got_GN[g, n']: rows local source g sends me for (n', my local index).
-        got_GN = _exchange_counts(sizes_NG.t().contiguous(), self.local_group)
-        # One host sync for the splits of both hops: what hop 1 sends and receives, what hop 2 sends.
-        sent_1, received_1, sent_2 = counts_to_host(sizes_NG.sum(0), got_GN.sum(1), got_GN.sum(0))
+        got_GN = route.table
+        got = route.host if route.host is not None else got_GN.reshape(-1).tolist()  # host sync: hop 1's counts
+        sent_1 = [sum(send_splits[n * g_local + g] for n in range(n_nodes)) for g in range(g_local)]
+        received_1 = [sum(got[g * n_nodes : (g + 1) * n_nodes]) for g in range(g_local)]
+        sent_2 = [sum(got[g * n_nodes + n] for g in range(g_local)) for n in range(n_nodes)]
         hop1 = all_to_all(by_local, received_1, sent_1, self.local_group)
         # Layout transform: [local source g][destination node n'] -> [n'][g].
         by_node = _transpose_runs(hop1, got_GN, sum(received_1))

@@ -70,6 +70,13 @@ class Topology:
         self.check_ep(ep)
         return [dp[i::ep] for dp in self.dp_partition() for i in range(ep)]
 
+    def tp_expert_dp_partition(self, ep: int) -> list[list[int]]:
+        """Each expert-data-parallel group with the TP ranks of its members: where a gradient that
+        every TP rank holds a share of (its tokens' share) is summed in one reduction. At ep=1,
+        the whole world."""
+        self.check_ep(ep)
+        return [sorted(d * self.tp + t for d in range(i, self.dp, ep) for t in range(self.tp)) for i in range(ep)]
+
     def ep_node_layout(self, ep: int) -> tuple[int, int]:
         """(nodes, ranks per node) of every expert-parallel group of degree `ep`; hierarchical
         all-to-all needs each group to hold the same number of ranks on each of its nodes."""
@@ -161,6 +168,9 @@ class ProcessGroups:
 
     def expert_dp(self, ep: int) -> dist.ProcessGroup | None:
         return self._get(("expert_dp", ep), self.topology.expert_dp_partition(ep))
+
+    def tp_expert_dp(self, ep: int) -> dist.ProcessGroup | None:
+        return self._get(("tp_expert_dp", ep), self.topology.tp_expert_dp_partition(ep))
 
     def ep_local(self, ep: int) -> dist.ProcessGroup | None:
         return self._get(("ep_local", ep), self.topology.ep_local_partition(ep))

@@ -51,6 +51,9 @@ class MoEStats:
     # Weight of these aux losses in this process's objective: 1/TP when the layer's tokens are split
     # over a TP group whose gradients are then summed (so the sum is the mean over the shares).
     aux_weight: float = 1.0
+    # These statistics cover this process's share of the layer's tokens (split over a TP group):
+    # the layer's counts are the sum over the group.
+    token_share: bool = False
 
 
 class MoELayer(nn.Module):
@@ -125,7 +128,7 @@ class MoELayer(nn.Module):
         if torch.is_grad_enabled():  # (statistics must not keep the graph alive)
             tokens_E, routed_E, dropped = tokens_E.detach(), routed_E.detach(), dropped.detach()
         stats = MoEStats(
-            routing.balance_loss, routing.z_loss, tokens_E, routed_E, dropped, routing.capacity, aux_weight
+            routing.balance_loss, routing.z_loss, tokens_E, routed_E, dropped, routing.capacity, aux_weight, split
         )
         return y_TD, stats
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from pyramoe.comm import Exchange, counts_to_host, transposed_run_order
+from pyramoe.comm.exchange import RouteCounts
 from pyramoe.layers.dispatch import (
     DispatchPlan,
     ExpertBatch,
@@ -30,6 +31,7 @@ class _Sent:
     to_expert_major_N: torch.Tensor  # row i of the expert-major buffer is row [i] as received
     sent_splits: list[int]  # rows sent to each rank
     received_splits: list[int]  # rows received from each rank
+    back_route: RouteCounts | None  # the exchange's own counts for sending them back
 
 
 class AllToAllDispatcher:
@@ -58,18 +60,26 @@ class AllToAllDispatcher:
         send_counts_WL = plan.tokens_per_expert_E.view(self.ep_size, self.num_local_experts)
         ones = [1] * self.ep_size
         recv_counts_WL, _ = self.exchange(send_counts_WL, ones, ones)  # the count table, on the device
-        # The layer's one wait for the device (the flat exchange's only one): the row splits both
-        # ways and the local experts' row counts, in one copy.
+        sent_W, received_W = send_counts_WL.sum(1), recv_counts_WL.sum(1)
+        # What the exchange needs besides the splits (the hierarchical one: each hop-1 count table),
+        # exchanged now for both ways: the combine sends back what arrived.
+        routes = [self.exchange.route_counts(sent_W), self.exchange.route_counts(received_W)]
+        # The layer's one wait for the device: the row splits both ways, the local experts' row
+        # counts and the exchange's own counts, in one copy.
         tokens_L = recv_counts_WL.sum(0)
-        sent, received, host_L = counts_to_host(send_counts_WL.sum(1), recv_counts_WL.sum(1), tokens_L)
-        received_ND, _ = self.exchange(rows_ND, sent, received)
+        sent, received, host_L, *route_host = counts_to_host(
+            sent_W, received_W, tokens_L, *(r.table for r in routes if r is not None)
+        )
+        for route, host in zip((r for r in routes if r is not None), route_host):
+            route.host = host
+        received_ND, _ = self.exchange(rows_ND, sent, received, routes[0])
         order_N = transposed_run_order(recv_counts_WL, sum(received))
         local_ND = move_rows(received_ND, order_N, None, order_N.numel())
-        return ExpertBatch(local_ND, tokens_L, None, _Sent(order_N, sent, received), host_L)
+        return ExpertBatch(local_ND, tokens_L, None, _Sent(order_N, sent, received, routes[1]), host_L)
 
     def combine(self, y_rows: torch.Tensor, batch: ExpertBatch, plan: DispatchPlan) -> torch.Tensor:
         sent: _Sent = batch.handle
         by_source_ND = move_rows(y_rows, None, sent.to_expert_major_N, y_rows.shape[0])
-        back_ND, _ = self.exchange(by_source_ND, sent.received_splits, sent.sent_splits)
+        back_ND, _ = self.exchange(by_source_ND, sent.received_splits, sent.sent_splits, sent.back_route)
         y_AD = move_rows(back_ND, None, plan.assignment_N, plan.num_tokens * plan.top_k)
         return weighted_sum_over_choices(y_AD, plan)

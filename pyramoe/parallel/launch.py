@@ -39,6 +39,7 @@ class Launch:
     ranks_per_node: int | None = None  # None: torchrun's LOCAL_WORLD_SIZE; smaller emulates nodes on one box
     tp: int = 1  # tensor-parallel degree: heads, MLP units and MoE tokens split over TP ranks
     expert_slicing: bool = False  # under TP: split every expert's hidden units instead of the MoE tokens
+    zero: bool = False  # FSDP2: parameters, gradients and optimizer state sharded over data parallel
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -149,6 +150,8 @@ def check_layout(config: object, nproc: int, launch: Launch) -> None:
                 topology.ep_node_layout(degree)  # what `build_exchange` asks of each EP group
             except ValueError as exc:
                 raise ValueError(f"--all-to-all hierarchical: layers[{index}].{exc}") from None
+    if launch.zero and launch.tp > 1:
+        raise ValueError("--zero: not with --tp > 1 yet (TP-share gradients would need a sum over TP first)")
     if launch.tp > 1:
         # `kv_heads` resolves n_kv_heads=None (one key/value head per query head); the message
         # names the field a user sets.
@@ -158,9 +161,11 @@ def check_layout(config: object, nproc: int, launch: Launch) -> None:
 
 
 def apply_parallelism(
-    run: DistRun, model: nn.Module, ep: int, hierarchical: bool = False, expert_slicing: bool = False
+    run: DistRun, model: nn.Module, ep: int, hierarchical: bool = False, expert_slicing: bool = False,
+    zero: bool = False,
 ) -> None:
-    run.state = parallelize(model, run.topology, ep=ep, hierarchical=hierarchical, expert_slicing=expert_slicing)
+    run.state = parallelize(model, run.topology, ep=ep, hierarchical=hierarchical, expert_slicing=expert_slicing,
+                            zero=zero, device_type=run.device.type)
 
 
 # -- launching torchrun for one-box users ----------------------------------------------------------------

@@ -13,8 +13,9 @@ non-expert parameters over the data-parallel group (ranks of the same TP index);
 over the expert-data-parallel group (their all-to-all backward already summed the contributions of
 the whole expert-parallel group's tokens). Under TP, replicated parameters that saw only this
 rank's share - an MoE layer's router, Residual-MoE, shared expert and experts (a share of the
-tokens), per-head q/k norms (a share of the heads) - are first summed over the TP group. The net
-factor is 1/DP throughout, as in DeepSpeed.
+tokens), per-head q/k norms (a share of the heads) - are summed over the TP group too (one
+reduction over both). The net factor is 1/DP throughout, as in DeepSpeed. The reductions run in
+buckets during the backward (`pyramoe.parallel.grad_reduction`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.distributed.tensor import DTensor
 
 from pyramoe.comm import ProcessGroups, Topology, build_exchange, layer_ep
 from pyramoe.layers.moe import MoELayer
 from pyramoe.parallel.expert import AllToAllDispatcher
+from pyramoe.parallel.grad_reduction import DEFAULT_BUCKET_BYTES, BucketedGradReduction
+from pyramoe.parallel.sharding import shard_parameters
 from pyramoe.parallel.tensor import SlicedExperts, TPTokenSplit, shard_attention, shard_mlp
 
 
@@ -44,33 +47,62 @@ class ParallelState:
     layer_ep: dict[int, int] = field(default_factory=dict)  # block index -> EP degree
     tp_partial: set[int] = field(default_factory=set)  # its gradient on a TP rank covers a share: sum over TP
     tp_sharded: set[int] = field(default_factory=set)  # a different slice on every TP rank
+    # Gradients reduced during the last micro-batch's backward (False: all after it, for timing
+    # the difference); buckets of up to bucket_bytes.
+    overlap_reduction: bool = True
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    _reduction: BucketedGradReduction | None = None
+    # Parameters, gradients and optimizer state sharded by FSDP2 (`pyramoe.parallel.sharding`),
+    # which reduces the gradients itself.
+    zero: bool = False
+    sharded_experts: list[tuple[nn.Module, int]] = field(default_factory=list)  # (experts, EP degree)
 
     def _key(self, param: nn.Parameter) -> tuple[int, bool]:
         """(EP degree whose expert-data-parallel group reduces it, 1: the data-parallel group;
         whether it is first summed over the TP group)."""
         return self.expert_ep.get(id(param), 1), id(param) in self.tp_partial
 
+    def _reduction_group(self, key: tuple[int, bool]) -> dist.ProcessGroup | None:
+        """Where a gradient of reduction `key` is summed: with its TP partners too when it covers
+        a share of the tokens or heads (one reduction over both)."""
+        ep, tp_sum = key
+        if tp_sum:
+            return self.groups.tp_expert_dp(ep)
+        return self.groups.dp() if ep == 1 else self.groups.expert_dp(ep)
+
+    def gradient_reduction(self, model: nn.Module) -> BucketedGradReduction:
+        """The model's bucketed reduction, built (its hooks registered) on first use."""
+        if self._reduction is None:
+            params = [p for p in _unique_parameters(model) if p.requires_grad]
+            self._reduction = BucketedGradReduction.build(
+                params, lambda p: (self._key(p), self._reduction_group(self._key(p))), self.topology.dp,
+                self.bucket_bytes,
+            )
+        return self._reduction
+
+    def before_backward(self, model: nn.Module, last: bool) -> None:
+        """Call before each micro-batch's backward: the last one's completes the step's gradients,
+        which are then reduced during it, bucket by bucket (FSDP: its reduce-scatters; earlier
+        micro-batches only accumulate). `sync_gradients` then waits for them."""
+        if self.zero:
+            model.set_requires_gradient_sync(last)
+        elif last and self.topology.world_size > 1 and self.overlap_reduction:
+            self.gradient_reduction(model).arm()
+
     def sync_gradients(self, model: nn.Module) -> None:
-        """All-reduce gradients (a missing one counts as zero) and divide by DP."""
+        """All-reduce gradients (a missing one counts as zero) and divide by DP: what the backward
+        has not reduced already (`before_backward`) is reduced now; returns when all is."""
+        if self.zero:
+            # FSDP's backward has reduce-scattered them, divided by each group's size: DP/EP for
+            # experts, whose reference divisor is DP (see pyramoe.parallel.sharding).
+            for experts, degree in self.sharded_experts:
+                for param in experts.parameters():
+                    if param.grad is not None:
+                        _local(param.grad).div_(degree)
+            return
         if self.topology.world_size == 1:
             return
-        buckets: dict[tuple[int, bool], list[nn.Parameter]] = {}
-        for param in _unique_parameters(model):
-            if param.requires_grad:
-                buckets.setdefault(self._key(param), []).append(param)
-        for key in sorted(buckets):
-            params = buckets[key]
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            flat = _flatten_dense_tensors([p.grad for p in params])
-            ep, tp_sum = key
-            if tp_sum:
-                dist.all_reduce(flat, group=self.groups.tp())
-            dist.all_reduce(flat, group=self.groups.dp() if ep == 1 else self.groups.expert_dp(ep))
-            flat.div_(self.topology.dp)
-            for p, synced in zip(params, _unflatten_dense_tensors(flat, [p.grad for p in params])):
-                p.grad.copy_(synced)
+        self.gradient_reduction(model).finish()
 
     def grad_norm(self, model: nn.Module) -> torch.Tensor:
         """Global L2 norm of the synced gradients: replicated parameters count once, expert shards
@@ -79,6 +111,8 @@ class ParallelState:
         # Every bucket's sum lives on the parameters' device: NCCL reduces no CPU tensor, and an
         # empty bucket (a rank whose share of a group holds no gradient) still joins its reduction.
         device = params[0].device
+        if self.zero:
+            return _sharded_norm(params, device)
         squares: dict[tuple[int, bool], torch.Tensor] = {}
         for param in params:
             if param.grad is not None:
@@ -105,7 +139,7 @@ class ParallelState:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for param in _unique_parameters(model):
             if param.grad is not None:
-                param.grad.mul_(scale.to(param.grad.device))
+                _local(param.grad).mul_(scale.to(param.grad.device))
         return norm
 
 
@@ -116,13 +150,16 @@ def parallelize(
     groups: ProcessGroups | None = None,
     hierarchical: bool = False,
     expert_slicing: bool = False,
+    zero: bool = False,
+    device_type: str = "cpu",
 ) -> ParallelState:
     """Shard every MoE layer's experts over min(ep, num_experts) ranks and swap in all-to-all
     dispatch (`hierarchical`: node-local hop first when an EP group spans nodes); with
     `topology.tp > 1` also split attention and dense MLPs over the TP group, and MoE layers either
     split their tokens over it (coordinated, default) or their experts' hidden units
-    (`expert_slicing`). The model must be built identically on every rank (same seed or same
-    checkpoint)."""
+    (`expert_slicing`). `zero`: then shard parameters, gradients and optimizer state with FSDP2 on
+    `device_type` (`pyramoe.parallel.sharding`). The model must be built identically on every rank
+    (same seed or same checkpoint)."""
     groups = groups or ProcessGroups(topology)
     state = ParallelState(topology, groups)
     groups.dp()
@@ -137,6 +174,12 @@ def parallelize(
                 state.tp_sharded.update(id(p) for p in shard_mlp(moe, tp_group, f"layers[{index}].ffn"))
         if isinstance(moe, MoELayer):
             _parallelize_moe(moe, index, ep, hierarchical, tp_group, expert_slicing, state)
+    # Group creation is collective: every rank creates the reduction groups here, in one order.
+    for key in sorted({state._key(p) for p in _unique_parameters(model) if p.requires_grad}):
+        state._reduction_group(key)
+    if zero and topology.world_size > 1:
+        state.sharded_experts = shard_parameters(model, topology, groups, state.layer_ep, device_type)
+        state.zero = True
     return state
 
 
@@ -162,6 +205,23 @@ def _parallelize_moe(
         state.tp_partial.update(id(p) for p in moe.parameters())
     if degree > 1:
         state.expert_ep.update((id(p), degree) for p in moe.experts.parameters())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (FSDP) DTensor, else the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _sharded_norm(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+    """Under FSDP (no TP) every element of every gradient lives on exactly one rank: dense ones
+    split over the data-parallel group, expert ones over their expert-data-parallel group and
+    their shards over the expert-parallel group. So the squares sum once over the world."""
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for param in params:
+        if param.grad is not None:
+            total = total + _local(param.grad).detach().float().square().sum()
+    dist.all_reduce(total)
+    return total.sqrt()
 
 
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -12,10 +12,14 @@ PR-MoE layers) is replicated. The planner takes the smallest t that fits, coordi
 expert-slicing at the same t, since TP adds all-reduces to every layer.
 
 Memory per GPU (bytes): the parameters it holds times `bytes_per_param` (training: 16, fp32 weights
-and gradients and two fp32 Adam moments, pyramoe's trainer without ZeRO; inference: 2, fp16/bf16
-weights) plus, training, activations of one micro-batch (Korthikanti et al. 2022, no recomputation,
-16-bit: s b h (10 + 24/t + 5 a s / (h t)) per layer, plus fp32 logits s b V) or, inference, the
-KV cache of `batch` sequences of `seq_len` tokens (16-bit, K and V per layer, heads split over t).
+and gradients and two fp32 Adam moments; inference: 2, fp16/bf16 weights). Training with `zero`
+(`pyramoe train --zero`, FSDP2, TP=1 only): those 16 bytes of 1/DP of every parameter (the
+experts' EP shard split again over their DP/EP replicas), plus the largest MoE layer's expert
+shard gathered whole, fp32 weights and gradients (8 bytes each: FSDP gathers a block for its
+forward and backward; a dense block's own gather is not counted). Then, training, activations of
+one micro-batch (Korthikanti et al. 2022, no recomputation, 16-bit: s b h (10 + 24/t + 5 a s /
+(h t)) per layer, plus fp32 logits s b V) or, inference, the KV cache of `batch` sequences of
+`seq_len` tokens (16-bit, K and V per layer, heads split over t).
 A GPU may use `usable_fraction` of its memory (the rest: CUDA context, allocator, workspace).
 
 Latency: the MoE layers' all-to-all from `pyramoe.comm.cost_model` (per layer the faster of flat and
@@ -70,6 +74,7 @@ class Workload:
     batch: int = 8  # inference: sequences decoding together per data-parallel rank
     bytes_per_param: int | None = None  # None: 16 training, 2 inference
     activation_bytes: int = 2  # 16-bit activations and KV cache
+    zero: bool = False  # training: parameters, gradients and Adam moments sharded over DP (FSDP2)
 
     @property
     def param_bytes(self) -> int:
@@ -157,13 +162,17 @@ def layer_eps(sizes: ModelSizes, dp: int) -> dict[int, int] | None:
 
 
 def memory_per_gpu(
-    sizes: ModelSizes, tp: int, eps: dict[int, int], workload: Workload, expert_slicing: bool = False
+    sizes: ModelSizes, tp: int, eps: dict[int, int], workload: Workload, expert_slicing: bool = False, dp: int = 1,
 ) -> dict[str, float]:
     config = sizes.config
     per_expert_shard = tp if expert_slicing else 1  # expert-slicing: 1/t of each local expert
     params = (sizes.replicated + sizes.tp_sliced / tp
               + sum(sizes.experts[i][1] / (ep * per_expert_shard) for i, ep in eps.items()))
     memory = {"parameters": params * workload.param_bytes}
+    if workload.zero and workload.mode == "train":
+        memory["parameters"] = sizes.total / dp * workload.param_bytes
+        shards = [sizes.experts[i][1] / ep for i, ep in eps.items()]
+        memory["gathered experts"] = max(shards, default=0.0) * 8
     s = workload.seq_len or config.max_seq_len
     h, a, layers = config.d_model, config.n_heads, config.n_layers
     if workload.mode == "train":
@@ -201,12 +210,14 @@ def plan_at(
     smallest-memory one (fits=False)."""
     best = None
     for tp in tp_options(sizes.config, gpus, hardware.gpus_per_node):
+        if workload.zero and tp > 1:
+            continue  # `pyramoe train --zero` runs without TP
         eps = layer_eps(sizes, gpus // tp)
         if eps is None:
             continue
         slicings = [False] + ([True] if expert_slicing and tp > 1 and _experts_slice(sizes.config, tp) else [])
         for slicing in slicings:
-            memory = memory_per_gpu(sizes, tp, eps, workload, slicing)
+            memory = memory_per_gpu(sizes, tp, eps, workload, slicing, gpus // tp)
             fits = sum(memory.values()) <= hardware.gpu_memory_bytes * hardware.usable_fraction
             plan = Plan(gpus, tp, gpus // tp, eps, memory, fits, slicing)
             if fits:

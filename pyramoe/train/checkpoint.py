@@ -57,6 +57,7 @@ from pyramoe.checkpoint import (  # noqa: F401 - the reading side, re-exported f
     model_tensors,
     piece_key,
     resolve_checkpoint,
+    shard_like,
 )
 
 _DELETING = ".del-"  # prefix of a checkpoint directory being deleted
@@ -416,9 +417,12 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Checkpoint, par
             saved = {key: files.read(key, parts(key) if parts else None) for key in files.tensors}
     else:
         saved = {key: _cut(parts, key, t) for key, t in _read_safetensors(ckpt.path / OPTIMIZER_FILE).items()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in saved.items():
         _, index, name = key.split(".", 2)
+        if tensor.dim() > 0 and int(index) < len(params):  # moments split like a sharded parameter
+            tensor = shard_like(tensor, params[int(index)])
         state.setdefault(int(index), {})[name] = tensor
     for group in groups:
         if "betas" in group:

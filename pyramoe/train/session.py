@@ -199,7 +199,7 @@ def _build_trainer(
         model_config = resumed_model_config(run, ckpt, data.vocab_size)
     trainer = Trainer(
         run, model_config, data, progress, device=device, dist_run=dist_run, ep=launch.ep,
-        hierarchical=launch.hierarchical, expert_slicing=launch.expert_slicing,
+        hierarchical=launch.hierarchical, expert_slicing=launch.expert_slicing, zero=launch.zero,
     )
     if ckpt is not None:
         trainer.restore(ckpt)

@@ -28,6 +28,7 @@ from pyramoe.data import PreparedData
 from pyramoe.models import GPT, GPTOutput
 from pyramoe.parallel import ParallelState
 from pyramoe.parallel.launch import DistRun, apply_parallelism
+from pyramoe.parallel.sharding import gather_full
 from pyramoe.train.config import RunConfig
 from pyramoe.train.distributed import (
     clean_stale_once,
@@ -36,7 +37,7 @@ from pyramoe.train.distributed import (
     optimizer_rank_parts,
     rank_parts,
 )
-from pyramoe.train.evaluate import EvalResult, autocast, evaluate
+from pyramoe.train.evaluate import EvalResult, RankShare, autocast, evaluate
 from pyramoe.train.metrics import METRICS_FILE, MetricsLog
 from pyramoe.train.optim import LRPlan, apply_settings, make_optimizer, resume_plan, set_lr
 from pyramoe.train.run_lock import RunLock
@@ -65,6 +66,9 @@ class StepStats:
     drop_rate: float  # mean over MoE layers and micro-batches
     terms: dict[str, float] = field(default_factory=dict)  # the hook's other logged scalars (e.g. kd)
     routed: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> assignments per expert, this rank
+    # From the end of the last backward to the optimizer step: the gradient reduction the backward
+    # did not hide, and clipping.
+    after_backward_s: float = 0.0
 
 
 def train_step(
@@ -85,12 +89,14 @@ def train_step(
     drop_count = 0
     routed: dict[int, torch.Tensor] = {}
     term_sums: dict[str, float] = {}
-    for x, y in batches:
+    for i, (x, y) in enumerate(batches):
         x, y = x.to(device), y.to(device)
         with autocast(precision, device.type):
             out = model(x)
         loss, terms = loss_fn(out, x, y)
         aux = out.aux_loss.float()
+        if parallel is not None:
+            parallel.before_backward(model, last=i == n - 1)
         ((loss + aux) / n).backward()
         loss_sum += loss.item()
         # Logged: the aux losses' value, not this rank's weighted term of the objective (1/TP of it
@@ -102,16 +108,20 @@ def train_step(
             drop_sum += stats.dropped_fraction.item()
             drop_count += 1
             routed[index] = routed[index] + stats.routed_per_expert if index in routed else stats.routed_per_expert
+    backward_end = time.perf_counter()
+    if parallel is not None:
+        parallel.sync_gradients(model)  # also before a raise: no reduction is left in flight
     if not math.isfinite(loss_sum + aux_sum):
         optimizer.zero_grad(set_to_none=True)
         raise ValueError("loss is not finite; lower train.lr or raise train.warmup")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = grad_clip if grad_clip > 0 else math.inf  # inf: measure the norm, never scale
     if parallel is not None:
-        parallel.sync_gradients(model)
         grad_norm = float(parallel.clip_grad_norm_(model, max_norm))
     else:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    # float(norm) above waited for the device: the gradients are reduced and clipped by now
+    after_backward_s = time.perf_counter() - backward_end
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     means = {name: total / n for name, total in term_sums.items()}
@@ -123,6 +133,7 @@ def train_step(
         drop_rate=drop_sum / drop_count if drop_count else 0.0,
         terms=means,
         routed=routed,
+        after_backward_s=after_backward_s,
     )
 
 
@@ -143,7 +154,7 @@ class Trainer:
     def __init__(
         self, run: RunConfig, model_config: ModelConfig, data: PreparedData, progress: bool = True,
         device: torch.device | None = None, dist_run: DistRun | None = None, ep: int = 1,
-        hierarchical: bool = False, expert_slicing: bool = False,
+        hierarchical: bool = False, expert_slicing: bool = False, zero: bool = False,
     ):
         self.run = run
         self.config = run.train
@@ -156,7 +167,7 @@ class Trainer:
         torch.manual_seed(self.config.seed)  # every rank builds the same model, then keeps its shard
         self.model = GPT(model_config)
         if dist_run is not None:
-            apply_parallelism(dist_run, self.model, ep, hierarchical, expert_slicing)
+            apply_parallelism(dist_run, self.model, ep, hierarchical, expert_slicing, zero)
         self.model.to(self.device)
         self.optimizer = make_optimizer(self.model, self.config)
         biased = [b for b in self.model.blocks if b.is_moe and b.ffn.config.score_correction_bias]
@@ -240,6 +251,9 @@ class Trainer:
             return existing
         tensors = ckpt_io.model_tensors(self.model)
         opt_tensors, groups = ckpt_io.optimizer_tensors(self.optimizer)
+        if self.dist is not None and self.dist.state is not None and self.dist.state.zero:
+            # whole, as without the sharding: the layout any world size can load
+            tensors, opt_tensors = gather_full(tensors), gather_full(opt_tensors)
         if self.is_main and not self.tokenizer_file.is_file():
             self.data.tokenizer.save(self.tokenizer_file)
         if self.dist is not None and self.dist.state is not None:
@@ -295,10 +309,14 @@ class Trainer:
 
     def evaluate(self) -> EvalResult:
         cfg = self.config
-        # Global batches, as in training; every rank evaluates all of them (expert-parallel layers
-        # need every rank in each forward), so the result does not depend on the DP size.
+        # Global batches, as in training, each split over the data-parallel ranks and the sums
+        # all-reduced, so the result does not depend on the layout.
         batch = cfg.batch_size * self.dp
-        result = evaluate(self.model, self.val_data, batch, cfg.seq_len, cfg.eval_batches, cfg.precision)
+        share = None
+        if self.dist is not None:
+            topology = self.dist.topology
+            share = RankShare(topology.dp_index, topology.dp, topology.tp_index == 0, self.dist.device)
+        result = evaluate(self.model, self.val_data, batch, cfg.seq_len, cfg.eval_batches, cfg.precision, share)
         self.last_eval, self.evaluated_step = result, self.step
         self.metrics.write({"type": "eval", "step": self.step, **result.to_record()})
         return result
@@ -396,7 +414,8 @@ class Trainer:
         names = sorted(stats.terms)
         values = [stats.loss, stats.ce, stats.aux, stats.drop_rate] + [stats.terms[n] for n in names]
         mean = self.dist.mean(values)
-        return StepStats(mean[0], mean[1], mean[2], stats.grad_norm, mean[3], dict(zip(names, mean[4:])), stats.routed)
+        return StepStats(mean[0], mean[1], mean[2], stats.grad_norm, mean[3], dict(zip(names, mean[4:])), stats.routed,
+                         stats.after_backward_s)
 
     def _eval(self, bar: tqdm) -> EvalResult:
         result = self.evaluate()
