@@ -119,3 +119,12 @@ def machine_label() -> str:
     cores = f"{os.cpu_count()} cores"
     isa = "/".join([torch.backends.cpu.get_cpu_capability(), *extras])
     return f"{cpu_model()}, {cores}, {isa}, torch {torch.__version__}"
+
+
+def print_and_write(report: str, payload: dict[str, Any], out: str | Path) -> int:
+    """A bench's table, its notes and the JSON it writes (the exit status: 0)."""
+    print(report)
+    for note in payload["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {write_json(out, payload)}")
+    return 0

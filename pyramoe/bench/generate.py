@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from pyramoe.bench.common import decode_bytes, machine_info, time_call, timed, write_json
+from pyramoe.bench.common import decode_bytes, machine_info, print_and_write, time_call, timed
 from pyramoe.inference import Engine, SamplingParams, resolve_dtype
 from pyramoe.inference.engine import STEPS
 from pyramoe.inference.packing import check_quantize
@@ -485,8 +485,4 @@ def report(payload: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     payload = run(args)
-    print(report(payload))
-    for note in payload["notes"]:
-        print(f"note: {note}")
-    print(f"wrote {write_json(args.out, payload)}")
-    return 0
+    return print_and_write(report(payload), payload, args.out)

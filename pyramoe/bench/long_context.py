@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from pyramoe.bench.common import machine_info, write_json
+from pyramoe.bench.common import machine_info, print_and_write
 from pyramoe.config import ModelConfig, build_layers
 from pyramoe.inference import Engine, resolve_dtype
 from pyramoe.inference.native import NativeForward
@@ -215,8 +215,4 @@ def report(payload: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     payload = run(args)
-    print(report(payload))
-    for note in payload["notes"]:
-        print(f"note: {note}")
-    print(f"wrote {write_json(args.out, payload)}")
-    return 0
+    return print_and_write(report(payload), payload, args.out)

@@ -14,6 +14,7 @@ Legend: E stacked matrices, N outputs, K inputs, M rows.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 
@@ -62,25 +63,38 @@ def block_weights(weight: torch.Tensor, out: torch.Tensor | None = None) -> torc
     return out.copy_(w)
 
 
+def native_linear(x: torch.Tensor, out_features: int, bias: torch.Tensor | None, what: str,
+                  launch: Callable[..., int]) -> torch.Tensor:
+    """x . W^T + bias by one of the native library's products, in fp32, returned in x's dtype:
+    `launch(library, x_MK, bias or None, y_MN)` makes the call and returns its status (0: done);
+    `what` names the weight in errors."""
+    library = load_library()
+    if library is None:
+        raise RuntimeError(f"{what}: the native library is unavailable ({build_error()})")
+    shape = x.shape
+    x_MK = x.reshape(-1, shape[-1]).float().contiguous()
+    y_MN = torch.empty(x_MK.shape[0], out_features)
+    if x_MK.shape[0]:
+        b = None if bias is None else bias.detach().float().contiguous()
+        status = launch(library, x_MK, b, y_MN)
+        if status != 0:  # a real check, not an assert: `python -O` would skip it and return garbage
+            raise RuntimeError(f"{what}: the native library refused the product (status {status})")
+    return y_MN.to(x.dtype).reshape(*shape[:-1], out_features)
+
+
+def pointer(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if t is None else t.data_ptr())
+
+
 def blocked_linear(x: torch.Tensor, weight: BlockedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """x . W^T + bias in fp32 (x rounded to bf16 on the way in, as a bf16 F.linear does), returned in
     x's dtype."""
-    library = load_library()
-    if library is None:
-        raise RuntimeError(f"blocked weights: the native library is unavailable ({build_error()})")
-    shape = x.shape
-    x_MK = x.reshape(-1, shape[-1]).float().contiguous()
-    y_MN = torch.empty(x_MK.shape[0], weight.out_features)
-    if x_MK.shape[0]:
-        b = None if bias is None else bias.detach().float().contiguous()
-        status = library.pm_linear(
-            ctypes.c_void_p(weight.data.data_ptr()), ctypes.c_int64(LAYOUT_BLOCKED),
-            ctypes.c_int64(weight.out_features), ctypes.c_int64(weight.in_features),
-            ctypes.c_void_p(x_MK.data_ptr()), ctypes.c_int64(x_MK.shape[0]),
-            ctypes.c_void_p(None if b is None else b.data_ptr()), ctypes.c_void_p(y_MN.data_ptr()),
-            ctypes.c_int64(torch.get_num_threads()))
-        if status != 0:  # a real check, not an assert: `python -O` would skip it and return garbage
-            raise RuntimeError(f"blocked weights [{weight.out_features}, {weight.in_features}]: the native "
-                               f"library refused the product (status {status}: it needs AVX512-BF16 and an even "
-                               "input width)")
-    return y_MN.to(x.dtype).reshape(*shape[:-1], weight.out_features)
+    def launch(library, x_MK, b, y_MN) -> int:  # noqa: ANN001
+        return library.pm_linear(
+            pointer(weight.data), ctypes.c_int64(LAYOUT_BLOCKED), ctypes.c_int64(weight.out_features),
+            ctypes.c_int64(weight.in_features), pointer(x_MK), ctypes.c_int64(x_MK.shape[0]), pointer(b),
+            pointer(y_MN), ctypes.c_int64(torch.get_num_threads()))
+
+    what = (f"blocked weights [{weight.out_features}, {weight.in_features}] (AVX512-BF16 and an even input "
+            "width needed)")
+    return native_linear(x, weight.out_features, bias, what, launch)

@@ -19,6 +19,7 @@ import ctypes
 
 import torch
 
+from pyramoe.kernels.blocked import native_linear, pointer
 from pyramoe.kernels.build import load_library
 
 FORMAT_INT8 = 1  # the native kernels' code for this format (native_products.h: kFormatInt8)
@@ -146,21 +147,11 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None) 
 
 def int8_linear_native(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
     """`int8_linear` by the native kernels (fp32 out, cast to x's dtype)."""
-    library = load_library()
-    if library is None:
-        raise RuntimeError("int8_linear_native: the native library is unavailable")
-    shape = x.shape
-    x_MK = x.reshape(-1, shape[-1]).float().contiguous()
-    y_MN = torch.empty(x_MK.shape[0], weight.out_features)
-    if x_MK.shape[0]:
-        b = None if bias is None else bias.detach().float().contiguous()
-        status = library.pm_linear_quantized(
-            ctypes.c_void_p(weight.data.data_ptr()), ctypes.c_int64(FORMAT_INT8),
-            ctypes.c_void_p(weight.scales.data_ptr()), ctypes.c_void_p(weight.sums.data_ptr()),
-            ctypes.c_int64(weight.out_features), ctypes.c_int64(weight.in_features),
-            ctypes.c_void_p(x_MK.data_ptr()), ctypes.c_int64(x_MK.shape[0]),
-            ctypes.c_void_p(None if b is None else b.data_ptr()), ctypes.c_void_p(y_MN.data_ptr()),
-            ctypes.c_int64(torch.get_num_threads()))
-        if status != 0:
-            raise RuntimeError(f"pm_linear_quantized: status {status}")
-    return y_MN.to(x.dtype).reshape(*shape[:-1], weight.out_features)
+    def launch(library, x_MK, b, y_MN) -> int:  # noqa: ANN001
+        return library.pm_linear_quantized(
+            pointer(weight.data), ctypes.c_int64(FORMAT_INT8), pointer(weight.scales), pointer(weight.sums),
+            ctypes.c_int64(weight.out_features), ctypes.c_int64(weight.in_features), pointer(x_MK),
+            ctypes.c_int64(x_MK.shape[0]), pointer(b), pointer(y_MN), ctypes.c_int64(torch.get_num_threads()))
+
+    return native_linear(x, weight.out_features, bias, f"int8 weights [{weight.out_features}, {weight.in_features}]",
+                         launch)

@@ -29,7 +29,7 @@ import ctypes
 
 import torch
 
-from pyramoe.kernels.build import load_library
+from pyramoe.kernels.blocked import native_linear, pointer
 from pyramoe.kernels.quantized import quantize_rows
 
 FORMAT_INT4 = 2  # the native kernels' code for this format (native_products.h: kFormatInt4)
@@ -201,23 +201,15 @@ class _Quant(ctypes.Structure):  # PmQuant (native.cpp); mirrored again by the n
 
 def int4_linear_native(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
     """`int4_linear` by the native kernels (fp32 out, cast to x's dtype)."""
-    library = load_library()
-    if library is None:
-        raise RuntimeError("int4_linear_native: the native library is unavailable")
-    shape = x.shape
-    x_MK = x.reshape(-1, shape[-1]).float().contiguous()
-    y_MN = torch.empty(x_MK.shape[0], weight.out_features)
-    if x_MK.shape[0]:
-        b = None if bias is None else bias.detach().float().contiguous()
-        described = _Quant(FORMAT_INT4, None, None, weight.group, weight.scales.data_ptr(),
-                           None if weight.mins is None else weight.mins.data_ptr())
+    described = _Quant(FORMAT_INT4, None, None, weight.group, weight.scales.data_ptr(),
+                       None if weight.mins is None else weight.mins.data_ptr())
+
+    def launch(library, x_MK, b, y_MN) -> int:  # noqa: ANN001
         library.pm_linear_described.restype = ctypes.c_int64
-        status = library.pm_linear_described(
-            ctypes.c_void_p(weight.data.data_ptr()), ctypes.byref(described),
-            ctypes.c_int64(weight.out_features), ctypes.c_int64(weight.in_features),
-            ctypes.c_void_p(x_MK.data_ptr()), ctypes.c_int64(x_MK.shape[0]),
-            ctypes.c_void_p(None if b is None else b.data_ptr()), ctypes.c_void_p(y_MN.data_ptr()),
-            ctypes.c_int64(torch.get_num_threads()))
-        if status != 0:
-            raise RuntimeError(f"pm_linear_described: status {status}")
-    return y_MN.to(x.dtype).reshape(*shape[:-1], weight.out_features)
+        return library.pm_linear_described(
+            pointer(weight.data), ctypes.byref(described), ctypes.c_int64(weight.out_features),
+            ctypes.c_int64(weight.in_features), pointer(x_MK), ctypes.c_int64(x_MK.shape[0]), pointer(b),
+            pointer(y_MN), ctypes.c_int64(torch.get_num_threads()))
+
+    return native_linear(x, weight.out_features, bias, f"int4 weights [{weight.out_features}, {weight.in_features}]",
+                         launch)
