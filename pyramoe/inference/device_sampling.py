@@ -52,7 +52,7 @@ def sampling_fields(rows_R: Sequence[RowSampling | None]) -> list[list[int]]:
     bit patterns (signed 32-bit ints, exact in int64) so every field fits one int64 buffer."""
     rows = [row if row is not None else RowSampling(GREEDY, 0, 0) for row in rows_R]
     floats = torch.tensor([[r.params.temperature for r in rows], [r.params.top_p for r in rows]],
-                          dtype=torch.float32)
+                          dtype=torch.float32, device="cpu")  # host-side: their bits go into the step's plan
     bits = floats.view(torch.int32).tolist()
     return [bits[0], bits[1], [r.params.top_k for r in rows], [r.seed & MASK32 for r in rows],
             [(r.seed >> 32) & MASK32 for r in rows], [r.counter & MASK32 for r in rows]]

@@ -156,8 +156,7 @@ class DeviceStep:
         pad = lambda values, size: list(values) + [values[0]] * (size - len(values))  # noqa: E731
         table = self.cache.block_table
         slot_G = [slots_N[first] for first, _ in runs]
-        positions = torch.tensor(positions_N, dtype=torch.int64)
-        write_block = table[torch.tensor(slots_N, dtype=torch.int64), positions // bs].tolist()
+        write_block = [held[s][p // bs] for s, p in zip(slots_N, positions_N)]
         grid_row = [first + min(t, length - 1) for first, length in runs for t in range(t_pad)]
         cell_of_row = [g * t_pad + t for g, (_, length) in enumerate(runs) for t in range(length)]
         fields = (
@@ -166,20 +165,23 @@ class DeviceStep:
             pad(cell_of_row, n_pad), pad(grid_row, g_pad * t_pad),
             pad([positions_N[r] for r in grid_row], g_pad * t_pad),
         )
+        # The plan is built on the host, in one (pinned on CUDA) buffer copied to the device once per step.
         host = self._host_buffer(plan.numel)
         offset = 0
         for values in fields:
-            host[offset : offset + len(values)] = torch.tensor(values, dtype=torch.int64)
+            host[offset : offset + len(values)] = torch.tensor(values, dtype=torch.int64, device="cpu")
             offset += len(values)
         blocks_GM = table[pad(slot_G, g_pad), :m_pad]  # entries past a slot's blocks are masked out
         host[offset : offset + blocks_GM.numel()] = blocks_GM.reshape(-1)
         offset += blocks_GM.numel()
         # A prompt chunk short of its prompt's end asks for no logits: row 0 stands in, never returned.
-        host[offset : offset + r_pad] = torch.tensor(pad(list(logit_rows_R) or [0], r_pad), dtype=torch.int64)
+        host[offset : offset + r_pad] = torch.tensor(pad(list(logit_rows_R) or [0], r_pad), dtype=torch.int64,
+                                                     device="cpu")
         offset += r_pad
         # Padding rows sample greedily: their tokens are never read.
         sampling = list(sampling_R or [None] * len(logit_rows_R)) + [None] * (r_pad - len(logit_rows_R))
-        host[offset : offset + FIELDS * r_pad] = torch.tensor(sampling_fields(sampling), dtype=torch.int64).view(-1)
+        host[offset : offset + FIELDS * r_pad] = torch.tensor(sampling_fields(sampling), dtype=torch.int64,
+                                                              device="cpu").view(-1)
         return plan, host[: plan.numel]
 
     def _host_buffer(self, numel: int) -> torch.Tensor:
