@@ -136,33 +136,34 @@ def host_born_collectives(files: list[Path]) -> list[str]:
             for fn, owner in _functions_with_owner(tree):
                 params = [a.arg for a in fn.args.args]
                 key = f"{owner}.{fn.name}" if owner else fn.name
-                for call in (n for n in ast.walk(fn) if isinstance(n, ast.Call)):
-                    callee = _callee(call)
-                    if callee is None:
-                        continue
-                    name, offset = callee
-                    for position, arg in _arguments(call):
-                        target = position + offset if isinstance(position, int) else position
-                        root = _root(arg)
-                        if _is_sink(name, target, sinks) and isinstance(root, ast.Name) and root.id in params:
-                            new = {params.index(root.id), root.id}
-                            if not new <= sinks.setdefault(key, set()):
-                                sinks[key] |= new
-                                changed = True
+                for _, _, arg in _sink_arguments(fn, sinks):
+                    root = _root(arg)
+                    if isinstance(root, ast.Name) and root.id in params:
+                        new = {params.index(root.id), root.id}
+                        if not new <= sinks.setdefault(key, set()):
+                            sinks[key] |= new
+                            changed = True
     problems = []
     for path, tree in trees.items():
         for fn, _ in _functions_with_owner(tree):
             host = _host_names(fn)
-            for call in (n for n in ast.walk(fn) if isinstance(n, ast.Call)):
-                callee = _callee(call)
-                if callee is None:
-                    continue
-                name, offset = callee
-                for position, arg in _arguments(call):
-                    target = position + offset if isinstance(position, int) else position
-                    if _is_sink(name, target, sinks) and _host_born(arg, host):
-                        problems.append(f"{path.name}:{call.lineno}: {name}(...) gets host-born {ast.unparse(arg)}")
+            for call, name, arg in _sink_arguments(fn, sinks):
+                if _host_born(arg, host):
+                    problems.append(f"{path.name}:{call.lineno}: {name}(...) gets host-born {ast.unparse(arg)}")
     return problems
+
+
+def _sink_arguments(fn: ast.AST, sinks: dict[str, set[int | str]]):  # noqa: ANN202
+    """(call, callee name, argument) for every argument of `fn`'s calls that reaches a collective."""
+    for call in (n for n in ast.walk(fn) if isinstance(n, ast.Call)):
+        callee = _callee(call)
+        if callee is None:
+            continue
+        name, offset = callee
+        for position, arg in _arguments(call):
+            target = position + offset if isinstance(position, int) else position
+            if _is_sink(name, target, sinks):
+                yield call, name, arg
 
 
 def _functions_with_owner(tree: ast.AST) -> Iterator[tuple[ast.FunctionDef, str | None]]:
