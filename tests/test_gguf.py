@@ -19,7 +19,8 @@ gguf = pytest.importorskip("gguf")
 CONFIG = native_cases._llama(moe={"gate_norm": "after_drop"})  # llama.cpp renormalises the top-k weights
 
 
-def _write(model, path, head_type=None):
+def _write(model, path, head_type=None, extra=None):
+    """`extra(writer)` adds more metadata (a tokenizer)."""
     kind = gguf.GGMLQuantizationType
     head_type = head_type or kind.Q8_0
     cfg = model.config
@@ -68,6 +69,8 @@ def _write(model, path, head_type=None):
             put(f"blk.{i}.ffn_gate.weight", gate, q4)
             put(f"blk.{i}.ffn_up.weight", up, q4)
             put(f"blk.{i}.ffn_down.weight", block.ffn.fc_out.weight, q4)
+    if extra is not None:
+        extra(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

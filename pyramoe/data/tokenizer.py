@@ -20,9 +20,13 @@ TRAIN_SAMPLE_BYTES = 8 << 20
 class Tokenizer:
     """Thin wrapper over ``tokenizers.Tokenizer`` with a known end-of-text id."""
 
-    def __init__(self, tok: _HFTokenizer) -> None:
+    def __init__(self, tok: _HFTokenizer, eos_token: str | None = None) -> None:
+        """`eos_token`: the end-of-text token where the source names it (a GGUF file does); else the
+        first of the usual separators the vocabulary holds, else a new <|endoftext|>."""
         self._tok = tok
-        eos = next((t for t in _EOS_CANDIDATES if tok.token_to_id(t) is not None), None)
+        if eos_token is not None and tok.token_to_id(eos_token) is None:
+            raise ValueError(f"eos token {eos_token!r} is not in the vocabulary")
+        eos = eos_token or next((t for t in _EOS_CANDIDATES if tok.token_to_id(t) is not None), None)
         if eos is None:
             tok.add_special_tokens([EOS_TOKEN])
             eos = EOS_TOKEN
@@ -69,8 +73,16 @@ class Tokenizer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(self._tok.to_str(), encoding="utf-8")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(self._tok.to_str())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself durable
+        finally:
+            os.close(fd)
 
     @property
     def vocab_size(self) -> int:

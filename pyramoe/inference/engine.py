@@ -169,7 +169,8 @@ class Engine:
             if kwargs.get("quantize") is None:  # what stayed plain (a float LM head) in the file's format
                 kwargs["quantize"] = held["quantize"]
             sibling = path.parent / "tokenizer.json"
-            return cls(model.to(device), Tokenizer.from_file(sibling) if sibling.is_file() else None, **kwargs)
+            tokenizer = Tokenizer.from_file(sibling) if sibling.is_file() else held["tokenizer"]
+            return cls(model.to(device), tokenizer, **kwargs)
         if is_quantized_directory(path):  # `pyramoe quantize`'s output: no quantizing at load
             model, meta = load_quantized(path, torch_dtype)
             if kwargs.get("quantize") not in (None, meta["quantize"]):

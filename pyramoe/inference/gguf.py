@@ -11,8 +11,9 @@ it holds Q4_0, else int8) then quantizes what stayed plain, the LM head at int8 
 files keep their output layer at Q6_K or above).
 
 llama.cpp stores q and k projections with each head's rotary halves interleaved (its converter's
-`permute`); they are put back in the half-split order pyramoe's RoPE uses. The file's tokenizer is
-not read: a `tokenizer.json` beside the file is used where there is one, else token ids in and out.
+`permute`); they are put back in the half-split order pyramoe's RoPE uses. The file's own tokenizer
+(`tokenizer.ggml.*`, `pyramoe.inference.gguf_tokenizer`) is read; `Engine.load` prefers a
+`tokenizer.json` beside the file where there is one.
 
 Legend: N outputs, K inputs, E experts, F expert hidden width, D model width.
 """
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from pyramoe.config import LayerConfig, ModelConfig, MoEConfig
+from pyramoe.inference.gguf_tokenizer import tokenizer_from_gguf
 from pyramoe.kernels import Int4Weight, Int8Weight, quantize_weights
 from pyramoe.kernels.quantized4 import block_int4
 from pyramoe.layers.experts import GroupedExperts
@@ -172,7 +174,8 @@ def _matrix_weight(value: _Q4 | _Q8) -> Int4Weight | Int8Weight:
 
 def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT, dict[str, Any]]:
     """The model in a GGUF file (eval mode, dropless) and what it held: {"formats": {pyramoe matrix:
-    "q4_0" | "q8_0" | "float"}, "quantize": the engine format matching it, or None}."""
+    "q4_0" | "q8_0" | "float"}, "quantize": the engine format matching it, or None, "tokenizer": the
+    file's `Tokenizer`, or None where it has none}."""
     gguf = _gguf()
     where = str(path)
     try:
@@ -212,7 +215,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT
     formats = {name: "q4_0" if isinstance(v, _Q4) else "q8_0" if isinstance(v, _Q8) else "float"
                for name, v in matrices.items()}
     kinds = set(formats.values())
-    return model, {"formats": formats, "quantize": "int4" if "q4_0" in kinds else "int8" if "q8_0" in kinds else None}
+    return model, {"formats": formats, "quantize": "int4" if "q4_0" in kinds else "int8" if "q8_0" in kinds else None,
+                   "tokenizer": tokenizer_from_gguf(reader.fields, where)}
 
 
 def _missing(where: str, name: str):
