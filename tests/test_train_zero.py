@@ -1,6 +1,6 @@
 """`pyramoe train --zero` (FSDP2 sharding) under torchrun, with EP and TP: the same losses as one
 process, a checkpoint written sharded (each rank its FSDP shard: no gather) that resumes in one
-process and at 2 ranks without the sharding, with the same losses."""
+process and at 2 ranks, without the sharding and with it, with the same losses."""
 
 from __future__ import annotations
 
@@ -28,10 +28,13 @@ def test_zero_tp_training_matches_one_process_and_resumes_on_another_count(tmp_p
     assert sorted({*index["weight_map"].values()}) == [f"model-0000{r}-of-00004.safetensors" for r in range(1, 5)]
     assert index["metadata"]["chunks"]
     shutil.copytree("zero", "two")
+    shutil.copytree("zero", "two-zero")
     assert main([*run_args(tmp_path, "zero", 6, 8), "--resume"]) == 0  # in one process, no sharding
     done = torchrun([*run_args(tmp_path, "two", 6, None), "--resume", "--ep", "2"], nproc=2)
     assert done.returncode == 0, done.stderr[-2000:]
-    for run_dir in ("zero", "two"):
+    done = torchrun([*run_args(tmp_path, "two-zero", 6, None), "--resume", "--ep", "2", "--zero"], nproc=2)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for run_dir in ("zero", "two", "two-zero"):
         got = losses(run_dir)
         assert sorted(got) == list(range(1, 7))
         for step in got:
