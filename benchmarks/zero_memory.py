@@ -66,8 +66,8 @@ def main() -> None:
         row = []
         for zero in (False, True) if world > 1 else (False,):
             with tempfile.TemporaryDirectory() as tmp:
-                mp.spawn(_rank, args=(world, str(Path(tmp) / "store"), args.preset, zero, tmp, args.tp if world > 1 else 1),
-                         nprocs=world)
+                tp = args.tp if world > 1 else 1
+                mp.spawn(_rank, args=(world, str(Path(tmp) / "store"), args.preset, zero, tmp, tp), nprocs=world)
                 most = max(torch.load(Path(tmp) / f"{r}.pt") for r in range(world))
             row.append(f"{'zero' if zero else 'plain'} {most / 2**20:.1f}")
         print(f"  {world} rank(s): " + ", ".join(row))

@@ -14,7 +14,6 @@ from pyramoe.parallel.planner import (
     make_plan,
     memory_per_gpu,
     model_sizes,
-    plan_at,
 )
 from pyramoe.presets import get_preset
 
