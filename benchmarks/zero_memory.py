@@ -1,8 +1,8 @@
 """Parameter + optimizer-state bytes per rank of `pyramoe train`'s model after one AdamW step, with
-and without `--zero` (FSDP2), at 1, 2 and 4 gloo ranks (EP = ranks). Counted from the tensors each
-rank holds (its shards), not from the allocator.
+and without `--zero` (FSDP2), at 1, 2 and 4 gloo ranks (EP = ranks / TP). Counted from the tensors
+each rank holds (its shards), not from the allocator.
 
-    python benchmarks/zero_memory.py [--preset tiny-moe] [--ranks 1,2,4]
+    python benchmarks/zero_memory.py [--preset tiny-moe] [--ranks 1,2,4] [--tp 2]
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def held_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return sum(size(p) for p in model.parameters()) + sum(size(v) for v in moments)
 
 
-def _rank(rank: int, world: int, store: str, preset: str, zero: bool, out: str) -> None:
+def _rank(rank: int, world: int, store: str, preset: str, zero: bool, out: str, tp: int) -> None:
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world,
@@ -44,7 +44,8 @@ def _rank(rank: int, world: int, store: str, preset: str, zero: bool, out: str) 
     config.vocab_size = 8192  # the tokenizer size `pyramoe train` uses
     torch.manual_seed(0)
     model = GPT(config)
-    state = parallelize(model, Topology(world, rank), ep=world, zero=zero) if world > 1 else None
+    topology = Topology(world, rank, tp=tp)
+    state = parallelize(model, topology, ep=topology.dp, zero=zero) if world > 1 else None
     optimizer = make_optimizer(model, TrainConfig())
     train_step(model, optimizer, [random_batch(config.vocab_size, 2, 32, seed=rank)], parallel=state)
     torch.save(held_bytes(model, optimizer), f"{out}/{rank}.pt")
@@ -56,13 +57,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny-moe")
     parser.add_argument("--ranks", default="1,2,4")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (counts of ranks it divides)")
     args = parser.parse_args()
-    print(f"{args.preset}: parameter + AdamW state MiB per rank (max over ranks)")
+    print(f"{args.preset}: parameter + AdamW state MiB per rank (max over ranks), TP={args.tp}")
     for world in (int(n) for n in args.ranks.split(",")):
+        if world % args.tp:
+            continue
         row = []
         for zero in (False, True) if world > 1 else (False,):
             with tempfile.TemporaryDirectory() as tmp:
-                mp.spawn(_rank, args=(world, str(Path(tmp) / "store"), args.preset, zero, tmp), nprocs=world)
+                tp = args.tp if world > 1 else 1
+                mp.spawn(_rank, args=(world, str(Path(tmp) / "store"), args.preset, zero, tmp, tp), nprocs=world)
                 most = max(torch.load(Path(tmp) / f"{r}.pt") for r in range(world))
             row.append(f"{'zero' if zero else 'plain'} {most / 2**20:.1f}")
         print(f"  {world} rank(s): " + ", ".join(row))

@@ -22,6 +22,9 @@ A piece is named after the full-model tensor: expert tensors (stacked [E, ...] i
 stored one expert at a time under the global expert id (`blocks.1.ffn.experts.5.w_in`),
 tensor-parallel slices as `NAME.tp-R-of-S` (the index's metadata gives the split dimension and the
 fused blocks), and a tensor that several ranks hold alike is written once, by the lowest of them.
+Under --zero (FSDP) a rank holds only rows of such a piece: they are stored as `PIECE.rows-A-B`,
+and the index's metadata "chunks" lists, for each piece stored so, its chunks in row order (an
+expert tensor's rows are whole experts, stored as above).
 Loading reads only the slices a process needs (`safe_open(...).get_slice`), so a sharded checkpoint
 loads at any EP/TP size and in one process; the consolidated one loads everywhere too.
 
@@ -138,10 +141,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 class Part:
     """Which part of a full (single-process) tensor a process holds: experts [start, start + count)
     along dimension 0, then the tensor-parallel slice `rank` of `size` along `dim`, taken block by
-    block of the fused `blocks` ([q | k | v], [gate | up])."""
+    block of the fused `blocks` ([q | k | v], [gate | up]), then (--zero, FSDP) the rows
+    [first, end) of that along dimension 0, of `total`. FSDP's shard of an expert tensor is whole
+    experts: `experts` says it, never `rows`."""
 
     experts: tuple[int, int] | None = None  # (first global expert, count)
     tp: tuple[int, tuple[int, ...], int, int] | None = None  # (dim, full block sizes, rank, size)
+    rows: tuple[int, int, int] | None = None  # (first, end, total)
 
     def cut(self, full: torch.Tensor) -> torch.Tensor:
         t = full
@@ -151,6 +157,8 @@ class Part:
         if self.tp is not None:
             dim, blocks, rank, size = self.tp
             t = cut_tp(t, dim, blocks, rank, size)
+        if self.rows is not None:
+            t = t[self.rows[0] : self.rows[1]]
         return t
 
 
@@ -260,6 +268,11 @@ def build_model(ckpt: Checkpoint, dropless: bool = False) -> GPT:
 # -- sharded files ------------------------------------------------------------------------------------------
 
 
+def chunk_key(piece: str, first: int, end: int) -> str:
+    """The stored name of rows [first, end) of piece `piece` (a rank's FSDP shard of it)."""
+    return f"{piece}.rows-{first}-{end}"
+
+
 def piece_key(name: str, expert: int | None = None, tp: tuple[int, int] | None = None) -> str:
     """The stored name of one piece of tensor `name`: expert `expert` (global id) of a stacked expert
     tensor, `blocks.1.ffn.experts.5.w_in`; tensor-parallel slice `tp` = (rank, size), `NAME.tp-R-of-S`."""
@@ -283,6 +296,11 @@ class ShardedFiles:
             index = json.loads(path.read_text(encoding="utf-8"))
             self.tensors: dict[str, dict[str, Any]] = dict(index["metadata"]["tensors"])
             self.weight_map: dict[str, str] = dict(index["weight_map"])
+            # piece -> its row chunks [(first, end, stored name)], in order (saved under --zero)
+            self.chunks: dict[str, list[tuple[int, int, str]]] = {
+                piece: [(int(a), int(b), str(key)) for a, b, key in chunks]
+                for piece, chunks in index["metadata"].get("chunks", {}).items()
+            }
         except FileNotFoundError:
             raise ValueError(f"{directory}: incomplete checkpoint ({index_name} missing)") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -312,6 +330,8 @@ class ShardedFiles:
 
     def _get(self, key: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
         """Piece `key`, or its [start, stop) along `dim` (only those bytes are read)."""
+        if key in self.chunks:
+            return self._get_chunked(key, dim, start, stop)
         f = self._file(key)
         try:
             if dim is None:
@@ -320,6 +340,18 @@ class ShardedFiles:
         except Exception as exc:  # noqa: BLE001
             where = self.directory / self.weight_map[key]
             raise ValueError(f"{where}: unreadable {key} ({_first_line(exc)})") from None
+
+    def _get_chunked(self, key: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
+        """Piece `key` (or its [start, stop) along `dim`) from the row chunks it was saved as."""
+        chunks = self.chunks[key]
+        if [a for a, _, _ in chunks] != [0] + [b for _, b, _ in chunks[:-1]]:
+            raise ValueError(f"{self.directory}: incomplete checkpoint ({key}: its row chunks leave a gap)")
+        if dim is None:
+            return torch.cat([self._get(chunk) for _, _, chunk in chunks])
+        if dim > 0:
+            return torch.cat([self._get(chunk, dim, start, stop) for _, _, chunk in chunks])
+        return torch.cat([self._get(chunk, 0, max(start, a) - a, min(stop, b) - a)
+                          for a, b, chunk in chunks if a < stop and start < b])
 
     def read(self, name: str, part: Part | None = None) -> torch.Tensor:
         """`part` of full tensor `name` (None: all of it)."""

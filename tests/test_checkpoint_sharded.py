@@ -251,6 +251,47 @@ def test_any_part_is_read_from_the_pieces_of_another_layout(tmp_path, saved, loa
             assert torch.equal(files.read("w", part), part.cut(full["w"]))
 
 
+def _fsdp_held_by(full: dict[str, torch.Tensor], dp: int, tp: int, blocks: tuple[int, ...]):
+    """Simulated --zero ranks (DP outer, TP inner): each holds FSDP's rows (torch.chunk's split,
+    the last ranks fewer or none) of its TP slice of "w" (fused blocks along dimension 0) and of
+    the whole "v"."""
+    held, tensors = [], []
+    for rank in range(dp * tp):
+        d, t = divmod(rank, tp)
+        mine, parts = {}, {}
+        for name, tp_part in (("w", (0, blocks, t, tp)), ("v", None)):
+            sliced = ckpt_io.Part(tp=tp_part).cut(full[name])
+            total, chunk = sliced.shape[0], -(-sliced.shape[0] // dp)
+            rows = (min(d * chunk, total), min((d + 1) * chunk, total), total)
+            parts[name] = ckpt_io.Part(tp=tp_part, rows=rows)
+            mine[name] = parts[name].cut(full[name])
+        held.append(ckpt_io.held_parts(mine, parts))
+        tensors.append(mine)
+    return held, tensors
+
+
+@pytest.mark.parametrize(("saved", "loaded_tp"), [((2, 2), 1), ((4, 1), 2), ((3, 2), 4)])
+def test_fsdp_row_chunks_are_read_at_any_layout(tmp_path, saved, loaded_tp):
+    """--zero saves: each rank writes its FSDP rows of its TP slice; a reader assembles any TP slice
+    (or the whole tensor) from them, reading only what overlaps; a missing chunk is one clear line."""
+    blocks = (8, 8)
+    full = {"w": torch.randn(16, 3), "v": torch.randn(5, 2)}
+    held, tensors = _fsdp_held_by(full, *saved, blocks)
+    for rank, mine in enumerate(tensors):
+        ckpt_io.write_shard(tmp_path, "model", rank, held, mine)
+    index = ckpt_io.shard_index("model", held)
+    (tmp_path / ckpt_io.MODEL_INDEX).write_text(json.dumps(index))
+    with ckpt_io.ShardedFiles(tmp_path, ckpt_io.MODEL_INDEX) as files:
+        assert torch.equal(files.read("w"), full["w"]) and torch.equal(files.read("v"), full["v"])
+        for rank in range(loaded_tp):
+            part = ckpt_io.Part(tp=(0, blocks, rank, loaded_tp))
+            assert torch.equal(files.read("w", part), part.cut(full["w"]))
+    index["metadata"]["chunks"]["v"].pop(0)
+    (tmp_path / ckpt_io.MODEL_INDEX).write_text(json.dumps(index))
+    with ckpt_io.ShardedFiles(tmp_path, ckpt_io.MODEL_INDEX) as files, pytest.raises(ValueError, match="gap"):
+        files.read("v")
+
+
 def _run_directory_worker(rank: int, world: int, root: str, out: str) -> None:
     """Rank 0 alone cleans the checkpoint directory while the others wait; then a sharded save in
     which each rank records what it fsynced and renamed."""

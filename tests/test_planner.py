@@ -14,7 +14,6 @@ from pyramoe.parallel.planner import (
     make_plan,
     memory_per_gpu,
     model_sizes,
-    plan_at,
 )
 from pyramoe.presets import get_preset
 
@@ -57,8 +56,18 @@ def test_zero_holds_one_dp_share_of_the_training_state_and_gathers_an_expert_sha
     assert zero["gathered experts"] == pytest.approx(8 * EXPERTS / 2)  # one layer's EP shard, fp32 weights + grads
     assert zero["activations"] == plain["activations"]
     assert sum(zero.values()) < sum(plain.values())
-    hardware = Hardware(gpus_per_node=8, gpu_memory_bytes=80e9)
-    assert plan_at(sizes, 8, hardware, Workload("train", zero=True)).tp == 1  # --zero runs without TP
+    # with TP: each TP rank's share over its DP group (the EP shard of each layer over DP/EP), so
+    # the state is the plain TP plan's over DP; the gathered shard is 1/t of one with expert-slicing
+    for slicing in (False, True):
+        plain_tp = memory_per_gpu(sizes, tp=2, eps={1: 2, 3: 2}, workload=Workload("train"), expert_slicing=slicing,
+                                  dp=4)
+        zero_tp = memory_per_gpu(sizes, tp=2, eps={1: 2, 3: 2}, workload=Workload("train", zero=True),
+                                 expert_slicing=slicing, dp=4)
+        held = EMBEDDINGS + NORMS + ROUTERS + (ATTENTION + DENSE_MLP) / 2 + 2 * EXPERTS / (2 if slicing else 1)
+        assert zero_tp["parameters"] == pytest.approx(16 * held / 4)
+        assert plain_tp["parameters"] == pytest.approx(16 * (held - 2 * EXPERTS / (2 if slicing else 1))
+                                                       + 16 * 2 * EXPERTS / (4 if slicing else 2))
+        assert zero_tp["gathered experts"] == pytest.approx(8 * EXPERTS / (4 if slicing else 2))
 
 
 def test_smallest_count_that_holds_it():

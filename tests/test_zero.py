@@ -1,6 +1,8 @@
-"""ZeRO-style sharding with FSDP2 (`parallelize(..., zero=True)`): EP=2 on 2 ranks and EP=2 x
-expert-data-parallel 2 on 4 ranks take the same AdamW steps (clipped, gradient accumulation) as
-the unsharded engine, while each rank holds a fraction of the parameters and moments."""
+"""ZeRO-style sharding with FSDP2 (`parallelize(..., zero=True)`): EP=2 on 2 ranks, EP=2 x
+expert-data-parallel 2 on 4 ranks, and DP=2 x TP=2 on 4 ranks (EP=2 with the tokens split over
+TP; EP=1 with the experts sliced over TP) take the same AdamW steps (clipped, gradient
+accumulation) as the unsharded engine, while each rank holds a fraction of the parameters and
+moments."""
 
 from __future__ import annotations
 
@@ -48,10 +50,10 @@ def local_bytes(model: GPT, optimizer: torch.optim.Optimizer) -> int:
     return sum(size(p) for p in model.parameters()) + sum(size(v) for v in moments)
 
 
-def _worker(rank: int, world: int, zero: bool, out_dir: str) -> None:
-    topology = Topology(world, rank)
+def _worker(rank: int, world: int, zero: bool, out_dir: str, tp: int, ep: int, slicing: bool) -> None:
+    topology = Topology(world, rank, tp=tp)
     model = build()
-    state = parallelize(model, topology, ep=2, zero=zero)
+    state = parallelize(model, topology, ep=ep, zero=zero, expert_slicing=slicing)
     optimizer = make_optimizer(model, TrainConfig())
     set_lr(optimizer, 1e-3)
     losses = [train_step(model, optimizer, micro_batches(step, topology.dp_index), grad_clip=0.5, parallel=state)
@@ -60,11 +62,12 @@ def _worker(rank: int, world: int, zero: bool, out_dir: str) -> None:
                 "bytes": local_bytes(model, optimizer)}, f"{out_dir}/{zero}-rank{rank}.pt")
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_sharded_steps_equal_the_unsharded_engine(tmp_path, world):
+@pytest.mark.parametrize("world, tp, ep, slicing", [(2, 1, 2, False), (4, 1, 2, False), (4, 2, 2, False),
+                                                   (4, 2, 1, True)])
+def test_sharded_steps_equal_the_unsharded_engine(tmp_path, world, tp, ep, slicing):
     for zero in (False, True):
         (tmp_path / str(zero)).mkdir()
-        run_workers(_worker, world, tmp_path / str(zero), zero, str(tmp_path))
+        run_workers(_worker, world, tmp_path / str(zero), zero, str(tmp_path), tp, ep, slicing)
     plain = [torch.load(tmp_path / f"False-rank{r}.pt", weights_only=True) for r in range(world)]
     sharded = [torch.load(tmp_path / f"True-rank{r}.pt", weights_only=True) for r in range(world)]
     for rank in range(world):

@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="never split experts' hidden units over TP (MoE layers split their tokens instead)")
     parser.add_argument("--zero", action="store_true",
                         help="train: parameters, gradients and Adam moments sharded over data parallel "
-                        "(`pyramoe train --zero`; TP=1)")
+                        "(`pyramoe train --zero`)")
     parser.set_defaults(func=main)
 
 
@@ -86,7 +86,9 @@ def print_plan(plan: Plan, sizes: ModelSizes, hardware: Hardware, workload: Work
         print(f"  - {line}")
     seq = workload.seq_len or sizes.config.max_seq_len
     if workload.mode == "train":
-        print(f"  - {workload.param_bytes} bytes per parameter (fp32 weights, gradients, Adam m and v; no ZeRO), "
+        zero = ("sharded over DP (--zero, FSDP2), plus the largest expert shard gathered whole" if workload.zero
+                else "no ZeRO")
+        print(f"  - {workload.param_bytes} bytes per parameter (fp32 weights, gradients, Adam m and v; {zero}), "
               f"activations of {workload.micro_batch} x {seq} tokens (Korthikanti et al. 2022, no recomputation, "
               "16-bit) plus fp32 logits")
     else:

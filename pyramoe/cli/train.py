@@ -89,7 +89,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                        "(for layers with fewer experts than ranks)")
     group.add_argument("--zero", action="store_true",
                        help="shard parameters, gradients and AdamW state over the data-parallel ranks (FSDP2; experts "
-                       "over their expert-data-parallel ranks); checkpoints keep the unsharded layout")
+                       "over their expert-data-parallel ranks; with --tp each TP rank's share); checkpoints are "
+                       "written sharded, each rank its shard, and resume at any count with or without --zero")
     group.add_argument("--nproc-per-node", type=int, metavar="N",
                        help="launch N local processes with torchrun (gloo on CPU, NCCL on CUDA)")
     group.add_argument("--all-to-all", choices=("flat", "hierarchical"), default="flat",

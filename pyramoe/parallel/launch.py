@@ -150,8 +150,6 @@ def check_layout(config: object, nproc: int, launch: Launch) -> None:
                 topology.ep_node_layout(degree)  # what `build_exchange` asks of each EP group
             except ValueError as exc:
                 raise ValueError(f"--all-to-all hierarchical: layers[{index}].{exc}") from None
-    if launch.zero and launch.tp > 1:
-        raise ValueError("--zero: not with --tp > 1 yet (TP-share gradients would need a sum over TP first)")
     if launch.tp > 1:
         # `kv_heads` resolves n_kv_heads=None (one key/value head per query head); the message
         # names the field a user sets.

@@ -99,6 +99,8 @@ class ParallelState:
                 for param in experts.parameters():
                     if param.grad is not None:
                         _local(param.grad).div_(degree)
+            if self.topology.tp > 1:
+                self._sum_tp_shares(model)
             return
         if self.topology.world_size == 1:
             return
@@ -112,7 +114,7 @@ class ParallelState:
         # empty bucket (a rank whose share of a group holds no gradient) still joins its reduction.
         device = params[0].device
         if self.zero:
-            return _sharded_norm(params, device)
+            return self._sharded_norm(params, device)
         squares: dict[tuple[int, bool], torch.Tensor] = {}
         for param in params:
             if param.grad is not None:
@@ -132,6 +134,37 @@ class ParallelState:
             if sliced:
                 dist.all_reduce(square, group=self.groups.tp())
             total = total + square
+        return total.sqrt()
+
+    def _sum_tp_shares(self, model: nn.Module) -> None:
+        """Under FSDP with TP: sum the sharded gradients of the parameters that saw only this TP
+        rank's share (tokens or heads) over the TP group, in one reduction. TP partners of one DP
+        index hold the same rows of such a parameter (same shapes, same DP group size), so their
+        local shards add up element for element. A missing gradient joins as zeros."""
+        params = [p for p in _unique_parameters(model) if p.requires_grad and id(p) in self.tp_partial]
+        if not params:
+            return
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        grads = [_local(p.grad) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.groups.tp())
+        for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+            grad.copy_(part.view_as(grad))
+
+    def _sharded_norm(self, params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
+        """Under FSDP every element of a gradient lives on one rank of its data-parallel (or
+        expert-data-parallel) group, and expert shards on one rank of their expert-parallel
+        group; with TP, TP slices on one rank of the TP group while the other parameters are
+        alike on every TP rank (summed over TP already, or whole there): those count on TP rank
+        0 only. So the squares sum once over the world."""
+        replicas_count = self.topology.tp_index == 0
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for param in params:
+            if param.grad is not None and (replicas_count or id(param) in self.tp_sharded):
+                total = total + _local(param.grad).detach().float().square().sum()
+        dist.all_reduce(total)
         return total.sqrt()
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -177,9 +210,16 @@ def parallelize(
     # Group creation is collective: every rank creates the reduction groups here, in one order.
     for key in sorted({state._key(p) for p in _unique_parameters(model) if p.requires_grad}):
         state._reduction_group(key)
-    if zero and topology.world_size > 1:
-        state.sharded_experts = shard_parameters(model, topology, groups, state.layer_ep, device_type)
+    if zero and topology.dp > 1:  # at DP=1 there is nothing to shard over
+        # FSDP replaces every parameter by a sharded one: the id sets follow them by name.
+        named = {id(p): name for name, p in model.named_parameters(remove_duplicate=False)}
+        by_name = [{named[i] for i in ids if i in named} for ids in (state.tp_partial, state.tp_sharded)]
+        experts = {named[i]: degree for i, degree in state.expert_ep.items() if i in named}
+        state.sharded_experts = shard_parameters(model, groups, state.layer_ep, device_type)
         state.zero = True
+        params = dict(model.named_parameters(remove_duplicate=False))
+        state.tp_partial, state.tp_sharded = ({id(params[n]) for n in names} for names in by_name)
+        state.expert_ep = {id(params[n]): degree for n, degree in experts.items()}
     return state
 
 
@@ -210,18 +250,6 @@ def _parallelize_moe(
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a (FSDP) DTensor, else the tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _sharded_norm(params: list[nn.Parameter], device: torch.device) -> torch.Tensor:
-    """Under FSDP (no TP) every element of every gradient lives on exactly one rank: dense ones
-    split over the data-parallel group, expert ones over their expert-data-parallel group and
-    their shards over the expert-parallel group. So the squares sum once over the world."""
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for param in params:
-        if param.grad is not None:
-            total = total + _local(param.grad).detach().float().square().sum()
-    dist.all_reduce(total)
-    return total.sqrt()
 
 
 def _unique_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -13,10 +13,10 @@ expert-slicing at the same t, since TP adds all-reduces to every layer.
 
 Memory per GPU (bytes): the parameters it holds times `bytes_per_param` (training: 16, fp32 weights
 and gradients and two fp32 Adam moments; inference: 2, fp16/bf16 weights). Training with `zero`
-(`pyramoe train --zero`, FSDP2, TP=1 only): those 16 bytes of 1/DP of every parameter (the
-experts' EP shard split again over their DP/EP replicas), plus the largest MoE layer's expert
-shard gathered whole, fp32 weights and gradients (8 bytes each: FSDP gathers a block for its
-forward and backward; a dense block's own gather is not counted). Then, training, activations of
+(`pyramoe train --zero`, FSDP2): those 16 bytes of 1/DP of what a GPU would hold (each TP rank's
+parameters split over its DP group, the experts' EP shard over their DP/EP replicas), plus the
+largest MoE layer's expert shard gathered whole, fp32 weights and gradients (8 bytes each: FSDP
+gathers a block for its forward and backward; a dense block's own gather is not counted). Then, training, activations of
 one micro-batch (Korthikanti et al. 2022, no recomputation, 16-bit: s b h (10 + 24/t + 5 a s /
 (h t)) per layer, plus fp32 logits s b V) or, inference, the KV cache of `batch` sequences of
 `seq_len` tokens (16-bit, K and V per layer, heads split over t).
@@ -170,8 +170,11 @@ def memory_per_gpu(
               + sum(sizes.experts[i][1] / (ep * per_expert_shard) for i, ep in eps.items()))
     memory = {"parameters": params * workload.param_bytes}
     if workload.zero and workload.mode == "train":
-        memory["parameters"] = sizes.total / dp * workload.param_bytes
-        shards = [sizes.experts[i][1] / ep for i, ep in eps.items()]
+        # Dense state over DP; an EP shard over its DP/EP replicas: each layer's experts / DP.
+        held = (sizes.replicated + sizes.tp_sliced / tp
+                + sum(sizes.experts[i][1] / per_expert_shard for i in eps))
+        memory["parameters"] = held / dp * workload.param_bytes
+        shards = [sizes.experts[i][1] / (ep * per_expert_shard) for i, ep in eps.items()]
         memory["gathered experts"] = max(shards, default=0.0) * 8
     s = workload.seq_len or config.max_seq_len
     h, a, layers = config.d_model, config.n_heads, config.n_layers
@@ -210,8 +213,6 @@ def plan_at(
     smallest-memory one (fits=False)."""
     best = None
     for tp in tp_options(sizes.config, gpus, hardware.gpus_per_node):
-        if workload.zero and tp > 1:
-            continue  # `pyramoe train --zero` runs without TP
         eps = layer_eps(sizes, gpus // tp)
         if eps is None:
             continue

@@ -49,6 +49,7 @@ from pyramoe.checkpoint import (  # noqa: F401 - the reading side, re-exported f
     _read_safetensors,
     build_model,
     checkpoint_root,
+    chunk_key,
     is_sharded,
     latest_checkpoint,
     list_checkpoints,
@@ -115,8 +116,9 @@ def save_checkpoint(
 # -- sharded saving (every rank of a torch.distributed job) ------------------------------------------------
 
 # What a rank holds of one full tensor: (local shape, dtype name, experts (first, count) or None,
-# tensor-parallel (dim, blocks, rank, size) or None).
-_Held = tuple[tuple[int, ...], str, tuple[int, int] | None, tuple[int, tuple[int, ...], int, int] | None]
+# tensor-parallel (dim, blocks, rank, size) or None, FSDP rows (first, end, total) or None).
+_Held = tuple[tuple[int, ...], str, tuple[int, int] | None, tuple[int, tuple[int, ...], int, int] | None,
+              tuple[int, int, int] | None]
 
 
 def shard_file(kind: str, rank: int, world: int) -> str:
@@ -131,14 +133,18 @@ def held_parts(tensors: dict[str, torch.Tensor], parts: dict[str, Part]) -> dict
         part = parts.get(name) if t.dim() > 0 else None
         experts = part.experts if part is not None else None
         tp = part.tp if part is not None and part.tp is not None and part.tp[3] > 1 else None
-        out[name] = (tuple(t.shape), str(t.dtype).removeprefix("torch."), experts, tp)
+        rows = part.rows if part is not None else None
+        out[name] = (tuple(t.shape), str(t.dtype).removeprefix("torch."), experts, tp, rows)
     return out
 
 
 def _pieces(name: str, held: _Held) -> list[tuple[str, int | None]]:
     """(stored name, row of the local tensor or None for all of it) of every piece a rank holds."""
-    _, _, experts, tp = held
+    _, _, experts, tp, rows = held
     tp_id = (tp[2], tp[3]) if tp is not None else None
+    if rows is not None:
+        first, end, _ = rows
+        return [(chunk_key(piece_key(name, None, tp_id), first, end), None)] if end > first else []
     if experts is None:
         return [(piece_key(name, None, tp_id), None)]
     first, count = experts
@@ -147,19 +153,27 @@ def _pieces(name: str, held: _Held) -> list[tuple[str, int | None]]:
 
 def shard_index(kind: str, held_by_rank: list[dict[str, _Held]]) -> dict[str, Any]:
     """The HF-style index of one kind ("model", "optimizer") from what every rank holds: weight_map
-    names each piece's file (its lowest holder's), metadata how pieces join into full tensors."""
+    names each piece's file (its lowest holder's), metadata how pieces join into full tensors
+    (and, under --zero, which row chunks make each piece)."""
     world = len(held_by_rank)
     weight_map: dict[str, str] = {}
     tensors: dict[str, dict[str, Any]] = {}
+    chunks: dict[str, dict[str, tuple[int, int]]] = {}  # piece -> chunk's stored name -> its rows
     total = 0
     for rank, held in enumerate(held_by_rank):
         for name, h in held.items():
-            shape, dtype, experts, tp = h
+            shape, dtype, experts, tp, rows = h
             first = name not in tensors
             info = tensors.setdefault(name, {"shape": list(shape), "dtype": dtype, "experts": experts is not None,
                                              "tp": None})
             if experts is not None:  # the full expert count: the highest expert any rank holds, + 1
                 info["shape"][0] = max(0 if first else info["shape"][0], sum(experts))
+            if rows is not None:
+                info["shape"][0] = rows[2]
+                tp_id = (tp[2], tp[3]) if tp is not None else None
+                piece = piece_key(name, None, tp_id)
+                if rows[1] > rows[0]:
+                    chunks.setdefault(piece, {})[chunk_key(piece, rows[0], rows[1])] = rows[:2]
             if tp is not None:
                 dim, blocks, _, size = tp
                 info["shape"][dim] = sum(blocks)
@@ -170,8 +184,11 @@ def shard_index(kind: str, held_by_rank: list[dict[str, _Held]]) -> dict[str, An
                 if key not in weight_map:  # its lowest holder writes it
                     weight_map[key] = shard_file(kind, rank, world)
                     total += per_piece
-    return {"metadata": {"total_size": total, "format": SHARDED_FORMAT, "tensors": tensors},
-            "weight_map": weight_map}
+    metadata: dict[str, Any] = {"total_size": total, "format": SHARDED_FORMAT, "tensors": tensors}
+    if chunks:
+        metadata["chunks"] = {piece: [[a, b, key] for key, (a, b) in sorted(found.items(), key=lambda kv: kv[1])]
+                              for piece, found in chunks.items()}
+    return {"metadata": metadata, "weight_map": weight_map}
 
 
 def save_sharded_checkpoint(

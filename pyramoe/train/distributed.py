@@ -9,7 +9,8 @@ checkpoints that any layout can load. Joining the job and sharding the model: `p
 - Writing: rank 0 alone prints, writes metrics and config.json; checkpoints are written by all.
 - Checkpoints are sharded: every rank writes its own pieces (experts under their global ids,
   tensor-parallel slices, replicated tensors by their lowest holder), weights and Adam moments,
-  with no gather (`checkpoint.save_sharded_checkpoint`). Loading reads each rank's part from the
+  with no gather (`checkpoint.save_sharded_checkpoint`); under --zero only its FSDP shard of
+  them (`fsdp_shards`). Loading reads each rank's part from the
   pieces, so a run saved at EP=4 resumes at EP=2, at EP=2 x TP=2 or in one process.
 - Failures: collectives time out after `timeout_s` (default 60 s), so a dead or hung rank ends the
   others with an error instead of a hang; torchrun then stops the job.
@@ -17,6 +18,7 @@ checkpoints that any layout can load. Joining the job and sharding the model: `p
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from torch import nn
 
 import pyramoe.train.checkpoint as ckpt_io
 from pyramoe.parallel.launch import DistRun
+from pyramoe.parallel.sharding import local_rows
 from pyramoe.parallel.tensor import tp_layouts
 from pyramoe.train.checkpoint import Part, Parts
 
@@ -84,6 +87,26 @@ def optimizer_parts(model: nn.Module, optimizer: torch.optim.Optimizer, run: Dis
         return None
     by_index = _parts_by_index(model, optimizer)
     return lambda key: by_index.get(_state_index(key))
+
+
+def fsdp_shards(tensors: dict[str, torch.Tensor], parts: dict[str, Part]) -> tuple[dict[str, torch.Tensor],
+                                                                                  dict[str, Part]]:
+    """Under --zero: each FSDP-sharded (DTensor) tensor as the rows this rank holds, with its `Part`
+    saying which (whole experts of an expert tensor, else `rows`), so a rank writes only its
+    shard and the checkpoint still names every piece of the full tensors. No communication."""
+    local, out = dict(tensors), dict(parts)
+    for name, t in tensors.items():
+        rows = local_rows(t)
+        if rows is None:
+            continue
+        local[name] = t.to_local()
+        first, end, _ = rows
+        part = parts.get(name, Part())
+        if part.experts is not None:
+            out[name] = dataclasses.replace(part, experts=(part.experts[0] + first, end - first))
+        else:
+            out[name] = dataclasses.replace(part, rows=rows)
+    return local, out
 
 
 # -- the run directory ---------------------------------------------------------------------------------------

@@ -28,10 +28,10 @@ from pyramoe.data import PreparedData
 from pyramoe.models import GPT, GPTOutput
 from pyramoe.parallel import ParallelState
 from pyramoe.parallel.launch import DistRun, apply_parallelism
-from pyramoe.parallel.sharding import gather_full
 from pyramoe.train.config import RunConfig
 from pyramoe.train.distributed import (
     clean_stale_once,
+    fsdp_shards,
     model_parts,
     optimizer_parts,
     optimizer_rank_parts,
@@ -251,16 +251,16 @@ class Trainer:
             return existing
         tensors = ckpt_io.model_tensors(self.model)
         opt_tensors, groups = ckpt_io.optimizer_tensors(self.optimizer)
-        if self.dist is not None and self.dist.state is not None and self.dist.state.zero:
-            # whole, as without the sharding: the layout any world size can load
-            tensors, opt_tensors = gather_full(tensors), gather_full(opt_tensors)
         if self.is_main and not self.tokenizer_file.is_file():
             self.data.tokenizer.save(self.tokenizer_file)
         if self.dist is not None and self.dist.state is not None:
+            parts, opt_parts = rank_parts(self.model), optimizer_rank_parts(self.model, self.optimizer)
+            if self.dist.state.zero:  # each rank its FSDP shard, no gather
+                tensors, parts = fsdp_shards(tensors, parts)
+                opt_tensors, opt_parts = fsdp_shards(opt_tensors, opt_parts)
             path = ckpt_io.save_sharded_checkpoint(
-                self.checkpoint_root, self.step, tensors, rank_parts(self.model), (opt_tensors, groups),
-                optimizer_rank_parts(self.model, self.optimizer), self._state_record(), self.tokenizer_file,
-                self.config.keep_last, self.discard_after,
+                self.checkpoint_root, self.step, tensors, parts, (opt_tensors, groups), opt_parts,
+                self._state_record(), self.tokenizer_file, self.config.keep_last, self.discard_after,
             )
             self.dist.barrier()  # no rank goes on (or exits) before older checkpoints are pruned
         else:
