@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from pyramoe.kernels.build import build_error, load_library
+from pyramoe.kernels.build import AMX_MODES, build_error, load_library
 
 LAYOUT_FP32, LAYOUT_BF16, LAYOUT_BLOCKED = 0, 1, 2
 
@@ -27,6 +27,67 @@ def blocking_available() -> bool:
     """The native library is built and has the AVX512-BF16 kernels."""
     library = load_library()
     return library is not None and bool(library.pm_native_bf16())
+
+
+def amx_state() -> int:
+    """1 where blocked bf16 products with many rows run on AMX tiles, 0 where the library has no AMX
+    kernel (the CPU lacks AMX-BF16, or no native library), -1 where Linux refused the tile state."""
+    library = load_library()
+    if library is None:
+        return 0
+    library.pm_native_amx.restype = ctypes.c_int64
+    return int(library.pm_native_amx())
+
+
+def set_amx(mode: str) -> str:
+    """Which kernel blocked bf16 products use from now on, process-wide: "0" (AVX512-BF16), "1" (AMX
+    tiles at any row count, where `amx_state()` is 1) or "auto" ($PYRAMOE_NATIVE_AMX at load,
+    default auto). Returns the previous mode, for A/B runs and tests in one process."""
+    if mode not in AMX_MODES:
+        raise ValueError(f"amx mode must be one of {', '.join(AMX_MODES)}, not {mode!r}")
+    library = load_library()
+    if library is None:
+        raise RuntimeError(f"set_amx: the native library is unavailable ({build_error()})")
+    previous = int(library.pm_set_amx(ctypes.c_int64(AMX_MODES[mode])))
+    return next(name for name, value in AMX_MODES.items() if value == previous)
+
+
+def amx_mode() -> str:
+    """The mode `set_amx` last set (or the environment's)."""
+    library = load_library()
+    if library is None:
+        return "0"
+    library.pm_amx_mode.restype = ctypes.c_int64
+    value = int(library.pm_amx_mode())
+    return next(name for name, v in AMX_MODES.items() if v == value)
+
+
+def amx_min_rows() -> int:
+    """Rows of x from which auto mode runs a product on AMX tiles."""
+    library = load_library()
+    if library is None:
+        return 0
+    library.pm_amx_min_rows.restype = ctypes.c_int64
+    return int(library.pm_amx_min_rows())
+
+
+def native_products() -> str:
+    """One line on the kernels the native bf16 products run on, for reports (`pyramoe generate`)."""
+    library = load_library()
+    if library is None:
+        return "none (no native library)"
+    if not library.pm_native_bf16():
+        return "portable (no AVX512-BF16)"
+    state = amx_state()
+    if state == 0:
+        return "AVX512-BF16 (no AMX-BF16 on this CPU)"
+    if state < 0:
+        return "AVX512-BF16 (AMX-BF16 present, but Linux refused the tile state: no AMX)"
+    mode = amx_mode()
+    if mode == "0":
+        return "AVX512-BF16 (AMX off: PYRAMOE_NATIVE_AMX=0)"
+    rows = "any row count" if mode == "1" else f"{amx_min_rows()}+ rows"
+    return f"AVX512-BF16, AMX-BF16 tiles at {rows}"
 
 
 def can_block(weight: torch.Tensor) -> bool:
