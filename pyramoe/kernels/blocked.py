@@ -71,6 +71,15 @@ def amx_min_rows() -> int:
     return int(library.pm_amx_min_rows())
 
 
+def amx_products() -> int:
+    """Products the native library ran on AMX tiles since it loaded (0 without a library)."""
+    library = load_library()
+    if library is None:
+        return 0
+    library.pm_amx_products.restype = ctypes.c_int64
+    return int(library.pm_amx_products())
+
+
 def native_products() -> str:
     """One line on the kernels the native bf16 products run on, for reports (`pyramoe generate`)."""
     library = load_library()

@@ -496,6 +496,9 @@ int64_t pm_amx_mode() { return g_amx_mode.load(); }
 
 int64_t pm_amx_min_rows() { return kAmxMinRows; }
 
+// Products run on AMX tiles since the library loaded (counted per product, not per thread's share).
+int64_t pm_amx_products() { return g_amx_products.load(); }
+
 // The size in bytes of the struct named `name` ("PmModel", "PmLayer", "PmMlp"), or -1: the ctypes
 // mirrors in pyramoe/inference/native/forward.py are checked against them before any call.
 int64_t pm_sizeof(const char *name) {

@@ -5,8 +5,8 @@
 // input pairs k/2 .. k/2 + 15 of one block of 16 outputs are 16 rows of 64 bytes, contiguous (one
 // 1 KB B tile, stride 64). x in bf16 [M, K] gives the A tiles (up to 16 rows x 32 inputs, stride 2K
 // bytes), and a C tile holds 16 rows x 16 outputs in fp32. One tdpbf16ps does 16 x 16 x 32
-// products, against 16 x 32 for a vdpbf16ps, so past a few rows the tiles win; below, the
-// AVX512-BF16 kernel streams the weights faster (kAmxMinRows says where, measured).
+// products, against 16 x 32 for a vdpbf16ps, so past a few rows the tiles win; below, both read
+// the weights at memory speed and the AVX512-BF16 kernel is as fast (kAmxMinRows: where, measured).
 #pragma once
 
 #include <immintrin.h>
@@ -27,10 +27,16 @@ namespace {
 // the Python side): the AVX512-BF16 one always, AMX always, or AMX from kAmxMinRows rows of x.
 constexpr int64_t kAmxOff = 0, kAmxOn = 1, kAmxAuto = 2;
 std::atomic<int64_t> g_amx_mode{kAmxAuto};
+std::atomic<int64_t> g_amx_products{0};  // products run on tiles (pm_amx_products: tests check the path taken)
 
-// Rows of x from which the tiles run a product (auto mode). Measured on the Mixtral-shaped bench
-// model's matrices (see pyramoe/kernels/blocked.py's module notes for the figures).
-constexpr int64_t kAmxMinRows = 16;
+// Rows of x from which the tiles run a product (auto mode). Measured with pm_linear on the
+// Mixtral-shaped bench model's matrices (expert in [2048, 512], expert out [512, 1024], LM head
+// [32000, 512]; 64 MB of copies so weights come from memory as in a step), 2 threads, the two
+// kernels interleaved in one process, on a 2-core AMX VM shared with other jobs (so +-10%):
+// AMX / AVX512-BF16 speed at 1 row 0.87-1.0x (the LM head and expert in slower), 2-4 rows 0.97-1.13x
+// (both stream the weights at memory speed), 5 rows 1.2-1.3x, 8 rows 1.6-1.7x, 16 rows 2.4-2.9x,
+// 32 rows 3.0-3.8x, 256 rows 3.9-4.7x (AVX512-BF16 peaked at ~200 GFLOP/s here, AMX at 750-920).
+constexpr int64_t kAmxMinRows = 5;
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 constexpr bool kAmxBuilt = true;
@@ -72,6 +78,9 @@ void configure_tiles(int ra, int rb) {
   _tile_loadconfig(&c);
 }
 
+#ifndef PM_AMX_PREFETCH
+#define PM_AMX_PREFETCH 1
+#endif
 constexpr int64_t kAmxPrefetch = 4096;  // bytes ahead in each block's stream, as the AVX512 kernel
 
 // RG row groups (rows m .. m + ra + rb) x NB blocks of 16 outputs from block nb.
@@ -88,7 +97,7 @@ inline void amx_tile(const Job &j, int64_t nb, int64_t m, int ra, int rb) {
     if constexpr (NB == 2) _tile_zero(3);
   }
   for (int64_t k = 0; k < j.K; k += 32) {  // B tile of inputs k .. k + 31: 16 pairs at pair k / 2
-    if (m == 0)  // the first row group reads the weights from memory; the others find them cached
+    if (PM_AMX_PREFETCH && m == 0)  // the first row group reads the weights from memory; the others find them cached
       for (int line = 0; line < 1024; line += 64) {
         _mm_prefetch(reinterpret_cast<const char *>(w0 + k * 16) + kAmxPrefetch + line, _MM_HINT_T0);
         if constexpr (NB == 2)

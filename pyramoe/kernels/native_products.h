@@ -546,6 +546,8 @@ void run_jobs(std::vector<Job> &jobs, bool bf16, int threads, uint16_t *xb_scrat
       j.xb = xb_scratch;
       xb_scratch += j.M * j.K;
     }
+    if (j.format == 0 && j.blocked && bf16 && kNativeBf16 && amx_wanted(j))
+      g_amx_products.fetch_add(1, std::memory_order_relaxed);
     unit_rows[i] = j.blocked || j.format != 0 ? 128 : kRowBlock;
     first_unit[i + 1] = first_unit[i] + (j.N + unit_rows[i] - 1) / unit_rows[i];
   }
