@@ -24,7 +24,8 @@ from pyramoe.kernels.blocked import amx_mode, amx_products, amx_state, native_pr
 from pyramoe.models import GPT
 
 pytestmark = pytest.mark.skipif(not blocking_available(), reason="needs the native kernels with AVX512-BF16")
-NO_AMX = "this CPU has no AMX-BF16 (or Linux refused the tile state): only the AVX512-BF16 kernel runs"
+NO_AMX = ("no AMX-BF16 in this build (the CPU lacks it, or PYRAMOE_NATIVE_MARCH leaves it out) or Linux refused "
+          "the tile state: only the AVX512-BF16 kernel runs")
 
 
 @contextlib.contextmanager
