@@ -4,7 +4,8 @@
 // Why: an eager PyTorch decode step of the benchmark model is ~650 small ops at ~5 us of dispatch
 // each, more than the weight reads themselves; here the step is plain loops, every weight matrix is
 // streamed once per step (a batch's rows share each read), bf16 weights go through AVX512-BF16 dot
-// products where the CPU has them, and only the matrix products run on several threads.
+// products where the CPU has them (and products of many rows through AMX tiles where it has those,
+// native_amx.h), and only the matrix products run on several threads.
 //
 // Built at first use by pyramoe/kernels/build.py (g++ -O3 -march=native -fopenmp) and driven
 // through ctypes by pyramoe/inference/native/forward.py, which fills the structs below from a model,
