@@ -3,7 +3,8 @@
 An [N, K] matrix becomes [ceil(N/16), K/2, 16, 2] (rows padded to 16 with zeros): each 64 bytes hold
 16 outputs x 2 inputs, which an AVX512-BF16 instruction multiplies with a broadcast pair of inputs,
 so a product reads each weight once whatever the number of rows, with no horizontal sums (see
-native.cpp). On the LM head's shape ([32000, 512], 2-core Zen 5 VM, 2 threads, one run, through
+native.cpp). The same layout is AMX's packed B operand, so where the CPU has AMX-BF16, products of
+many rows run on tiles (native_amx.h; `set_amx` / $PYRAMOE_NATIVE_AMX choose, `native_products` says). On the LM head's shape ([32000, 512], 2-core Zen 5 VM, 2 threads, one run, through
 `blocked_linear`) 1 / 4 / 16 / 64 rows took 0.65 / 0.64 / 0.85 / 2.65 ms against 0.49 / 0.67 / 1.02 /
 2.59 ms for oneDNN's packed weights; each weight was its own allocation, and this VM reads some
 allocations ~1.5x faster than others, so single figures differ by that much between runs.
@@ -18,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from pyramoe.kernels.build import build_error, load_library
+from pyramoe.kernels.build import AMX_MODES, build_error, load_library
 
 LAYOUT_FP32, LAYOUT_BF16, LAYOUT_BLOCKED = 0, 1, 2
 
@@ -27,6 +28,76 @@ def blocking_available() -> bool:
     """The native library is built and has the AVX512-BF16 kernels."""
     library = load_library()
     return library is not None and bool(library.pm_native_bf16())
+
+
+def amx_state() -> int:
+    """1 where blocked bf16 products with many rows run on AMX tiles, 0 where the library has no AMX
+    kernel (the CPU lacks AMX-BF16, or no native library), -1 where Linux refused the tile state."""
+    library = load_library()
+    if library is None:
+        return 0
+    library.pm_native_amx.restype = ctypes.c_int64
+    return int(library.pm_native_amx())
+
+
+def set_amx(mode: str) -> str:
+    """Which kernel blocked bf16 products use from now on, process-wide: "0" (AVX512-BF16), "1" (AMX
+    tiles at any row count, where `amx_state()` is 1) or "auto" ($PYRAMOE_NATIVE_AMX at load,
+    default auto). Returns the previous mode, for A/B runs and tests in one process."""
+    if mode not in AMX_MODES:
+        raise ValueError(f"amx mode must be one of {', '.join(AMX_MODES)}, not {mode!r}")
+    library = load_library()
+    if library is None:
+        raise RuntimeError(f"set_amx: the native library is unavailable ({build_error()})")
+    previous = int(library.pm_set_amx(ctypes.c_int64(AMX_MODES[mode])))
+    return next(name for name, value in AMX_MODES.items() if value == previous)
+
+
+def amx_mode() -> str:
+    """The mode `set_amx` last set (or the environment's)."""
+    library = load_library()
+    if library is None:
+        return "0"
+    library.pm_amx_mode.restype = ctypes.c_int64
+    value = int(library.pm_amx_mode())
+    return next(name for name, v in AMX_MODES.items() if v == value)
+
+
+def amx_min_rows() -> int:
+    """Rows of x from which auto mode runs a product on AMX tiles."""
+    library = load_library()
+    if library is None:
+        return 0
+    library.pm_amx_min_rows.restype = ctypes.c_int64
+    return int(library.pm_amx_min_rows())
+
+
+def amx_products() -> int:
+    """Products the native library ran on AMX tiles since it loaded (0 without a library)."""
+    library = load_library()
+    if library is None:
+        return 0
+    library.pm_amx_products.restype = ctypes.c_int64
+    return int(library.pm_amx_products())
+
+
+def native_products() -> str:
+    """One line on the kernels the native bf16 products run on, for reports (`pyramoe generate`)."""
+    library = load_library()
+    if library is None:
+        return "none (no native library)"
+    if not library.pm_native_bf16():
+        return "portable (no AVX512-BF16)"
+    state = amx_state()
+    if state == 0:
+        return "AVX512-BF16 (no AMX-BF16 on this CPU)"
+    if state < 0:
+        return "AVX512-BF16 (AMX-BF16 present, but Linux refused the tile state: no AMX)"
+    mode = amx_mode()
+    if mode == "0":
+        return "AVX512-BF16 (AMX off: PYRAMOE_NATIVE_AMX=0)"
+    rows = "any row count" if mode == "1" else f"{amx_min_rows()}+ rows"
+    return f"AVX512-BF16, AMX-BF16 tiles at {rows}"
 
 
 def can_block(weight: torch.Tensor) -> bool:

@@ -147,10 +147,26 @@ def _load() -> None:
         try:
             import torch  # noqa: F401  (its OpenMP runtime must be loaded first)
 
+            mode = amx_mode_from_env()  # a bad value is the user's error, raised before any build
             _library = ctypes.CDLL(str(build()))
+            _library.pm_set_amx.restype = ctypes.c_int64
+            _library.pm_set_amx(ctypes.c_int64(mode))
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             _error = f"{exc}; {FALLBACK}"
     _tried = True  # last: a thread that sees it set finds the result set too
+
+
+AMX_MODES = {"0": 0, "1": 1, "auto": 2}  # pm_set_amx's modes: AVX512-BF16 only, AMX always, AMX for many rows
+
+
+def amx_mode_from_env() -> int:
+    """$PYRAMOE_NATIVE_AMX as pm_set_amx's mode: 0 (blocked bf16 products on the AVX512-BF16 kernel
+    only), 1 (on AMX tiles at any row count, where the CPU has them) or auto (the default: AMX from
+    the library's row threshold)."""
+    value = os.environ.get("PYRAMOE_NATIVE_AMX", "auto").strip().lower() or "auto"
+    if value not in AMX_MODES:
+        raise ValueError(f"PYRAMOE_NATIVE_AMX must be 0, 1 or auto, not {value!r}")
+    return AMX_MODES[value]
 
 
 def build_error() -> str | None:

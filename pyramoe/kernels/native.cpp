@@ -4,7 +4,8 @@
 // Why: an eager PyTorch decode step of the benchmark model is ~650 small ops at ~5 us of dispatch
 // each, more than the weight reads themselves; here the step is plain loops, every weight matrix is
 // streamed once per step (a batch's rows share each read), bf16 weights go through AVX512-BF16 dot
-// products where the CPU has them, and only the matrix products run on several threads.
+// products where the CPU has them (and products of many rows through AMX tiles where it has those,
+// native_amx.h), and only the matrix products run on several threads.
 //
 // Built at first use by pyramoe/kernels/build.py (g++ -O3 -march=native -fopenmp) and driven
 // through ctypes by pyramoe/inference/native/forward.py, which fills the structs below from a model,
@@ -477,6 +478,27 @@ int64_t pm_workspace_bytes(const PmModel *m, int64_t B) {
 }
 
 int64_t pm_native_bf16() { return kNativeBf16 ? 1 : 0; }
+
+// 1 where blocked bf16 products with many rows run on AMX tiles, 0 where the library was built
+// without them (the CPU lacks AMX-BF16), -1 where built with them but Linux refused the tile state.
+int64_t pm_native_amx() {
+  if (!kAmxBuilt) return 0;
+  return amx_permitted() ? 1 : -1;
+}
+
+// Sets which kernel blocked bf16 products use (0: AVX512-BF16, 1: AMX at any row count, 2: AMX
+// from pm_amx_min_rows() rows) and returns the previous mode; -1 for a bad mode.
+int64_t pm_set_amx(int64_t mode) {
+  if (mode < kAmxOff || mode > kAmxAuto) return -1;
+  return g_amx_mode.exchange(mode);
+}
+
+int64_t pm_amx_mode() { return g_amx_mode.load(); }
+
+int64_t pm_amx_min_rows() { return kAmxMinRows; }
+
+// Products run on AMX tiles since the library loaded (counted per product, not per thread's share).
+int64_t pm_amx_products() { return g_amx_products.load(); }
 
 // The size in bytes of the struct named `name` ("PmModel", "PmLayer", "PmMlp"), or -1: the ctypes
 // mirrors in pyramoe/inference/native/forward.py are checked against them before any call.

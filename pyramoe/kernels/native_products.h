@@ -3,39 +3,11 @@
 // threads' split of a phase's products. Included once, by native.cpp.
 #pragma once
 
+#include "native_amx.h"
+#include "native_job.h"
 #include "native_numbers.h"
 
 namespace {
-
-// One product of a phase: rows [0, M) of x (fp32, and its bf16 copy for bf16 weights), W [N, K].
-struct Job {
-  const float *x;
-  const uint16_t *xb;
-  int64_t M, K, N;
-  const void *W;
-  const float *bias;
-  float *y;  // [M, N]
-  bool blocked = false;
-  // Per-matrix format (kFormatInt8: W int8 blocked, see int8 kernels below; 0: the model's bf16 or
-  // fp32 as `blocked` says), with its per-output scales and 128 x row sums (padded to 16 outputs).
-  int64_t format = 0;
-  const float *scales = nullptr;
-  const int32_t *sums = nullptr;
-  const uint8_t *xq = nullptr;      // x per row as u8 (round(x / x_scales[m]) + 128), set by run_jobs
-  const float *x_scales = nullptr;  // [M]
-  // kFormatInt4 (see the int4 kernels below): the group size, fp16 scales and mins (null:
-  // symmetric) [ceil(N/16), K/group, 16]; x per row as s8 with its per-group sums, set by run_jobs.
-  int64_t group = 0;
-  const uint16_t *group_scales = nullptr, *group_mins = nullptr;
-  const int32_t *x_sums = nullptr;  // [M, K/group]
-};
-
-constexpr int64_t kFormatInt8 = 1;
-constexpr int64_t kFormatInt4 = 2;
-
-constexpr int64_t kRowBlock = 16;  // weight rows per unit of work (the threads split these)
-
-inline int64_t padded16(int64_t n) { return (n + 15) / 16 * 16; }
 
 // Portable kernel: any K, fp32 or bf16 weights (the compiler vectorises the 16 lanes).
 template <typename WT>
@@ -180,7 +152,8 @@ void blocks_with(const Job &j, int64_t b0, int64_t b1) {
 }
 
 void blocks_bf16(const Job &j, int64_t b0, int64_t b1) {
-  if (j.M <= 16) blocks_with<1, 16>(j, b0, b1);
+  if (amx_wanted(j)) blocks_amx(j, b0, b1);  // many rows: AMX tiles (native_amx.h)
+  else if (j.M <= 16) blocks_with<1, 16>(j, b0, b1);
   else blocks_with<2, 12>(j, b0, b1);
 }
 #else
@@ -573,6 +546,8 @@ void run_jobs(std::vector<Job> &jobs, bool bf16, int threads, uint16_t *xb_scrat
       j.xb = xb_scratch;
       xb_scratch += j.M * j.K;
     }
+    if (j.format == 0 && j.blocked && bf16 && kNativeBf16 && amx_wanted(j))
+      g_amx_products.fetch_add(1, std::memory_order_relaxed);
     unit_rows[i] = j.blocked || j.format != 0 ? 128 : kRowBlock;
     first_unit[i + 1] = first_unit[i] + (j.N + unit_rows[i] - 1) / unit_rows[i];
   }

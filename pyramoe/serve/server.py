@@ -65,7 +65,8 @@ def run_server(state: ServerState, load: Callable[[], tuple[Engine, ChatTemplate
             loop = EngineLoop(engine, options.max_queue, replicate=leader, on_failure=stop_serving).start()
             state.attach(engine, loop, template)
             announce(f"pyramoe serve: {state.model_name} ready at http://{options.host}:{_bound_port(server)} "
-                     f"({engine.decode_path} step, {engine.max_batch} slots x {engine.max_len} positions, "
+                     f"({engine.decode_path} step{_products(engine)}, "
+                     f"{engine.max_batch} slots x {engine.max_len} positions, "
                      f"KV cache {engine.cache.bytes() / 2**20:.1f} MiB in {engine.cache.allocator.num_blocks} blocks "
                      f"of {engine.cache.block_size}, chat template: {template.name})"
                      f"{f'; {leader.layout}' if leader is not None else ''}")
@@ -100,6 +101,17 @@ def run_server(state: ServerState, load: Callable[[], tuple[Engine, ChatTemplate
               f"pyramoe serve: loading failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _products(engine: Engine) -> str:
+    """", bf16 products: ..." for a native step on bf16 weights (AMX tiles or why not), else ""."""
+    import torch
+
+    from pyramoe.kernels.blocked import native_products
+
+    if engine.decode_path != "native" or next(engine.model.parameters()).dtype != torch.bfloat16:
+        return ""
+    return f", bf16 products: {native_products()}"
 
 
 def _bound_port(server: uvicorn.Server) -> int:
