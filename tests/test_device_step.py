@@ -152,11 +152,11 @@ def test_device_forward_makes_no_host_sync(mode):
         plan, host = step._plan(tokens, slots, positions, logit_rows, sampling)
         assert plan.sampling == ["greedy", "sampled", "top-k top-p"].index(mode)
         with no_host_syncs():
-            logits_RV, tokens_R = step._device_forward(plan, host)
+            logits_RV, out_RC = step._device_forward(plan, host)
         batch = SamplingBatch.build([r.params if r else SamplingParams(temperature=0) for r in sampling],
                                     [r.seed if r else 0 for r in sampling], [r.counter if r else 0 for r in sampling],
                                     "cpu")
-        assert tokens_R[: len(logit_rows)].tolist() == sample(logits_RV[: len(logit_rows)], batch).tolist()
+        assert out_RC[: len(logit_rows), 0].tolist() == sample(logits_RV[: len(logit_rows)], batch).tolist()
 
 
 def _engine_tokens(model: GPT, step: str, params: SamplingParams) -> tuple[list[list[int]], Engine]:
@@ -225,13 +225,13 @@ def test_cuda_replayed_decode_step_makes_no_host_sync():
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            _, tokens_R = step._replay(plan, host)
+            _, out_RC = step._replay(plan, host)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
     eager = DeviceStep(model, _cache(model), 16, graphs=False)
     _run(eager, sequences, CALLS)
-    assert tokens_R[:3].tolist() == eager.forward(tokens, slots, positions, [0, 1, 2], sampling)[1]
+    assert out_RC[:3, 0].tolist() == eager.forward(tokens, slots, positions, [0, 1, 2], sampling)[1]
     assert len(step._graphs) == 2
 
 

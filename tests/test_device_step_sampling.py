@@ -2,7 +2,8 @@
 request's tokens are the device sampler's draws (its seed, the token's index as the counter) from
 the model's logits, whatever else shares its steps, across preemptions and from run to run; greedy
 requests keep the argmax; the first tokens of many seeds follow the sampling distribution;
-penalised requests still sample on the host as the PyTorch step does."""
+penalised requests are penalised on the device: greedy ones choose the host path's tokens, sampled
+ones draw from the host path's penalised distribution, across preemptions and slot reuse."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from test_native_decode import CASES, _model  # noqa: I001 - the block kinds of 
 
 from pyramoe.inference import Engine, SamplingParams
 from pyramoe.inference.device_sampling import SamplingBatch, sample
-from pyramoe.inference.sampling import sampling_probs
+from pyramoe.inference.sampling import apply_penalties, sampling_probs
 
 SAMPLED = SamplingParams(max_tokens=12, temperature=0.9, top_k=20, top_p=0.9, seed=7, ignore_eos=True)
 PROMPT = [5, 9, 2, 7, 1, 3, 8, 4, 6, 2, 11]
@@ -85,11 +86,48 @@ def test_first_tokens_of_many_seeds_follow_the_distribution():
     assert chi2 < chi_square_critical(5), (chi2, counts_V[kept].tolist(), expected.tolist())
 
 
-def test_penalised_requests_sample_on_the_host_as_before():
+# Negative penalties: drawn tokens come back, so counts above 1 matter.
+PENALISED = SamplingParams(max_tokens=10, temperature=1.0, seed=5, presence_penalty=-2.0, frequency_penalty=-1.0,
+                           ignore_eos=True)
+
+
+def test_penalised_greedy_requests_equal_the_host_path_token_for_token():
+    """Penalties on the device (counts kept per slot, counted in the step) choose the tokens the
+    host's `apply_penalties` does; slots are reused (5 requests, 2 slots), so counts restart."""
     model = _model(CASES["mixtral"], torch.float32)
-    penalised = SamplingParams(max_tokens=10, temperature=0.8, seed=5, presence_penalty=1.5, ignore_eos=True)
-    requests = [(PROMPT, penalised), OTHERS[0]]
-    assert _tokens(_engine(model), requests) == _tokens(_engine(model, step="pytorch"), requests)
+    greedy = [SamplingParams(max_tokens=12, temperature=0.0, presence_penalty=p, frequency_penalty=f, ignore_eos=True)
+              for p, f in ((1.5, 0.0), (0.0, 2.0), (-0.5, 1.0), (2.0, 2.0))]
+    requests = [(PROMPT, greedy[0]), ([3, 1], greedy[1]), OTHERS[0], ([7, 7, 7, 2, 5], greedy[2]), ([4, 9], greedy[3])]
+    got = _tokens(_engine(model, max_batch=2), requests)
+    assert got == _tokens(_engine(model, step="pytorch", max_batch=2), requests)
+    plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    unpenalised = _tokens(_engine(model, step="pytorch", max_batch=2), [(prompt, plain) for prompt, _ in requests])
+    changed = [a != b[: len(a)] for a, b in zip(got, unpenalised)]
+    assert not changed[2] and sum(changed) >= 2  # the penalties changed some choices: the test can tell
+
+
+def test_penalised_draws_are_the_device_samplers_from_the_host_penalised_logits():
+    """A penalised sampled request draws on the device from exactly the host path's distribution:
+    each token is the device sampler's draw from `apply_penalties` (host) of the model's logits."""
+    model = _model(CASES["gpt-2 top-2"], torch.float32)
+    tokens = _tokens(_engine(model), [(PROMPT, PENALISED), OTHERS[1]])[0]
+    with torch.no_grad():
+        logits_TV = model(torch.tensor([PROMPT + tokens[:-1]])).logits[0, len(PROMPT) - 1 :].float()
+    scored_TV = torch.stack([apply_penalties(logits_TV[t], tokens[:t], PENALISED) for t in range(len(tokens))])
+    batch = SamplingBatch.build([PENALISED] * len(tokens), [PENALISED.seed] * len(tokens), range(len(tokens)), "cpu")
+    assert sample(scored_TV, batch).tolist() == tokens
+    assert len(set(tokens)) < len(tokens) - 2  # tokens repeat: counts above 1
+    assert sample(logits_TV, batch).tolist() != tokens  # unpenalised draws differ: the penalty is applied
+
+
+def test_a_preempted_penalised_request_counts_its_output_again():
+    model = _model(CASES["mixtral"], torch.float32)
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, frequency_penalty=1.5, ignore_eos=True)
+    requests = [(PROMPT, PENALISED), OTHERS[1], ([4, 4, 9], greedy)]
+    tight = _engine(model, kv_blocks=9)  # the last admitted gives its blocks back, is read again
+    assert _tokens(tight, requests) == _tokens(_engine(model), requests)
+    assert tight.preemptions > 0
+    assert _tokens(_engine(model, step="pytorch", kv_blocks=9), requests)[2] == _tokens(tight, requests)[2]
 
 
 def test_step_flag_of_generate_and_serve(tmp_path, capsys):

@@ -31,11 +31,16 @@ from pyramoe.layers.moe import MoELayer
 GROUPED_MM_ALIGN_BYTES = 16
 
 
+def spread_over_processes(layer: MoELayer) -> bool:
+    """The layer's experts or tokens are spread over processes (expert or tensor parallelism)."""
+    return type(layer.dispatcher) is not LocalDispatcher or layer.token_split is not None
+
+
 def device_moe_unsupported(layer: MoELayer) -> str | None:
     """Why `DeviceMoE` cannot run this layer, or None."""
     if not layer.config.dropless:
         return "the layer drops tokens past a capacity (device MoE is dropless)"
-    if type(layer.dispatcher) is not LocalDispatcher or layer.token_split is not None:
+    if spread_over_processes(layer):
         return "the layer's experts are spread over processes (expert or tensor parallelism)"
     if type(layer.experts) is not GroupedExperts or layer.experts.w_in is None:
         return "the layer's experts are packed for the CPU or not grouped experts"
