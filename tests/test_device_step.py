@@ -17,9 +17,10 @@ from host_syncs import no_host_syncs
 from test_native_decode import CASES, _llama, _model  # noqa: I001 - the block kinds of the engine's tests
 
 from pyramoe.inference import Engine, SamplingParams
-from pyramoe.inference.device_sampling import RowSampling, SamplingBatch, sample
-from pyramoe.inference.device_step import DeviceStep, bucket
+from pyramoe.inference.device_sampling import RowSampling, SamplingBatch, penalise, sample
+from pyramoe.inference.device_step import DeviceStep, _logprobs, bucket
 from pyramoe.inference.kv_cache import PagedKVCache, SlotKVCache
+from pyramoe.inference.sampling import token_logprobs
 from pyramoe.inference.steps import TorchStep
 from pyramoe.models import GPT
 
@@ -136,27 +137,48 @@ def test_buckets():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("mode", ["greedy", "sampled", "top-k top-p"])
+@pytest.mark.parametrize("mode", ["greedy", "sampled", "top-k top-p", "penalised", "logprobs"])
 def test_device_forward_makes_no_host_sync(mode):
-    """The whole step on the device, from the plan's copy to the chosen tokens, sampling included:
-    no sync until `forward` reads the token ids back (its one sync)."""
+    """The whole step on the device, from the plan's copy to the chosen tokens, sampling, penalties
+    and log-probabilities included: no sync until `forward` reads the choices back (its one sync)."""
     model = _model(CASES["qwen2 (shared gated expert, qkv bias)"], torch.bfloat16)
     step = DeviceStep(model, _cache(model), max_rows=16)
     sequences = _sequences(model.config.vocab_size)
     params = {"greedy": None, "sampled": SamplingParams(temperature=0.8),
-              "top-k top-p": SamplingParams(temperature=0.8, top_k=5, top_p=0.9)}[mode]
+              "top-k top-p": SamplingParams(temperature=0.8, top_k=5, top_p=0.9),
+              "penalised": SamplingParams(temperature=0.8, presence_penalty=1.0, frequency_penalty=0.5),
+              "logprobs": SamplingParams(temperature=0.8, top_k=5)}[mode]
+    if mode == "penalised":
+        for slot in (0, 2, 3):
+            step.set_output_counts(slot, sequences[slot][:5])
     for runs in CALLS:
         tokens, slots, positions = _rows(runs, sequences)
         logit_rows = list(range(len(tokens)))
         sampling = [None if params is None or row % 2 else RowSampling(params, 7 + row, row) for row in logit_rows]
-        plan, host = step._plan(tokens, slots, positions, logit_rows, sampling)
-        assert plan.sampling == ["greedy", "sampled", "top-k top-p"].index(mode)
+        targets = [-1 if row % 3 else tokens[row] for row in logit_rows] if mode == "logprobs" else None
+        counts = step._output_counts.clone()
+        plan, host = step._plan(tokens, slots, positions, logit_rows, sampling, targets)
+        assert plan.sampling == [0, 1, 2, 1, 2][["greedy", "sampled", "top-k top-p", "penalised", "logprobs"].index(mode)]
+        assert (plan.penalties, plan.logprobs) == (mode == "penalised", mode == "logprobs")
         with no_host_syncs():
             logits_RV, out_RC = step._device_forward(plan, host)
         batch = SamplingBatch.build([r.params if r else SamplingParams(temperature=0) for r in sampling],
                                     [r.seed if r else 0 for r in sampling], [r.counter if r else 0 for r in sampling],
                                     "cpu")
-        assert out_RC[: len(logit_rows), 0].tolist() == sample(logits_RV[: len(logit_rows)], batch).tolist()
+        logits_RV, out_RC = logits_RV[: len(logit_rows)], out_RC[: len(logit_rows)]
+        scored_RV = penalise(logits_RV, counts.index_select(0, torch.tensor(slots)), batch)
+        assert out_RC[:, 0].tolist() == sample(scored_RV, batch).tolist()
+        if mode == "penalised":  # the sampled rows' choices counted in their slots, the greedy ones' not
+            added = counts.clone()
+            for row, slot, token in zip(logit_rows, slots, out_RC[:, 0].tolist()):
+                added[slot, token] += row % 2 == 0
+            assert torch.equal(step._output_counts, added)
+        if mode == "logprobs":
+            for row, got in zip(logit_rows, _logprobs(out_RC, targets)):
+                target = out_RC[row, 0].item() if targets[row] == -1 else targets[row]
+                want = token_logprobs(logits_RV[row], target, 20)
+                assert abs(got[0] - want[0]) < 1e-5 and [t for t, _ in got[1]] == [t for t, _ in want[1]]
+                torch.testing.assert_close(torch.tensor([v for _, v in got[1]]), torch.tensor([v for _, v in want[1]]))
 
 
 def _engine_tokens(model: GPT, step: str, params: SamplingParams) -> tuple[list[list[int]], Engine]:

@@ -148,3 +148,67 @@ def test_step_flag_of_generate_and_serve(tmp_path, capsys):
         assert main([command, run, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and field in err, err
+
+
+def _events(engine: Engine, requests) -> dict[str, list]:
+    ids = [engine.add_request(prompt, params) for prompt, params in requests]
+    events = {request_id: [] for request_id in ids}
+    for event in engine.stream():
+        events[event.request_id].append(event)
+    return [events[request_id] for request_id in ids]
+
+
+def _close(ours, theirs) -> None:
+    """Two Logprobs: the same alternatives' ids, values within fp32 tolerance of each other's logits."""
+    assert ours is not None and theirs is not None
+    assert abs(ours[0] - theirs[0]) < 1e-4
+    assert [t for t, _ in ours[1]] == [t for t, _ in theirs[1]]
+    assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(ours[1], theirs[1]))
+
+
+def test_logprobs_come_from_the_device_step_equal_the_host_paths(monkeypatch):
+    """Generated tokens' and prompt tokens' log-probabilities with alternatives, computed inside the
+    device step (never from the logits on the host: `token_logprobs` is made to fail), equal the
+    PyTorch step's host values; sampled, penalised and greedy requests mixed, prompts in chunks."""
+    model = _model(CASES["mixtral"], torch.float32)
+    requests = [(PROMPT, SamplingParams(max_tokens=6, temperature=0.0, logprobs=3, prompt_logprobs=2, ignore_eos=True)),
+                ([3, 1, 4, 1, 5], SamplingParams(**{**SAMPLED.__dict__, "logprobs": 20, "max_tokens": 5})),
+                ([7, 7, 7, 2, 5], SamplingParams(**{**PENALISED.__dict__, "logprobs": 0, "prompt_logprobs": 5})),
+                OTHERS[0]]
+    want = _events(_engine(model, step="pytorch"), requests)
+    import pyramoe.inference.engine as engine_module
+
+    def on_the_host(*args):
+        raise AssertionError("log-probabilities read from the logits on the host")
+
+    monkeypatch.setattr(engine_module, "token_logprobs", on_the_host)
+    got = _events(_engine(model), requests)
+    for (prompt, params), ours, theirs in zip(requests, got, want):
+        if params.greedy:  # sampled ones draw otherwise on each path: compare their own tokens' values below
+            assert [e.token_id for e in ours] == [e.token_id for e in theirs]
+        if params.prompt_logprobs is not None:
+            assert len(ours[0].prompt_logprobs) == len(theirs[0].prompt_logprobs) == len(prompt)
+            assert ours[0].prompt_logprobs[0] is None
+            for a, b in zip(ours[0].prompt_logprobs[1:], theirs[0].prompt_logprobs[1:]):
+                _close(a, b)
+                assert len(a[1]) == params.prompt_logprobs
+        for event in ours:
+            assert (event.logprob is None) == (params.logprobs is None or event.token_id is None)
+        if params.greedy and params.logprobs is not None:
+            for a, b in zip(ours, theirs):
+                _close(a.logprob, b.logprob)
+                assert len(a.logprob[1]) == params.logprobs
+
+
+def test_sampled_tokens_logprobs_are_the_models():
+    """A sampled request's token log-probabilities (device) are the full forward's log-softmax at
+    its own tokens, before temperature and penalties."""
+    model = _model(CASES["gpt-2 top-2"], torch.float32)
+    params = SamplingParams(**{**PENALISED.__dict__, "logprobs": 2})
+    events = _events(_engine(model), [(PROMPT, params), OTHERS[1]])[0]
+    tokens = [e.token_id for e in events]
+    with torch.no_grad():
+        logp_TV = torch.log_softmax(model(torch.tensor([PROMPT + tokens[:-1]])).logits[0, len(PROMPT) - 1 :].float(), -1)
+    for t, event in enumerate(events):
+        assert abs(event.logprob[0] - float(logp_TV[t, tokens[t]])) < 1e-4
+        assert [i for i, _ in event.logprob[1]] == torch.topk(logp_TV[t], 2).indices.tolist()
