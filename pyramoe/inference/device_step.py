@@ -10,8 +10,19 @@ of that bucket is one graph replay (gpt-fast's and vLLM's way), with no host syn
   and MoE layers run `DeviceMoE` (routing table, offsets and grouped GEMMs on the device).
 - Each logit row's token is chosen on the device: its argmax, or, for the rows the caller asks to
   sample (`sampling_R`), a draw by `pyramoe.inference.device_sampling` (temperature, top-k, top-p,
-  the request's seed and a counter), all rows in one batched call. The only sync is the list of
-  chosen ids the step returns, once per step.
+  the request's seed and a counter), all rows in one batched call. Rows with presence/frequency
+  penalties are penalised first, from per-slot counts of the request's generated tokens kept on
+  the device ([slots, V] int32: set once when a penalised request starts in a slot,
+  `set_output_counts`, then counted inside each step from the tokens it chooses).
+- Log-probabilities (`logprobs_R`: the rows asked for) are computed on the device too: fp32
+  log-softmax of the row's logits (before penalties), the asked token's value and the
+  `MAX_LOGPROBS` likeliest, read back with the chosen tokens as one int64 [R, 2 + 2K] tensor (fp32
+  as their bits). The only sync is that read-back, once per step; the logits stay on the device.
+- A model `distribute`d over processes (expert or tensor parallel) runs the same step, eagerly (no
+  graphs): attention's and dense layers' TP collectives run inside their modules, and each spread
+  MoE layer runs its own forward (its exchange), which adds the syncs that forward makes (the
+  expert-parallel all-to-all's row splits read back once per layer; under TP alone, the local
+  dispatch's). The source rank's choices are broadcast to every rank before they are read back.
 
 On the CPU the same code runs eagerly (no capture): that is how CI tests it.
 

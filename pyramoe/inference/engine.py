@@ -66,9 +66,10 @@ class Engine:
     and the model is one it computes, with bf16 weights blocked for its AVX512-BF16 kernels at the
     first step (`pack_weights`); otherwise the weights are prepacked for oneDNN at the first step
     (`pack_weights`, `pyramoe.inference.packing`) and the model runs in PyTorch. `step="device"` (the
-    default on CUDA, on one process, where it applies) runs `DeviceStep` instead: fixed-shape steps
-    with no host sync inside, decode captured as CUDA graphs on CUDA, sampled requests drawn on the
-    device (penalised ones on the host); `step="pytorch"` the PyTorch step. `quantize="int8"` or
+    default on CUDA, on one process, where it applies; after `distribute` when asked for) runs
+    `DeviceStep` instead: fixed-shape steps with no host sync inside, decode captured as CUDA graphs
+    on CUDA (one process), sampled requests drawn, penalties applied and log-probabilities computed
+    on the device; `step="pytorch"` the PyTorch step. `quantize="int8"` or
     `"int4"` (CPU; options in `pyramoe.inference.packing.parse_quantize`) quantizes the linear layers
     and experts at the first step, before the step is built (`pyramoe.inference.packing.quantize_model`:
     int8 per-output-channel or int4 group-wise scales, rows of activations quantized on the fly), so
