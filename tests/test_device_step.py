@@ -158,7 +158,7 @@ def test_device_forward_makes_no_host_sync(mode):
         targets = [-1 if row % 3 else tokens[row] for row in logit_rows] if mode == "logprobs" else None
         counts = step._output_counts.clone()
         plan, host = step._plan(tokens, slots, positions, logit_rows, sampling, targets)
-        assert plan.sampling == [0, 1, 2, 1, 2][["greedy", "sampled", "top-k top-p", "penalised", "logprobs"].index(mode)]
+        assert plan.sampling == {"greedy": 0, "sampled": 1, "penalised": 1}.get(mode, 2)
         assert (plan.penalties, plan.logprobs) == (mode == "penalised", mode == "logprobs")
         with no_host_syncs():
             logits_RV, out_RC = step._device_forward(plan, host)

@@ -1,7 +1,8 @@
 """The device step on a model `distribute`d over processes (`Engine(step="device")` after
 `Engine.distribute`): on 2 gloo processes, expert parallel (EP=2) and tensor parallel (TP=2), every
 rank chooses the one-process device step's greedy tokens (penalised ones included) and gives its
-log-probabilities; the ranks agree."""
+log-probabilities; the ranks agree. Under TP alone the MoE layers run on the device on each rank's
+share of the tokens and the step still makes no host sync."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import os
 import pytest
 import torch
 from distributed import run_workers
+from host_syncs import no_host_syncs
 from test_native_decode import CASES, _model  # noqa: I001 - the block kinds of the engine's tests
 
 from pyramoe.inference import Engine, SamplingParams
-from pyramoe.layers.device_moe import DeviceMoE
 
 REQUESTS = [([5, 9, 2, 7, 1, 3, 8, 4, 6, 2, 11], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True,
                                                                 logprobs=2)),
@@ -49,9 +50,18 @@ def _worker(rank: int, world: int, ep: int, tp: int, out_dir: str) -> None:
     engine = _engine()
     assert engine.distribute(ep=ep, tp=tp) is not None
     engine.prepare()
-    spread = [not isinstance(moe, DeviceMoE) for moe in engine.runner._moe.values()]
-    assert spread and all(spread) and not engine.runner.graphs  # the layers' own exchanges, run eagerly
+    runner = engine.runner
+    kinds = {type(moe).__name__ for moe in runner._moe.values()}
+    assert kinds == ({"_SpreadMoE"} if ep > 1 else {"_SplitDeviceMoE"}) and not runner.graphs  # run eagerly
     assert engine.model.blocks[0].attn.n_heads == 4 // tp
+    if ep == 1:  # TP alone: DeviceMoE on each rank's share, collectives only, still no host sync in the step
+        forward = runner._device_forward
+
+        def guarded(plan, host):
+            with no_host_syncs():
+                return forward(plan, host)
+
+        runner._device_forward = guarded
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(_generate(engine), f)
 

@@ -208,7 +208,8 @@ def test_sampled_tokens_logprobs_are_the_models():
     events = _events(_engine(model), [(PROMPT, params), OTHERS[1]])[0]
     tokens = [e.token_id for e in events]
     with torch.no_grad():
-        logp_TV = torch.log_softmax(model(torch.tensor([PROMPT + tokens[:-1]])).logits[0, len(PROMPT) - 1 :].float(), -1)
+        logits_TV = model(torch.tensor([PROMPT + tokens[:-1]])).logits[0, len(PROMPT) - 1 :].float()
+    logp_TV = torch.log_softmax(logits_TV, dim=-1)
     for t, event in enumerate(events):
         assert abs(event.logprob[0] - float(logp_TV[t, tokens[t]])) < 1e-4
         assert [i for i, _ in event.logprob[1]] == torch.topk(logp_TV[t], 2).indices.tolist()

@@ -19,10 +19,11 @@ of that bucket is one graph replay (gpt-fast's and vLLM's way), with no host syn
   `MAX_LOGPROBS` likeliest, read back with the chosen tokens as one int64 [R, 2 + 2K] tensor (fp32
   as their bits). The only sync is that read-back, once per step; the logits stay on the device.
 - A model `distribute`d over processes (expert or tensor parallel) runs the same step, eagerly (no
-  graphs): attention's and dense layers' TP collectives run inside their modules, and each spread
-  MoE layer runs its own forward (its exchange), which adds the syncs that forward makes (the
-  expert-parallel all-to-all's row splits read back once per layer; under TP alone, the local
-  dispatch's). The source rank's choices are broadcast to every rank before they are read back.
+  graphs): attention's and dense layers' TP collectives run inside their modules; a MoE layer
+  split over TP ranks with local experts runs `DeviceMoE` on this rank's share of the tokens and
+  all-gathers the outputs (no host sync); one with experts over EP ranks runs its own forward,
+  whose all-to-all reads its row splits back once per layer (a sync the step adds per such layer).
+  The source rank's choices are broadcast to every rank before they are read back.
 
 On the CPU the same code runs eagerly (no capture): that is how CI tests it.
 
@@ -34,7 +35,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
 import torch.distributed as dist
 
 from pyramoe.inference.device_sampling import (
@@ -54,6 +54,7 @@ from pyramoe.inference.steps import check_rows
 from pyramoe.layers.attention import CausalSelfAttention
 from pyramoe.layers.device_moe import DeviceMoE, device_moe_unsupported, spread_over_processes
 from pyramoe.layers.mla import LatentAttention
+from pyramoe.layers.moe import MoELayer
 from pyramoe.layers.paged_attention import PagedRows, paged_attention, paged_latent_attention
 from pyramoe.models import GPT
 
@@ -132,8 +133,7 @@ class DeviceStep:
             raise ValueError("device step: graphs are captured on CUDA only")
         if self.graphs and (spread or logits_source is not None):
             raise ValueError("device step: graphs are not captured for a model spread over processes")
-        self._moe = {i: block.ffn if spread_over_processes(block.ffn) else DeviceMoE(block.ffn)
-                     for i, block in enumerate(model.blocks) if block.is_moe}
+        self._moe = {i: _moe_runner(block.ffn) for i, block in enumerate(model.blocks) if block.is_moe}
         self._count_row = {layer: row for row, layer in enumerate(self._moe)}
         experts = max((block.ffn.num_experts for block in model.blocks if block.is_moe), default=1)
         self._counts = torch.zeros(len(self._moe), experts, dtype=torch.int64, device=self.device)
@@ -274,8 +274,7 @@ class DeviceStep:
             h_ND = block.ln_ffn(x_ND)
             if block.is_moe:
                 moe = self._moe[i]
-                h_ND, routed_E = (moe(h_ND, real_N) if isinstance(moe, DeviceMoE)
-                                  else _spread_moe(moe, h_ND, plan.real_rows))
+                h_ND, routed_E = moe(h_ND, real_N) if isinstance(moe, DeviceMoE) else moe(h_ND, plan.real_rows)
                 self._counts[self._count_row[i], : routed_E.numel()] += routed_E
             else:
                 h_ND = block.ffn(h_ND)
@@ -340,15 +339,53 @@ class DeviceStep:
         return cuda_graph, flat, logits_RV, out_RC
 
 
-def _spread_moe(layer: torch.nn.Module, h_ND: torch.Tensor, real_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A MoE layer spread over processes (expert or tensor parallel), run by its own forward on the
-    real rows (every rank of the job runs the same rows in lockstep: each exchange sees the same
-    tokens the PyTorch step routes). Its exchange takes the row splits on the host: one sync per
-    layer (`AllToAllDispatcher.dispatch`), or, tensor parallel without EP, the local dispatch's.
-    Padding rows repeat row 0, so they get row 0's output."""
-    y_ND, stats = layer(h_ND[:real_rows])
-    y_ND = torch.cat([y_ND, y_ND[:1].expand(h_ND.shape[0] - real_rows, -1)])
-    return y_ND, stats.routed_per_expert
+def _moe_runner(layer: MoELayer) -> DeviceMoE | _SpreadMoE | _SplitDeviceMoE:
+    """How the step runs a MoE layer: `DeviceMoE` on one process; split over TP ranks with local
+    experts, `DeviceMoE` on this rank's share (no host sync); with its experts over EP ranks, the
+    layer's own forward."""
+    if not spread_over_processes(layer):
+        return DeviceMoE(layer)
+    if layer.token_split is not None and device_moe_unsupported(layer, token_split=True) is None:
+        return _SplitDeviceMoE(layer)
+    return _SpreadMoE(layer)
+
+
+class _SpreadMoE:
+    """A MoE layer with experts spread over processes, run by its own forward on the real rows
+    (every rank of the job runs the same rows in lockstep: each exchange sees the tokens the PyTorch
+    step routes). Its all-to-all takes the row splits on the host: one sync per layer
+    (`AllToAllDispatcher.dispatch`). Padding rows repeat row 0, so they get row 0's output."""
+
+    def __init__(self, layer: MoELayer):
+        self.layer = layer
+
+    def __call__(self, h_ND: torch.Tensor, real_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y_ND, stats = self.layer(h_ND[:real_rows])
+        return _pad_rows(y_ND, h_ND.shape[0]), stats.routed_per_expert
+
+
+class _SplitDeviceMoE:
+    """A MoE layer whose tokens split over a TP group, its experts local (TP without EP): this rank's
+    share of the real rows (as the layer's `token_split` cuts it) through `DeviceMoE`, then every
+    share all-gathered: collectives only, no host sync. Counts are this rank's share's, as the
+    layer's own forward counts them."""
+
+    def __init__(self, layer: MoELayer):
+        self.moe, self.split = DeviceMoE(layer, token_split=True), layer.token_split
+
+    def __call__(self, h_ND: torch.Tensor, real_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        real_ND = h_ND[:real_rows]
+        if not self.split.splits(real_rows):  # fewer tokens than ranks: every rank routes them all
+            y_ND, routed_E = self.moe(real_ND)
+        else:
+            y_ND, routed_E = self.moe(self.split.split(real_ND))
+            y_ND = self.split.gather(y_ND, real_rows)
+        return _pad_rows(y_ND, h_ND.shape[0]), routed_E
+
+
+def _pad_rows(y_ND: torch.Tensor, rows: int) -> torch.Tensor:
+    """The real rows' outputs, then row 0's again for each padding row (padding repeats row 0)."""
+    return torch.cat([y_ND, y_ND[:1].expand(rows - y_ND.shape[0], -1)])
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:

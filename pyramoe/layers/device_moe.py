@@ -36,11 +36,12 @@ def spread_over_processes(layer: MoELayer) -> bool:
     return type(layer.dispatcher) is not LocalDispatcher or layer.token_split is not None
 
 
-def device_moe_unsupported(layer: MoELayer) -> str | None:
-    """Why `DeviceMoE` cannot run this layer, or None."""
+def device_moe_unsupported(layer: MoELayer, token_split: bool = False) -> str | None:
+    """Why `DeviceMoE` cannot run this layer, or None. `token_split`: the caller splits the tokens
+    over the TP group itself (`DeviceMoE` then runs on this rank's share; experts must be local)."""
     if not layer.config.dropless:
         return "the layer drops tokens past a capacity (device MoE is dropless)"
-    if spread_over_processes(layer):
+    if type(layer.dispatcher) is not LocalDispatcher or (layer.token_split is not None and not token_split):
         return "the layer's experts are spread over processes (expert or tensor parallelism)"
     if type(layer.experts) is not GroupedExperts or layer.experts.w_in is None:
         return "the layer's experts are packed for the CPU or not grouped experts"
@@ -59,10 +60,11 @@ def grouped_mm_runs(weight: torch.Tensor) -> bool:
 class DeviceMoE:
     """`layer`'s inference forward (same router, experts, Residual-MoE mix and shared expert) on
     whatever device it lives on. Built once per layer: weights whose widths break _grouped_mm's
-    alignment get a zero-padded copy here, the others are used in place."""
+    alignment get a zero-padded copy here, the others are used in place. `token_split`: see
+    `device_moe_unsupported` (the layer's own `token_split` is not applied here)."""
 
-    def __init__(self, layer: MoELayer):
-        reason = device_moe_unsupported(layer)
+    def __init__(self, layer: MoELayer, token_split: bool = False):
+        reason = device_moe_unsupported(layer, token_split)
         if reason is not None:
             raise ValueError(f"device moe: {reason}")
         experts = layer.experts
