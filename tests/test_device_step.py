@@ -269,3 +269,26 @@ def test_a_call_without_logit_rows():
     got = step.forward(tokens, slots, positions, [2])[0]
     want = _run(reference, sequences, [[(2, 0, 10)]])[0][-1:]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@cuda
+def test_cuda_graphs_with_penalties_and_logprobs_equal_eager():
+    """Penalties (counts on the device, counted inside the graph) and log-probabilities replayed
+    from a captured decode graph give eager's tokens, values and counts."""
+    model = _model(CASES["mixtral"], torch.float32).cuda()
+    sequences = _sequences(model.config.vocab_size)
+    graphed, eager = DeviceStep(model, _cache(model), 16), DeviceStep(model, _cache(model), 16, graphs=False)
+    penalised = RowSampling(SamplingParams(temperature=0.0, presence_penalty=1.5, frequency_penalty=1.0), 0, 0)
+    for step in (graphed, eager):
+        _run(step, sequences, CALLS[:2])
+        for slot in (0, 3):
+            step.set_output_counts(slot, sequences[slot][:6])
+    for t in range(3):  # capture, then two replays
+        tokens, slots, positions = _rows([(3, 4 + t, 1), (0, 6 + t, 1)], sequences)
+        got, want = (step.forward(tokens, slots, positions, [0, 1], [penalised, None], [-1, tokens[1]])
+                     for step in (graphed, eager))
+        assert got[1] == want[1]
+        for ours, theirs in zip(graphed.logprobs, eager.logprobs):
+            assert abs(ours[0] - theirs[0]) < 1e-3 and [i for i, _ in ours[1]] == [i for i, _ in theirs[1]]
+    assert len(graphed._graphs) == 1
+    assert torch.equal(graphed._output_counts, eager._output_counts)

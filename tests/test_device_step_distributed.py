@@ -1,8 +1,8 @@
 """The device step on a model `distribute`d over processes (`Engine(step="device")` after
-`Engine.distribute`): on 2 gloo processes, expert parallel (EP=2) and tensor parallel (TP=2), every
-rank chooses the one-process device step's greedy tokens (penalised ones included) and gives its
-log-probabilities; the ranks agree. Under TP alone the MoE layers run on the device on each rank's
-share of the tokens and the step still makes no host sync."""
+`Engine.distribute`): on 2 gloo processes, expert parallel (EP=2) and tensor parallel (TP=2, tokens
+split or experts sliced), every rank chooses the one-process device step's greedy tokens (penalised
+ones included) and gives its log-probabilities; the ranks agree. Under TP with the tokens split the
+MoE layers run on the device on each rank's share and the step still makes no host sync."""
 
 from __future__ import annotations
 
@@ -45,16 +45,17 @@ def _engine() -> Engine:
                   step="device")
 
 
-def _worker(rank: int, world: int, ep: int, tp: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, ep: int, tp: int, slicing: bool, out_dir: str) -> None:
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     engine = _engine()
-    assert engine.distribute(ep=ep, tp=tp) is not None
+    assert engine.distribute(ep=ep, tp=tp, expert_slicing=slicing) is not None
     engine.prepare()
     runner = engine.runner
     kinds = {type(moe).__name__ for moe in runner._moe.values()}
-    assert kinds == ({"_SpreadMoE"} if ep > 1 else {"_SplitDeviceMoE"}) and not runner.graphs  # run eagerly
+    assert kinds == ({"_SpreadMoE"} if ep > 1 or slicing else {"_SplitDeviceMoE"})
+    assert not runner.graphs  # spread layers run eagerly
     assert engine.model.blocks[0].attn.n_heads == 4 // tp
-    if ep == 1:  # TP alone: DeviceMoE on each rank's share, collectives only, still no host sync in the step
+    if ep == 1 and not slicing:  # DeviceMoE on each rank's share, collectives only: still no host sync
         forward = runner._device_forward
 
         def guarded(plan, host):
@@ -66,10 +67,10 @@ def _worker(rank: int, world: int, ep: int, tp: int, out_dir: str) -> None:
         json.dump(_generate(engine), f)
 
 
-@pytest.mark.parametrize("ep, tp", [(2, 1), (1, 2)])
-def test_distributed_device_step_equals_one_process(tmp_path, ep, tp):
+@pytest.mark.parametrize("ep, tp, slicing", [(2, 1, False), (1, 2, False), (1, 2, True)])
+def test_distributed_device_step_equals_one_process(tmp_path, ep, tp, slicing):
     want = _generate(_engine())
-    run_workers(_worker, 2, tmp_path, ep, tp, str(tmp_path))
+    run_workers(_worker, 2, tmp_path, ep, tp, slicing, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for got in ranks:
         assert got["path"] == "device"
@@ -78,5 +79,5 @@ def test_distributed_device_step_equals_one_process(tmp_path, ep, tp):
         for ours, theirs in zip(got["logprobs"], want["logprobs"]):
             torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), atol=1e-4, rtol=1e-4)
     assert ranks[0]["tokens"] == ranks[1]["tokens"] and ranks[0]["logprobs"] == ranks[1]["logprobs"]
-    if tp == 1:  # every EP rank routes all tokens (under TP each routes a share)
+    if tp == 1 or slicing:  # every rank routes all tokens (under TP's token split each routes a share)
         assert ranks[0]["counts"] == ranks[1]["counts"] == want["counts"]

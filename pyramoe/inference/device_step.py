@@ -21,8 +21,9 @@ of that bucket is one graph replay (gpt-fast's and vLLM's way), with no host syn
 - A model `distribute`d over processes (expert or tensor parallel) runs the same step, eagerly (no
   graphs): attention's and dense layers' TP collectives run inside their modules; a MoE layer
   split over TP ranks with local experts runs `DeviceMoE` on this rank's share of the tokens and
-  all-gathers the outputs (no host sync); one with experts over EP ranks runs its own forward,
-  whose all-to-all reads its row splits back once per layer (a sync the step adds per such layer).
+  all-gathers the outputs (no host sync); one with experts over EP ranks (or sliced over TP
+  ranks) runs its own forward, whose all-to-all reads its row splits back once per layer (a sync
+  the step adds per such layer; expert slicing's grouped GEMMs read their counts back too).
   The source rank's choices are broadcast to every rank before they are read back.
 
 On the CPU the same code runs eagerly (no capture): that is how CI tests it.
@@ -341,8 +342,8 @@ class DeviceStep:
 
 def _moe_runner(layer: MoELayer) -> DeviceMoE | _SpreadMoE | _SplitDeviceMoE:
     """How the step runs a MoE layer: `DeviceMoE` on one process; split over TP ranks with local
-    experts, `DeviceMoE` on this rank's share (no host sync); with its experts over EP ranks, the
-    layer's own forward."""
+    experts, `DeviceMoE` on this rank's share (no host sync); with its experts over EP ranks or
+    sliced over TP ranks, the layer's own forward."""
     if not spread_over_processes(layer):
         return DeviceMoE(layer)
     if layer.token_split is not None and device_moe_unsupported(layer, token_split=True) is None:
@@ -351,10 +352,11 @@ def _moe_runner(layer: MoELayer) -> DeviceMoE | _SpreadMoE | _SplitDeviceMoE:
 
 
 class _SpreadMoE:
-    """A MoE layer with experts spread over processes, run by its own forward on the real rows
-    (every rank of the job runs the same rows in lockstep: each exchange sees the tokens the PyTorch
-    step routes). Its all-to-all takes the row splits on the host: one sync per layer
-    (`AllToAllDispatcher.dispatch`). Padding rows repeat row 0, so they get row 0's output."""
+    """A MoE layer with experts spread over processes (EP, or sliced over TP), run by its own
+    forward on the real rows (every rank of the job runs the same rows in lockstep: each exchange
+    sees the tokens the PyTorch step routes). Its all-to-all takes the row splits on the host: one
+    sync per layer (`AllToAllDispatcher.dispatch`). Padding rows repeat row 0, so they get row 0's
+    output."""
 
     def __init__(self, layer: MoELayer):
         self.layer = layer

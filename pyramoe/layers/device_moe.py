@@ -32,8 +32,10 @@ GROUPED_MM_ALIGN_BYTES = 16
 
 
 def spread_over_processes(layer: MoELayer) -> bool:
-    """The layer's experts or tokens are spread over processes (expert or tensor parallelism)."""
-    return type(layer.dispatcher) is not LocalDispatcher or layer.token_split is not None
+    """The layer's experts or tokens are spread over processes: expert parallelism, tensor
+    parallelism's token split, or its expert slicing (`SlicedExperts` carries its TP group)."""
+    return (type(layer.dispatcher) is not LocalDispatcher or layer.token_split is not None
+            or getattr(layer.experts, "group", None) is not None)
 
 
 def device_moe_unsupported(layer: MoELayer, token_split: bool = False) -> str | None:
