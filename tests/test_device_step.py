@@ -17,9 +17,10 @@ from host_syncs import no_host_syncs
 from test_native_decode import CASES, _llama, _model  # noqa: I001 - the block kinds of the engine's tests
 
 from pyramoe.inference import Engine, SamplingParams
-from pyramoe.inference.device_sampling import RowSampling, SamplingBatch, sample
-from pyramoe.inference.device_step import DeviceStep, bucket
+from pyramoe.inference.device_sampling import RowSampling, SamplingBatch, penalise, sample
+from pyramoe.inference.device_step import DeviceStep, _logprobs, bucket
 from pyramoe.inference.kv_cache import PagedKVCache, SlotKVCache
+from pyramoe.inference.sampling import token_logprobs
 from pyramoe.inference.steps import TorchStep
 from pyramoe.models import GPT
 
@@ -136,27 +137,48 @@ def test_buckets():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("mode", ["greedy", "sampled", "top-k top-p"])
+@pytest.mark.parametrize("mode", ["greedy", "sampled", "top-k top-p", "penalised", "logprobs"])
 def test_device_forward_makes_no_host_sync(mode):
-    """The whole step on the device, from the plan's copy to the chosen tokens, sampling included:
-    no sync until `forward` reads the token ids back (its one sync)."""
+    """The whole step on the device, from the plan's copy to the chosen tokens, sampling, penalties
+    and log-probabilities included: no sync until `forward` reads the choices back (its one sync)."""
     model = _model(CASES["qwen2 (shared gated expert, qkv bias)"], torch.bfloat16)
     step = DeviceStep(model, _cache(model), max_rows=16)
     sequences = _sequences(model.config.vocab_size)
     params = {"greedy": None, "sampled": SamplingParams(temperature=0.8),
-              "top-k top-p": SamplingParams(temperature=0.8, top_k=5, top_p=0.9)}[mode]
+              "top-k top-p": SamplingParams(temperature=0.8, top_k=5, top_p=0.9),
+              "penalised": SamplingParams(temperature=0.8, presence_penalty=1.0, frequency_penalty=0.5),
+              "logprobs": SamplingParams(temperature=0.8, top_k=5)}[mode]
+    if mode == "penalised":
+        for slot in (0, 2, 3):
+            step.set_output_counts(slot, sequences[slot][:5])
     for runs in CALLS:
         tokens, slots, positions = _rows(runs, sequences)
         logit_rows = list(range(len(tokens)))
         sampling = [None if params is None or row % 2 else RowSampling(params, 7 + row, row) for row in logit_rows]
-        plan, host = step._plan(tokens, slots, positions, logit_rows, sampling)
-        assert plan.sampling == ["greedy", "sampled", "top-k top-p"].index(mode)
+        targets = [-1 if row % 3 else tokens[row] for row in logit_rows] if mode == "logprobs" else None
+        counts = step._output_counts.clone()
+        plan, host = step._plan(tokens, slots, positions, logit_rows, sampling, targets)
+        assert plan.sampling == {"greedy": 0, "sampled": 1, "penalised": 1}.get(mode, 2)
+        assert (plan.penalties, plan.logprobs) == (mode == "penalised", mode == "logprobs")
         with no_host_syncs():
-            logits_RV, tokens_R = step._device_forward(plan, host)
+            logits_RV, out_RC = step._device_forward(plan, host)
         batch = SamplingBatch.build([r.params if r else SamplingParams(temperature=0) for r in sampling],
                                     [r.seed if r else 0 for r in sampling], [r.counter if r else 0 for r in sampling],
                                     "cpu")
-        assert tokens_R[: len(logit_rows)].tolist() == sample(logits_RV[: len(logit_rows)], batch).tolist()
+        logits_RV, out_RC = logits_RV[: len(logit_rows)], out_RC[: len(logit_rows)]
+        scored_RV = penalise(logits_RV, counts.index_select(0, torch.tensor(slots)), batch)
+        assert out_RC[:, 0].tolist() == sample(scored_RV, batch).tolist()
+        if mode == "penalised":  # the sampled rows' choices counted in their slots, the greedy ones' not
+            added = counts.clone()
+            for row, slot, token in zip(logit_rows, slots, out_RC[:, 0].tolist()):
+                added[slot, token] += row % 2 == 0
+            assert torch.equal(step._output_counts, added)
+        if mode == "logprobs":
+            for row, got in zip(logit_rows, _logprobs(out_RC, targets)):
+                target = out_RC[row, 0].item() if targets[row] == -1 else targets[row]
+                want = token_logprobs(logits_RV[row], target, 20)
+                assert abs(got[0] - want[0]) < 1e-5 and [t for t, _ in got[1]] == [t for t, _ in want[1]]
+                torch.testing.assert_close(torch.tensor([v for _, v in got[1]]), torch.tensor([v for _, v in want[1]]))
 
 
 def _engine_tokens(model: GPT, step: str, params: SamplingParams) -> tuple[list[list[int]], Engine]:
@@ -225,13 +247,13 @@ def test_cuda_replayed_decode_step_makes_no_host_sync():
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            _, tokens_R = step._replay(plan, host)
+            _, out_RC = step._replay(plan, host)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
     eager = DeviceStep(model, _cache(model), 16, graphs=False)
     _run(eager, sequences, CALLS)
-    assert tokens_R[:3].tolist() == eager.forward(tokens, slots, positions, [0, 1, 2], sampling)[1]
+    assert out_RC[:3, 0].tolist() == eager.forward(tokens, slots, positions, [0, 1, 2], sampling)[1]
     assert len(step._graphs) == 2
 
 
@@ -247,3 +269,26 @@ def test_a_call_without_logit_rows():
     got = step.forward(tokens, slots, positions, [2])[0]
     want = _run(reference, sequences, [[(2, 0, 10)]])[0][-1:]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@cuda
+def test_cuda_graphs_with_penalties_and_logprobs_equal_eager():
+    """Penalties (counts on the device, counted inside the graph) and log-probabilities replayed
+    from a captured decode graph give eager's tokens, values and counts."""
+    model = _model(CASES["mixtral"], torch.float32).cuda()
+    sequences = _sequences(model.config.vocab_size)
+    graphed, eager = DeviceStep(model, _cache(model), 16), DeviceStep(model, _cache(model), 16, graphs=False)
+    penalised = RowSampling(SamplingParams(temperature=0.0, presence_penalty=1.5, frequency_penalty=1.0), 0, 0)
+    for step in (graphed, eager):
+        _run(step, sequences, CALLS[:2])
+        for slot in (0, 3):
+            step.set_output_counts(slot, sequences[slot][:6])
+    for t in range(3):  # capture, then two replays
+        tokens, slots, positions = _rows([(3, 4 + t, 1), (0, 6 + t, 1)], sequences)
+        got, want = (step.forward(tokens, slots, positions, [0, 1], [penalised, None], [-1, tokens[1]])
+                     for step in (graphed, eager))
+        assert got[1] == want[1]
+        for ours, theirs in zip(graphed.logprobs, eager.logprobs):
+            assert abs(ours[0] - theirs[0]) < 1e-3 and [i for i, _ in ours[1]] == [i for i, _ in theirs[1]]
+    assert len(graphed._graphs) == 1
+    assert torch.equal(graphed._output_counts, eager._output_counts)

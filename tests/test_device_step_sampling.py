@@ -2,7 +2,8 @@
 request's tokens are the device sampler's draws (its seed, the token's index as the counter) from
 the model's logits, whatever else shares its steps, across preemptions and from run to run; greedy
 requests keep the argmax; the first tokens of many seeds follow the sampling distribution;
-penalised requests still sample on the host as the PyTorch step does."""
+penalised requests are penalised on the device: greedy ones choose the host path's tokens, sampled
+ones draw from the host path's penalised distribution, across preemptions and slot reuse."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from test_native_decode import CASES, _model  # noqa: I001 - the block kinds of 
 
 from pyramoe.inference import Engine, SamplingParams
 from pyramoe.inference.device_sampling import SamplingBatch, sample
-from pyramoe.inference.sampling import sampling_probs
+from pyramoe.inference.sampling import apply_penalties, sampling_probs
 
 SAMPLED = SamplingParams(max_tokens=12, temperature=0.9, top_k=20, top_p=0.9, seed=7, ignore_eos=True)
 PROMPT = [5, 9, 2, 7, 1, 3, 8, 4, 6, 2, 11]
@@ -85,11 +86,48 @@ def test_first_tokens_of_many_seeds_follow_the_distribution():
     assert chi2 < chi_square_critical(5), (chi2, counts_V[kept].tolist(), expected.tolist())
 
 
-def test_penalised_requests_sample_on_the_host_as_before():
+# Negative penalties: drawn tokens come back, so counts above 1 matter.
+PENALISED = SamplingParams(max_tokens=10, temperature=1.0, seed=5, presence_penalty=-2.0, frequency_penalty=-1.0,
+                           ignore_eos=True)
+
+
+def test_penalised_greedy_requests_equal_the_host_path_token_for_token():
+    """Penalties on the device (counts kept per slot, counted in the step) choose the tokens the
+    host's `apply_penalties` does; slots are reused (5 requests, 2 slots), so counts restart."""
     model = _model(CASES["mixtral"], torch.float32)
-    penalised = SamplingParams(max_tokens=10, temperature=0.8, seed=5, presence_penalty=1.5, ignore_eos=True)
-    requests = [(PROMPT, penalised), OTHERS[0]]
-    assert _tokens(_engine(model), requests) == _tokens(_engine(model, step="pytorch"), requests)
+    greedy = [SamplingParams(max_tokens=12, temperature=0.0, presence_penalty=p, frequency_penalty=f, ignore_eos=True)
+              for p, f in ((1.5, 0.0), (0.0, 2.0), (-0.5, 1.0), (2.0, 2.0))]
+    requests = [(PROMPT, greedy[0]), ([3, 1], greedy[1]), OTHERS[0], ([7, 7, 7, 2, 5], greedy[2]), ([4, 9], greedy[3])]
+    got = _tokens(_engine(model, max_batch=2), requests)
+    assert got == _tokens(_engine(model, step="pytorch", max_batch=2), requests)
+    plain = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    unpenalised = _tokens(_engine(model, step="pytorch", max_batch=2), [(prompt, plain) for prompt, _ in requests])
+    changed = [a != b[: len(a)] for a, b in zip(got, unpenalised)]
+    assert not changed[2] and sum(changed) >= 2  # the penalties changed some choices: the test can tell
+
+
+def test_penalised_draws_are_the_device_samplers_from_the_host_penalised_logits():
+    """A penalised sampled request draws on the device from exactly the host path's distribution:
+    each token is the device sampler's draw from `apply_penalties` (host) of the model's logits."""
+    model = _model(CASES["gpt-2 top-2"], torch.float32)
+    tokens = _tokens(_engine(model), [(PROMPT, PENALISED), OTHERS[1]])[0]
+    with torch.no_grad():
+        logits_TV = model(torch.tensor([PROMPT + tokens[:-1]])).logits[0, len(PROMPT) - 1 :].float()
+    scored_TV = torch.stack([apply_penalties(logits_TV[t], tokens[:t], PENALISED) for t in range(len(tokens))])
+    batch = SamplingBatch.build([PENALISED] * len(tokens), [PENALISED.seed] * len(tokens), range(len(tokens)), "cpu")
+    assert sample(scored_TV, batch).tolist() == tokens
+    assert len(set(tokens)) < len(tokens) - 2  # tokens repeat: counts above 1
+    assert sample(logits_TV, batch).tolist() != tokens  # unpenalised draws differ: the penalty is applied
+
+
+def test_a_preempted_penalised_request_counts_its_output_again():
+    model = _model(CASES["mixtral"], torch.float32)
+    greedy = SamplingParams(max_tokens=10, temperature=0.0, frequency_penalty=1.5, ignore_eos=True)
+    requests = [(PROMPT, PENALISED), OTHERS[1], ([4, 4, 9], greedy)]
+    tight = _engine(model, kv_blocks=9)  # the last admitted gives its blocks back, is read again
+    assert _tokens(tight, requests) == _tokens(_engine(model), requests)
+    assert tight.preemptions > 0
+    assert _tokens(_engine(model, step="pytorch", kv_blocks=9), requests)[2] == _tokens(tight, requests)[2]
 
 
 def test_step_flag_of_generate_and_serve(tmp_path, capsys):
@@ -110,3 +148,68 @@ def test_step_flag_of_generate_and_serve(tmp_path, capsys):
         assert main([command, run, *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and field in err, err
+
+
+def _events(engine: Engine, requests) -> dict[str, list]:
+    ids = [engine.add_request(prompt, params) for prompt, params in requests]
+    events = {request_id: [] for request_id in ids}
+    for event in engine.stream():
+        events[event.request_id].append(event)
+    return [events[request_id] for request_id in ids]
+
+
+def _close(ours, theirs) -> None:
+    """Two Logprobs: the same alternatives' ids, values within fp32 tolerance of each other's logits."""
+    assert ours is not None and theirs is not None
+    assert abs(ours[0] - theirs[0]) < 1e-4
+    assert [t for t, _ in ours[1]] == [t for t, _ in theirs[1]]
+    assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(ours[1], theirs[1]))
+
+
+def test_logprobs_come_from_the_device_step_equal_the_host_paths(monkeypatch):
+    """Generated tokens' and prompt tokens' log-probabilities with alternatives, computed inside the
+    device step (never from the logits on the host: `token_logprobs` is made to fail), equal the
+    PyTorch step's host values; sampled, penalised and greedy requests mixed, prompts in chunks."""
+    model = _model(CASES["mixtral"], torch.float32)
+    requests = [(PROMPT, SamplingParams(max_tokens=6, temperature=0.0, logprobs=3, prompt_logprobs=2, ignore_eos=True)),
+                ([3, 1, 4, 1, 5], SamplingParams(**{**SAMPLED.__dict__, "logprobs": 20, "max_tokens": 5})),
+                ([7, 7, 7, 2, 5], SamplingParams(**{**PENALISED.__dict__, "logprobs": 0, "prompt_logprobs": 5})),
+                OTHERS[0]]
+    want = _events(_engine(model, step="pytorch"), requests)
+    import pyramoe.inference.engine as engine_module
+
+    def on_the_host(*args):
+        raise AssertionError("log-probabilities read from the logits on the host")
+
+    monkeypatch.setattr(engine_module, "token_logprobs", on_the_host)
+    got = _events(_engine(model), requests)
+    for (prompt, params), ours, theirs in zip(requests, got, want):
+        if params.greedy:  # sampled ones draw otherwise on each path: compare their own tokens' values below
+            assert [e.token_id for e in ours] == [e.token_id for e in theirs]
+        if params.prompt_logprobs is not None:
+            assert len(ours[0].prompt_logprobs) == len(theirs[0].prompt_logprobs) == len(prompt)
+            assert ours[0].prompt_logprobs[0] is None
+            for a, b in zip(ours[0].prompt_logprobs[1:], theirs[0].prompt_logprobs[1:]):
+                _close(a, b)
+                assert len(a[1]) == params.prompt_logprobs
+        for event in ours:
+            assert (event.logprob is None) == (params.logprobs is None or event.token_id is None)
+        if params.greedy and params.logprobs is not None:
+            for a, b in zip(ours, theirs):
+                _close(a.logprob, b.logprob)
+                assert len(a.logprob[1]) == params.logprobs
+
+
+def test_sampled_tokens_logprobs_are_the_models():
+    """A sampled request's token log-probabilities (device) are the full forward's log-softmax at
+    its own tokens, before temperature and penalties."""
+    model = _model(CASES["gpt-2 top-2"], torch.float32)
+    params = SamplingParams(**{**PENALISED.__dict__, "logprobs": 2})
+    events = _events(_engine(model), [(PROMPT, params), OTHERS[1]])[0]
+    tokens = [e.token_id for e in events]
+    with torch.no_grad():
+        logits_TV = model(torch.tensor([PROMPT + tokens[:-1]])).logits[0, len(PROMPT) - 1 :].float()
+    logp_TV = torch.log_softmax(logits_TV, dim=-1)
+    for t, event in enumerate(events):
+        assert abs(event.logprob[0] - float(logp_TV[t, tokens[t]])) < 1e-4
+        assert [i for i, _ in event.logprob[1]] == torch.topk(logp_TV[t], 2).indices.tolist()

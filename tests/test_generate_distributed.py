@@ -1,5 +1,5 @@
-"""`pyramoe generate` under torchrun: experts spread over ranks (EP=2) and EP=2 x TP=2 (heads and
-MoE tokens split) print the same greedy completions as one process."""
+"""`pyramoe generate` under torchrun: experts spread over ranks (EP=2), EP=2 x TP=2 (heads and
+MoE tokens split) and EP=2 on the device step print the same greedy completions as one process."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def test_expert_and_tensor_parallel_generation_matches_one_process(tmp_path, cap
     expected = capsys.readouterr().out
     assert expected.startswith("def f1") and "\nreturn" in expected
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for layout in (["--ep", "2", "--nproc-per-node", "2"], ["--ep", "2", "--tp", "2", "--nproc-per-node", "4"]):
+    for layout in (["--ep", "2", "--nproc-per-node", "2"], ["--ep", "2", "--tp", "2", "--nproc-per-node", "4"],
+                   ["--ep", "2", "--nproc-per-node", "2", "--step", "device"]):
         done = subprocess.run([sys.executable, "-m", "pyramoe", *generate, *layout], env=env, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]

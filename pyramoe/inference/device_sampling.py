@@ -10,7 +10,10 @@ The token is drawn by an exponential race, argmax_v p_v / E_v with E_v = -log(u_
 which picks v with probability p_v / sum(p) exactly and never a token of probability 0.
 
 The distribution each row samples from is `sampling.sampling_probs`'s (temperature, then top-k
-with ties kept, softmax, then the top-p nucleus), computed for all rows at once.
+with ties kept, softmax, then the top-p nucleus), computed for all rows at once. Presence and
+frequency penalties (`penalise`) are subtracted from the logits before, as
+`sampling.apply_penalties` does on the host, from per-request output token counts the step keeps on
+the device.
 
 A step hands its rows' settings to the device as `FIELDS` int64 rows (`sampling_fields`: floats as
 their fp32 bits), so they can ride in the same host buffer as the rest of the step's plan: one copy.
@@ -41,9 +44,10 @@ class RowSampling(NamedTuple):
     counter: int
 
 
-# Rows of `sampling_fields`: temperature (fp32 bits), top_p (fp32 bits), top_k, seed low / high 32
-# bits, counter.
-FIELDS = 6
+# Rows of `sampling_fields`: temperature, top_p, presence and frequency penalties (fp32 bits), then
+# top_k, seed low / high 32 bits, counter.
+FIELDS = 8
+_FLOATS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
 GREEDY = SamplingParams(temperature=0.0)
 
 
@@ -51,11 +55,16 @@ def sampling_fields(rows_R: Sequence[RowSampling | None]) -> list[list[int]]:
     """The rows' settings as FIELDS lists of R ints (None: a greedy row). Floats travel as their fp32
     bit patterns (signed 32-bit ints, exact in int64) so every field fits one int64 buffer."""
     rows = [row if row is not None else RowSampling(GREEDY, 0, 0) for row in rows_R]
-    floats = torch.tensor([[r.params.temperature for r in rows], [r.params.top_p for r in rows]],
+    floats = torch.tensor([[getattr(r.params, name) for r in rows] for name in _FLOATS],
                           dtype=torch.float32, device="cpu")  # host-side: their bits go into the step's plan
-    bits = floats.view(torch.int32).tolist()
-    return [bits[0], bits[1], [r.params.top_k for r in rows], [r.seed & MASK32 for r in rows],
+    temperature, top_p, presence, frequency = floats.view(torch.int32).tolist()
+    return [temperature, top_p, presence, frequency, [r.params.top_k for r in rows], [r.seed & MASK32 for r in rows],
             [(r.seed >> 32) & MASK32 for r in rows], [r.counter & MASK32 for r in rows]]
+
+
+def penalised(params: SamplingParams) -> bool:
+    """The request's logits are penalised by the tokens it has generated (presence or frequency)."""
+    return params.presence_penalty != 0 or params.frequency_penalty != 0
 
 
 def sampling_mode(rows_R: Sequence[RowSampling | None]) -> int:
@@ -65,6 +74,11 @@ def sampling_mode(rows_R: Sequence[RowSampling | None]) -> int:
     if not sampled:
         return 0
     return 2 if any(p.top_k > 0 or p.top_p < 1.0 for p in sampled) else 1
+
+
+def penalty_mode(rows_R: Sequence[RowSampling | None]) -> bool:
+    """Some row is penalised (`penalise` runs): known on the host, part of a step's ops as `sampling_mode`."""
+    return any(r is not None and penalised(r.params) for r in rows_R)
 
 
 @dataclass
@@ -78,6 +92,8 @@ class SamplingBatch:
     seed_R: torch.Tensor  # int64: the seed's low 32 bits, then high 32 bits, per row ([R, 2])
     counter_R: torch.Tensor  # int64: which of its request's samples the row draws
     truncates: bool
+    presence_R: torch.Tensor | None = None  # fp32 presence / frequency penalties (0: none)
+    frequency_R: torch.Tensor | None = None
 
     @classmethod
     def build(cls, params_R: Sequence[SamplingParams], seeds_R: Sequence[int], counters_R: Sequence[int],
@@ -89,10 +105,11 @@ class SamplingBatch:
         return cls.from_fields(fields, truncates=sampling_mode(rows) == 2)
 
     @classmethod
-    def from_fields(cls, fields_6R: torch.Tensor, truncates: bool) -> SamplingBatch:
+    def from_fields(cls, fields_FR: torch.Tensor, truncates: bool) -> SamplingBatch:
         """Views of `sampling_fields` already on the device (no copy, no sync)."""
-        floats = fields_6R[:2].to(torch.int32).view(torch.float32)
-        return cls(floats[0], fields_6R[2], floats[1], fields_6R[3:5].t(), fields_6R[5], truncates)
+        floats = fields_FR[:4].to(torch.int32).view(torch.float32)
+        return cls(floats[0], fields_FR[4], floats[1], fields_FR[5:7].t(), fields_FR[7], truncates, floats[2],
+                   floats[3])
 
 
 def sample(logits_RV: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -103,6 +120,15 @@ def sample(logits_RV: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     exponential_RV = -torch.log(uniforms(batch.seed_R, batch.counter_R, logits_RV.shape[1]))
     drawn_R = (probs_RV / exponential_RV).argmax(-1)
     return torch.where(greedy_R, logits_RV.argmax(-1), drawn_R)
+
+
+def penalise(logits_RV: torch.Tensor, counts_RV: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """`sampling.apply_penalties` for every row at once: the logits (fp32) less each row's frequency
+    penalty per occurrence and presence penalty once, of the tokens counted in `counts_RV` (its
+    request's output so far). Rows without penalties come back unchanged (their penalties are 0)."""
+    counts_RV = counts_RV.to(logits_RV.dtype)
+    return (logits_RV - batch.frequency_R.unsqueeze(1) * counts_RV
+            - batch.presence_R.unsqueeze(1) * (counts_RV > 0).to(logits_RV.dtype))
 
 
 def filtered_probs(logits_RV: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

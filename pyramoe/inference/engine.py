@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from pyramoe.data import Tokenizer
-from pyramoe.inference.device_sampling import RowSampling
+from pyramoe.inference.device_sampling import RowSampling, penalised
 from pyramoe.inference.device_step import DeviceStep, device_step_unsupported
 from pyramoe.inference.kv_cache import PagedKVCache
 from pyramoe.inference.model_view import inference_view
@@ -66,9 +66,10 @@ class Engine:
     and the model is one it computes, with bf16 weights blocked for its AVX512-BF16 kernels at the
     first step (`pack_weights`); otherwise the weights are prepacked for oneDNN at the first step
     (`pack_weights`, `pyramoe.inference.packing`) and the model runs in PyTorch. `step="device"` (the
-    default on CUDA, on one process, where it applies) runs `DeviceStep` instead: fixed-shape steps
-    with no host sync inside, decode captured as CUDA graphs on CUDA, sampled requests drawn on the
-    device (penalised ones on the host); `step="pytorch"` the PyTorch step. `quantize="int8"` or
+    default on CUDA, on one process, where it applies; after `distribute` when asked for) runs
+    `DeviceStep` instead: fixed-shape steps with no host sync inside, decode captured as CUDA graphs
+    on CUDA (one process), sampled requests drawn, penalties applied and log-probabilities computed
+    on the device; `step="pytorch"` the PyTorch step. `quantize="int8"` or
     `"int4"` (CPU; options in `pyramoe.inference.packing.parse_quantize`) quantizes the linear layers
     and experts at the first step, before the step is built (`pyramoe.inference.packing.quantize_model`:
     int8 per-output-channel or int4 group-wise scales, rows of activations quantized on the fly), so
@@ -279,7 +280,8 @@ class Engine:
         if plan:
             try:
                 if isinstance(self.runner, DeviceStep):
-                    logits_RV, greedy_R = self.runner.forward(*rows, sampling_R=self._device_draws(plan, rows[3]))
+                    logits_RV, greedy_R = self.runner.forward(*rows, sampling_R=self._device_draws(plan, rows[3]),
+                                                              logprobs_R=self._device_logprobs(plan, rows[3]))
                 else:
                     logits_RV, greedy_R = self.runner.forward(*rows)
             except Exception as exc:  # noqa: BLE001 - a failed forward fails its requests, not the engine
@@ -386,7 +388,7 @@ class Engine:
             for pick, position in zip(picks, range(start, start + fed)):
                 if position + 1 < len(prompt):  # row `position` predicts the next prompt token
                     request.prompt_logprobs.append(
-                        token_logprobs(logits_RV[pick], prompt[position + 1], request.params.prompt_logprobs))
+                        self._logprob(logits_RV, pick, prompt[position + 1], request.params.prompt_logprobs))
         if request.reading_prompt:
             return None
         if request.params.max_tokens == 0:
@@ -409,7 +411,7 @@ class Engine:
         if self.quantize is not None:  # 0 where the model came quantized (a quantized directory)
             self.quantized_weights = quantize_model(self.model, self.quantize)
         if self._use_device_step():
-            self.runner = DeviceStep(self.model, self.cache, rows)
+            self.runner = DeviceStep(self.model, self.cache, rows, logits_source=self.logits_source)
             return
         if self.native:
             self.native_unavailable = unsupported_reason(self.model, self.cache)
@@ -445,11 +447,9 @@ class Engine:
         return self.runner.expert_counts()
 
     def _samples_on_device(self, request: Request) -> bool:
-        """The step draws this request's tokens on the device: the device step, sampling without
-        penalties (penalties need the request's output counts: the host path applies them)."""
-        params = request.params
-        return (isinstance(self.runner, DeviceStep) and not params.greedy
-                and params.presence_penalty == 0 and params.frequency_penalty == 0)
+        """The device step draws this request's tokens (sampled) or penalises its logits first
+        (penalised, greedy or not): it needs the request's settings, not only the argmax."""
+        return isinstance(self.runner, DeviceStep) and (not request.params.greedy or penalised(request.params))
 
     def _device_draws(self, plan: list[tuple[Request, int, list[int]]], logit_rows: list[int]
                       ) -> list[RowSampling | None] | None:
@@ -461,16 +461,45 @@ class Engine:
         for request, fed, picks in plan:
             done_reading = request.cached + fed >= len(request.context_ids)
             if picks and done_reading and self._samples_on_device(request):
-                draws[picks[-1]] = RowSampling(request.params, request.seed, len(request.output_ids))
+                if penalised(request.params) and request.counts_slot != request.slot:
+                    # Its counts on the device start from its output so far (after a preemption, not 0).
+                    self.runner.set_output_counts(request.slot, request.output_ids)
+                    request.counts_slot = request.slot
+                draws[picks[-1]] = RowSampling(request.params, request.seed or 0, len(request.output_ids))
         return draws if any(d is not None for d in draws) else None
+
+    def _device_logprobs(self, plan: list[tuple[Request, int, list[int]]], logit_rows: list[int]
+                         ) -> list[int | None] | None:
+        """Per logit row, the token whose log-probability the device step computes: the next prompt
+        token of a prompt row being scored, -1 (the token chosen) for the row that picks a token of
+        a request asking `logprobs`; None elsewhere, or no list when no row asks."""
+        targets: list[int | None] = [None] * len(logit_rows)
+        for request, fed, picks in plan:
+            prompt, start = request.prompt_ids, request.cached
+            if start < len(prompt) and request.scoring_prompt:
+                for pick, position in zip(picks, range(start, start + fed)):
+                    if position + 1 < len(prompt):
+                        targets[pick] = prompt[position + 1]
+            if picks and request.cached + fed >= len(request.context_ids) and request.params.logprobs is not None:
+                targets[picks[-1]] = -1
+        return targets if any(t is not None for t in targets) else None
+
+    def _logprob(self, logits_RV: torch.Tensor, pick: int, token: int, top: int) -> Logprob:
+        """Logit row `pick`'s log-probability of `token` and its `top` likeliest: the device step's
+        (computed in the step) where it has them, else from the row's logits on the host."""
+        computed = self.runner.logprobs if isinstance(self.runner, DeviceStep) else None
+        if computed is not None and computed[pick] is not None:
+            logprob, alternatives = computed[pick]
+            return logprob, alternatives[:top]
+        return token_logprobs(logits_RV[pick], token, top)
 
     def _accept(self, request: Request, logits_RV: torch.Tensor, greedy_R: list[int], pick: int) -> TokenEvent:
         """Choose the request's next token from logit row `pick` (`greedy_R[pick]`: its argmax, or
         the device step's draw for it), update its text, decide whether it is done. Penalties and
-        log-probabilities are computed here, on the host, from the row's logits."""
+        log-probabilities are computed here, on the host, from the row's logits, except on the device
+        step, which computes both."""
         params = request.params
-        penalised = params.presence_penalty != 0 or params.frequency_penalty != 0
-        if (params.greedy and not penalised) or self._samples_on_device(request):
+        if (params.greedy and not penalised(params)) or self._samples_on_device(request):
             token = greedy_R[pick]  # no row indexed: a few microseconds per request and step
         else:
             scored_V = apply_penalties(logits_RV[pick], request.output_ids, params)
@@ -483,7 +512,7 @@ class Engine:
             if self.tokenizer is not None and request.read_offset < len(request.output_ids):
                 request.text = self.tokenizer.decode(request.output_ids)  # with a pending partial character
             return self._event(request, None)  # the stop token is not part of the output
-        logprob = token_logprobs(logits_RV[pick], token, params.logprobs) if params.logprobs is not None else None
+        logprob = self._logprob(logits_RV, pick, token, params.logprobs) if params.logprobs is not None else None
         request.output_ids.append(token)
         if self.tokenizer is not None:
             self._extend_text(request)
@@ -537,6 +566,7 @@ class Engine:
 
     def _release(self, request: Request) -> None:
         self.active.remove(request)
+        request.counts_slot = None  # another request may count in the slot before it comes back
         self.cache.free(request.slot)
         self._free_slots.append(request.slot)
         self._free_slots.sort()  # lowest first: requests admitted together get consecutive slots

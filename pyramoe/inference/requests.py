@@ -49,6 +49,9 @@ class Request:
     # After a preemption: the prompt and the tokens generated so far, read again (recomputed) before
     # the next token is sampled.
     recompute_ids: list[int] | None = None
+    # The slot whose device-side output counts (the device step's penalties) hold this request's
+    # tokens; None until its first penalised device step in its current slot.
+    counts_slot: int | None = None
 
     @property
     def finished(self) -> bool:

@@ -31,11 +31,19 @@ from pyramoe.layers.moe import MoELayer
 GROUPED_MM_ALIGN_BYTES = 16
 
 
-def device_moe_unsupported(layer: MoELayer) -> str | None:
-    """Why `DeviceMoE` cannot run this layer, or None."""
+def spread_over_processes(layer: MoELayer) -> bool:
+    """The layer's experts or tokens are spread over processes: expert parallelism, tensor
+    parallelism's token split, or its expert slicing (`SlicedExperts` carries its TP group)."""
+    return (type(layer.dispatcher) is not LocalDispatcher or layer.token_split is not None
+            or getattr(layer.experts, "group", None) is not None)
+
+
+def device_moe_unsupported(layer: MoELayer, token_split: bool = False) -> str | None:
+    """Why `DeviceMoE` cannot run this layer, or None. `token_split`: the caller splits the tokens
+    over the TP group itself (`DeviceMoE` then runs on this rank's share; experts must be local)."""
     if not layer.config.dropless:
         return "the layer drops tokens past a capacity (device MoE is dropless)"
-    if type(layer.dispatcher) is not LocalDispatcher or layer.token_split is not None:
+    if type(layer.dispatcher) is not LocalDispatcher or (layer.token_split is not None and not token_split):
         return "the layer's experts are spread over processes (expert or tensor parallelism)"
     if type(layer.experts) is not GroupedExperts or layer.experts.w_in is None:
         return "the layer's experts are packed for the CPU or not grouped experts"
@@ -54,10 +62,11 @@ def grouped_mm_runs(weight: torch.Tensor) -> bool:
 class DeviceMoE:
     """`layer`'s inference forward (same router, experts, Residual-MoE mix and shared expert) on
     whatever device it lives on. Built once per layer: weights whose widths break _grouped_mm's
-    alignment get a zero-padded copy here, the others are used in place."""
+    alignment get a zero-padded copy here, the others are used in place. `token_split`: see
+    `device_moe_unsupported` (the layer's own `token_split` is not applied here)."""
 
-    def __init__(self, layer: MoELayer):
-        reason = device_moe_unsupported(layer)
+    def __init__(self, layer: MoELayer, token_split: bool = False):
+        reason = device_moe_unsupported(layer, token_split)
         if reason is not None:
             raise ValueError(f"device moe: {reason}")
         experts = layer.experts
