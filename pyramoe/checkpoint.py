@@ -307,6 +307,7 @@ class ShardedFiles:
             raise ValueError(f"{path}: unreadable checkpoint index ({type(exc).__name__}: {exc})") from None
         self._files: dict[str, Any] = {}
         self._stack = contextlib.ExitStack()
+        self.bytes_read = 0  # of tensor data taken from the files
 
     def __enter__(self) -> ShardedFiles:
         return self
@@ -328,33 +329,39 @@ class ShardedFiles:
                 raise ValueError(f"{path}: unreadable safetensors file ({_first_line(exc)})") from None
         return self._files[name]
 
-    def _get(self, key: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
-        """Piece `key`, or its [start, stop) along `dim` (only those bytes are read)."""
+    def _get(self, key: str, ranges: dict[int, tuple[int, int]] | None = None) -> torch.Tensor:
+        """Piece `key`, or the part of it within `ranges` (dimension -> [start, stop)): only those
+        bytes are read."""
+        ranges = ranges or {}
         if key in self.chunks:
-            return self._get_chunked(key, dim, start, stop)
+            return self._get_chunked(key, ranges)
         f = self._file(key)
         try:
-            if dim is None:
-                return f.get_tensor(key)
-            return f.get_slice(key)[(slice(None),) * dim + (slice(start, stop),)]
+            if not ranges:
+                t = f.get_tensor(key)
+            else:
+                t = f.get_slice(key)[tuple(slice(*ranges.get(d, (None, None))) for d in range(max(ranges) + 1))]
         except Exception as exc:  # noqa: BLE001
             where = self.directory / self.weight_map[key]
             raise ValueError(f"{where}: unreadable {key} ({_first_line(exc)})") from None
+        self.bytes_read += t.numel() * t.element_size()
+        return t
 
-    def _get_chunked(self, key: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
-        """Piece `key` (or its [start, stop) along `dim`) from the row chunks it was saved as."""
+    def _get_chunked(self, key: str, ranges: dict[int, tuple[int, int]]) -> torch.Tensor:
+        """Piece `key` (or its part within `ranges`) from the row chunks it was saved as."""
         chunks = self.chunks[key]
         if [a for a, _, _ in chunks] != [0] + [b for _, b, _ in chunks[:-1]]:
             raise ValueError(f"{self.directory}: incomplete checkpoint ({key}: its row chunks leave a gap)")
-        if dim is None:
-            return torch.cat([self._get(chunk) for _, _, chunk in chunks])
-        if dim > 0:
-            return torch.cat([self._get(chunk, dim, start, stop) for _, _, chunk in chunks])
-        return torch.cat([self._get(chunk, 0, max(start, a) - a, min(stop, b) - a)
-                          for a, b, chunk in chunks if a < stop and start < b])
+        if 0 not in ranges:
+            return torch.cat([self._get(chunk, ranges) for _, _, chunk in chunks])
+        start, stop = ranges[0]
+        wanted = [(chunk, (max(start, a) - a, min(stop, b) - a)) for a, b, chunk in chunks if a < stop and start < b]
+        # No row wanted (an empty FSDP share): an empty read keeps the other dimensions' shape.
+        return torch.cat([self._get(chunk, {**ranges, 0: span}) for chunk, span in wanted or [(chunks[0][2], (0, 0))]])
 
     def read(self, name: str, part: Part | None = None) -> torch.Tensor:
-        """`part` of full tensor `name` (None: all of it)."""
+        """`part` of full tensor `name` (None: all of it), reading only its bytes (its FSDP `rows`
+        too, under --zero)."""
         info = self.tensors[name]
         shape = info["shape"]
         if not shape:
@@ -383,30 +390,44 @@ class ShardedFiles:
             return torch.stack([
                 self._assemble(name, e, inner, blocks, rank, size, saved_size) for e in range(first, first + count)
             ])
-        t = self._assemble(name, None, dim, blocks, rank, size, saved_size)
+        rows = part.rows[:2] if part is not None and part.rows is not None else None
+        assert rows is None or experts is None, "FSDP shards an expert tensor by whole experts, not rows"
+        t = self._assemble(name, None, dim, blocks, rank, size, saved_size, rows)
         if experts is not None:
             t = t[experts[0] : experts[0] + experts[1]]
         return t
 
     def _assemble(
-        self, name: str, expert: int | None, dim: int | None, blocks: list[int], rank: int, size: int, saved: int
+        self, name: str, expert: int | None, dim: int | None, blocks: list[int], rank: int, size: int, saved: int,
+        rows: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Tensor-parallel slice `rank` of `size` (block by block along `dim`) of one tensor or expert,
-        from the pieces it was saved as, slice `s` of `saved`, reading only the overlapping ranges."""
+        from the pieces it was saved as, slice `s` of `saved`, reading only the overlapping ranges;
+        of that, only `rows` [first, end) along dimension 0 when given."""
         if dim is None or (size == 1 and saved == 1):
-            return self._get(piece_key(name, expert))
+            return self._get(piece_key(name, expert), {0: rows} if rows is not None else None)
         for block in blocks:
             if block % size or block % saved:
                 raise ValueError(f"{self.directory}: {name}: a block of {block} does not split over {size} ranks")
-        out = []
+        segments = []  # (stored piece, its range along dim) in output order
         base = 0  # where this block's share starts inside a saved piece
         for block in blocks:
             have, want = block // saved, block // size
             lo, hi = rank * want, (rank + 1) * want
             for s in range(lo // have, -(-hi // have)):
                 a, z = max(lo, s * have), min(hi, (s + 1) * have)
-                key = piece_key(name, expert, (s, saved) if saved > 1 else None)
                 offset = base + a - s * have
-                out.append(self._get(key, dim, offset, offset + z - a))
+                segments.append((piece_key(name, expert, (s, saved) if saved > 1 else None), offset, offset + z - a))
             base += have
-        return torch.cat(out, dim=dim)
+        if rows is None:
+            return torch.cat([self._get(key, {dim: (a, z)}) for key, a, z in segments], dim=dim)
+        if dim > 0:
+            return torch.cat([self._get(key, {0: rows, dim: (a, z)}) for key, a, z in segments], dim=dim)
+        out, at = [], 0  # split along the rows themselves: keep each segment's overlap with `rows`
+        for key, a, z in segments:
+            lo, hi = max(rows[0], at), min(rows[1], at + z - a)
+            if hi > lo:
+                out.append(self._get(key, {0: (a + lo - at, a + hi - at)}))
+            at += z - a
+        # No row wanted (an empty FSDP share): an empty read keeps the other dimensions' shape.
+        return torch.cat(out) if out else self._get(segments[0][0], {0: (segments[0][1],) * 2})
