@@ -34,6 +34,7 @@ state.json is written last, so a directory without it is never treated as a chec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -44,10 +45,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from pyramoe.config import ModelConfig
 from pyramoe.models import GPT
+from pyramoe.parallel.sharding import local_rows
 from pyramoe.parallel.tensor import cut_tp
 
 FORMAT = "pyramoe-checkpoint"
@@ -182,12 +184,20 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`full` split as `like` (a sharded DTensor parameter or moment) is, with no communication:
-    every rank holds `full` and keeps its chunk; `full` itself when `like` is a plain tensor."""
+def local_part(part: Part | None, like: torch.Tensor) -> Part | None:
+    """`part` narrowed to the FSDP rows this rank holds of `like` (a sharded DTensor parameter or
+    moment), so that a reader takes only those; `part` itself when `like` is a plain tensor."""
+    rows = local_rows(like)
+    return part if rows is None else dataclasses.replace(part or Part(), rows=rows)
+
+
+def as_shard(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's rows (read by `local_part`) as a tensor sharded like `like`, with no
+    communication; `local` itself when `like` is a plain tensor."""
     if not isinstance(like, DTensor):
-        return full
-    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+        return local
+    return DTensor.from_local(local.to(like.device), like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride())
 
 
 def is_sharded(ckpt: Checkpoint) -> bool:
@@ -196,30 +206,32 @@ def is_sharded(ckpt: Checkpoint) -> bool:
 
 def load_model_weights(model: nn.Module, ckpt: Checkpoint, parts: Parts | None = None) -> None:
     """Load weights, checking names and shapes first so a mismatch is one clear line. `parts` names
-    this process's part of each saved tensor (its expert shard, its tensor-parallel slice); a
-    sharded checkpoint is read piece by piece, only what this process holds."""
+    this process's part of each saved tensor (its expert shard, its tensor-parallel slice, under
+    --zero its FSDP rows of that); a sharded checkpoint is read piece by piece, only what this
+    process holds."""
     expected = model_tensors(model)
+    targets = {key: t.to_local() if isinstance(t, DTensor) else t for key, t in expected.items()}
+
+    def part(name: str) -> Part | None:
+        return local_part(parts(name) if parts else None, expected[name])
+
     if is_sharded(ckpt):
         with ShardedFiles(ckpt.path, MODEL_INDEX) as files:
             _check_names(ckpt, expected, files.tensors)
-            tensors = {name: files.read(name, parts(name) if parts else None) for name in expected}
+            tensors = {name: files.read(name, part(name)) for name in expected}
     else:
         tensors = _read_safetensors(ckpt.path / MODEL_FILE)
         _check_names(ckpt, expected, tensors)
-        tensors = {key: _cut(parts, key, tensor) for key, tensor in tensors.items()}
+        tensors = {key: _cut(part, key, tensor) for key, tensor in tensors.items()}
     for key, tensor in tensors.items():
-        if tensor.shape != expected[key].shape:
+        if tensor.shape != targets[key].shape:
             raise ValueError(
                 f"{ckpt.path}: incompatible checkpoint ({key}: shape {tuple(tensor.shape)}, "
-                f"model wants {tuple(expected[key].shape)})"
+                f"model wants {tuple(targets[key].shape)})"
             )
     with torch.no_grad():
         for key, tensor in tensors.items():
-            target = expected[key]
-            if isinstance(target, DTensor):  # sharded (FSDP): this rank's chunk of what it would hold whole
-                target.to_local().copy_(shard_like(tensor, target).to_local())
-            else:
-                target.copy_(tensor)
+            targets[key].copy_(tensor)
 
 
 def _check_names(ckpt: Checkpoint, expected: dict[str, Any], saved: dict[str, Any]) -> None:
@@ -383,15 +395,18 @@ class ShardedFiles:
         experts = part.experts if part is not None else None
         if info["experts"]:
             first, count = experts if experts is not None else (0, shape[0])
+            if part is not None and part.rows is not None:  # FSDP rows of an expert tensor: whole experts
+                first, count = first + part.rows[0], part.rows[1] - part.rows[0]
             if first + count > shape[0]:
                 raise ValueError(f"{self.directory}: incompatible checkpoint ({name}: {shape[0]} experts saved, "
                                  f"model wants experts {first}..{first + count - 1})")
             inner = None if dim is None else dim - 1  # a piece is one expert: no expert dimension
+            if count == 0:  # an empty FSDP share: one expert read for the shape of none
+                return self._assemble(name, 0, inner, blocks, rank, size, saved_size)[None][:0]
             return torch.stack([
                 self._assemble(name, e, inner, blocks, rank, size, saved_size) for e in range(first, first + count)
             ])
         rows = part.rows[:2] if part is not None and part.rows is not None else None
-        assert rows is None or experts is None, "FSDP shards an expert tensor by whole experts, not rows"
         t = self._assemble(name, None, dim, blocks, rank, size, saved_size, rows)
         if experts is not None:
             t = t[experts[0] : experts[0] + experts[1]]
