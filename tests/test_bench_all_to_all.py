@@ -1,9 +1,12 @@
 """`pyramoe bench all-to-all`: a real 4-process run (2 emulated nodes x 2, TP=2), its JSON checked
 against the topology's formulas and the cost model; a run past its wall limit ends in one line; the
 per-rank function `--device cuda` runs, run on gloo with every collective's tensors checked, and
-`--device cuda`'s argument errors (a real NCCL run where 2 GPUs are present)."""
+`--device cuda`'s argument errors (a real NCCL run where 2 GPUs are present); a run under torchrun."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,3 +159,28 @@ def test_cuda_nccl_run_delivers_every_row_in_bf16(tmp_path):
     for row in payload["results"]:
         assert row["correct"] and row["median_ms"] > 0
         assert row["bytes_per_rank"] == row["tokens"] * row["width"] * 2
+
+
+def test_under_torchrun_every_rank_measures_and_rank_0_reports(tmp_path):
+    out = tmp_path / "tr.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "pyramoe", "bench",
+               "all-to-all", "--ranks-per-node", "1", "--schemes", "flat,hierarchical", "--sizes", "4x4,8x4,16x4",
+               "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("wrote ") == 1  # rank 0 alone prints and writes
+    payload = json.loads(out.read_text())
+    assert payload["settings"]["nproc"] == 2 and len(payload["results"]) == 6
+    assert all(r["correct"] and len(r["per_rank"]) == 2 for r in payload["results"])
+
+
+def test_a_process_count_torchrun_contradicts_is_one_line(tmp_path, capsys, monkeypatch):
+    # (torchrun itself takes `--nproc` for its --nproc-per-node: set its environment here instead)
+    for name, value in dict(TORCHELASTIC_RUN_ID="x", RANK="0", WORLD_SIZE="2", LOCAL_RANK="0").items():
+        monkeypatch.setenv(name, value)
+    argv = _bench_argv(tmp_path)
+    argv[argv.index("--nproc") + 1] = "4"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--nproc: 4 given, but torchrun started 2 processes" in err[0]

@@ -1,6 +1,6 @@
 """`pyramoe bench all-to-all`: the MoE layer's all-to-all, flat vs hierarchical vs coordinated.
 
-Spawns `--nproc` local processes (one torch thread each) emulating nodes of `--ranks-per-node`
+Spawns `--nproc` local processes (or runs under torchrun; one torch thread each) emulating nodes of `--ranks-per-node`
 ranks: gloo on the CPU (`--device cpu`, the default), or one per GPU on `cuda:<rank>` over NCCL
 (`--device cuda`); every tensor, the counts included, is made on the rank's device. At each size
 (tokens per rank x width; fp32 rows on the CPU, bf16 on CUDA, `--dtype` to choose) every rank
@@ -28,6 +28,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -201,23 +202,40 @@ def measure_rank(cfg: dict[str, Any], rank: int, world: int, device: torch.devic
     return out
 
 
-def _worker(rank: int, world: int, store_path: str, cfg: dict[str, Any], out_path: str) -> None:
+def join_and_measure(cfg: dict[str, Any], rank: int, world: int, local_rank: int, **init: Any) -> list[dict[str, Any]]:
+    """Join the process group (`init`: its store, or none for torchrun's environment), run this
+    rank's part and return every rank's."""
     torch.set_num_threads(1)
-    device = rank_device(cfg["device"], rank)  # one box: the local rank is the rank
+    device = rank_device(cfg["device"], local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(
-        backend_for(device), store=dist.FileStore(store_path, world), rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=cfg["timeout"]), device_id=device if device.type == "cuda" else None,
+        backend_for(device), rank=rank, world_size=world, timeout=datetime.timedelta(seconds=cfg["timeout"]),
+        device_id=device if device.type == "cuda" else None, **init,
     )
     try:
         mine = measure_rank(cfg, rank, world, device)
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, mine)
-        if rank == 0:
-            Path(out_path).write_text(json.dumps(gathered))
+        return gathered
     finally:
         dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, store_path: str, cfg: dict[str, Any], out_path: str) -> None:
+    # One box: the local rank is the rank.
+    gathered = join_and_measure(cfg, rank, world, rank, store=dist.FileStore(store_path, world))
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(gathered))
+
+
+def torchrun_rank() -> tuple[int, int, int, int] | None:
+    """(rank, world size, local rank, local world size) when torchrun started this process."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    env = os.environ
+    return (int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]),
+            int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
 
 
 def spawn(cfg: dict[str, Any], nproc: int, wall_timeout: float) -> list[dict[str, Any]]:
@@ -314,7 +332,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = dict(nproc=args.nproc, ranks_per_node=args.ranks_per_node, tp=args.tp, schemes=parse_schemes(args.schemes),
                sizes=parse_sizes(args.sizes, "--sizes"), repeats=args.repeats, warmup=args.warmup,
                timeout=args.timeout, device=args.device, dtype=resolve_dtype(args.dtype, args.device))
-    ranks = spawn(cfg, args.nproc, args.wall_timeout)
+    job = torchrun_rank()
+    if job is None:
+        ranks = spawn(cfg, args.nproc, args.wall_timeout)
+    else:
+        rank, world, local_rank, _ = job
+        ranks = join_and_measure(cfg, rank, world, local_rank)
     rows = summarize_ranks(ranks, cfg)
     _add_ratios(rows)
     fit = fit_report(rows, cfg)
@@ -414,7 +437,8 @@ def parse_schemes(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nproc", type=int, default=8, help="local processes (ranks)")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="local processes (ranks) to spawn (default 8); under torchrun its world size")
     parser.add_argument("--ranks-per-node", type=int, default=4, help="ranks per emulated node")
     parser.add_argument("--tp", type=int, default=2, help="tensor-parallel degree of the coordinated schemes")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -437,6 +461,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
+    job = torchrun_rank()
+    if job is not None and args.nproc not in (None, job[1]):
+        raise ValueError(f"--nproc: {args.nproc} given, but torchrun started {job[1]} processes")
+    args.nproc = job[1] if job is not None else args.nproc or 8
     for name in ("nproc", "ranks_per_node", "tp", "repeats", "gpus_per_node", "element_bytes"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
@@ -461,8 +489,9 @@ def validate(args: argparse.Namespace) -> None:
         if not torch.cuda.is_available():
             raise ValueError("--device: cuda asked for but torch sees no CUDA device")
         gpus = torch.cuda.device_count()
-        if args.nproc > gpus:
-            raise ValueError(f"--nproc: {args.nproc} processes need {args.nproc} GPUs (one each), torch sees {gpus}")
+        local = job[3] if job is not None else args.nproc  # processes on this box, one GPU each
+        if local > gpus:
+            raise ValueError(f"--nproc: {local} processes need {local} GPUs (one each), torch sees {gpus}")
 
 
 def resolve_dtype(name: str, device: str) -> str:
@@ -477,6 +506,9 @@ def main(args: argparse.Namespace) -> int:
         print_prediction(args)
         return 0
     payload = run(args)
+    job = torchrun_rank()
+    if job is not None and job[0] != 0:
+        return 0  # rank 0 reports
     print_report(payload)
     path = write_json(args.out, payload)
     print(f"wrote {path}")
