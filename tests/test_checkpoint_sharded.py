@@ -325,6 +325,24 @@ def test_a_rank_reads_only_its_fsdp_rows(tmp_path, saved, loaded):
     assert empty == (1 if loaded == (4, 2) else 0) * tp  # "v" (5 rows over 4): the last DP rank has none
 
 
+def test_fsdp_rows_of_an_expert_tensor_are_whole_experts(tmp_path):
+    """Under --zero an expert tensor's FSDP rows are experts of the rank's EP share: only those are
+    read; an empty share has the right shape."""
+    dim, blocks = 1, (8, 8)
+    full = {"w": torch.randn(4, 16, 3), "s": torch.tensor(7.0)}
+    held, tensors = _held_by(full, 2, 1, dim, blocks)
+    for rank, mine in enumerate(tensors):
+        ckpt_io.write_shard(tmp_path, "model", rank, held, mine)
+    (tmp_path / ckpt_io.MODEL_INDEX).write_text(json.dumps(ckpt_io.shard_index("model", held)))
+    with ckpt_io.ShardedFiles(tmp_path, ckpt_io.MODEL_INDEX) as files:
+        part = ckpt_io.Part(experts=(2, 2), tp=(dim, blocks, 1, 2), rows=(1, 2, 2))
+        got = files.read("w", part)
+        assert torch.equal(got, part.cut(full["w"])) and got.shape == (1, 8, 3)
+        assert files.bytes_read == got.numel() * got.element_size()
+        empty = files.read("w", ckpt_io.Part(experts=(2, 2), rows=(2, 2, 2)))
+        assert empty.shape == (0, 16, 3)
+
+
 def _run_directory_worker(rank: int, world: int, root: str, out: str) -> None:
     """Rank 0 alone cleans the checkpoint directory while the others wait; then a sharded save in
     which each rank records what it fsynced and renamed."""
