@@ -34,6 +34,7 @@ state.json is written last, so a directory without it is never treated as a chec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 from collections.abc import Callable
@@ -44,10 +45,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from pyramoe.config import ModelConfig
 from pyramoe.models import GPT
+from pyramoe.parallel.sharding import local_rows
 from pyramoe.parallel.tensor import cut_tp
 
 FORMAT = "pyramoe-checkpoint"
@@ -182,12 +184,20 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`full` split as `like` (a sharded DTensor parameter or moment) is, with no communication:
-    every rank holds `full` and keeps its chunk; `full` itself when `like` is a plain tensor."""
+def local_part(part: Part | None, like: torch.Tensor) -> Part | None:
+    """`part` narrowed to the FSDP rows this rank holds of `like` (a sharded DTensor parameter or
+    moment), so that a reader takes only those; `part` itself when `like` is a plain tensor."""
+    rows = local_rows(like)
+    return part if rows is None else dataclasses.replace(part or Part(), rows=rows)
+
+
+def as_shard(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's rows (read by `local_part`) as a tensor sharded like `like`, with no
+    communication; `local` itself when `like` is a plain tensor."""
     if not isinstance(like, DTensor):
-        return full
-    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+        return local
+    return DTensor.from_local(local.to(like.device), like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride())
 
 
 def is_sharded(ckpt: Checkpoint) -> bool:
@@ -196,30 +206,32 @@ def is_sharded(ckpt: Checkpoint) -> bool:
 
 def load_model_weights(model: nn.Module, ckpt: Checkpoint, parts: Parts | None = None) -> None:
     """Load weights, checking names and shapes first so a mismatch is one clear line. `parts` names
-    this process's part of each saved tensor (its expert shard, its tensor-parallel slice); a
-    sharded checkpoint is read piece by piece, only what this process holds."""
+    this process's part of each saved tensor (its expert shard, its tensor-parallel slice, under
+    --zero its FSDP rows of that); a sharded checkpoint is read piece by piece, only what this
+    process holds."""
     expected = model_tensors(model)
+    targets = {key: t.to_local() if isinstance(t, DTensor) else t for key, t in expected.items()}
+
+    def part(name: str) -> Part | None:
+        return local_part(parts(name) if parts else None, expected[name])
+
     if is_sharded(ckpt):
         with ShardedFiles(ckpt.path, MODEL_INDEX) as files:
             _check_names(ckpt, expected, files.tensors)
-            tensors = {name: files.read(name, parts(name) if parts else None) for name in expected}
+            tensors = {name: files.read(name, part(name)) for name in expected}
     else:
         tensors = _read_safetensors(ckpt.path / MODEL_FILE)
         _check_names(ckpt, expected, tensors)
-        tensors = {key: _cut(parts, key, tensor) for key, tensor in tensors.items()}
+        tensors = {key: _cut(part, key, tensor) for key, tensor in tensors.items()}
     for key, tensor in tensors.items():
-        if tensor.shape != expected[key].shape:
+        if tensor.shape != targets[key].shape:
             raise ValueError(
                 f"{ckpt.path}: incompatible checkpoint ({key}: shape {tuple(tensor.shape)}, "
-                f"model wants {tuple(expected[key].shape)})"
+                f"model wants {tuple(targets[key].shape)})"
             )
     with torch.no_grad():
         for key, tensor in tensors.items():
-            target = expected[key]
-            if isinstance(target, DTensor):  # sharded (FSDP): this rank's chunk of what it would hold whole
-                target.to_local().copy_(shard_like(tensor, target).to_local())
-            else:
-                target.copy_(tensor)
+            targets[key].copy_(tensor)
 
 
 def _check_names(ckpt: Checkpoint, expected: dict[str, Any], saved: dict[str, Any]) -> None:
@@ -307,6 +319,7 @@ class ShardedFiles:
             raise ValueError(f"{path}: unreadable checkpoint index ({type(exc).__name__}: {exc})") from None
         self._files: dict[str, Any] = {}
         self._stack = contextlib.ExitStack()
+        self.bytes_read = 0  # of tensor data taken from the files
 
     def __enter__(self) -> ShardedFiles:
         return self
@@ -328,33 +341,39 @@ class ShardedFiles:
                 raise ValueError(f"{path}: unreadable safetensors file ({_first_line(exc)})") from None
         return self._files[name]
 
-    def _get(self, key: str, dim: int | None = None, start: int = 0, stop: int = 0) -> torch.Tensor:
-        """Piece `key`, or its [start, stop) along `dim` (only those bytes are read)."""
+    def _get(self, key: str, ranges: dict[int, tuple[int, int]] | None = None) -> torch.Tensor:
+        """Piece `key`, or the part of it within `ranges` (dimension -> [start, stop)): only those
+        bytes are read."""
+        ranges = ranges or {}
         if key in self.chunks:
-            return self._get_chunked(key, dim, start, stop)
+            return self._get_chunked(key, ranges)
         f = self._file(key)
         try:
-            if dim is None:
-                return f.get_tensor(key)
-            return f.get_slice(key)[(slice(None),) * dim + (slice(start, stop),)]
+            if not ranges:
+                t = f.get_tensor(key)
+            else:
+                t = f.get_slice(key)[tuple(slice(*ranges.get(d, (None, None))) for d in range(max(ranges) + 1))]
         except Exception as exc:  # noqa: BLE001
             where = self.directory / self.weight_map[key]
             raise ValueError(f"{where}: unreadable {key} ({_first_line(exc)})") from None
+        self.bytes_read += t.numel() * t.element_size()
+        return t
 
-    def _get_chunked(self, key: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
-        """Piece `key` (or its [start, stop) along `dim`) from the row chunks it was saved as."""
+    def _get_chunked(self, key: str, ranges: dict[int, tuple[int, int]]) -> torch.Tensor:
+        """Piece `key` (or its part within `ranges`) from the row chunks it was saved as."""
         chunks = self.chunks[key]
         if [a for a, _, _ in chunks] != [0] + [b for _, b, _ in chunks[:-1]]:
             raise ValueError(f"{self.directory}: incomplete checkpoint ({key}: its row chunks leave a gap)")
-        if dim is None:
-            return torch.cat([self._get(chunk) for _, _, chunk in chunks])
-        if dim > 0:
-            return torch.cat([self._get(chunk, dim, start, stop) for _, _, chunk in chunks])
-        return torch.cat([self._get(chunk, 0, max(start, a) - a, min(stop, b) - a)
-                          for a, b, chunk in chunks if a < stop and start < b])
+        if 0 not in ranges:
+            return torch.cat([self._get(chunk, ranges) for _, _, chunk in chunks])
+        start, stop = ranges[0]
+        wanted = [(chunk, (max(start, a) - a, min(stop, b) - a)) for a, b, chunk in chunks if a < stop and start < b]
+        # No row wanted (an empty FSDP share): an empty read keeps the other dimensions' shape.
+        return torch.cat([self._get(chunk, {**ranges, 0: span}) for chunk, span in wanted or [(chunks[0][2], (0, 0))]])
 
     def read(self, name: str, part: Part | None = None) -> torch.Tensor:
-        """`part` of full tensor `name` (None: all of it)."""
+        """`part` of full tensor `name` (None: all of it), reading only its bytes (its FSDP `rows`
+        too, under --zero)."""
         info = self.tensors[name]
         shape = info["shape"]
         if not shape:
@@ -376,37 +395,54 @@ class ShardedFiles:
         experts = part.experts if part is not None else None
         if info["experts"]:
             first, count = experts if experts is not None else (0, shape[0])
+            if part is not None and part.rows is not None:  # FSDP rows of an expert tensor: whole experts
+                first, count = first + part.rows[0], part.rows[1] - part.rows[0]
             if first + count > shape[0]:
                 raise ValueError(f"{self.directory}: incompatible checkpoint ({name}: {shape[0]} experts saved, "
                                  f"model wants experts {first}..{first + count - 1})")
             inner = None if dim is None else dim - 1  # a piece is one expert: no expert dimension
+            if count == 0:  # an empty FSDP share: one expert read for the shape of none
+                return self._assemble(name, 0, inner, blocks, rank, size, saved_size)[None][:0]
             return torch.stack([
                 self._assemble(name, e, inner, blocks, rank, size, saved_size) for e in range(first, first + count)
             ])
-        t = self._assemble(name, None, dim, blocks, rank, size, saved_size)
+        rows = part.rows[:2] if part is not None and part.rows is not None else None
+        t = self._assemble(name, None, dim, blocks, rank, size, saved_size, rows)
         if experts is not None:
             t = t[experts[0] : experts[0] + experts[1]]
         return t
 
     def _assemble(
-        self, name: str, expert: int | None, dim: int | None, blocks: list[int], rank: int, size: int, saved: int
+        self, name: str, expert: int | None, dim: int | None, blocks: list[int], rank: int, size: int, saved: int,
+        rows: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Tensor-parallel slice `rank` of `size` (block by block along `dim`) of one tensor or expert,
-        from the pieces it was saved as, slice `s` of `saved`, reading only the overlapping ranges."""
+        from the pieces it was saved as, slice `s` of `saved`, reading only the overlapping ranges;
+        of that, only `rows` [first, end) along dimension 0 when given."""
         if dim is None or (size == 1 and saved == 1):
-            return self._get(piece_key(name, expert))
+            return self._get(piece_key(name, expert), {0: rows} if rows is not None else None)
         for block in blocks:
             if block % size or block % saved:
                 raise ValueError(f"{self.directory}: {name}: a block of {block} does not split over {size} ranks")
-        out = []
+        segments = []  # (stored piece, its range along dim) in output order
         base = 0  # where this block's share starts inside a saved piece
         for block in blocks:
             have, want = block // saved, block // size
             lo, hi = rank * want, (rank + 1) * want
             for s in range(lo // have, -(-hi // have)):
                 a, z = max(lo, s * have), min(hi, (s + 1) * have)
-                key = piece_key(name, expert, (s, saved) if saved > 1 else None)
                 offset = base + a - s * have
-                out.append(self._get(key, dim, offset, offset + z - a))
+                segments.append((piece_key(name, expert, (s, saved) if saved > 1 else None), offset, offset + z - a))
             base += have
-        return torch.cat(out, dim=dim)
+        if rows is None:
+            return torch.cat([self._get(key, {dim: (a, z)}) for key, a, z in segments], dim=dim)
+        if dim > 0:
+            return torch.cat([self._get(key, {0: rows, dim: (a, z)}) for key, a, z in segments], dim=dim)
+        out, at = [], 0  # split along the rows themselves: keep each segment's overlap with `rows`
+        for key, a, z in segments:
+            lo, hi = max(rows[0], at), min(rows[1], at + z - a)
+            if hi > lo:
+                out.append(self._get(key, {0: (a + lo - at, a + hi - at)}))
+            at += z - a
+        # No row wanted (an empty FSDP share): an empty read keeps the other dimensions' shape.
+        return torch.cat(out) if out else self._get(segments[0][0], {0: (segments[0][1],) * 2})

@@ -191,7 +191,8 @@ class HostBornTaint(TorchFunctionMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.marked: weakref.WeakSet = weakref.WeakSet()
+        # id -> weak reference: a WeakSet would compare two live tensors with == (elementwise).
+        self.marked: dict[int, weakref.ref] = {}
         self.seen = 0  # collective calls checked
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
@@ -204,16 +205,28 @@ class HostBornTaint(TorchFunctionMode):
             host = True
         elif func in (torch.Tensor.to, torch.Tensor.cuda):
             host = self._is_marked(args[0]) and len(args) == 1 and "device" not in kwargs
+            if not host and isinstance(out, torch.Tensor):
+                self.marked.pop(id(out), None)  # `.to(device)` of a tensor already there returns it
         else:
             inputs = list(_tensors(args, kwargs))
             host = bool(inputs) and all(self._is_marked(t) for t in inputs)
         if host:
             for t in _tensors((out,), {}):
-                self.marked.add(t)
+                self._mark(t)
         return out
 
+    def _mark(self, t: torch.Tensor) -> None:
+        key = id(t)
+
+        def forget(ref: weakref.ref, marked: dict = self.marked) -> None:
+            if marked.get(key) is ref:
+                del marked[key]
+
+        self.marked[key] = weakref.ref(t, forget)
+
     def _is_marked(self, t: object) -> bool:
-        return isinstance(t, torch.Tensor) and t in self.marked
+        ref = self.marked.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return ref is not None and ref() is t
 
 
 def _tensors(args: tuple, kwargs: dict) -> Iterator[torch.Tensor]:

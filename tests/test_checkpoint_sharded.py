@@ -253,21 +253,30 @@ def test_any_part_is_read_from_the_pieces_of_another_layout(tmp_path, saved, loa
 
 def _fsdp_held_by(full: dict[str, torch.Tensor], dp: int, tp: int, blocks: tuple[int, ...]):
     """Simulated --zero ranks (DP outer, TP inner): each holds FSDP's rows (torch.chunk's split,
-    the last ranks fewer or none) of its TP slice of "w" (fused blocks along dimension 0) and of
-    the whole "v"."""
+    the last ranks fewer or none) of its TP slice of "w" (fused blocks along dimension 0), of
+    the whole "v" and, when given, of "u" (fused blocks along dimension 1)."""
     held, tensors = [], []
     for rank in range(dp * tp):
-        d, t = divmod(rank, tp)
         mine, parts = {}, {}
-        for name, tp_part in (("w", (0, blocks, t, tp)), ("v", None)):
-            sliced = ckpt_io.Part(tp=tp_part).cut(full[name])
-            total, chunk = sliced.shape[0], -(-sliced.shape[0] // dp)
-            rows = (min(d * chunk, total), min((d + 1) * chunk, total), total)
-            parts[name] = ckpt_io.Part(tp=tp_part, rows=rows)
-            mine[name] = parts[name].cut(full[name])
+        for name, part in _fsdp_parts(full, dp, tp, blocks, rank).items():
+            parts[name] = part
+            mine[name] = part.cut(full[name])
         held.append(ckpt_io.held_parts(mine, parts))
         tensors.append(mine)
     return held, tensors
+
+
+def _fsdp_parts(full: dict[str, torch.Tensor], dp: int, tp: int, blocks: tuple[int, ...], rank: int):
+    """Rank `rank`'s (DP outer, TP inner) `Part` of each tensor under --zero: FSDP rows of its TP slice."""
+    d, t = divmod(rank, tp)
+    out = {}
+    for name, tp_part in (("w", (0, blocks, t, tp)), ("v", None), ("u", (1, blocks, t, tp))):
+        if name not in full:
+            continue
+        total = ckpt_io.Part(tp=tp_part).cut(full[name]).shape[0]
+        chunk = -(-total // dp)
+        out[name] = ckpt_io.Part(tp=tp_part, rows=(min(d * chunk, total), min((d + 1) * chunk, total), total))
+    return out
 
 
 @pytest.mark.parametrize(("saved", "loaded_tp"), [((2, 2), 1), ((4, 1), 2), ((3, 2), 4)])
@@ -290,6 +299,48 @@ def test_fsdp_row_chunks_are_read_at_any_layout(tmp_path, saved, loaded_tp):
     (tmp_path / ckpt_io.MODEL_INDEX).write_text(json.dumps(index))
     with ckpt_io.ShardedFiles(tmp_path, ckpt_io.MODEL_INDEX) as files, pytest.raises(ValueError, match="gap"):
         files.read("v")
+
+
+@pytest.mark.parametrize(("saved", "loaded"), [((2, 2), (1, 2)), ((3, 2), (2, 4)), ((4, 1), (3, 1)), ((1, 2), (4, 2))])
+def test_a_rank_reads_only_its_fsdp_rows(tmp_path, saved, loaded):
+    """Loading under --zero (DP x TP = `loaded`) from a --zero save at another layout: each rank's
+    FSDP rows of its TP slice equal the full tensor's, and only their bytes are read (empty
+    shares included)."""
+    blocks = (8, 8)
+    full = {"w": torch.randn(16, 3), "v": torch.randn(5, 2), "u": torch.randn(7, 16)}
+    held, tensors = _fsdp_held_by(full, *saved, blocks)
+    for rank, mine in enumerate(tensors):
+        ckpt_io.write_shard(tmp_path, "model", rank, held, mine)
+    (tmp_path / ckpt_io.MODEL_INDEX).write_text(json.dumps(ckpt_io.shard_index("model", held)))
+    dp, tp = loaded
+    empty = 0
+    with ckpt_io.ShardedFiles(tmp_path, ckpt_io.MODEL_INDEX) as files:
+        for rank in range(dp * tp):
+            for name, part in _fsdp_parts(full, dp, tp, blocks, rank).items():
+                before = files.bytes_read
+                got = files.read(name, part)
+                assert torch.equal(got, part.cut(full[name])), (name, part)
+                assert files.bytes_read - before == got.numel() * got.element_size()
+                empty += got.numel() == 0
+    assert empty == (1 if loaded == (4, 2) else 0) * tp  # "v" (5 rows over 4): the last DP rank has none
+
+
+def test_fsdp_rows_of_an_expert_tensor_are_whole_experts(tmp_path):
+    """Under --zero an expert tensor's FSDP rows are experts of the rank's EP share: only those are
+    read; an empty share has the right shape."""
+    dim, blocks = 1, (8, 8)
+    full = {"w": torch.randn(4, 16, 3), "s": torch.tensor(7.0)}
+    held, tensors = _held_by(full, 2, 1, dim, blocks)
+    for rank, mine in enumerate(tensors):
+        ckpt_io.write_shard(tmp_path, "model", rank, held, mine)
+    (tmp_path / ckpt_io.MODEL_INDEX).write_text(json.dumps(ckpt_io.shard_index("model", held)))
+    with ckpt_io.ShardedFiles(tmp_path, ckpt_io.MODEL_INDEX) as files:
+        part = ckpt_io.Part(experts=(2, 2), tp=(dim, blocks, 1, 2), rows=(1, 2, 2))
+        got = files.read("w", part)
+        assert torch.equal(got, part.cut(full["w"])) and got.shape == (1, 8, 3)
+        assert files.bytes_read == got.numel() * got.element_size()
+        empty = files.read("w", ckpt_io.Part(experts=(2, 2), rows=(2, 2, 2)))
+        assert empty.shape == (0, 16, 3)
 
 
 def _run_directory_worker(rank: int, world: int, root: str, out: str) -> None:

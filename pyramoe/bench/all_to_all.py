@@ -1,20 +1,23 @@
 """`pyramoe bench all-to-all`: the MoE layer's all-to-all, flat vs hierarchical vs coordinated.
 
-Spawns `--nproc` local gloo processes (one torch thread each) emulating nodes of `--ranks-per-node`
-ranks. At each size (tokens per rank x width, fp32) every rank routes its tokens to uniformly drawn
-destination ranks and runs one MoE layer's forward communication, as `AllToAllDispatcher` does: a
-counts exchange, the rows out, the rows back. Schemes (same tokens and destinations for flat and
-hierarchical):
+Spawns `--nproc` local processes (or runs under torchrun; one torch thread each) emulating nodes of `--ranks-per-node`
+ranks: gloo on the CPU (`--device cpu`, the default), or one per GPU on `cuda:<rank>` over NCCL
+(`--device cuda`); every tensor, the counts included, is made on the rank's device. At each size
+(tokens per rank x width; fp32 rows on the CPU, bf16 on CUDA, `--dtype` to choose) every rank
+routes its tokens to uniformly drawn destination ranks and runs one MoE layer's forward
+communication, as `AllToAllDispatcher` does: a counts exchange, the rows out, the rows back.
+Schemes (same tokens and destinations for flat and hierarchical):
   flat                      one all_to_all over all ranks (p - 1 peers)
   hierarchical              inside the node first, then across nodes (G - 1 + N - 1 peers)
   coordinated               TP = --tp: each TP rank takes 1/TP of the tokens, the exchange runs
                             among ranks of its TP index, then an all-gather in the TP group
   coordinated-hierarchical  the same with the hierarchical exchange
 Schemes run interleaved (round-robin in each repeat, a barrier before each); a repeat's time is the
-slowest rank's; the table shows the median over repeats. Messages and bytes are counted from the
-collectives actually called (one extra round trip); the byte columns count rows, not the int64
-counts. The alpha-beta model (`pyramoe.comm.cost_model`) is fitted to the medians; the table shows
-its in-sample error and its error when each size is predicted from a fit to the other sizes.
+slowest rank's (on CUDA the device is synchronized before and after the round trip); the table
+shows the median over repeats. Messages and bytes are counted from the collectives actually called
+(one extra round trip); the byte columns count rows, not the int64 counts. The alpha-beta model
+(`pyramoe.comm.cost_model`) is fitted to the medians; the table shows its in-sample error
+and its error when each size is predicted from a fit to the other sizes.
 `--predict` prints the model's predictions for p = 8 ... 1024 with published (assumed) GPU link
 figures instead of measuring.
 """
@@ -25,6 +28,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -44,7 +48,7 @@ from pyramoe.parallel.launch import DistributedFailure
 from pyramoe.parallel.tensor import TPTokenSplit
 from pyramoe.tables import format_table
 
-ELEMENT_BYTES = 4  # fp32 rows
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # -- what one rank runs --------------------------------------------------------------------------
@@ -79,16 +83,32 @@ def build_schemes(names: list[str], topo: Topology, tp: int) -> dict[str, Scheme
     return {n: schemes[n] for n in names}
 
 
+def rank_device(kind: str, local_rank: int) -> torch.device:
+    """The one place a rank's device is chosen: its own GPU, or the CPU."""
+    return torch.device("cuda", local_rank) if kind == "cuda" else torch.device("cpu")
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def make_inputs(
-    scheme: Scheme, size_index: int, tokens: int, width: int, rank: int
+    scheme: Scheme, size_index: int, tokens: int, width: int, rank: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's tokens (shared by its TP group) and the destinations of the ones it routes."""
+    """This rank's tokens (shared by its TP group) and the destinations of the ones it routes, on
+    `device`. Drawn by a CPU generator, so every device and dtype moves the same tokens."""
     data = torch.Generator().manual_seed(10_000 * size_index + scheme.data_index)
-    x = torch.randn(tokens, width, generator=data)
+    x = torch.randn(tokens, width, generator=data).to(device=device, dtype=dtype)
     routed = tokens if scheme.split is None else _share(tokens, scheme.split)
     route = torch.Generator().manual_seed(10_000 * size_index + 1_000 + rank)
-    dest = torch.randint(len(scheme.group_ranks), (routed,), generator=route)
+    dest = torch.randint(len(scheme.group_ranks), (routed,), generator=route).to(device=device)
     return x, dest
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a host clock times it (nothing to wait for on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _share(tokens: int, split: TPTokenSplit) -> int:
@@ -150,13 +170,16 @@ def counting_collectives(log: list[dict[str, Any]], ranks_per_node: int):
         dist.all_to_all_single, dist.all_gather = originals
 
 
-def measure_rank(cfg: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+def measure_rank(cfg: dict[str, Any], rank: int, world: int, device: torch.device) -> dict[str, Any]:
+    """This rank's part of the run (every rank calls it; the process group is joined): tensors on
+    `device`, which must be the process group's (gloo: the CPU, NCCL: this rank's GPU)."""
     topo = Topology(world, rank, 1, cfg["ranks_per_node"])
     schemes = build_schemes(cfg["schemes"], topo, cfg["tp"])
+    dtype = DTYPES[cfg["dtype"]]
     out: dict[str, Any] = {"rank": rank, "sizes": []}
     with torch.no_grad():
         for index, (tokens, width) in enumerate(cfg["sizes"]):
-            inputs = {n: make_inputs(s, index, tokens, width, rank) for n, s in schemes.items()}
+            inputs = {n: make_inputs(s, index, tokens, width, rank, device, dtype) for n, s in schemes.items()}
             entry: dict[str, Any] = {"tokens": tokens, "width": width, "schemes": {}}
             for name, scheme in schemes.items():
                 log: list[dict[str, Any]] = []
@@ -170,27 +193,49 @@ def measure_rank(cfg: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
             for _ in range(cfg["repeats"]):
                 for name, scheme in schemes.items():
                     dist.barrier()
+                    _synchronize(device)
                     start = time.perf_counter()
                     layer_round_trip(scheme, *inputs[name])
+                    _synchronize(device)
                     entry["schemes"][name]["samples_ms"].append((time.perf_counter() - start) * 1e3)
             out["sizes"].append(entry)
     return out
 
 
-def _worker(rank: int, world: int, store_path: str, cfg: dict[str, Any], out_path: str) -> None:
+def join_and_measure(cfg: dict[str, Any], rank: int, world: int, local_rank: int, **init: Any) -> list[dict[str, Any]]:
+    """Join the process group (`init`: its store, or none for torchrun's environment), run this
+    rank's part and return every rank's."""
     torch.set_num_threads(1)
+    device = rank_device(cfg["device"], local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     dist.init_process_group(
-        "gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=cfg["timeout"]),
+        backend_for(device), rank=rank, world_size=world, timeout=datetime.timedelta(seconds=cfg["timeout"]),
+        device_id=device if device.type == "cuda" else None, **init,
     )
     try:
-        mine = measure_rank(cfg, rank, world)
+        mine = measure_rank(cfg, rank, world, device)
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, mine)
-        if rank == 0:
-            Path(out_path).write_text(json.dumps(gathered))
+        return gathered
     finally:
         dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, store_path: str, cfg: dict[str, Any], out_path: str) -> None:
+    # One box: the local rank is the rank.
+    gathered = join_and_measure(cfg, rank, world, rank, store=dist.FileStore(store_path, world))
+    if rank == 0:
+        Path(out_path).write_text(json.dumps(gathered))
+
+
+def torchrun_rank() -> tuple[int, int, int, int] | None:
+    """(rank, world size, local rank, local world size) when torchrun started this process."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    env = os.environ
+    return (int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]),
+            int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
 
 
 def spawn(cfg: dict[str, Any], nproc: int, wall_timeout: float) -> list[dict[str, Any]]:
@@ -226,7 +271,7 @@ def summarize_ranks(ranks: list[dict[str, Any]], cfg: dict[str, Any]) -> list[di
             per_rank = [r["sizes"][index]["schemes"][name] for r in ranks]
             slowest = [max(ms) for ms in zip(*(s["samples_ms"] for s in per_rank))]
             rows.append({
-                "tokens": tokens, "width": width, "bytes_per_rank": tokens * width * ELEMENT_BYTES,
+                "tokens": tokens, "width": width, "bytes_per_rank": tokens * width * DTYPES[cfg["dtype"]].itemsize,
                 "scheme": name,
                 "median_ms": statistics.median(slowest), "min_ms": min(slowest), "max_ms": max(slowest),
                 "repeats": len(slowest),
@@ -271,7 +316,8 @@ def fit_report(rows: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str, Any
         "alpha_us": network.intra.alpha_s * 1e6,
         "beta_ns_per_byte": network.intra.beta_s_per_byte * 1e9,
         "gb_per_s": network.intra.gb_per_s,
-        "note": "one link for on- and off-node peers: the emulated nodes share this machine's loopback",
+        "note": "one link for on- and off-node peers: the emulated nodes share this machine's "
+                + ("loopback" if cfg["device"] == "cpu" else "GPU interconnect"),
         "median_abs_error": statistics.median(errors),
         "max_abs_error": max(errors),
         "within_25pct": sum(e <= 0.25 for e in errors),
@@ -285,8 +331,13 @@ def fit_report(rows: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str, Any
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = dict(nproc=args.nproc, ranks_per_node=args.ranks_per_node, tp=args.tp, schemes=parse_schemes(args.schemes),
                sizes=parse_sizes(args.sizes, "--sizes"), repeats=args.repeats, warmup=args.warmup,
-               timeout=args.timeout)
-    ranks = spawn(cfg, args.nproc, args.wall_timeout)
+               timeout=args.timeout, device=args.device, dtype=resolve_dtype(args.dtype, args.device))
+    job = torchrun_rank()
+    if job is None:
+        ranks = spawn(cfg, args.nproc, args.wall_timeout)
+    else:
+        rank, world, local_rank, _ = job
+        ranks = join_and_measure(cfg, rank, world, local_rank)
     rows = summarize_ranks(ranks, cfg)
     _add_ratios(rows)
     fit = fit_report(rows, cfg)
@@ -318,8 +369,10 @@ def _load_average() -> list[float] | None:
 
 def print_report(payload: dict[str, Any]) -> None:
     cfg, fit = payload["settings"], payload["fit"]
-    print(f"all-to-all: {cfg['nproc']} gloo processes, {cfg['ranks_per_node']} per emulated node, TP={cfg['tp']} "
-          f"for coordinated | {payload['machine']['label']} | load average {payload['machine']['load_average']}")
+    where = "gloo processes (CPU)" if cfg["device"] == "cpu" else "NCCL processes (one GPU each)"
+    machine = payload["machine"]
+    print(f"all-to-all: {cfg['nproc']} {where}, {cfg['dtype']} rows, {cfg['ranks_per_node']} per emulated node, "
+          f"TP={cfg['tp']} for coordinated | {machine['label']} | load average {machine['load_average']}")
     rows = []
     for r in payload["results"]:
         rank0 = r["per_rank"][0]
@@ -384,11 +437,16 @@ def parse_schemes(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nproc", type=int, default=8, help="local processes (ranks)")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="local processes (ranks) to spawn (default 8); under torchrun its world size")
     parser.add_argument("--ranks-per-node", type=int, default=4, help="ranks per emulated node")
     parser.add_argument("--tp", type=int, default=2, help="tensor-parallel degree of the coordinated schemes")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: gloo processes; cuda: one process per GPU (cuda:<rank>) over NCCL")
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                        help="row dtype (auto: float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--sizes", default="8x256,128x256,1024x256,1024x1024",
-                        help="comma-separated TOKENSxWIDTH per rank (fp32 rows)")
+                        help="comma-separated TOKENSxWIDTH per rank")
     parser.add_argument("--schemes", default="flat,hierarchical,coordinated", help=", ".join(cm.SCHEMES))
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -403,6 +461,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
+    job = torchrun_rank()
+    if job is not None and args.nproc not in (None, job[1]):
+        raise ValueError(f"--nproc: {args.nproc} given, but torchrun started {job[1]} processes")
+    args.nproc = job[1] if job is not None else args.nproc or 8
     for name in ("nproc", "ranks_per_node", "tp", "repeats", "gpus_per_node", "element_bytes"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
@@ -423,6 +485,19 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--tp: coordinated schemes need TP >= 2 dividing --ranks-per-node {args.ranks_per_node}, "
                          f"got {args.tp}")
     parse_sizes(args.sizes, "--sizes")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device: cuda asked for but torch sees no CUDA device")
+        gpus = torch.cuda.device_count()
+        local = job[3] if job is not None else args.nproc  # processes on this box, one GPU each
+        if local > gpus:
+            raise ValueError(f"--nproc: {local} processes need {local} GPUs (one each), torch sees {gpus}")
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    if name == "auto":
+        return "bfloat16" if device == "cuda" else "float32"
+    return name
 
 
 def main(args: argparse.Namespace) -> int:
@@ -431,6 +506,9 @@ def main(args: argparse.Namespace) -> int:
         print_prediction(args)
         return 0
     payload = run(args)
+    job = torchrun_rank()
+    if job is not None and job[0] != 0:
+        return 0  # rank 0 reports
     print_report(payload)
     path = write_json(args.out, payload)
     print(f"wrote {path}")

@@ -10,7 +10,7 @@ from pyramoe.bench import all_to_all, generate, long_context, moe_layer, serve, 
 BENCHMARKS = {
     "moe-layer": (moe_layer, "one MoE layer: sparse vs einsum vs DeepSpeed vs the dense-FFN limit"),
     "train-step": (train_step, "training tokens/s: tiny-moe vs tiny-dense (same active parameters), interleaved"),
-    "all-to-all": (all_to_all, "MoE all-to-all, local gloo ranks: flat vs hierarchical vs coordinated, cost model"),
+    "all-to-all": (all_to_all, "MoE all-to-all on gloo or NCCL ranks: flat vs hierarchical vs coordinated, cost model"),
     "generate": (generate, "generation tokens/s: the engine vs transformers vs a plain MoE vs the roofline"),
     "long-context": (long_context, "decode tokens/s of the native step with the cache at 128, 1K, 4K positions"),
     "serve": (serve, "pyramoe serve under 1-64 streaming clients vs the engine in-process; long prompts arriving"),

@@ -47,6 +47,7 @@ from pyramoe.checkpoint import (  # noqa: F401 - the reading side, re-exported f
     ShardedFiles,
     _cut,
     _read_safetensors,
+    as_shard,
     build_model,
     checkpoint_root,
     chunk_key,
@@ -55,10 +56,10 @@ from pyramoe.checkpoint import (  # noqa: F401 - the reading side, re-exported f
     list_checkpoints,
     load_checkpoint,
     load_model_weights,
+    local_part,
     model_tensors,
     piece_key,
     resolve_checkpoint,
-    shard_like,
 )
 
 _DELETING = ".del-"  # prefix of a checkpoint directory being deleted
@@ -429,17 +430,27 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Checkpoint, par
     current = optimizer.state_dict()["param_groups"]
     if [len(g["params"]) for g in groups] != [len(g["params"]) for g in current]:
         raise ValueError(f"{ckpt.path}: incompatible checkpoint (optimizer parameter groups differ)")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def like(key: str) -> torch.Tensor | None:
+        """The parameter whose moments `key` holds (split like it under --zero)."""
+        index = int(key.split(".", 2)[1])
+        return params[index] if index < len(params) else None
+
+    def part(key: str) -> Part | None:  # this rank's part, only its FSDP rows under --zero
+        mine = parts(key) if parts else None
+        return mine if like(key) is None else local_part(mine, like(key))
+
     if is_sharded(ckpt):
         with ShardedFiles(ckpt.path, OPTIMIZER_INDEX) as files:
-            saved = {key: files.read(key, parts(key) if parts else None) for key in files.tensors}
+            saved = {key: files.read(key, part(key)) for key in files.tensors}
     else:
-        saved = {key: _cut(parts, key, t) for key, t in _read_safetensors(ckpt.path / OPTIMIZER_FILE).items()}
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+        saved = {key: _cut(part, key, t) for key, t in _read_safetensors(ckpt.path / OPTIMIZER_FILE).items()}
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in saved.items():
         _, index, name = key.split(".", 2)
-        if tensor.dim() > 0 and int(index) < len(params):  # moments split like a sharded parameter
-            tensor = shard_like(tensor, params[int(index)])
+        if tensor.dim() > 0 and like(key) is not None:
+            tensor = as_shard(tensor, like(key))
         state.setdefault(int(index), {})[name] = tensor
     for group in groups:
         if "betas" in group:
