@@ -150,8 +150,9 @@ def test_engine_loads_a_gguf_file_with_its_tokenizer(tmp_path, sentencepiece_mod
     engine = Engine.load(path, dtype="fp32", max_batch=2)
     assert engine.tokenizer is not None and engine.eos_id == sp.eos_id()
     prompt = "def parse(line):"
-    answer = engine.generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
-    by_ids = engine.generate([[sp.bos_id(), *sp.encode(prompt)]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    answer = engine.generate([prompt], greedy)[0]
+    by_ids = engine.generate([[sp.bos_id(), *sp.encode(prompt)]], greedy)[0]
     assert answer.token_ids == by_ids.token_ids and answer.text == engine.tokenizer.decode(answer.token_ids)
     # A tokenizer.json beside the file wins over the file's own.
     beside = Tokenizer.train([TEXT], vocab_size=300)

@@ -4,7 +4,8 @@ An [N, K] matrix becomes [ceil(N/16), K/2, 16, 2] (rows padded to 16 with zeros)
 16 outputs x 2 inputs, which an AVX512-BF16 instruction multiplies with a broadcast pair of inputs,
 so a product reads each weight once whatever the number of rows, with no horizontal sums (see
 native.cpp). The same layout is AMX's packed B operand, so where the CPU has AMX-BF16, products of
-many rows run on tiles (native_amx.h; `set_amx` / $PYRAMOE_NATIVE_AMX choose, `native_products` says). On the LM head's shape ([32000, 512], 2-core Zen 5 VM, 2 threads, one run, through
+many rows run on tiles (native_amx.h; `set_amx` / $PYRAMOE_NATIVE_AMX choose, `native_products` says).
+On the LM head's shape ([32000, 512], 2-core Zen 5 VM, 2 threads, one run, through
 `blocked_linear`) 1 / 4 / 16 / 64 rows took 0.65 / 0.64 / 0.85 / 2.65 ms against 0.49 / 0.67 / 1.02 /
 2.59 ms for oneDNN's packed weights; each weight was its own allocation, and this VM reads some
 allocations ~1.5x faster than others, so single figures differ by that much between runs.
