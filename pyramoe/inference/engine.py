@@ -438,6 +438,16 @@ class Engine:
         """The step every forward runs on, prompt chunks and decode rows alike: "native", "pytorch" or "device"."""
         return self.runner.name if self.runner is not None else "pytorch"
 
+    @property
+    def bf16_products(self) -> str | None:
+        """Which kernels the native step's bf16 products run on (AMX tiles from some rows, or why not);
+        None off the native step or for other weights."""
+        if self.decode_path != "native" or next(self.model.parameters()).dtype != torch.bfloat16:
+            return None
+        from pyramoe.kernels.blocked import native_products
+
+        return native_products()
+
     def expert_counts(self) -> torch.Tensor:
         """Tokens routed to each expert of each MoE layer since the engine started: [MoE layers,
         max experts] int64 (zeros before the first step)."""
