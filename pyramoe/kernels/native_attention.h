@@ -27,8 +27,8 @@ inline int64_t part_floats(const PmModel &m) {
   return round16((m.n_heads / m.n_kv_heads) * (m.head_dim + 2));
 }
 
-// A thread's scratch: the tile's keys and values in fp32, the G heads' probabilities for the tile,
-// the scaled queries and the G heads' 16-lane running sums.
+// A thread's scratch: the tile's keys and values in fp32 (the AVX512 kernel widens values in
+// registers), the G heads' probabilities for the tile, the scaled queries, the G heads' 16-lane sums.
 inline int64_t tile_floats(const PmModel &m) {
   const int64_t G = m.n_heads / m.n_kv_heads, Dh = m.head_dim;
   return round16(2 * kKeyTile * Dh + G * kKeyTile + G * Dh + G * 16);
@@ -159,6 +159,7 @@ template <int C, bool BF16>
 void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, const int64_t *blocks, int64_t h,
                         int64_t first, int64_t end, float scale, float *scratch, float *part) {
   constexpr int64_t Dh = 16 * C, elem = BF16 ? 2 : 4;
+  constexpr int64_t kHeadsAtOnce = C >= 8 ? 2 : 16 / C;  // their outputs (and a value row) fit the 32 registers
   const int64_t G = m.n_heads / m.n_kv_heads;
   float *keys = scratch, *values = keys + kKeyTile * Dh, *probs = values + kKeyTile * Dh, *qs = probs + G * kKeyTile;
   float *out = part, *run_max = part + G * Dh, *run_sum = run_max + G;
@@ -185,11 +186,6 @@ void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, cons
       load_row<C, BF16>(L.k_cache, at[std::min(k, n - 1)], v);
       for (int c = 0; c < C; ++c) _mm512_storeu_ps(keys + k * Dh + 16 * c, v[c]);
     }
-    for (int64_t k = 0; k < n; ++k) {
-      __m512 v[C];
-      load_row<C, BF16>(L.v_cache, at[k], v);
-      for (int c = 0; c < C; ++c) _mm512_storeu_ps(values + k * Dh + 16 * c, v[c]);
-    }
     for (int64_t g = 0; g < G; ++g) {
       __m512 dots[kKeyTile];
       const __m512 q0 = _mm512_loadu_ps(qs + g * Dh);
@@ -213,14 +209,21 @@ void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, cons
       _mm512_storeu_ps(sums + 16 * g, _mm512_add_ps(_mm512_loadu_ps(sums + 16 * g), p));
       _mm512_storeu_ps(probs + g * kKeyTile, p);
     }
-    for (int64_t g = 0; g < G; ++g) {
-      __m512 acc[C];
-      for (int c = 0; c < C; ++c) acc[c] = _mm512_loadu_ps(out + g * Dh + 16 * c);
+    for (int64_t g0 = 0; g0 < G; g0 += kHeadsAtOnce) {  // each value row widened once per kHeadsAtOnce heads
+      const int64_t heads = std::min<int64_t>(kHeadsAtOnce, G - g0);
+      __m512 acc[kHeadsAtOnce][C];
+      for (int64_t i = 0; i < heads; ++i)
+        for (int c = 0; c < C; ++c) acc[i][c] = _mm512_loadu_ps(out + (g0 + i) * Dh + 16 * c);
       for (int64_t k = 0; k < n; ++k) {
-        const __m512 p = _mm512_set1_ps(probs[g * kKeyTile + k]);
-        for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(values + k * Dh + 16 * c), acc[c]);
+        __m512 v[C];
+        load_row<C, BF16>(L.v_cache, at[k], v);
+        for (int64_t i = 0; i < heads; ++i) {
+          const __m512 p = _mm512_set1_ps(probs[(g0 + i) * kKeyTile + k]);
+          for (int c = 0; c < C; ++c) acc[i][c] = _mm512_fmadd_ps(p, v[c], acc[i][c]);
+        }
       }
-      for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * Dh + 16 * c, acc[c]);
+      for (int64_t i = 0; i < heads; ++i)
+        for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + (g0 + i) * Dh + 16 * c, acc[i][c]);
     }
     n = next;
     std::copy(ahead, ahead + next, at);
