@@ -6,8 +6,9 @@
 // context; a batch-16 step at ~1K positions spent ~3.5 ms in it against ~6 ms for the whole
 // short-context step. Here keys come in tiles of 16: a query head's 16 dot products end in one
 // 16-lane vector (one transposing reduction per tile instead of 16 horizontal sums), the softmax is
-// online (a running max and sum per query head; the output is rescaled when the max grows), so
-// nothing but the reads grows with the context. Rows with many keys are split into parts over the
+// online (a running max and sum per query head; the output is rescaled when the max grows past a
+// slack), so nothing but the reads grows with the context. Each key/value row is widened once for all
+// the query heads that share it (GQA), and the next tile's rows are prefetched. Rows with many keys are split into parts over the
 // threads (flash-decoding): each part keeps its (max, sum, unnormalised output) and a row's parts
 // merge after, so a batch-1 step at 4K positions uses every thread.
 //
@@ -153,10 +154,11 @@ inline void prefetch_rows(const PmLayer &L, const int64_t *at, int64_t n, int64_
 }
 
 // Keys [first, end) of head h for its G query heads, head width 16 C: the part's (output, max, sum).
-// Per tile of 16 keys: each key row is read and widened once for all G query heads (into `keys` and
-// `values`, in load_row's order; the scaled queries are permuted to match and the output back at the
-// end); a query head's 16 dot products end in one vector (sum_lanes16); the running sums stay 16-lane
-// vectors; the max moves only past kMaxSlack.
+// Per tile of 16 keys: each key row is read and widened once for all G query heads (into `keys`, in
+// load_row's order; the scaled queries are permuted to match and the output back at the end); a
+// query head's 16 dot products end in one vector (sum_lanes16); the running sums stay 16-lane
+// vectors; the max moves only past kMaxSlack; each value row is widened in registers once per
+// kHeadsAtOnce query heads, whose outputs stay in registers over the tile.
 template <int C, bool BF16>
 void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, const int64_t *blocks, int64_t h,
                         int64_t first, int64_t end, float scale, float *scratch, float *part) {
