@@ -46,3 +46,12 @@ def test_bench_long_context_bad_input_is_one_line(flag, value, capsys):
     assert main(["bench", "long-context", *TINY, flag, value]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and flag in err
+
+
+def test_bench_long_context_cpu_clock(tmp_path):
+    """--clock cpu: tokens per CPU second of the process, said so in the notes."""
+    out = tmp_path / "long_context.json"
+    assert main(["bench", "long-context", *TINY, "--clock", "cpu", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert any("--clock cpu" in note for note in payload["notes"])
+    assert all(r["decode_tok_s"] > 0 for r in payload["results"])

@@ -13,6 +13,12 @@ Each sample also reads the step's attention time from the kernels' phase timers.
 `--baseline REV` builds the kernels of git revision REV beside this checkout's (the same flags) and
 times them on the same model and cache, interleaved sample by sample with the current kernels: on a
 shared machine only ratios within one run mean anything.
+
+`--clock cpu` times samples in the process's CPU seconds instead of wall seconds (tokens per CPU
+second, attention in CPU ms of its thread): on a machine shared with other work, a 2-thread step's
+wall time is mostly waiting for a descheduled thread, its CPU time is not. Run it with
+OMP_WAIT_POLICY=passive, or threads spinning at a barrier count as work. The attention's ms stay
+wall time (the kernels' own timers).
 """
 
 from __future__ import annotations
@@ -59,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (bf16 with native bf16 matmul), bf16 or fp32")
     parser.add_argument("--baseline", default=None, metavar="REV",
                         help="also time the native kernels of git revision REV (interleaved)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time samples in wall seconds or in the process's CPU seconds (a loaded machine)")
     parser.add_argument("--out", default="bench-results/long_context.json")
 
 
@@ -137,18 +145,21 @@ def fill_cache(engine: Engine) -> None:
         buffer.copy_(torch.randn(buffer.shape, generator=generator))
 
 
-def sample(step: NativeStep, context: int, batch: int, steps: int, vocab: int) -> tuple[float, float]:
+def sample(step: NativeStep, context: int, batch: int, steps: int, vocab: int,
+           clock: str = "wall") -> tuple[float, float]:
     """Decode tokens/s over `steps` steps of `batch` rows from position `context`, and the attention
-    seconds per step the kernels' timers counted."""
+    seconds per step the kernels' timers counted (wall seconds: with `clock` "cpu" the tokens are per
+    CPU second of the process, the attention still in wall seconds)."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
     library = step.native.library
     spent = (ctypes.c_double * PHASES)()
     tokens = torch.randint(1, vocab, (batch,)).tolist()
     slots, rows = list(range(batch)), list(range(batch))
     library.pm_profile(spent)  # reset
-    start = time.perf_counter()
+    start = now()
     for i in range(steps):
         step.forward(tokens, slots, [context + i] * batch, rows)
-    seconds = time.perf_counter() - start
+    seconds = now() - start
     library.pm_profile(spent)
     return batch * steps / seconds, spent[ATTENTION_PHASE] / steps
 
@@ -177,7 +188,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for context in contexts:
                 for batch in batches:
                     for name, step in steps.items():
-                        got = sample(step, context, batch, args.steps, args.vocab)
+                        got = sample(step, context, batch, args.steps, args.vocab, args.clock)
                         samples.setdefault((name, context, batch), []).append(got)
                         print(f"  {name:18s} context {context:<6d} batch {batch:<3d} {got[0]:9.1f} tok/s",
                               file=sys.stderr, flush=True)
@@ -195,6 +206,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r["of_shortest"] = r["decode_tok_s"] / shortest[(r["impl"], r["batch"])]
     notes = [f"dtype {str(dtype).removeprefix('torch.')}", f"{torch.get_num_threads()} threads",
              f"{args.steps} steps per sample, median of {args.rounds}"]
+    if args.clock == "cpu":
+        notes.append("tok/s per CPU second of the process (--clock cpu); attention ms in wall time")
     return {"benchmark": "long-context", "shape": {k: getattr(args, k) for k in (
         "hidden", "layers", "experts", "top_k", "intermediate", "heads", "kv_heads", "vocab")},
         "contexts": contexts, "batches": batches, "machine": machine_info(), "notes": notes, "results": results}

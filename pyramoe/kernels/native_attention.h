@@ -6,8 +6,9 @@
 // context; a batch-16 step at ~1K positions spent ~3.5 ms in it against ~6 ms for the whole
 // short-context step. Here keys come in tiles of 16: a query head's 16 dot products end in one
 // 16-lane vector (one transposing reduction per tile instead of 16 horizontal sums), the softmax is
-// online (a running max and sum per query head; the output is rescaled when the max grows), so
-// nothing but the reads grows with the context. Rows with many keys are split into parts over the
+// online (a running max and sum per query head; the output is rescaled when the max grows past a
+// slack), so nothing but the reads grows with the context. Each key/value row is widened once for all
+// the query heads that share it (GQA), and the next tile's rows are prefetched. Rows with many keys are split into parts over the
 // threads (flash-decoding): each part keeps its (max, sum, unnormalised output) and a row's parts
 // merge after, so a batch-1 step at 4K positions uses every thread.
 //
@@ -27,11 +28,11 @@ inline int64_t part_floats(const PmModel &m) {
   return round16((m.n_heads / m.n_kv_heads) * (m.head_dim + 2));
 }
 
-// A thread's scratch: the tile's keys and values in fp32 (bf16 caches), the G heads' probabilities
-// for the tile, and the scaled queries.
+// A thread's scratch: the tile's keys and values in fp32 (the AVX512 kernel widens values in
+// registers), the G heads' probabilities for the tile, the scaled queries, the G heads' 16-lane sums.
 inline int64_t tile_floats(const PmModel &m) {
   const int64_t G = m.n_heads / m.n_kv_heads, Dh = m.head_dim;
-  return round16(2 * kKeyTile * Dh + G * kKeyTile + G * Dh);
+  return round16(2 * kKeyTile * Dh + G * kKeyTile + G * Dh + G * 16);
 }
 
 // Parts of a step of B rows: each (row, key/value head) is split into ceil(keys / part keys)
@@ -101,44 +102,153 @@ inline __m512 sum_lanes16(const __m512 *v) {
                        _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+// Above this much over a query head's running max a tile's scores raise it (and rescale the output):
+// exp(score - max) <= e^8 keeps a part's sums far from overflow, and most tiles of a long row then
+// take no horizontal max, no scalar exp and no rescale (the max settles within a few tiles).
+constexpr float kMaxSlack = 8.0f;
+// A weight below exp(-64) of the max's (under 1e-27 of the sum, which holds the max's weight, >= 1) is 0.
+constexpr float kNegligible = -64.0f;
+
+// A cached row as C 16-lane fp32 vectors. bf16 rows come in "paired" order: a 32-bit lane holds two
+// neighbouring dims, so shifting it up gives the even dim and masking it the odd one (two instructions
+// per 32 dims, no widening shuffle); vector 2i holds dims 32i, 32i+2, ..., vector 2i+1 dims 32i+1, ...,
+// an odd C's last vector its 16 dims in order. fp32 rows are in order.
+template <int C, bool BF16>
+inline void load_row(const void *cache, int64_t at, __m512 *v) {
+  if constexpr (BF16) {
+    const uint16_t *src = static_cast<const uint16_t *>(cache) + at;
+    const __m512i odd = _mm512_set1_epi32(int(0xffff0000u));
+    for (int c = 0; c + 1 < C; c += 2) {
+      const __m512i x = _mm512_loadu_si512(src + 16 * c);
+      v[c] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+      v[c + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, odd));
+    }
+    if constexpr (C % 2 == 1) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(src + 16 * (C - 1)));
+      v[C - 1] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+    }
+  } else {
+    const float *src = static_cast<const float *>(cache) + at;
+    for (int c = 0; c < C; ++c) v[c] = _mm512_loadu_ps(src + 16 * c);
+  }
+}
+
+// The head dim that lane j of load_row's vector c holds.
+template <int C, bool BF16>
+constexpr int64_t row_dim(int c, int j) {
+  return !BF16 || (C % 2 == 1 && c == C - 1) ? 16 * c + j : 32 * (c / 2) + 2 * j + c % 2;
+}
+
+// Every 64-byte line of a tile's n key and value rows (offsets `at`), asked for ahead of their use:
+// the paged cache's 16-row blocks of one head are 2 KB pieces that the hardware prefetcher, which
+// stops at 4 KB pages, mostly reaches too late.
+inline void prefetch_rows(const PmLayer &L, const int64_t *at, int64_t n, int64_t row_bytes, int64_t elem) {
+  for (int64_t k = 0; k < n; ++k) {
+    const char *kr = static_cast<const char *>(L.k_cache) + at[k] * elem;
+    const char *vr = static_cast<const char *>(L.v_cache) + at[k] * elem;
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      _mm_prefetch(kr + b, _MM_HINT_T0);
+      _mm_prefetch(vr + b, _MM_HINT_T0);
+    }
+  }
+}
+
 // Keys [first, end) of head h for its G query heads, head width 16 C: the part's (output, max, sum).
-template <int C>
+// Per tile of 16 keys: each key row is read and widened once for all G query heads (into `keys`, in
+// load_row's order; the scaled queries are permuted to match and the output back at the end); a
+// query head's 16 dot products end in one vector (sum_lanes16); the running sums stay 16-lane
+// vectors; the max moves only past kMaxSlack; each value row is widened in registers once per
+// kHeadsAtOnce query heads, whose outputs stay in registers over the tile.
+template <int C, bool BF16>
 void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, const int64_t *blocks, int64_t h,
                         int64_t first, int64_t end, float scale, float *scratch, float *part) {
-  const int64_t G = m.n_heads / m.n_kv_heads, Dh = 16 * C;
+  constexpr int64_t Dh = 16 * C, elem = BF16 ? 2 : 4;
+  constexpr int64_t kHeadsAtOnce = C >= 8 ? 2 : 16 / C;  // their outputs (and a value row) fit the 32 registers
+  const int64_t G = m.n_heads / m.n_kv_heads;
   float *keys = scratch, *values = keys + kKeyTile * Dh, *probs = values + kKeyTile * Dh, *qs = probs + G * kKeyTile;
   float *out = part, *run_max = part + G * Dh, *run_sum = run_max + G;
-  for (int64_t i = 0; i < G * Dh; ++i) qs[i] = q[i] * scale, out[i] = 0.0f;
-  for (int64_t g = 0; g < G; ++g) run_max[g] = -INFINITY, run_sum[g] = 0.0f;
-  const float *rows[kKeyTile];
-  for (int64_t t = first; t < end; t += kKeyTile) {
+  for (int64_t g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c)
+      for (int j = 0; j < 16; ++j) qs[g * Dh + 16 * c + j] = q[g * Dh + row_dim<C, BF16>(c, j)] * scale;
+  for (int64_t i = 0; i < G * Dh; ++i) out[i] = 0.0f;
+  float *sums = qs + G * Dh;  // per query head, 16 lanes: its sum is their total
+  for (int64_t g = 0; g < G; ++g) run_max[g] = -INFINITY, _mm512_storeu_ps(sums + 16 * g, _mm512_setzero_ps());
+  int64_t at[kKeyTile], ahead[kKeyTile];
+  assert(first % kKeyTile == 0);
+  const bool one_block = m.block_shift >= 0 && m.block_size % kKeyTile == 0;
+  auto offsets = [&](int64_t t, int64_t *dst) {
     const int64_t n = std::min(kKeyTile, end - t);
+    if (one_block) {  // tiles start at multiples of 16: a tile lies in one block of 16 * 2^i rows
+      const int64_t at0 = cache_row(m, blocks, h, t);
+      for (int64_t k = 0; k < n; ++k) dst[k] = at0 + k * Dh;
+    } else {
+      for (int64_t k = 0; k < n; ++k) dst[k] = cache_row(m, blocks, h, t + k);
+    }
+    return n;
+  };
+  int64_t n = offsets(first, at);
+  prefetch_rows(L, at, n, Dh * elem, elem);
+  for (int64_t t = first; t < end; t += kKeyTile) {
+    const int64_t next = t + kKeyTile < end ? offsets(t + kKeyTile, ahead) : 0;
+    prefetch_rows(L, ahead, next, Dh * elem, elem);
     const __mmask16 valid = __mmask16((1u << n) - 1);
-    tile_rows(m, L.k_cache, blocks, h, t, n, keys, rows);
+    for (int64_t k = 0; k < kKeyTile; ++k) {  // keys past n repeat the last (scored, then masked out)
+      __m512 v[C];
+      load_row<C, BF16>(L.k_cache, at[std::min(k, n - 1)], v);
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(keys + k * Dh + 16 * c, v[c]);
+    }
     for (int64_t g = 0; g < G; ++g) {
       __m512 dots[kKeyTile];
-      for (int k = 0; k < kKeyTile; ++k) dots[k] = _mm512_mul_ps(_mm512_loadu_ps(qs + g * Dh), _mm512_loadu_ps(rows[k]));
+      const __m512 q0 = _mm512_loadu_ps(qs + g * Dh);
+      for (int k = 0; k < kKeyTile; ++k) dots[k] = _mm512_mul_ps(q0, _mm512_loadu_ps(keys + k * Dh));
       for (int c = 1; c < C; ++c) {
         const __m512 qc = _mm512_loadu_ps(qs + g * Dh + 16 * c);
-        for (int k = 0; k < kKeyTile; ++k) dots[k] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(rows[k] + 16 * c), dots[k]);
+        for (int k = 0; k < kKeyTile; ++k) dots[k] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(keys + k * Dh + 16 * c), dots[k]);
       }
       const __m512 scores = sum_lanes16(dots);
-      const float factor = raise_max(run_max + g, run_sum + g, _mm512_mask_reduce_max_ps(valid, scores));
-      if (factor != 1.0f)
-        for (int64_t d = 0; d < Dh; ++d) out[g * Dh + d] *= factor;
-      const __m512 p = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(scores, _mm512_set1_ps(run_max[g]))));
-      run_sum[g] += _mm512_reduce_add_ps(p);
+      __m512 top = _mm512_set1_ps(run_max[g]);
+      if (_mm512_mask_cmp_ps_mask(valid, scores, _mm512_add_ps(top, _mm512_set1_ps(kMaxSlack)), _CMP_GT_OQ)) {
+        const float raised = std::max(run_max[g], _mm512_mask_reduce_max_ps(valid, scores));
+        const float factor = std::exp(run_max[g] - raised);  // exp(-inf) = 0 at the first tile
+        run_max[g] = raised;
+        top = _mm512_set1_ps(raised);
+        _mm512_storeu_ps(sums + 16 * g, _mm512_mul_ps(_mm512_loadu_ps(sums + 16 * g), _mm512_set1_ps(factor)));
+        for (int c = 0; c < C; ++c)
+          _mm512_storeu_ps(out + g * Dh + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(out + g * Dh + 16 * c), _mm512_set1_ps(factor)));
+      }
+      // Far below the max a weight is 0 rather than exp16's floor (~1e-38): its products would be
+      // denormals, a microcode assist each (rows whose scores spread over ~90 ran 10x slower).
+      const __m512 x = _mm512_sub_ps(scores, top);
+      const __mmask16 live = _mm512_mask_cmp_ps_mask(valid, x, _mm512_set1_ps(kNegligible), _CMP_GT_OQ);
+      const __m512 p = _mm512_maskz_mov_ps(live, exp16(x));
+      _mm512_storeu_ps(sums + 16 * g, _mm512_add_ps(_mm512_loadu_ps(sums + 16 * g), p));
       _mm512_storeu_ps(probs + g * kKeyTile, p);
     }
-    tile_rows(m, L.v_cache, blocks, h, t, n, values, rows);
-    for (int64_t g = 0; g < G; ++g) {
-      __m512 acc[C];
-      for (int c = 0; c < C; ++c) acc[c] = _mm512_loadu_ps(out + g * Dh + 16 * c);
+    for (int64_t g0 = 0; g0 < G; g0 += kHeadsAtOnce) {  // each value row widened once per kHeadsAtOnce heads
+      const int64_t heads = std::min<int64_t>(kHeadsAtOnce, G - g0);
+      __m512 acc[kHeadsAtOnce][C];
+      for (int64_t i = 0; i < heads; ++i)
+        for (int c = 0; c < C; ++c) acc[i][c] = _mm512_loadu_ps(out + (g0 + i) * Dh + 16 * c);
       for (int64_t k = 0; k < n; ++k) {
-        const __m512 p = _mm512_set1_ps(probs[g * kKeyTile + k]);
-        for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(rows[k] + 16 * c), acc[c]);
+        __m512 v[C];
+        load_row<C, BF16>(L.v_cache, at[k], v);
+        for (int64_t i = 0; i < heads; ++i) {
+          const __m512 p = _mm512_set1_ps(probs[(g0 + i) * kKeyTile + k]);
+          for (int c = 0; c < C; ++c) acc[i][c] = _mm512_fmadd_ps(p, v[c], acc[i][c]);
+        }
       }
-      for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * Dh + 16 * c, acc[c]);
+      for (int64_t i = 0; i < heads; ++i)
+        for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + (g0 + i) * Dh + 16 * c, acc[i][c]);
+    }
+    n = next;
+    std::copy(ahead, ahead + next, at);
+  }
+  for (int64_t g = 0; g < G; ++g) run_sum[g] = _mm512_reduce_add_ps(_mm512_loadu_ps(sums + 16 * g));
+  if constexpr (BF16) {  // the output back to dim order (through `keys`, free now)
+    for (int64_t g = 0; g < G; ++g) {
+      for (int c = 0; c < C; ++c)
+        for (int j = 0; j < 16; ++j) keys[row_dim<C, BF16>(c, j)] = out[g * Dh + 16 * c + j];
+      std::copy(keys, keys + Dh, out + g * Dh);
     }
   }
 }
@@ -179,16 +289,18 @@ void attend_part_portable(const PmModel &m, const PmLayer &L, const float *q, co
 void attend_part(const PmModel &m, const PmLayer &L, const float *q, const int64_t *blocks, int64_t h, int64_t first,
                  int64_t end, float scale, float *scratch, float *part) {
 #if defined(__AVX512F__)
+#define ARGS m, L, q, blocks, h, first, end, scale, scratch, part
   switch (m.head_dim) {
-    case 16: return attend_part_avx512<1>(m, L, q, blocks, h, first, end, scale, scratch, part);
-    case 32: return attend_part_avx512<2>(m, L, q, blocks, h, first, end, scale, scratch, part);
-    case 48: return attend_part_avx512<3>(m, L, q, blocks, h, first, end, scale, scratch, part);
-    case 64: return attend_part_avx512<4>(m, L, q, blocks, h, first, end, scale, scratch, part);
-    case 80: return attend_part_avx512<5>(m, L, q, blocks, h, first, end, scale, scratch, part);
-    case 96: return attend_part_avx512<6>(m, L, q, blocks, h, first, end, scale, scratch, part);
-    case 128: return attend_part_avx512<8>(m, L, q, blocks, h, first, end, scale, scratch, part);
+    case 16: return m.bf16 ? attend_part_avx512<1, true>(ARGS) : attend_part_avx512<1, false>(ARGS);
+    case 32: return m.bf16 ? attend_part_avx512<2, true>(ARGS) : attend_part_avx512<2, false>(ARGS);
+    case 48: return m.bf16 ? attend_part_avx512<3, true>(ARGS) : attend_part_avx512<3, false>(ARGS);
+    case 64: return m.bf16 ? attend_part_avx512<4, true>(ARGS) : attend_part_avx512<4, false>(ARGS);
+    case 80: return m.bf16 ? attend_part_avx512<5, true>(ARGS) : attend_part_avx512<5, false>(ARGS);
+    case 96: return m.bf16 ? attend_part_avx512<6, true>(ARGS) : attend_part_avx512<6, false>(ARGS);
+    case 128: return m.bf16 ? attend_part_avx512<8, true>(ARGS) : attend_part_avx512<8, false>(ARGS);
     default: break;
   }
+#undef ARGS
 #endif
   attend_part_portable(m, L, q, blocks, h, first, end, scale, scratch, part);
 }
