@@ -234,6 +234,7 @@ def test_kv_budget_and_prefix_cache_in_metrics(tiny_run, tmp_path):  # noqa: F81
         assert f"pyramoe_kv_cache_blocks {blocks}.0" in metrics and "pyramoe_kv_cache_blocks_used 0.0" in metrics
         hits = float(re.search(r"^pyramoe_prefix_cache_hit_tokens (\S+)", metrics, re.M).group(1))
         assert hits >= 8  # later choices read the prompt's full blocks from the first one's
+        assert re.search(r"^pyramoe_prefix_cache_copied_blocks \d", metrics, re.M)  # partial blocks (test_engine.py)
         assert blocks * 8 < 240  # 10 blocks in fp32, 20 in bf16
         too_long = httpx.post(f"{live.url}/v1/completions", json={"prompt": "x " * 40, "max_tokens": 200}, timeout=30)
         assert too_long.status_code == 400 and "blocks" in too_long.json()["error"]["message"]

@@ -65,7 +65,8 @@ class ServerState:
         return {"queue_depth": max(0, self.loop.in_flight - stats.running), "running_requests": stats.running,
                 "free_slots": self.engine.free_slots, "engine_steps": stats.steps,
                 "kv_cache_blocks_used": allocator.used, "kv_cache_blocks": allocator.num_blocks,
-                "prefix_cache_hit_tokens": allocator.hit_tokens, "preemptions": self.engine.preemptions}
+                "prefix_cache_hit_tokens": allocator.hit_tokens,
+                "prefix_cache_copied_blocks": allocator.copies, "preemptions": self.engine.preemptions}
 
 
 class _CountRequests:
