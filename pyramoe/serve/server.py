@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 import uvicorn
@@ -36,6 +36,7 @@ class ServeOptions:
     max_queue: int = 64
     drain_grace_s: float = 30.0
     log_level: str = "warning"
+    min_step_s: float = 0.0
 
 
 def run_server(state: ServerState, load: Callable[[], tuple[Engine, ChatTemplate]], options: ServeOptions,
@@ -62,7 +63,8 @@ def run_server(state: ServerState, load: Callable[[], tuple[Engine, ChatTemplate
             engine, template = load()
             engine.prepare()  # packing and the native build happen here, while /health says "loading"
             leader = lead() if lead is not None else None  # meets the other ranks, each prepared too
-            loop = EngineLoop(engine, options.max_queue, replicate=leader, on_failure=stop_serving).start()
+            loop = EngineLoop(engine, options.max_queue, replicate=leader, on_failure=stop_serving,
+                              min_step_s=options.min_step_s).start()
             state.attach(engine, loop, template)
             announce(f"pyramoe serve: {state.model_name} ready at http://{options.host}:{_bound_port(server)} "
                      f"({engine.decode_path} step, {engine.max_batch} slots x {engine.max_len} positions, "
@@ -89,7 +91,7 @@ def run_server(state: ServerState, load: Callable[[], tuple[Engine, ChatTemplate
         await server.serve()
 
     server.capture_signals = contextlib.nullcontext  # ours (above) drain first; uvicorn's would stop at once
-    asyncio.run(main())
+    _run(main())
     if state.loop is not None:
         state.loop.stop(timeout=10)  # under torchrun, its last message stops the other ranks
     if lost:
@@ -100,6 +102,18 @@ def run_server(state: ServerState, load: Callable[[], tuple[Engine, ChatTemplate
               f"pyramoe serve: loading failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _run(main: Coroutine) -> None:
+    """On uvloop where it is installed (the `serve` extra): its event loop costs less per wake-up
+    and per write than asyncio's, which a stream pays for every chunk. (uvicorn picks httptools
+    over h11 by itself when it is installed.)"""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 def _bound_port(server: uvicorn.Server) -> int:
