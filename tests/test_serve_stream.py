@@ -144,3 +144,39 @@ def test_the_chunk_template_renders_what_json_dumps_gives(usage, kind):
             content = '"delta": ' + json.dumps(fields["delta"])
         want = _chunk(generation, state, kind, 3, usage=usage, **fields, logprobs=lp, finish_reason=finish)
         assert json.loads(template.render(3, content, lp, finish)) == json.loads(want)
+
+
+def test_min_step_s_spaces_the_engine_loops_steps():
+    """A slowed loop (`--min-step-ms`, what the page test streams against): steps start at least
+    `min_step_s` apart, so a 5-token answer takes at least 4 intervals; a negative one is refused."""
+    import threading
+    import time
+
+    import torch
+
+    from pyramoe.config import ModelConfig, build_layers
+    from pyramoe.inference import Engine
+    from pyramoe.inference.loop import EngineLoop
+    from pyramoe.models import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, max_seq_len=32, d_model=32, n_heads=4,
+                            layers=build_layers(2, "every_other", 4, top_k=2, dropless=True))).eval()
+    engine = Engine(model, max_batch=2, eos_id=None)
+    with pytest.raises(ValueError, match="min_step_s"):
+        EngineLoop(engine, min_step_s=-1)
+    loop = EngineLoop(engine, min_step_s=0.3).start()  # far longer than a step of this model
+    done, tokens = threading.Event(), []
+
+    def sink(event: TokenEvent) -> None:
+        tokens.append(event.token_id)
+        if event.finished:
+            done.set()
+
+    start = time.perf_counter()
+    loop.submit([1, 2, 3], SamplingParams(max_tokens=5, temperature=0), "a", sink)
+    assert done.wait(60)
+    elapsed = time.perf_counter() - start
+    loop.stop(10)
+    assert len([t for t in tokens if t is not None]) == 5
+    assert elapsed >= 4 * 0.3
