@@ -397,6 +397,61 @@ def test_a_common_prompt_prefix_is_read_once(model, native):
     assert exact.cache.allocator.hit_tokens == 4 and again.token_ids == alone(model, preamble, 3)
 
 
+@pytest.mark.parametrize("step", ["native", "pytorch", "device"])
+def test_n_choices_share_the_partial_last_prompt_block_copied_on_first_write(model, step):
+    """Choices of one prompt share its partial last block (every prompt row but the last), each
+    copying it when it first writes into it: the tokens, samples and log-probabilities are those of
+    an engine that shares nothing, and the shared rows are counted."""
+    prompts = [[3, 1, 4, 1, 5, 9, 2], [7, 8, 9]]  # one full block and 2 shared rows; no full block, 2 rows
+    params = [SamplingParams(max_tokens=6, **GREEDY, logprobs=2),
+              SamplingParams(max_tokens=7, temperature=0.9, seed=11, logprobs=1),
+              SamplingParams(max_tokens=5, temperature=1.3, top_k=6, seed=5)]
+
+    def run(prefix_caching):
+        engine = Engine(model, max_batch=8, eos_id=None, native=step == "native", block_size=4,
+                        prefix_caching=prefix_caching, step="device" if step == "device" else "auto")
+        ids = [engine.add_request(p, q) for p in prompts for q in params]
+        events = {rid: [] for rid in ids}
+        for event in engine.stream():
+            events[event.request_id].append(event)
+        assert engine.cache.allocator.used == 0 and engine.cache.pending_copies == 0
+        return engine, [events[rid] for rid in ids]
+
+    shared, got = run(True)
+    plain, want = run(False)
+    assert shared.decode_path == step
+    assert plain.cache.allocator.hit_tokens == 0 and plain.cache.allocator.copies == 0
+    # Two later choices per prompt: the first prompt's full block (4) and 2 partial rows, the second's 2 rows.
+    assert shared.cache.allocator.hit_tokens == 2 * (4 + 2) + 2 * 2
+    assert shared.cache.allocator.copies == 4
+    for a_events, b_events in zip(got, want):
+        assert [e.token_id for e in a_events] == [e.token_id for e in b_events]
+        for a, b in zip(a_events, b_events):
+            assert (a.logprob is None) == (b.logprob is None)
+            if a.logprob is not None:
+                assert a.logprob[0] == pytest.approx(b.logprob[0], abs=1e-4)
+                assert [t for t, _ in a.logprob[1]] == [t for t, _ in b.logprob[1]]
+    greedy = [events for events, q in zip(got, params * 2) if q.greedy]
+    assert [[e.token_id for e in events] for events in greedy] == [alone(model, p, 6) for p in prompts]
+
+
+def test_a_shared_partial_block_is_kept_without_a_copy_when_its_writer_has_left(model):
+    """The writer of a shared partial block aborted before the sharer wrote: the sharer keeps the
+    block (no copy) and returns the target it took; nothing leaks."""
+    engine = Engine(model, max_batch=4, eos_id=None, block_size=4)
+    prompt = [3, 1, 4, 1, 5, 9, 2]
+    first = engine.add_request(prompt, SamplingParams(max_tokens=4, **GREEDY))
+    second = engine.add_request(prompt, SamplingParams(max_tokens=4, **GREEDY))
+    engine.step()  # the first reads the prompt; the second waits to share its blocks
+    engine._admit()  # the second enters, sharing the first's partial block; before it writes ...
+    assert engine.cache.pending_copies == 1
+    engine.abort(first)  # ... the first leaves
+    events = [e for e in engine.stream() if e.request_id == second]
+    assert engine.cache.allocator.copies == 0 and engine.cache.allocator.hit_tokens == 6
+    assert [e.token_id for e in events] == alone(model, prompt, 4)
+    assert engine.cache.allocator.used == 0
+
+
 @pytest.mark.parametrize("pack_weights", [True, False])
 def test_the_callers_model_and_config_are_left_as_they_were(pack_weights):
     """The engine runs eval, dropless and packed on its own view: the caller's model keeps its

@@ -76,6 +76,21 @@ def test_streamed_equals_plain_with_usage(client):
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
 
+def test_streamed_logprobs_line_up_with_the_plain_answer(client):
+    """However the stream merges tokens into chunks, its tokens, log-probabilities and text offsets
+    put together are the plain answer's."""
+    args = dict(model=model_name(client), prompt=PROMPTS[2], max_tokens=12, temperature=0, logprobs=2)
+    plain = client.completions.create(**args).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**args, stream=True) if c.choices]
+    tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+    assert tokens == plain.logprobs.tokens and "".join(tokens) == "".join(c.text for c in chunks) == plain.text
+    values = [v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs]
+    assert values == pytest.approx(plain.logprobs.token_logprobs, abs=1e-5)
+    assert [o for c in chunks if c.logprobs for o in c.logprobs.text_offset] == plain.logprobs.text_offset
+    assert [list(t) for c in chunks if c.logprobs for t in c.logprobs.top_logprobs] == \
+        [list(t) for t in plain.logprobs.top_logprobs]
+
+
 def test_chat_plain_and_streamed(client):
     name = model_name(client)
     messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def f1(x):"}]
@@ -234,6 +249,7 @@ def test_kv_budget_and_prefix_cache_in_metrics(tiny_run, tmp_path):  # noqa: F81
         assert f"pyramoe_kv_cache_blocks {blocks}.0" in metrics and "pyramoe_kv_cache_blocks_used 0.0" in metrics
         hits = float(re.search(r"^pyramoe_prefix_cache_hit_tokens (\S+)", metrics, re.M).group(1))
         assert hits >= 8  # later choices read the prompt's full blocks from the first one's
+        assert re.search(r"^pyramoe_prefix_cache_copied_blocks \d", metrics, re.M)  # partial blocks (test_engine.py)
         assert blocks * 8 < 240  # 10 blocks in fp32, 20 in bf16
         too_long = httpx.post(f"{live.url}/v1/completions", json={"prompt": "x " * 40, "max_tokens": 200}, timeout=30)
         assert too_long.status_code == 400 and "blocks" in too_long.json()["error"]["message"]

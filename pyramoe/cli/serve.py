@@ -59,6 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--drain-grace", type=float, default=30.0, metavar="S",
                         help="on SIGTERM, running requests get S seconds to finish")
     parser.add_argument("--log-level", default="warning", help="uvicorn's log level")
+    parser.add_argument("--min-step-ms", type=float, default=0.0, metavar="MS",
+                        help="at least MS between engine steps (a slowed server, for demos and streaming tests)")
     group = add_process_arguments(parser)
     group.add_argument("--dist-timeout", type=float, default=60.0, metavar="S",
                        help="a collective waiting longer than S seconds for a rank ends the server")
@@ -90,6 +92,9 @@ def main(args: argparse.Namespace) -> int:
     if args.dist_timeout <= 0:
         print("pyramoe serve: --dist-timeout: must be > 0", file=sys.stderr)
         return 2
+    if args.min_step_ms < 0:
+        print("pyramoe serve: --min-step-ms: must be >= 0", file=sys.stderr)
+        return 2
     try:
         check_step(args.step)
     except ValueError as exc:
@@ -116,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
     name = args.served_model_name or path.resolve().name
     state = ServerState(model_name=name, api_key=args.api_key, request_timeout_s=args.request_timeout)
     options = ServeOptions(host=args.host, port=args.port, max_queue=args.max_queue, drain_grace_s=args.drain_grace,
-                           log_level=args.log_level)
+                           log_level=args.log_level, min_step_s=args.min_step_ms / 1000)
     lead = None
     if world > 1:
         from pyramoe.serve.distributed import Leader

@@ -57,6 +57,7 @@ class Engine:
     positions (or as many as `kv_cache_bytes` hold; default: max_batch x max_len positions); a
     request is admitted when its prompt's blocks are there, takes a block whenever it reaches a new
     one, returns them when it leaves, and shares the full blocks of a prompt prefix already cached
+    and a running request's partial last prompt block of the same prompt, copied on first write
     (`prefix_caching`; not for requests asking prompt log-probabilities, whose every position must
     be computed). When a running request needs a block and none is left, the request admitted last
     is preempted: its blocks go back and it is read again later (`preemptions` counts them). One step
@@ -277,6 +278,8 @@ class Engine:
         self._admit()
         self._grow()
         plan, rows = self._plan()
+        if self.cache.pending_copies:
+            self.cache.copy_on_write(rows[1])
         if plan:
             try:
                 if isinstance(self.runner, DeviceStep):

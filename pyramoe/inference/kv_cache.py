@@ -5,7 +5,8 @@ of different lengths run together and join or leave between steps without touchi
   reserves the whole context).
 - `PagedKVCache` (the engine's): a slot is a row of a block table over [blocks, Hkv, block_size, Dh]
   buffers; a sequence holds the blocks of the positions it has filled, and sequences with a common
-  prompt prefix share its full blocks (`BlockAllocator`).
+  prompt prefix share its full blocks (`BlockAllocator`), and the same prompt its partial last
+  block too, copied when the sharer first writes into it (copy-on-write).
 
 Legend: S slots, B active rows, Hkv key/value heads, L key positions, Dh head width, T new tokens.
 (Models with latent attention cache [S, 1, L, latent] instead; the slot logic is the same.)
@@ -100,7 +101,8 @@ class BlockAllocator:
         self._hash_of: dict[int, int] = {}
         self._by_hash: dict[int, int] = {}
         self._idle: OrderedDict[int, None] = OrderedDict()  # unreferenced blocks still holding a known prefix
-        self.hit_tokens = 0  # prompt tokens served from cached blocks
+        self.hit_tokens = 0  # prompt tokens served from cached blocks (full ones and shared partial ones)
+        self.copies = 0  # shared partial blocks copied on a sharer's first write into them
 
     @property
     def available(self) -> int:
@@ -151,6 +153,9 @@ class BlockAllocator:
                 else:
                     self._free.append(block)
 
+    def refs(self, block: int) -> int:
+        return self._refs[block]
+
     def publish(self, block: int, block_hash: int) -> None:
         """`block` now holds the prefix whose chained hash is `block_hash` (fully written)."""
         if block_hash not in self._by_hash and block not in self._hash_of:
@@ -166,6 +171,13 @@ class PagedKVCache(SlotKVCache):
     returns them when it leaves, and shares the full blocks of a prompt prefix it has in common with
     a sequence before it (`n` choices, a common system prompt).
 
+    A sequence whose prompt is that of a running one (`n` choices) also shares the prompt's partial
+    last block: the rows of every prompt position but the last (whose logits each sequence needs, so
+    it computes that row itself). Its first write goes into that block, so before it the block is
+    copied into one the sequence took when it entered (`copy_on_write`): its memory is reserved as
+    for any block, and what is saved is computing the shared rows. The owner's later writes go to
+    rows past the shared ones, so it never copies.
+
     Legend as above; N blocks, bs block size, M blocks per sequence."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slots: int, max_len: int,
@@ -179,6 +191,14 @@ class PagedKVCache(SlotKVCache):
         self._blocks: list[list[int]] = [[] for _ in range(slots)]
         self._hashes: list[list[int]] = [[] for _ in range(slots)]  # chained hashes of full prompt blocks
         self._published = [0] * slots
+        # Partial last prompt blocks: (key, block index, rows) a slot will offer once written; key ->
+        # block of the offered ones (while their writer holds them); (block index, copy target) of
+        # a slot that shares one and has not written into it yet.
+        self._partial: list[tuple[int, int, int] | None] = [None] * slots
+        self._offered: dict[int, int] = {}
+        self._offered_by: list[int | None] = [None] * slots
+        self._cow: list[tuple[int, int] | None] = [None] * slots
+        self.pending_copies = 0
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, slots: int, max_len: int, num_blocks: int | None = None,
@@ -201,20 +221,59 @@ class PagedKVCache(SlotKVCache):
     def reserve(self, slot: int, prompt_ids: list[int], tokens: int, share: bool = True,
                 spare: int = 0) -> int | None:
         """Blocks for `tokens` positions of the sequence entering `slot` (more come by `extend`),
-        reusing cached blocks of its prompt's full-block prefix when `share`. Returns how many
-        prompt tokens are already cached (a multiple of the block size, short of the last prompt
-        token: its logits are needed), or None if the blocks are not there with `spare` blocks left
-        over (the request waits)."""
+        reusing cached blocks of its prompt's full-block prefix when `share`, and a running
+        sequence's partial last block of the same prompt. Returns how many prompt tokens are already
+        cached (short of the last prompt token: its logits are needed), or None if the blocks are
+        not there with `spare` blocks left over (the request waits)."""
         bs = self.block_size
         hashes = self.block_hashes(prompt_ids)
-        shared = self.allocator.cached(hashes[: (len(prompt_ids) - 1) // bs]) if share else []
-        blocks = self.allocator.acquire(shared, self.blocks_for(tokens) - len(shared), spare)
+        full, rows, key = self._prefix(prompt_ids, hashes)
+        shared = self.allocator.cached(hashes[:full]) if share else []
+        borrowed = self._offered.get(key) if share and rows and len(shared) == full else None
+        held = shared + ([borrowed] if borrowed is not None else [])
+        # The copy target of a borrowed block is taken now, with the rest: the copy cannot fail later.
+        blocks = self.allocator.acquire(held, self.blocks_for(tokens) - len(shared), spare)
         if blocks is None:
             return None
+        if borrowed is not None:
+            self._cow[slot] = (full, blocks[full + 1])
+            self.pending_copies += 1
+            blocks = blocks[: full + 1] + blocks[full + 2 :]
         self._blocks[slot], self._hashes[slot], self._published[slot] = blocks, hashes, len(shared)
+        self._partial[slot] = (key, full, rows) if rows and borrowed is None else None
         self.block_table[slot, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64, device="cpu")
-        self.allocator.hit_tokens += len(shared) * bs
-        return len(shared) * bs
+        cached = len(shared) * bs + (rows if borrowed is not None else 0)
+        self.allocator.hit_tokens += cached
+        return cached
+
+    def _prefix(self, prompt_ids: list[int], hashes: list[int]) -> tuple[int, int, int]:
+        """The full blocks before the prompt's last position, the rows of the partial block after
+        them, and that partial block's key (its tokens after the full blocks' chained hash)."""
+        bs = self.block_size
+        full, rows = divmod(len(prompt_ids) - 1, bs)
+        key = hash((hashes[full - 1] if full else 0, tuple(prompt_ids[full * bs : full * bs + rows]))) if rows else 0
+        return full, rows, key
+
+    def copy_on_write(self, slots: list[int]) -> None:
+        """Before a forward that writes rows of `slots`: a slot still sharing a partial block gets
+        its own copy (or keeps the block, if its writer has left it)."""
+        for slot in set(slots):
+            pending = self._cow[slot]
+            if pending is None:
+                continue
+            index, target = pending
+            self._cow[slot] = None
+            self.pending_copies -= 1
+            source = self._blocks[slot][index]
+            if self.allocator.refs(source) == 1:  # nobody else reads it any more
+                self.allocator.release([target])
+                continue
+            for buffer in (*self.keys, *self.values):
+                buffer[target].copy_(buffer[source])
+            self._blocks[slot][index] = target
+            self.block_table[slot, index] = target
+            self.allocator.release([source])
+            self.allocator.copies += 1
 
     def extend(self, slot: int, tokens: int) -> bool:
         """The sequence in `slot` holds the blocks of its first `tokens` positions, taking new ones
@@ -238,25 +297,41 @@ class PagedKVCache(SlotKVCache):
 
     def being_written(self, prompt_ids: list[int]) -> bool:
         """A running sequence is still writing this prompt's first block (the same prompt, or one
-        with a common preamble): waiting a few steps lets the prompt share it instead of computing it."""
-        if len(prompt_ids) <= self.block_size:
-            return False
-        first = self.block_hashes(prompt_ids[: self.block_size])[0]
-        return first not in self.allocator._by_hash and any(
-            hashes and hashes[0] == first and published == 0
-            for hashes, published in zip(self._hashes, self._published))
+        with a common preamble), or the partial last block of the same prompt: waiting a few steps
+        lets the prompt share them instead of computing them."""
+        if len(prompt_ids) > self.block_size:
+            first = self.block_hashes(prompt_ids[: self.block_size])[0]
+            if first not in self.allocator._by_hash and any(
+                    hashes and hashes[0] == first and published == 0
+                    for hashes, published in zip(self._hashes, self._published)):
+                return True
+        full, rows, key = self._prefix(prompt_ids, self.block_hashes(prompt_ids))
+        return rows > 0 and key not in self._offered and any(p is not None and p[0] == key for p in self._partial)
 
     def written(self, slot: int, positions: int) -> None:
         """The sequence in `slot` has its first `positions` positions written: its full prompt
-        blocks among them become shareable."""
+        blocks among them become shareable, and its partial last prompt block once its rows are."""
         full = min(positions // self.block_size, len(self._hashes[slot]))
         for i in range(self._published[slot], full):
             self.allocator.publish(self._blocks[slot][i], self._hashes[slot][i])
         self._published[slot] = max(self._published[slot], full)
+        partial = self._partial[slot]
+        if partial is not None and positions >= partial[1] * self.block_size + partial[2]:
+            self._partial[slot] = None
+            if partial[0] not in self._offered:
+                self._offered[partial[0]] = self._blocks[slot][partial[1]]
+                self._offered_by[slot] = partial[0]
 
     def free(self, slot: int) -> None:
         self.allocator.release(self._blocks[slot])
-        self._blocks[slot], self._hashes[slot] = [], []
+        if self._cow[slot] is not None:
+            self.allocator.release([self._cow[slot][1]])
+            self._cow[slot] = None
+            self.pending_copies -= 1
+        if self._offered_by[slot] is not None:  # released, the block may go to a new sequence: no more sharers
+            del self._offered[self._offered_by[slot]]
+            self._offered_by[slot] = None
+        self._blocks[slot], self._hashes[slot], self._partial[slot] = [], [], None
 
     def rows(self, slots_G: list[int], starts_G: list[int], lengths_G: list[int], total: int) -> PagedKVCache:
         """As SlotKVCache.rows, through the block table: writes go to (block, row) pairs; reads

@@ -70,17 +70,23 @@ class EngineLoop:
     `submit` raises `QueueFull` (backpressure, a 429 for a server). `on_step(events)` is called on
     the loop's thread after every step (metrics). `replicate` (rank 0 of a torchrun job) mirrors
     the loop on the other ranks; `on_failure(exc)` is called on the loop's thread when it or a step
-    fails, after every request got an error event."""
+    fails, after every request got an error event. `min_step_s`: steps start at least this far
+    apart (a slowed loop: streaming tests see each step's tokens arrive on their own)."""
 
     def __init__(self, engine: Engine, max_queue: int = 64, on_step: Callable[[list[TokenEvent]], None] | None = None,
-                 replicate: Replicator | None = None, on_failure: Callable[[BaseException], None] | None = None):
+                 replicate: Replicator | None = None, on_failure: Callable[[BaseException], None] | None = None,
+                 min_step_s: float = 0.0):
         if max_queue < 0:
             raise ValueError(f"max_queue: must be >= 0, got {max_queue}")
+        if min_step_s < 0:
+            raise ValueError(f"min_step_s: must be >= 0, got {min_step_s}")
+        self.min_step_s = min_step_s
         self.engine, self.max_queue, self.on_step = engine, max_queue, on_step
         self.replicate, self.on_failure = replicate, on_failure
         self.failure: BaseException | None = None  # set when replication or a replicated step failed
         self._applied: list[tuple] = []  # commands applied since the last send (replicated loops only)
         self._last_send = time.monotonic()
+        self._last_step = 0.0
         self.stats = LoopStats()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, EventSink] = {}  # the loop thread's: request id -> where its events go
@@ -215,6 +221,12 @@ class EngineLoop:
 
     def _step(self) -> None:
         start = time.perf_counter()
+        if self.min_step_s:
+            wait = self._last_step + self.min_step_s - start
+            if wait > 0:
+                time.sleep(wait)
+                start = time.perf_counter()
+            self._last_step = start
         try:
             events = self.engine.step()
         except Exception:  # a defect outside any one request: fail them all, keep serving

@@ -65,7 +65,8 @@ class ServerState:
         return {"queue_depth": max(0, self.loop.in_flight - stats.running), "running_requests": stats.running,
                 "free_slots": self.engine.free_slots, "engine_steps": stats.steps,
                 "kv_cache_blocks_used": allocator.used, "kv_cache_blocks": allocator.num_blocks,
-                "prefix_cache_hit_tokens": allocator.hit_tokens, "preemptions": self.engine.preemptions}
+                "prefix_cache_hit_tokens": allocator.hit_tokens,
+                "prefix_cache_copied_blocks": allocator.copies, "preemptions": self.engine.preemptions}
 
 
 class _CountRequests:
@@ -379,33 +380,48 @@ def _completion_logprobs(state: ServerState, body: CompletionRequest, choice: Ch
 
 
 async def _completion_chunks(state: ServerState, body: CompletionRequest, generation: Generation):
-    """Server-sent events: a chunk per token (OpenAI's streaming), the finish reason on the last of
-    each choice, the usage (when asked) and [DONE]."""
+    """Server-sent events: a chunk per choice per read of its events (every token made since the
+    last; OpenAI's clients take multi-token deltas), the finish reason on the last of each choice,
+    the usage (when asked) and [DONE]."""
     include_usage = body.stream_options is not None and body.stream_options.include_usage
+    chunks = _ChunkTemplate(generation, state, "text_completion", include_usage)
     sent_logprobs = [0] * len(generation.choices)
     sent_chars = [0] * len(generation.choices)
     try:
         if body.echo:
             for choice in generation.choices:
                 yield _chunk(generation, state, "text_completion", choice.index, text=_echoed(state, body, choice))
-        async for choice, event in generation.events():
-            if event.finish_reason == "error":
-                yield _stream_error(event.error)
-                continue
+        async for choice, delta in generation.events():
+            index, error = choice.index, delta.finish_reason == "error"
             logprobs = None
-            if body.logprobs is not None and len(choice.logprobs) > sent_logprobs[choice.index]:
-                logprobs = _completion_logprobs(state, body, choice, sent_logprobs[choice.index],
-                                                sent_chars[choice.index])
-                sent_logprobs[choice.index] = len(choice.logprobs)
-            sent_chars[choice.index] += len(event.text)
-            if event.token_id is not None or event.text or event.finished:
-                yield _chunk(generation, state, "text_completion", choice.index, text=event.text, logprobs=logprobs,
-                             finish_reason=event.finish_reason if event.finished else None, usage=include_usage)
+            if body.logprobs is not None and len(choice.logprobs) > sent_logprobs[index]:
+                logprobs = _completion_logprobs(state, body, choice, sent_logprobs[index], sent_chars[index])
+                sent_logprobs[index] = len(choice.logprobs)
+            sent_chars[index] += len(delta.text)
+            if delta.tokens or delta.text or (delta.finished and not error):
+                yield chunks.render(index, '"text": ' + json.dumps(delta.text), logprobs,
+                                    None if error else delta.finish_reason)
+            if error:
+                yield _stream_error(delta.error)
     except ApiError as exc:
         yield _stream_error(exc.message)
     if include_usage:
         yield json.dumps(_base(generation, state, "text_completion") | {"choices": [], "usage": generation.usage()})
     yield "[DONE]"
+
+
+class _ChunkTemplate:
+    """A stream's chunks as JSON text around what changes from one to the next (the choice's index,
+    its content, log-probabilities and finish reason): `_chunk`'s output, built without a dict and
+    a full `json.dumps` per chunk."""
+
+    def __init__(self, generation: Generation, state: ServerState, kind: str, usage: bool):
+        self.head = json.dumps(_base(generation, state, kind))[:-1] + ', "choices": [{"index": '
+        self.tail = '}], "usage": null}' if usage else "}]}"
+
+    def render(self, index: int, content: str, logprobs: dict | None, finish_reason: str | None) -> str:
+        return (f'{self.head}{index}, {content}, "logprobs": {"null" if logprobs is None else json.dumps(logprobs)}, '
+                f'"finish_reason": {"null" if finish_reason is None else json.dumps(finish_reason)}{self.tail}')
 
 
 def _base(generation: Generation, state: ServerState, kind: str) -> dict:
@@ -464,23 +480,23 @@ def _chat_logprobs(state: ServerState, entries: list) -> dict:
 async def _chat_chunks(state: ServerState, body: ChatRequest, generation: Generation):
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     kind = "chat.completion.chunk"
+    chunks = _ChunkTemplate(generation, state, kind, include_usage)
     sent_logprobs = [0] * len(generation.choices)
     for choice in generation.choices:
         yield _chunk(generation, state, kind, choice.index, usage=include_usage,
                      delta={"role": "assistant", "content": ""}, logprobs=None, finish_reason=None)
     try:
-        async for choice, event in generation.events():
-            if event.finish_reason == "error":
-                yield _stream_error(event.error)
-                continue
+        async for choice, delta in generation.events():
+            index, error = choice.index, delta.finish_reason == "error"
             logprobs = None
-            if body.logprobs and len(choice.logprobs) > sent_logprobs[choice.index]:
-                logprobs = _chat_logprobs(state, choice.logprobs[sent_logprobs[choice.index]:])
-                sent_logprobs[choice.index] = len(choice.logprobs)
-            if event.token_id is not None or event.text or event.finished:
-                yield _chunk(generation, state, kind, choice.index, usage=include_usage,
-                             delta={"content": event.text} if event.text else {}, logprobs=logprobs,
-                             finish_reason=event.finish_reason if event.finished else None)
+            if body.logprobs and len(choice.logprobs) > sent_logprobs[index]:
+                logprobs = _chat_logprobs(state, choice.logprobs[sent_logprobs[index]:])
+                sent_logprobs[index] = len(choice.logprobs)
+            if delta.tokens or delta.text or (delta.finished and not error):
+                content = '"delta": {"content": ' + json.dumps(delta.text) + "}" if delta.text else '"delta": {}'
+                yield chunks.render(index, content, logprobs, None if error else delta.finish_reason)
+            if error:
+                yield _stream_error(delta.error)
     except ApiError as exc:
         yield _stream_error(exc.message)
     if include_usage:

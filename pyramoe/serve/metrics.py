@@ -53,6 +53,8 @@ class ServerMetrics:
                                ("kv_cache_blocks_used", "KV-cache blocks held by requests"),
                                ("kv_cache_blocks", "KV-cache blocks in all"),
                                ("prefix_cache_hit_tokens", "Prompt tokens read from cached blocks (not computed)"),
+                               ("prefix_cache_copied_blocks", "Shared partial prompt blocks copied when a choice "
+                                                              "first wrote into them (copy-on-write)"),
                                ("preemptions", "Running requests that gave their KV-cache blocks back to older ones "
                                                "(read again when readmitted)"))
         }
