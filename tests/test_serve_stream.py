@@ -11,10 +11,11 @@ from types import SimpleNamespace
 import pytest
 
 from pyramoe.inference import SamplingParams, TokenEvent
-from pyramoe.serve.app import ServerState, _chat_chunks, _chunk, _ChunkTemplate, _completion_chunks
+from pyramoe.serve.completions import _chat_chunks, _chunk, _ChunkTemplate, _completion_chunks
 from pyramoe.serve.generation import Generation
 from pyramoe.serve.metrics import ServerMetrics
 from pyramoe.serve.protocol import ChatRequest, CompletionRequest
+from pyramoe.serve.state import ServerState
 
 WORDS = ["Hé", " \"quoted\"", "\n", "\\", " ünï", "码", "!"]
 

@@ -72,8 +72,8 @@ DEFAULT_MAX_LEN = 4096
 
 def main(args: argparse.Namespace) -> int:
     try:
-        from pyramoe.serve.app import ServerState
         from pyramoe.serve.server import ServeOptions, run_server
+        from pyramoe.serve.state import ServerState
     except ImportError as exc:
         print(f"pyramoe serve: needs the serving extra ({exc.name} missing): pip install 'pyramoe[serve]'",
               file=sys.stderr)

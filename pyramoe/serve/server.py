@@ -22,9 +22,10 @@ import uvicorn
 
 from pyramoe.inference import Engine
 from pyramoe.inference.loop import EngineLoop
-from pyramoe.serve.app import ServerState, create_app
+from pyramoe.serve.app import create_app
 from pyramoe.serve.chat import ChatTemplate
 from pyramoe.serve.distributed import Leader
+from pyramoe.serve.state import ServerState
 
 log = logging.getLogger("pyramoe.serve")
 
