@@ -25,11 +25,17 @@
 
 namespace {
 
-// Measured with benchmarks/amx_quant_rows.py (pm_linear on the bench model's expert and LM head
-// shapes, AMX against VNNI interleaved in one process, 1 thread, on the 2-core AMX VM shared with
-// other jobs, so +-15%): see the figures in the comment of each.
-constexpr int64_t kAmxInt8MinRows = 5;
-constexpr int64_t kAmxInt4MinRows = 5;
+// Measured with benchmarks/amx_quant_rows.py (one product at a time on the bench model's shapes:
+// expert in [2048, 512], expert out [512, 1024], LM head [32000, 512]; ~64 MB of copies so weights
+// come from memory; tiles against VNNI interleaved in one process, 1 thread, median of 5, on the
+// 2-core AMX VM while 4 other jobs ran, so +-10-15%).
+// int8, tiles / VNNI speed: 1-8 rows 0.90-1.08x (both stream the weights at memory speed), 12 rows
+// 1.13-1.24x, 16 rows 1.32-1.58x, 32 rows 2.1-2.7x, 64 rows 2.7-3.7x, 256 rows 3.5-4.3x.
+constexpr int64_t kAmxInt8MinRows = 12;
+// int4 (group 32): 1-12 rows 0.6-0.99x, 16 rows 0.93-1.01x, 32 rows 0.95-1.27x, 64 rows 1.12-1.31x,
+// 256 rows 1.15-1.40x: each group's C tile goes through the same fp32 scaling per row as in the VNNI
+// kernel (a store of the tile and 16 row loads), which the tiles do not shorten.
+constexpr int64_t kAmxInt4MinRows = 64;
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
     defined(__AVX512VNNI__) && defined(__AVX512BW__)
