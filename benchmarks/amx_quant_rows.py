@@ -3,8 +3,9 @@ kAmxInt4MinRows in pyramoe/kernels/native_amx_quant.h): one product through the 
 Mixtral-shaped bench model's matrices (expert in [2048, 512], expert out [512, 1024], LM head [32000, 512]),
 copies enough for ~64 MB per format so the weights come from memory as in a step, at each row count, the
 two kernels interleaved in one process (`set_amx` "0" / "1"), median of ROUNDS.
-Usage: python benchmarks/amx_quant_rows.py [ROUNDS [THREADS]] (THREADS: 1 by default; on a machine shared
-with other jobs 1 thread keeps the OpenMP barriers from waiting on a preempted thread)."""
+Usage: python benchmarks/amx_quant_rows.py [ROUNDS [THREADS [FORMATS]]] (THREADS: 1 by default; on a machine
+shared with other jobs 1 thread keeps the OpenMP barriers from waiting on a preempted thread; FORMATS: int8,int4
+by default)."""
 
 import statistics
 import sys
@@ -23,6 +24,8 @@ SHAPES = {"expert in": (2048, 512), "expert out": (512, 1024), "lm head": (32000
 ROWS = [1, 2, 3, 4, 5, 6, 8, 12, 16, 32, 64, 256]
 FORMATS = {"int8": (quantize_weights, int8_linear_native, 1),
            "int4": (lambda w: quantize_weights_int4(w, 32), int4_linear_native, 0.5)}
+if len(sys.argv) > 3:
+    FORMATS = {f: FORMATS[f] for f in sys.argv[3].split(",")}
 torch.manual_seed(0)
 copies = {}
 for fmt, (quantize, _, bytes_per_weight) in FORMATS.items():

@@ -32,10 +32,12 @@ namespace {
 // int8, tiles / VNNI speed: 1-8 rows 0.90-1.08x (both stream the weights at memory speed), 12 rows
 // 1.13-1.24x, 16 rows 1.32-1.58x, 32 rows 2.1-2.7x, 64 rows 2.7-3.7x, 256 rows 3.5-4.3x.
 constexpr int64_t kAmxInt8MinRows = 12;
-// int4 (group 32): 1-12 rows 0.6-0.99x, 16 rows 0.93-1.01x, 32 rows 0.95-1.27x, 64 rows 1.12-1.31x,
-// 256 rows 1.15-1.40x: each group's C tile goes through the same fp32 scaling per row as in the VNNI
-// kernel (a store of the tile and 16 row loads), which the tiles do not shorten.
-constexpr int64_t kAmxInt4MinRows = 64;
+// int4 (group 32, 3 rounds): 1-8 rows 0.65-0.85x (LM head 8 rows 1.05x), 12 rows 0.91-1.28x,
+// 16 rows 1.01-1.46x, 32 rows 1.19-1.55x, 64 rows 1.22-1.77x, 256 rows 1.65-1.80x. Less than int8's
+// gain: each group's C tile still goes through the VNNI kernel's fp32 scaling per row (a store of the
+// tile, a load, conversion and FMA per row and group), which the tiles do not shorten; batching 4
+// groups' products before their stores took 256 rows from 1.15-1.40x to this.
+constexpr int64_t kAmxInt4MinRows = 16;
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && \
     defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -122,93 +124,122 @@ void blocks_amx_int8(const Job &j, int64_t b0, int64_t b1) {
   _tile_release();
 }
 
-// int4 tiles: 0, 1 = C of row groups 0, 1; 2, 3 = their A (ra, rb rows of `step` inputs); 4 = B
-// (step / 4 rows of 16 outputs x 4 inputs).
-void configure_int4_tiles(int ra, int rb, int step) {
+// int4 tiles: 0-3 = C of 4 consecutive groups (so their products overlap, and the stores and the
+// scaling of one batch follow the products of the whole batch); 4, 5 = A (rows x `step` inputs),
+// 6, 7 = B (step / 4 rows of 16 outputs x 4 inputs), alternating between consecutive groups.
+void configure_int4_tiles(int rows, int step) {
   TileConfig c;
-  const int rows[5] = {ra, rb, ra, rb, step / 4}, colsb[5] = {64, 64, step, step, 64};
-  for (int t = 0; t < 5; ++t) {
-    c.rows[t] = uint8_t(rows[t]);
-    c.colsb[t] = rows[t] ? uint16_t(colsb[t]) : 0;
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = uint8_t(t < 6 ? rows : step / 4);
+    c.colsb[t] = uint16_t(t == 4 || t == 5 ? step : 64);
   }
   _tile_loadconfig(&c);
 }
 
-// Block nb's codes as u8 B rows: row 2p = the low nibbles of chunk p, row 2p + 1 the high ones.
+// Block nb's codes as B rows: row 2p = the low nibbles of chunk p, row 2p + 1 the high ones; SYM:
+// as s8 u - 8, so the tiles sum D_g - 8 S_g (symmetric groups' integer) directly; else u8 u.
+template <bool SYM>
 void unpack_int4_block(const Job &j, int64_t nb, uint8_t *b) {
   const int64_t K8 = j.K / 8;
   const uint8_t *base = static_cast<const uint8_t *>(j.W) + nb * K8 * 64;
-  const __m512i low = _mm512_set1_epi8(15);
+  const __m512i low = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(SYM ? 8 : 0);
   for (int64_t p = 0; p < K8; ++p) {
     const __m512i v = _mm512_loadu_si512(base + p * 64);
     _mm_prefetch(reinterpret_cast<const char *>(base + (p + kPrefetchQuads) * 64), _MM_HINT_T0);
-    _mm512_storeu_si512(b + p * 128, _mm512_and_si512(v, low));
-    _mm512_storeu_si512(b + p * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+    _mm512_storeu_si512(b + p * 128, _mm512_sub_epi8(_mm512_and_si512(v, low), eight));
+    _mm512_storeu_si512(b + p * 128 + 64, _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), eight));
   }
 }
 
-// Rows [m, m + ra + rb) of block nb, codes unpacked in b: per group, its integer sums in C (one
-// tile product per `step` inputs), then scaled into out[row] as tile_int4 does.
-template <int RG>
-inline void amx_int4_tile(const Job &j, int64_t nb, const uint8_t *b, int64_t m, int ra, int rb, int step) {
+// Group g's integer sums into C tile C (its inputs in tile products of `step`), with A and B in
+// tiles A, A + 2. The tile intrinsics paste their tile numbers into the assembly: literals only.
+#define PM_INT4_GROUP_PRODUCT(C, A, B)                                     \
+  do {                                                                     \
+    _tile_zero(C);                                                         \
+    for (int64_t k = g * j.group; k < (g + 1) * j.group; k += step) {      \
+      _tile_loadd(A, x + k, j.K);                                          \
+      _tile_loadd(B, b + k * 16, 64);                                      \
+      if constexpr (SYM) _tile_dpbssd(C, A, B);                            \
+      else _tile_dpbsud(C, A, B);                                          \
+    }                                                                      \
+  } while (0)
+
+template <int T, bool SYM>
+inline void int4_group_product(const Job &j, const int8_t *x, const uint8_t *b, int64_t g, int step) {
+  if constexpr (T == 0) PM_INT4_GROUP_PRODUCT(0, 4, 6);
+  else if constexpr (T == 1) PM_INT4_GROUP_PRODUCT(1, 5, 7);
+  else if constexpr (T == 2) PM_INT4_GROUP_PRODUCT(2, 4, 6);
+  else PM_INT4_GROUP_PRODUCT(3, 5, 7);
+}
+#undef PM_INT4_GROUP_PRODUCT
+
+// Rows [m, m + rows) of block nb (R > 0: rows = R, known here, so the outputs stay in registers),
+// codes unpacked in b: per group its integer sums on the tiles, then scaled into the rows' outputs
+// by int4_group in the VNNI kernel's order (symmetric: the tiles' D - 8 S with S = 0 there).
+template <bool SYM, int R>
+inline void amx_int4_rows(const Job &j, int64_t nb, const uint8_t *b, int64_t m, int rows, int step) {
+  const int n_rows = R > 0 ? R : rows;
   const int64_t groups = j.K / j.group;
   const uint16_t *scales = j.group_scales + nb * groups * 16;
-  const uint16_t *mins = j.group_mins ? j.group_mins + nb * groups * 16 : nullptr;
-  const int8_t *x0 = reinterpret_cast<const int8_t *>(j.xq) + m * j.K, *x1 = x0 + 16 * j.K;
-  alignas(64) float out[32][16] = {};
-  alignas(64) int32_t c[2][256];
-  for (int64_t g = 0; g < groups; ++g) {
-    _tile_zero(0);
-    if constexpr (RG == 2) _tile_zero(1);
-    for (int64_t k = g * j.group; k < (g + 1) * j.group; k += step) {
-      _tile_loadd(4, b + k * 16, 64);
-      _tile_loadd(2, x0 + k, j.K);
-      _tile_dpbsud(0, 2, 4);
-      if constexpr (RG == 2) {
-        _tile_loadd(3, x1 + k, j.K);
-        _tile_dpbsud(1, 3, 4);
-      }
-    }
+  const uint16_t *mins = SYM ? nullptr : j.group_mins + nb * groups * 16;
+  const int8_t *x = reinterpret_cast<const int8_t *>(j.xq) + m * j.K;
+  __m512 out[16];
+  for (int r = 0; r < 16; ++r) out[r] = _mm512_setzero_ps();
+  alignas(64) int32_t c[4][256];
+  for (int64_t g0 = 0; g0 < groups; g0 += 4) {
+    const int count = int(std::min<int64_t>(4, groups - g0));
+    int4_group_product<0, SYM>(j, x, b, g0, step);
+    if (count > 1) int4_group_product<1, SYM>(j, x, b, g0 + 1, step);
+    if (count > 2) int4_group_product<2, SYM>(j, x, b, g0 + 2, step);
+    if (count > 3) int4_group_product<3, SYM>(j, x, b, g0 + 3, step);
     _tile_stored(0, c[0], 64);
-    if constexpr (RG == 2) _tile_stored(1, c[1], 64);
-    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(scales + g * 16)));
-    const __m512 mn = mins ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(mins + g * 16)))
-                           : _mm512_setzero_ps();
-    for (int h = 0; h < RG; ++h) {
-      const int rows = h == 0 ? ra : rb;
-      for (int r = 0; r < rows; ++r) {
-        const int64_t row = m + 16 * h + r;
-        float *o = out[16 * h + r];
-        _mm512_store_ps(o, int4_group(_mm512_load_ps(o), _mm512_load_si512(c[h] + 16 * r), s, mins != nullptr, mn,
-                                      j.x_sums[row * groups + g]));
+    if (count > 1) _tile_stored(1, c[1], 64);
+    if (count > 2) _tile_stored(2, c[2], 64);
+    if (count > 3) _tile_stored(3, c[3], 64);
+    for (int t = 0; t < count; ++t) {
+      const int64_t g = g0 + t;
+      const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(scales + g * 16)));
+      const __m512 mn = SYM ? _mm512_setzero_ps()
+                            : _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(mins + g * 16)));
+#pragma GCC unroll 16
+      for (int r = 0; r < (R > 0 ? R : 16); ++r) {
+        if (R == 0 && r >= n_rows) break;
+        out[r] = int4_group(out[r], _mm512_load_si512(c[t] + 16 * r), s, !SYM, mn,
+                            SYM ? 0 : j.x_sums[(m + r) * groups + g]);
       }
     }
   }
-  for (int r = 0; r < ra + rb; ++r) int4_store(j, nb, m + r, _mm512_load_ps(out[r]));
+  for (int r = 0; r < n_rows; ++r) int4_store(j, nb, m + r, out[r]);
 }
 
-// Output blocks [b0, b1) of an int4 product: each block unpacked once into this thread's buffer,
-// then its rows in pairs of 16-row groups and the rest (as blocks_amx_int8).
+// Output blocks [b0, b1) of an int4 product: rows in 16-row passes over every block, then the rest
+// of the rows (tiles configured to their count) in a second pass; each block unpacked per pass
+// into this thread's buffer (K/8 loads: little beside the per-group scaling).
+template <bool SYM>
+void amx_int4_passes(const Job &j, int64_t b0, int64_t b1, uint8_t *b) {
+  const int step = int(std::min<int64_t>(j.group, 64));
+  const int64_t full = j.M / 16 * 16, tail = j.M % 16;
+  if (full) {
+    configure_int4_tiles(16, step);
+    for (int64_t nb = b0; nb < b1; ++nb) {
+      unpack_int4_block<SYM>(j, nb, b);
+      for (int64_t m = 0; m < full; m += 16) amx_int4_rows<SYM, 16>(j, nb, b, m, 16, step);
+    }
+  }
+  if (tail) {
+    configure_int4_tiles(int(tail), step);
+    for (int64_t nb = b0; nb < b1; ++nb) {
+      unpack_int4_block<SYM>(j, nb, b);
+      amx_int4_rows<SYM, 0>(j, nb, b, full, int(tail), step);
+    }
+  }
+}
+
 void blocks_amx_int4(const Job &j, int64_t b0, int64_t b1) {
   thread_local std::vector<uint8_t> buffer;
   if (int64_t(buffer.size()) < j.K * 16) buffer.resize(j.K * 16);
-  const int step = int(std::min<int64_t>(j.group, 64));
-  const int64_t full = j.M / 16, tail = j.M % 16, paired = full / 2 * 32;
-  for (int64_t nb = b0; nb < b1; ++nb) {
-    unpack_int4_block(j, nb, buffer.data());
-    if (paired) {
-      configure_int4_tiles(16, 16, step);
-      for (int64_t m = 0; m < paired; m += 32) amx_int4_tile<2>(j, nb, buffer.data(), m, 16, 16, step);
-    }
-    if (full % 2) {
-      configure_int4_tiles(16, int(tail), step);
-      if (tail) amx_int4_tile<2>(j, nb, buffer.data(), paired, 16, int(tail), step);
-      else amx_int4_tile<1>(j, nb, buffer.data(), paired, 16, 0, step);
-    } else if (tail) {
-      configure_int4_tiles(int(tail), 0, step);
-      amx_int4_tile<1>(j, nb, buffer.data(), paired, int(tail), 0, step);
-    }
-  }
+  if (j.group_mins) amx_int4_passes<false>(j, b0, b1, buffer.data());
+  else amx_int4_passes<true>(j, b0, b1, buffer.data());
   _tile_release();
 }
 #else
