@@ -6,11 +6,12 @@
 // int8: the blocked layout [ceil(N/16), K/4, 16, 4] is AMX's B operand for int8 as it stands (16
 // rows of 64 bytes = 16 quads of inputs x 16 outputs); x as u8 (+128) gives the A tiles (64 inputs
 // per row), and tdpbusd (u8 x s8) sums the same integers as vpdpbusd, so the outputs equal the VNNI
-// kernel's bit for bit. int4: a block's codes are unpacked once per thread into a buffer of u8 B
-// rows (low nibbles of a 64-byte chunk = the quad of inputs 8p .. 8p + 3, high = 8p + 4 .. 8p + 7),
-// x is s8, and tdpbsud (s8 x u8) gives each group's integer sums D_g in a C tile (a group of 32 is
-// one product with A 32 bytes wide and B 8 rows; of 64 or 128, one or two products of 64 inputs),
-// which int4_group scales into fp32 in the VNNI kernel's order: equal bit for bit too.
+// kernel's bit for bit. int4: a block's codes are unpacked per pass into a buffer of B rows (low
+// nibbles of a 64-byte chunk = the quad of inputs 8p .. 8p + 3, high = 8p + 4 .. 8p + 7), x is s8,
+// and each group's integer sums land in a C tile (a group of 32 is one product with A 32 bytes wide
+// and B 8 rows; of 64 or 128, one or two products of 64 inputs): asymmetric, codes u8 and tdpbsud
+// (s8 x u8) give D_g; symmetric, codes s8 u - 8 and tdpbssd give D_g - 8 S_g, the integer the VNNI
+// kernel forms. int4_group then scales them into fp32 in the VNNI kernel's order: equal bit for bit.
 //
 // Rows of x from which auto mode runs them (kAmxInt8MinRows, kAmxInt4MinRows): see the figures there.
 #pragma once
