@@ -143,7 +143,7 @@ def _generate(engine: Engine, prompts: list[str], args: argparse.Namespace, quie
     if engine.decode_path == "native" and next(engine.model.parameters()).dtype == torch.bfloat16:
         from pyramoe.kernels.blocked import native_products
 
-        print(f"native bf16 products: {native_products()}", file=sys.stderr)  # AMX or why not
+        print(f"native products: {native_products()}", file=sys.stderr)  # AMX or why not
     return 0
 
 

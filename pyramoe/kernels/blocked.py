@@ -41,9 +41,9 @@ def amx_state() -> int:
 
 
 def set_amx(mode: str) -> str:
-    """Which kernel blocked bf16 products use from now on, process-wide: "0" (AVX512-BF16), "1" (AMX
-    tiles at any row count, where `amx_state()` is 1) or "auto" ($PYRAMOE_NATIVE_AMX at load,
-    default auto). Returns the previous mode, for A/B runs and tests in one process."""
+    """Which kernel blocked bf16 products (and int8/int4 ones) use from now on, process-wide: "0"
+    (AVX512-BF16; VNNI), "1" (AMX tiles at any row count, where `amx_state()` / `amx_int8_state()` is
+    1) or "auto" (tiles from the measured row counts; $PYRAMOE_NATIVE_AMX at load, default auto). Returns the previous mode, for A/B runs and tests in one process."""
     if mode not in AMX_MODES:
         raise ValueError(f"amx mode must be one of {', '.join(AMX_MODES)}, not {mode!r}")
     library = load_library()
@@ -103,7 +103,7 @@ def amx_products() -> int:
 
 
 def native_products() -> str:
-    """One line on the kernels the native bf16 products run on, for reports (`pyramoe generate`)."""
+    """One line on the kernels the native bf16 (and int8/int4) products run on, for reports (`pyramoe generate`)."""
     library = load_library()
     if library is None:
         return "none (no native library)"

@@ -487,7 +487,8 @@ int64_t pm_native_amx() {
 }
 
 // Sets which kernel blocked bf16 products use (0: AVX512-BF16, 1: AMX at any row count, 2: AMX
-// from pm_amx_min_rows() rows) and returns the previous mode; -1 for a bad mode.
+// from pm_amx_min_rows() rows), int8/int4 products likewise (VNNI or AMX-INT8 tiles, from
+// pm_amx_quant_min_rows), and returns the previous mode; -1 for a bad mode.
 int64_t pm_set_amx(int64_t mode) {
   if (mode < kAmxOff || mode > kAmxAuto) return -1;
   return g_amx_mode.exchange(mode);

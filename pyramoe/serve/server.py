@@ -104,14 +104,14 @@ def run_server(state: ServerState, load: Callable[[], tuple[Engine, ChatTemplate
 
 
 def _products(engine: Engine) -> str:
-    """", bf16 products: ..." for a native step on bf16 weights (AMX tiles or why not), else ""."""
+    """", native products: ..." for a native step on bf16 weights (AMX tiles or why not), else ""."""
     import torch
 
     from pyramoe.kernels.blocked import native_products
 
     if engine.decode_path != "native" or next(engine.model.parameters()).dtype != torch.bfloat16:
         return ""
-    return f", bf16 products: {native_products()}"
+    return f", native products: {native_products()}"
 
 
 def _bound_port(server: uvicorn.Server) -> int:
