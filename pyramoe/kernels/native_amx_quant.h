@@ -205,8 +205,8 @@ inline void amx_int4_rows(const Job &j, int64_t nb, const uint8_t *b, int64_t m,
 #pragma GCC unroll 16
       for (int r = 0; r < (R > 0 ? R : 16); ++r) {
         if (R == 0 && r >= n_rows) break;
-        out[r] = int4_group(out[r], _mm512_load_si512(c[t] + 16 * r), s, !SYM, mn,
-                            SYM ? 0 : j.x_sums[(m + r) * groups + g]);
+        out[r] = int4_group<!SYM>(out[r], _mm512_load_si512(c[t] + 16 * r), s, mn,
+                                  SYM ? 0 : j.x_sums[(m + r) * groups + g]);
       }
     }
   }

@@ -429,8 +429,9 @@ void blocks_int4_generic(const Job &j, int64_t b0, int64_t b1) {
 // One group's integer sums d (16 outputs of one row; S: the row's sum of q over the group) scaled
 // into the row's fp32 outputs, and those outputs stored: shared with the AMX kernel
 // (native_amx_quant.h), so both take the same float steps in the same order.
-inline __m512 int4_group(__m512 out, __m512i d, __m512 s, bool asymmetric, __m512 mins, int32_t S) {
-  if (asymmetric) {
+template <bool ASYMMETRIC>
+inline __m512 int4_group(__m512 out, __m512i d, __m512 s, __m512 mins, int32_t S) {
+  if constexpr (ASYMMETRIC) {
     out = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(d), out);
     return _mm512_fmadd_ps(mins, _mm512_set1_ps(float(S)), out);
   }
@@ -476,11 +477,15 @@ inline void tile_int4(const Job &j, int64_t nb, int64_t m) {
     const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(scales + g * 16)));
     const __m512 mn = mins ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(mins + g * 16)))
                            : _mm512_setzero_ps();
+    __m512i d[MB];
     for (int b = 0; b < MB; ++b) {
-      __m512i d = acc[b];
-      if constexpr (SPLIT) d = _mm512_add_epi32(d, acc_high[b]);
-      out[b] = int4_group(out[b], d, s, mins != nullptr, mn, j.x_sums[(m + b) * groups + g]);
+      d[b] = acc[b];
+      if constexpr (SPLIT) d[b] = _mm512_add_epi32(d[b], acc_high[b]);
     }
+    if (mins)  // the branch outside the rows' loops
+      for (int b = 0; b < MB; ++b) out[b] = int4_group<true>(out[b], d[b], s, mn, j.x_sums[(m + b) * groups + g]);
+    else
+      for (int b = 0; b < MB; ++b) out[b] = int4_group<false>(out[b], d[b], s, mn, j.x_sums[(m + b) * groups + g]);
   }
   for (int b = 0; b < MB; ++b) int4_store(j, nb, m + b, out[b]);
 }
