@@ -140,8 +140,8 @@ def _generate(engine: Engine, prompts: list[str], args: argparse.Namespace, quie
           f"batch up to {engine.max_batch}, {engine.decode_path} decode step)", file=sys.stderr)
     if engine.decode_path != "native" and engine.native_unavailable:
         print(f"native step unavailable: {engine.native_unavailable}", file=sys.stderr)
-    if engine.bf16_products is not None:
-        print(f"native bf16 products: {engine.bf16_products}", file=sys.stderr)  # AMX or why not
+    if engine.native_products is not None:
+        print(f"native products: {engine.native_products}", file=sys.stderr)  # AMX or why not
     return 0
 
 

@@ -442,9 +442,9 @@ class Engine:
         return self.runner.name if self.runner is not None else "pytorch"
 
     @property
-    def bf16_products(self) -> str | None:
-        """Which kernels the native step's bf16 products run on (AMX tiles from some rows, or why not);
-        None off the native step or for other weights."""
+    def native_products(self) -> str | None:
+        """Which kernels the native step's products run on (AMX tiles from some rows, or why not);
+        None off the native step or for fp32 weights."""
         if self.decode_path != "native" or next(self.model.parameters()).dtype != torch.bfloat16:
             return None
         from pyramoe.kernels.blocked import native_products

@@ -42,9 +42,10 @@ def amx_state() -> int:
 
 
 def set_amx(mode: str) -> str:
-    """Which kernel blocked bf16 products use from now on, process-wide: "0" (AVX512-BF16), "1" (AMX
-    tiles at any row count, where `amx_state()` is 1) or "auto" ($PYRAMOE_NATIVE_AMX at load,
-    default auto). Returns the previous mode, for A/B runs and tests in one process."""
+    """Which kernel blocked bf16 products (and int8/int4 ones) use from now on, process-wide: "0"
+    (AVX512-BF16; VNNI), "1" (AMX tiles at any row count, where `amx_state()` / `amx_int8_state()` is
+    1) or "auto" (tiles from the measured row counts; $PYRAMOE_NATIVE_AMX at load, default auto).
+    Returns the previous mode, for A/B runs and tests in one process."""
     if mode not in AMX_MODES:
         raise ValueError(f"amx mode must be one of {', '.join(AMX_MODES)}, not {mode!r}")
     library = load_library()
@@ -73,8 +74,29 @@ def amx_min_rows() -> int:
     return int(library.pm_amx_min_rows())
 
 
+def amx_int8_state() -> int:
+    """1 where int8 and int4 products with many rows run on AMX-INT8 tiles (native_amx_quant.h), 0
+    where the library has no such kernel, -1 where Linux refused the tile state."""
+    library = load_library()
+    if library is None:
+        return 0
+    library.pm_native_amx_int8.restype = ctypes.c_int64
+    return int(library.pm_native_amx_int8())
+
+
+def amx_quant_min_rows(quant: str) -> int:
+    """Rows of x from which auto mode runs an int8 or int4 product on AMX tiles."""
+    if quant not in ("int8", "int4"):
+        raise ValueError(f"quant must be int8 or int4, not {quant!r}")
+    library = load_library()
+    if library is None:
+        return 0
+    library.pm_amx_quant_min_rows.restype = ctypes.c_int64
+    return int(library.pm_amx_quant_min_rows(ctypes.c_int64(1 if quant == "int8" else 2)))
+
+
 def amx_products() -> int:
-    """Products the native library ran on AMX tiles since it loaded (0 without a library)."""
+    """Products (bf16, int8 or int4) the native library ran on AMX tiles since it loaded (0 without a library)."""
     library = load_library()
     if library is None:
         return 0
@@ -83,7 +105,7 @@ def amx_products() -> int:
 
 
 def native_products() -> str:
-    """One line on the kernels the native bf16 products run on, for reports (`pyramoe generate`)."""
+    """One line on the kernels the native bf16 (and int8/int4) products run on, for reports (`pyramoe generate`)."""
     library = load_library()
     if library is None:
         return "none (no native library)"
@@ -98,7 +120,11 @@ def native_products() -> str:
     if mode == "0":
         return "AVX512-BF16 (AMX off: PYRAMOE_NATIVE_AMX=0)"
     rows = "any row count" if mode == "1" else f"{amx_min_rows()}+ rows"
-    return f"AVX512-BF16, AMX-BF16 tiles at {rows}"
+    if amx_int8_state() != 1:
+        return f"AVX512-BF16, AMX-BF16 tiles at {rows}"
+    quant = ("any row count" if mode == "1" else
+             f"int8 {amx_quant_min_rows('int8')}+ / int4 {amx_quant_min_rows('int4')}+ rows")
+    return f"AVX512-BF16, AMX-BF16 tiles at {rows}, AMX-INT8 tiles at {quant}"
 
 
 def can_block(weight: torch.Tensor) -> bool:

@@ -161,8 +161,8 @@ AMX_MODES = {"0": 0, "1": 1, "auto": 2}  # pm_set_amx's modes: AVX512-BF16 only,
 
 def amx_mode_from_env() -> int:
     """$PYRAMOE_NATIVE_AMX as pm_set_amx's mode: 0 (blocked bf16 products on the AVX512-BF16 kernel
-    only), 1 (on AMX tiles at any row count, where the CPU has them) or auto (the default: AMX from
-    the library's row threshold)."""
+    only, int8/int4 ones on VNNI), 1 (on AMX tiles at any row count, where the CPU has them) or auto
+    (the default: AMX from the library's row thresholds)."""
     value = os.environ.get("PYRAMOE_NATIVE_AMX", "auto").strip().lower() or "auto"
     if value not in AMX_MODES:
         raise ValueError(f"PYRAMOE_NATIVE_AMX must be 0, 1 or auto, not {value!r}")

@@ -487,7 +487,8 @@ int64_t pm_native_amx() {
 }
 
 // Sets which kernel blocked bf16 products use (0: AVX512-BF16, 1: AMX at any row count, 2: AMX
-// from pm_amx_min_rows() rows) and returns the previous mode; -1 for a bad mode.
+// from pm_amx_min_rows() rows), int8/int4 products likewise (VNNI or AMX-INT8 tiles, from
+// pm_amx_quant_min_rows), and returns the previous mode; -1 for a bad mode.
 int64_t pm_set_amx(int64_t mode) {
   if (mode < kAmxOff || mode > kAmxAuto) return -1;
   return g_amx_mode.exchange(mode);
@@ -496,6 +497,18 @@ int64_t pm_set_amx(int64_t mode) {
 int64_t pm_amx_mode() { return g_amx_mode.load(); }
 
 int64_t pm_amx_min_rows() { return kAmxMinRows; }
+
+// 1 where int8 and int4 products with many rows run on AMX-INT8 tiles (native_amx_quant.h), 0 where
+// the library was built without them, -1 where Linux refused the tile state.
+int64_t pm_native_amx_int8() {
+  if (!kAmxInt8Built) return 0;
+  return amx_permitted() ? 1 : -1;
+}
+
+// Rows from which auto mode runs int8 (format 1) or int4 (format 2) products on tiles; -1 otherwise.
+int64_t pm_amx_quant_min_rows(int64_t format) {
+  return format == kFormatInt8 ? kAmxInt8MinRows : format == kFormatInt4 ? kAmxInt4MinRows : -1;
+}
 
 // Products run on AMX tiles since the library loaded (counted per product, not per thread's share).
 int64_t pm_amx_products() { return g_amx_products.load(); }

@@ -24,7 +24,8 @@
 namespace {
 
 // Which kernel blocked bf16 products with K a multiple of 32 use (pm_set_amx; PYRAMOE_NATIVE_AMX on
-// the Python side): the AVX512-BF16 one always, AMX always, or AMX from kAmxMinRows rows of x.
+// the Python side): the AVX512-BF16 one always, AMX always, or AMX from kAmxMinRows rows of x. int8
+// and int4 products follow the same mode (native_amx_quant.h, with their own thresholds).
 constexpr int64_t kAmxOff = 0, kAmxOn = 1, kAmxAuto = 2;
 std::atomic<int64_t> g_amx_mode{kAmxAuto};
 std::atomic<int64_t> g_amx_products{0};  // products run on tiles (pm_amx_products: tests check the path taken)

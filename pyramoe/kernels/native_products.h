@@ -226,6 +226,15 @@ void blocks_int8_generic(const Job &j, int64_t b0, int64_t b1) {
 constexpr bool kNativeInt8 = true;
 constexpr int64_t kPrefetchQuads = 64;  // 4 KB ahead in each stream, as the bf16 blocked kernel
 
+// Row `row`'s 16 outputs from n (mask: those below N) out of their integer sums: shared with the
+// AMX kernel (native_amx_quant.h) so that both round alike.
+inline void int8_store(const Job &j, int64_t row, int64_t n, __mmask16 mask, __m512i total, __m512i sums,
+                       __m512 scales, __m512 bias) {
+  const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(total, sums));
+  const __m512 s = _mm512_mul_ps(_mm512_set1_ps(j.x_scales[row]), scales);
+  _mm512_mask_storeu_ps(j.y + row * j.N + n, mask, _mm512_add_ps(_mm512_mul_ps(v, s), bias));
+}
+
 // NB blocks of 16 outputs x MB rows of x. U independent sums per (row, block) over alternate 4-input
 // groups: one row has a single chain of vpdpbusd (5 cycles each), which held a core below its memory
 // speed; U = 2 breaks it where the tile has few sums.
@@ -272,9 +281,7 @@ inline void tile_int8(const Job &j, int64_t nb, int64_t m) {
     for (int b = 0; b < MB; ++b) {
       __m512i total = acc[0][b][c];
       for (int u = 1; u < U; ++u) total = _mm512_add_epi32(total, acc[u][b][c]);
-      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(total, sums));
-      const __m512 s = _mm512_mul_ps(_mm512_set1_ps(j.x_scales[m + b]), scales);
-      _mm512_mask_storeu_ps(j.y + (m + b) * j.N + n, mask, _mm512_add_ps(_mm512_mul_ps(v, s), bias));
+      int8_store(j, m + b, n, mask, total, sums, scales, bias);
     }
   }
 }
@@ -419,6 +426,25 @@ void blocks_int4_generic(const Job &j, int64_t b0, int64_t b1) {
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// One group's integer sums d (16 outputs of one row; S: the row's sum of q over the group) scaled
+// into the row's fp32 outputs, and those outputs stored: shared with the AMX kernel
+// (native_amx_quant.h), so both take the same float steps in the same order.
+template <bool ASYMMETRIC>
+inline __m512 int4_group(__m512 out, __m512i d, __m512 s, __m512 mins, int32_t S) {
+  if constexpr (ASYMMETRIC) {
+    out = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(d), out);
+    return _mm512_fmadd_ps(mins, _mm512_set1_ps(float(S)), out);
+  }
+  return _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_sub_epi32(d, _mm512_set1_epi32(8 * S))), out);
+}
+
+inline void int4_store(const Job &j, int64_t nb, int64_t row, __m512 out) {
+  const int64_t n = nb * 16, left = std::min<int64_t>(16, j.N - n);
+  const __mmask16 mask = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+  const __m512 bias = j.bias ? _mm512_maskz_loadu_ps(mask, j.bias + n) : _mm512_setzero_ps();
+  _mm512_mask_storeu_ps(j.y + row * j.N + n, mask, _mm512_fmadd_ps(out, _mm512_set1_ps(j.x_scales[row]), bias));
+}
+
 // One block of 16 outputs x MB rows. SPLIT: low and high nibbles into separate sums (two chains of
 // vpdpbusd where the tile has few rows, as the int8 kernel's U = 2).
 template <int MB, bool SPLIT>
@@ -449,29 +475,19 @@ inline void tile_int4(const Job &j, int64_t nb, int64_t m) {
       }
     }
     const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(scales + g * 16)));
-    if (mins) {
-      const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(mins + g * 16)));
-      for (int b = 0; b < MB; ++b) {
-        __m512i d = acc[b];
-        if constexpr (SPLIT) d = _mm512_add_epi32(d, acc_high[b]);
-        out[b] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(d), out[b]);
-        out[b] = _mm512_fmadd_ps(mn, _mm512_set1_ps(float(j.x_sums[(m + b) * groups + g])), out[b]);
-      }
-    } else {
-      for (int b = 0; b < MB; ++b) {
-        __m512i d = acc[b];
-        if constexpr (SPLIT) d = _mm512_add_epi32(d, acc_high[b]);
-        d = _mm512_sub_epi32(d, _mm512_set1_epi32(8 * j.x_sums[(m + b) * groups + g]));
-        out[b] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(d), out[b]);
-      }
+    const __m512 mn = mins ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(mins + g * 16)))
+                           : _mm512_setzero_ps();
+    __m512i d[MB];
+    for (int b = 0; b < MB; ++b) {
+      d[b] = acc[b];
+      if constexpr (SPLIT) d[b] = _mm512_add_epi32(d[b], acc_high[b]);
     }
+    if (mins)  // the branch outside the rows' loops
+      for (int b = 0; b < MB; ++b) out[b] = int4_group<true>(out[b], d[b], s, mn, j.x_sums[(m + b) * groups + g]);
+    else
+      for (int b = 0; b < MB; ++b) out[b] = int4_group<false>(out[b], d[b], s, mn, j.x_sums[(m + b) * groups + g]);
   }
-  const int64_t n = nb * 16, left = std::min<int64_t>(16, j.N - n);
-  const __mmask16 mask = left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-  const __m512 bias = j.bias ? _mm512_maskz_loadu_ps(mask, j.bias + n) : _mm512_setzero_ps();
-  for (int b = 0; b < MB; ++b)
-    _mm512_mask_storeu_ps(j.y + (m + b) * j.N + n, mask,
-                          _mm512_fmadd_ps(out[b], _mm512_set1_ps(j.x_scales[m + b]), bias));
+  for (int b = 0; b < MB; ++b) int4_store(j, nb, m + b, out[b]);
 }
 
 template <int R>
@@ -495,6 +511,8 @@ void blocks_int4(const Job &j, int64_t b0, int64_t b1) {
 void blocks_int4(const Job &j, int64_t b0, int64_t b1) { blocks_int4_generic(j, b0, b1); }
 #endif
 
+#include "native_amx_quant.h"
+
 // x rounded to bf16 (to nearest even, as torch): vcvtneps2bf16 where the CPU has it (a scalar loop
 // spent ~0.2 ms of a batch-16 step on the experts' inputs).
 void rows_to_bf16(const float *x, uint16_t *y, int64_t n) {
@@ -512,8 +530,10 @@ bool reads_bf16_x(const Job &j, bool bf16) { return bf16 && kNativeBf16 && (j.bl
 
 // Outputs [n0, n1) of a job (multiples of 16 for blocked weights, but n1 may be N).
 void run_rows(const Job &j, int64_t n0, int64_t n1, bool bf16) {
-  if (j.format == kFormatInt8) blocks_int8(j, n0 / 16, (n1 + 15) / 16);
-  else if (j.format == kFormatInt4) blocks_int4(j, n0 / 16, (n1 + 15) / 16);
+  if (j.format == kFormatInt8 || j.format == kFormatInt4) {  // many rows: AMX tiles (native_amx_quant.h)
+    if (amx_quant_wanted(j)) (j.format == kFormatInt8 ? blocks_amx_int8 : blocks_amx_int4)(j, n0 / 16, (n1 + 15) / 16);
+    else (j.format == kFormatInt8 ? blocks_int8 : blocks_int4)(j, n0 / 16, (n1 + 15) / 16);
+  }
   else if (!bf16) rows_generic<float>(j, n0, n1);
   else if (j.blocked) blocks_bf16(j, n0 / 16, (n1 + 15) / 16);
   else if (reads_bf16_x(j, bf16)) rows_bf16(j, n0, n1);
@@ -546,7 +566,7 @@ void run_jobs(std::vector<Job> &jobs, bool bf16, int threads, uint16_t *xb_scrat
       j.xb = xb_scratch;
       xb_scratch += j.M * j.K;
     }
-    if (j.format == 0 && j.blocked && bf16 && kNativeBf16 && amx_wanted(j))
+    if ((j.format == 0 && j.blocked && bf16 && kNativeBf16 && amx_wanted(j)) || (j.format != 0 && amx_quant_wanted(j)))
       g_amx_products.fetch_add(1, std::memory_order_relaxed);
     unit_rows[i] = j.blocked || j.format != 0 ? 128 : kRowBlock;
     first_unit[i + 1] = first_unit[i] + (j.N + unit_rows[i] - 1) / unit_rows[i];

@@ -107,8 +107,8 @@ def run_server(state: ServerState, load: Callable[[], tuple[Engine, ChatTemplate
 
 
 def _products(engine: Engine) -> str:
-    """", bf16 products: ..." for a native step on bf16 weights (AMX tiles or why not), else ""."""
-    return f", bf16 products: {engine.bf16_products}" if engine.bf16_products is not None else ""
+    """", native products: ..." for a native step on bf16 weights (AMX tiles or why not), else ""."""
+    return f", native products: {engine.native_products}" if engine.native_products is not None else ""
 
 
 def _run(main: Coroutine) -> None:
