@@ -134,17 +134,15 @@ constexpr float kNegligible = -64.0f;
 // A cached row as C 16-lane fp32 vectors. bf16 rows come in "paired" order: a 32-bit lane holds two
 // neighbouring dims, so shifting it up gives the even dim and masking it the odd one (two instructions
 // per 32 dims, no widening shuffle); vector 2i holds dims 32i, 32i+2, ..., vector 2i+1 dims 32i+1, ...,
-// an odd C's last vector its 16 dims in order. fp32 and int8 rows are in order (int8: widened,
-// converted and multiplied by the row's scale, scales[at / Dh]).
+// an odd C's last vector its 16 dims in order. fp32 and int8 rows are in order; int8 rows come
+// unscaled (the kernel applies a tile's 16 scales to its scores and weights: one multiply per tile
+// and query head instead of C per row).
 template <int C, KvKind KV>
-inline void load_row(const void *cache, const float *scales, int64_t at, __m512 *v) {
+inline void load_row(const void *cache, int64_t at, __m512 *v) {
   if constexpr (KV == kKvInt8) {
     const int8_t *src = static_cast<const int8_t *>(cache) + at;
-    const __m512 scale = _mm512_set1_ps(scales[at / (16 * C)]);
-    for (int c = 0; c < C; ++c) {
-      const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i *>(src + 16 * c));
-      v[c] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(x)), scale);
-    }
+    for (int c = 0; c < C; ++c)
+      v[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + 16 * c))));
   } else if constexpr (KV == kKvBf16) {
     const uint16_t *src = static_cast<const uint16_t *>(cache) + at;
     const __m512i odd = _mm512_set1_epi32(int(0xffff0000u));
@@ -229,9 +227,18 @@ void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, cons
     const int64_t next = t + kKeyTile < end ? offsets(t + kKeyTile, ahead) : 0;
     prefetch_rows(L, ahead, next, Dh * elem, elem, Dh);
     const __mmask16 valid = __mmask16((1u << n) - 1);
+    __m512 key_scales = _mm512_setzero_ps(), value_scales = _mm512_setzero_ps();
+    if constexpr (KV == kKvInt8) {  // the tile's rows' scales (past n: the last row's, masked out)
+      alignas(64) float ks[kKeyTile], vs[kKeyTile];
+      for (int64_t k = 0; k < kKeyTile; ++k) {
+        const int64_t row = at[std::min(k, n - 1)] / Dh;
+        ks[k] = L.k_scales[row], vs[k] = L.v_scales[row];
+      }
+      key_scales = _mm512_load_ps(ks), value_scales = _mm512_load_ps(vs);
+    }
     for (int64_t k = 0; k < kKeyTile; ++k) {  // keys past n repeat the last (scored, then masked out)
       __m512 v[C];
-      load_row<C, KV>(L.k_cache, L.k_scales, at[std::min(k, n - 1)], v);
+      load_row<C, KV>(L.k_cache, at[std::min(k, n - 1)], v);
       for (int c = 0; c < C; ++c) _mm512_storeu_ps(keys + k * Dh + 16 * c, v[c]);
     }
     for (int64_t g = 0; g < G; ++g) {
@@ -242,7 +249,8 @@ void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, cons
         const __m512 qc = _mm512_loadu_ps(qs + g * Dh + 16 * c);
         for (int k = 0; k < kKeyTile; ++k) dots[k] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(keys + k * Dh + 16 * c), dots[k]);
       }
-      const __m512 scores = sum_lanes16(dots);
+      __m512 scores = sum_lanes16(dots);
+      if constexpr (KV == kKvInt8) scores = _mm512_mul_ps(scores, key_scales);
       __m512 top = _mm512_set1_ps(run_max[g]);
       if (_mm512_mask_cmp_ps_mask(valid, scores, _mm512_add_ps(top, _mm512_set1_ps(kMaxSlack)), _CMP_GT_OQ)) {
         const float raised = std::max(run_max[g], _mm512_mask_reduce_max_ps(valid, scores));
@@ -259,7 +267,8 @@ void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, cons
       const __mmask16 live = _mm512_mask_cmp_ps_mask(valid, x, _mm512_set1_ps(kNegligible), _CMP_GT_OQ);
       const __m512 p = _mm512_maskz_mov_ps(live, exp16(x));
       _mm512_storeu_ps(sums + 16 * g, _mm512_add_ps(_mm512_loadu_ps(sums + 16 * g), p));
-      _mm512_storeu_ps(probs + g * kKeyTile, p);
+      // int8: the weights carry the value rows' scales (the sum does not).
+      _mm512_storeu_ps(probs + g * kKeyTile, KV == kKvInt8 ? _mm512_mul_ps(p, value_scales) : p);
     }
     for (int64_t g0 = 0; g0 < G; g0 += kHeadsAtOnce) {  // each value row widened once per kHeadsAtOnce heads
       const int64_t heads = std::min<int64_t>(kHeadsAtOnce, G - g0);
@@ -268,7 +277,7 @@ void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, cons
         for (int c = 0; c < C; ++c) acc[i][c] = _mm512_loadu_ps(out + (g0 + i) * Dh + 16 * c);
       for (int64_t k = 0; k < n; ++k) {
         __m512 v[C];
-        load_row<C, KV>(L.v_cache, L.v_scales, at[k], v);
+        load_row<C, KV>(L.v_cache, at[k], v);
         for (int64_t i = 0; i < heads; ++i) {
           const __m512 p = _mm512_set1_ps(probs[(g0 + i) * kKeyTile + k]);
           for (int c = 0; c < C; ++c) acc[i][c] = _mm512_fmadd_ps(p, v[c], acc[i][c]);
