@@ -106,18 +106,19 @@ def test_int8_cache_logits_close_to_float_cache(native):
     assert ours.argmax(-1).tolist() == exact.argmax(-1).tolist()
 
 
-def test_int8_cache_greedy_tokens_close_to_float_cache():
-    """The engine after long prompts: greedy tokens with the int8 cache as with the fp32 cache on
-    most of 2 x 24 steps (measured: all of them)."""
+@pytest.mark.parametrize("native", [True, False] if load_library() is not None else [False])
+def test_int8_cache_greedy_tokens_close_to_float_cache(native):
+    """The engine after long prompts, native or PyTorch step: greedy tokens with the int8 cache as
+    with the fp32 cache on most of 2 x 24 steps (measured on the native step: all of them)."""
     config = dataclasses.replace(CASES["qwen3 (q/k norm per head)"], max_seq_len=1400)
     prompts = torch.randint(1, 101, (2, 1100), generator=torch.Generator().manual_seed(4)).tolist()
     prompts[1] = prompts[1][:700]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     out = {}
     for kv_dtype in ("auto", "int8"):
-        engine = Engine(_model(config, torch.float32), max_batch=2, kv_cache_dtype=kv_dtype)
+        engine = Engine(_model(config, torch.float32), max_batch=2, kv_cache_dtype=kv_dtype, native=native)
         out[kv_dtype] = [c.token_ids for c in engine.generate(prompts, params)]
-    assert engine.cache.int8
+    assert engine.cache.int8 and engine.decode_path == ("native" if native else "pytorch")
     same = sum(a == b for exact, ours in zip(out["auto"], out["int8"]) for a, b in zip(exact, ours))
     assert same >= 0.9 * 48
 
@@ -189,3 +190,11 @@ def test_bench_long_context_times_both_caches(tmp_path):
         row = 12 if impl == "pyramoe kv int8" else 32
         assert r["kv_bytes_per_step"] == batch * (context + 1) * 2 * 2 * 2 * row
         assert r["kv_cache_dtype"] == ("int8" if impl == "pyramoe kv int8" else "float32")
+
+
+def test_device_step_refuses_int8_cache():
+    model = _model(CASES["mixtral"], torch.float32)
+    engine = Engine(model, max_batch=1, step="device", kv_cache_dtype="int8")
+    with pytest.raises(ValueError, match="device step: an int8 KV cache") as error:
+        engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0))
+    assert "\n" not in str(error.value)
