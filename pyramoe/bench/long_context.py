@@ -14,6 +14,10 @@ Each sample also reads the step's attention time from the kernels' phase timers.
 times them on the same model and cache, interleaved sample by sample with the current kernels: on a
 shared machine only ratios within one run mean anything.
 
+`--kv-cache-dtype bf16,int8` times the native step over a cache of each dtype (the same weights,
+each cache filled alike), interleaved sample by sample: the first is the engine's ("pyramoe"), the
+others "pyramoe kv DTYPE". int8 keeps each key/value row as int8 with an fp32 scale.
+
 `--clock cpu` times samples in the process's CPU seconds instead of wall seconds (tokens per CPU
 second, attention in CPU ms of its thread): on a machine shared with other work, a 2-thread step's
 wall time is mostly waiting for a descheduled thread, its CPU time is not. Run it with
@@ -38,6 +42,7 @@ import torch
 from pyramoe.bench.common import machine_info, print_and_write
 from pyramoe.config import ModelConfig, build_layers
 from pyramoe.inference import Engine, resolve_dtype
+from pyramoe.inference.kv_cache import KV_CACHE_DTYPES, PagedKVCache
 from pyramoe.inference.native import NativeForward
 from pyramoe.inference.native.forward import struct_mismatch
 from pyramoe.inference.steps import NativeStep
@@ -65,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (bf16 with native bf16 matmul), bf16 or fp32")
     parser.add_argument("--baseline", default=None, metavar="REV",
                         help="also time the native kernels of git revision REV (interleaved)")
+    parser.add_argument("--kv-cache-dtype", default="auto", metavar="auto|bf16|int8[,...]",
+                        help="the KV cache's dtype; several, comma-separated, are timed interleaved")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="time samples in wall seconds or in the process's CPU seconds (a loaded machine)")
     parser.add_argument("--out", default="bench-results/long_context.json")
@@ -90,6 +97,10 @@ def validate(args: argparse.Namespace) -> tuple[list[int], list[int]]:
     if args.hidden % args.heads or args.heads % args.kv_heads:
         raise ValueError(f"--heads: {args.heads} must divide --hidden {args.hidden} and be a multiple of "
                          f"--kv-heads {args.kv_heads}")
+    kv_dtypes = args.kv_cache_dtype.split(",")
+    if any(d not in KV_CACHE_DTYPES for d in kv_dtypes) or len(set(kv_dtypes)) != len(kv_dtypes):
+        raise ValueError(f"--kv-cache-dtype: expected distinct values among {', '.join(KV_CACHE_DTYPES)}, "
+                         f"got {args.kv_cache_dtype!r}")
     return _integers(args.contexts, "--contexts"), _integers(args.batches, "--batches")
 
 
@@ -134,15 +145,22 @@ def baseline_library(rev: str, workdir: Path) -> ctypes.CDLL:
     return library
 
 
-def fill_cache(engine: Engine) -> None:
-    """Every slot holds blocks for the whole context, every position a random key and value."""
-    cache = engine.cache
+def fill_cache(engine: Engine, cache: PagedKVCache | None = None) -> None:
+    """Every slot holds blocks for the whole context, every position a random key and value (an
+    int8 cache: random int8 rows with random scales)."""
+    cache = cache if cache is not None else engine.cache
     for slot in range(engine.max_batch):
         if cache.reserve(slot, [slot], engine.max_len, share=False) is None:
             raise ValueError("long-context: the KV cache holds too few blocks for every slot's context")
     generator = torch.Generator().manual_seed(1)
     for buffer in (*cache.keys, *cache.values):
-        buffer.copy_(torch.randn(buffer.shape, generator=generator))
+        if buffer.dtype == torch.int8:
+            buffer.copy_(torch.randint(-127, 128, buffer.shape, generator=generator, dtype=torch.int8))
+        else:
+            buffer.copy_(torch.randn(buffer.shape, generator=generator))
+    if cache.int8:
+        for scales in (*cache.key_scales, *cache.value_scales):
+            scales.copy_(torch.rand(scales.shape, generator=generator) / 32)
 
 
 def sample(step: NativeStep, context: int, batch: int, steps: int, vocab: int,
@@ -166,19 +184,30 @@ def sample(step: NativeStep, context: int, batch: int, steps: int, vocab: int,
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     contexts, batches = validate(args)
+    kv_dtypes = args.kv_cache_dtype.split(",")
     dtype = resolve_dtype(args.dtype, "cpu")
     max_len = max(contexts) + args.steps
     with tempfile.TemporaryDirectory() as workdir:
         baseline = baseline_library(args.baseline, Path(workdir)) if args.baseline else None
         engine = Engine(bench_model(args, max_len, dtype), max_batch=max(batches), max_len=max_len, eos_id=None,
-                        prefix_caching=False)
+                        prefix_caching=False, kv_cache_dtype=kv_dtypes[0])
         engine.prepare()
         if engine.decode_path != "native":
             raise ValueError(f"long-context: the native step does not run here ({engine.native_unavailable})")
         fill_cache(engine)
         steps = {"pyramoe": engine.runner}
+        caches = {"pyramoe": engine.cache}
+        moe_layers = [i for i, block in enumerate(engine.model.blocks) if block.is_moe]
+        for kv_dtype in kv_dtypes[1:]:  # the engine's weights over a cache of another dtype
+            cache = engine.cache
+            other = PagedKVCache.for_model(engine.model, cache.slots, cache.max_len, cache.allocator.num_blocks,
+                                           cache.block_size, kv_dtype)
+            fill_cache(engine, other)
+            caches[f"pyramoe kv {kv_dtype}"] = other
+            forward = NativeForward(engine.model, other, engine.runner.max_rows)
+            steps[f"pyramoe kv {kv_dtype}"] = NativeStep(forward, moe_layers)
         if baseline is not None:
-            moe_layers = [i for i, block in enumerate(engine.model.blocks) if block.is_moe]
+            caches[f"baseline {args.baseline}"] = engine.cache
             forward = NativeForward(engine.model, engine.cache, engine.runner.max_rows, library=baseline)
             steps[f"baseline {args.baseline}"] = NativeStep(forward, moe_layers)
         for step in steps.values():  # warm-up: first calls fault pages in
@@ -192,12 +221,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         samples.setdefault((name, context, batch), []).append(got)
                         print(f"  {name:18s} context {context:<6d} batch {batch:<3d} {got[0]:9.1f} tok/s",
                               file=sys.stderr, flush=True)
-    kv = engine.cache.keys[0]
-    kv_bytes_per_position = 2 * len(engine.cache.keys) * kv.shape[1] * kv.shape[3] * kv.element_size()
     results = []
     for (name, context, batch), values in samples.items():
         tok_s = statistics.median(v[0] for v in values)
+        cache = caches[name]  # every layer's keys, values (and int8 scales) per position
+        kv_bytes_per_position = cache.bytes() // (cache.allocator.num_blocks * cache.block_size)
         results.append(dict(impl=name, context=context, batch=batch, decode_tok_s=tok_s,
+                            kv_cache_dtype="int8" if cache.int8 else str(cache.dtype).removeprefix("torch."),
                             attention_ms=1e3 * statistics.median(v[1] for v in values),
                             kv_bytes_per_step=batch * (context + 1) * kv_bytes_per_position,
                             samples=[v[0] for v in values]))

@@ -17,6 +17,7 @@ import torch
 
 from pyramoe.inference import Engine, SamplingParams
 from pyramoe.inference.engine import STEPS
+from pyramoe.inference.kv_cache import KV_CACHE_DTYPES
 from pyramoe.inference.packing import QUANTIZE_HELP, check_quantize
 from pyramoe.parallel.launch import argv_without_nproc, relaunch_with_torchrun, world_size_from_env
 
@@ -39,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="auto (bf16 where the CPU multiplies bf16 natively, or on CUDA), fp32 or bf16")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     add_step_argument(parser)
+    add_kv_cache_dtype_argument(parser)
     parser.add_argument("--quantize", default=None, metavar="FORMAT",
                         help="quantize the linear layers and experts at load (CPU): " + QUANTIZE_HELP)
     parser.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt)")
@@ -52,6 +54,17 @@ def add_step_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", default="auto", metavar="|".join(STEPS),
                         help="the engine's step: auto (CPU: native, else pytorch; CUDA: device where it applies), "
                              "pytorch, or device (fixed shapes, sampling on the device, CUDA graphs on CUDA)")
+
+
+def add_kv_cache_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-cache-dtype", default="auto", metavar="|".join(KV_CACHE_DTYPES),
+                        help="the KV cache: auto (the model's dtype), bf16 (a bf16 model's), or int8 "
+                             "(int8 rows with an fp32 scale each: half of bf16's bytes, for long contexts)")
+
+
+def check_kv_cache_dtype_flag(value: str) -> None:
+    if value not in KV_CACHE_DTYPES:
+        raise ValueError(f"--kv-cache-dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, got {value!r}")
 
 
 def check_step(step: str) -> None:
@@ -90,13 +103,14 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError("--device: cuda asked for but torch sees no CUDA device")
     check_quantize(args.quantize, "--quantize")
     check_step(args.step)
+    check_kv_cache_dtype_flag(args.kv_cache_dtype)
     prompts = read_prompts(args)
     if args.stream and len(prompts) > 1:
         raise ValueError("--stream: streams one prompt; got several")
     if args.nproc_per_node is not None and world_size_from_env() == 1:
         return relaunch_with_torchrun(args.nproc_per_node, argv_without_nproc(args.argv))
     engine = Engine.load(args.checkpoint, dtype=args.dtype, device=args.device, max_batch=args.max_batch,
-                         quantize=args.quantize, step=args.step)
+                         quantize=args.quantize, step=args.step, kv_cache_dtype=args.kv_cache_dtype)
     run = engine.distribute(args.ep, args.tp, expert_slicing=args.expert_slicing)
     engine.prepare()  # a step that cannot run this model says so before any output
     try:

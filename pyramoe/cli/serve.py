@@ -22,7 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pyramoe.cli.generate import add_process_arguments, add_step_argument, check_step
+from pyramoe.cli.generate import (
+    add_kv_cache_dtype_argument,
+    add_process_arguments,
+    add_step_argument,
+    check_kv_cache_dtype_flag,
+    check_step,
+)
 from pyramoe.inference.packing import QUANTIZE_HELP
 from pyramoe.parallel.launch import argv_without_nproc, world_size_from_env
 
@@ -52,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="auto", help="auto, fp32 or bf16")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     add_step_argument(parser)
+    add_kv_cache_dtype_argument(parser)
     parser.add_argument("--quantize", default=None, metavar="FORMAT",
                         help="quantize the linear layers and experts at load (CPU): " + QUANTIZE_HELP)
     parser.add_argument("--request-timeout", type=float, default=600.0, metavar="S",
@@ -97,6 +104,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         check_step(args.step)
+        check_kv_cache_dtype_flag(args.kv_cache_dtype)
     except ValueError as exc:
         print(f"pyramoe serve: {exc}", file=sys.stderr)
         return 2
@@ -147,7 +155,8 @@ def load(args: argparse.Namespace, path: Path, world: int = 1):
     engine = Engine.load(path, dtype=args.dtype, device=device, max_batch=args.max_batch,
                          max_len=args.max_len or DEFAULT_MAX_LEN, max_step_tokens=args.max_step_tokens,
                          kv_cache_bytes=kv_bytes, block_size=args.block_size,
-                         prefix_caching=not args.no_prefix_caching, quantize=args.quantize, step=args.step)
+                         prefix_caching=not args.no_prefix_caching, quantize=args.quantize, step=args.step,
+                         kv_cache_dtype=args.kv_cache_dtype)
     if world > 1:
         engine.distribute(args.ep, args.tp, timeout_s=args.dist_timeout)
     return engine, ChatTemplate.for_model(path)

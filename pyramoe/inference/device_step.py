@@ -69,6 +69,8 @@ def device_step_unsupported(model: GPT, cache: SlotKVCache) -> str | None:
     """Why `DeviceStep` cannot run this model over this cache, or None."""
     if not isinstance(cache, PagedKVCache):
         return "it needs the paged KV cache"
+    if cache.int8:
+        return "an int8 KV cache (kv_cache_dtype='int8' runs on the PyTorch or native step)"
     for block in model.blocks:
         if type(block.attn) not in (CausalSelfAttention, LatentAttention):
             return f"{type(block.attn).__name__} (only multi-head, grouped-query and latent attention)"

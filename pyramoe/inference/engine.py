@@ -31,7 +31,7 @@ import torch
 from pyramoe.data import Tokenizer
 from pyramoe.inference.device_sampling import RowSampling, penalised
 from pyramoe.inference.device_step import DeviceStep, device_step_unsupported
-from pyramoe.inference.kv_cache import PagedKVCache
+from pyramoe.inference.kv_cache import PagedKVCache, check_kv_cache_dtype
 from pyramoe.inference.model_view import inference_view
 from pyramoe.inference.native import NativeForward, blockable, unsupported_reason
 from pyramoe.inference.packing import check_quantize, pack_model, quantize_model
@@ -81,7 +81,10 @@ class Engine:
     engine is for the weights as they were at its first step (packed and native steps copy some), so
     make a new one after they change. Packed weights are copies: while the caller holds its model,
     they take memory of their own. `decode_path` says which step ran ("native", "pytorch" or
-    "device", with `native_unavailable` giving why not native).
+    "device", with `native_unavailable` giving why not native). `kv_cache_dtype="int8"` keeps the KV
+    cache as int8 rows with an fp32 scale each (`PagedKVCache`; about half the bytes of bf16 per
+    position, so long contexts read less); "auto" (default) and "bf16" keep it in the model's dtype.
+    The device step does not read an int8 cache (the PyTorch step runs instead).
     """
 
     def __init__(
@@ -101,6 +104,7 @@ class Engine:
         kv_cache_bytes: int | None = None,
         step: str = "auto",
         quantize: str | None = None,
+        kv_cache_dtype: str = "auto",
     ):
         if step not in STEPS:
             raise ValueError(f"step: must be one of {', '.join(STEPS)}, got {step!r}")
@@ -109,6 +113,7 @@ class Engine:
         if max_step_tokens < 1:
             raise ValueError(f"max_step_tokens: must be >= 1, got {max_step_tokens}")
         check_quantize(quantize)
+        check_kv_cache_dtype(kv_cache_dtype, model.tok_emb.weight.dtype)
         # The engine's own view (modules and configs, the caller's weight tensors): eval mode,
         # dropless, packing and `distribute` never reach the caller's model, which may go on training.
         self.model = inference_view(model, dropless)
@@ -119,12 +124,13 @@ class Engine:
         self.max_step_tokens = max_step_tokens
         self.device = next(model.parameters()).device
         if kv_cache_bytes is not None:
-            kv_blocks = kv_cache_bytes // PagedKVCache.for_model(model, 1, block_size, 1, block_size).bytes()
+            one_block = PagedKVCache.for_model(model, 1, block_size, 1, block_size, kv_cache_dtype)
+            kv_blocks = kv_cache_bytes // one_block.bytes()
             if kv_blocks < 1:
                 raise ValueError(f"kv_cache_bytes: {kv_cache_bytes} bytes hold no {block_size}-position block")
         if block_size < 1 or (kv_blocks is not None and kv_blocks < 1):
             raise ValueError(f"block_size, kv_blocks: must be >= 1, got {block_size}, {kv_blocks}")
-        self.cache = PagedKVCache.for_model(model, max_batch, self.max_len, kv_blocks, block_size)
+        self.cache = PagedKVCache.for_model(model, max_batch, self.max_len, kv_blocks, block_size, kv_cache_dtype)
         self.prefix_caching = prefix_caching
         self.logits_source: int | None = None  # set by `distribute`: the rank whose logits all follow
         # CPU weights are packed at the first step (after any `distribute`): blocked for the native

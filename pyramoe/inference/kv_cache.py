@@ -11,6 +11,11 @@ of different lengths run together and join or leave between steps without touchi
 Legend: S slots, B active rows, Hkv key/value heads, L key positions, Dh head width, T new tokens.
 (Models with latent attention cache [S, 1, L, latent] instead; the slot logic is the same.)
 A departing sequence's slot is free for the next one; nothing is copied.
+
+A paged cache may hold int8 keys and values (`kv_dtype="int8"`): each (position, head) row is stored
+as int8 with one fp32 scale (symmetric, scale = max|x| / 127), quantized when written and read back
+as int8 x scale. At long contexts decode time is mostly reading the cache: int8 reads about half the
+bytes of bf16 per position.
 """
 
 from __future__ import annotations
@@ -18,6 +23,27 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 
 import torch
+
+KV_CACHE_DTYPES = ("auto", "bf16", "int8")
+
+
+def check_kv_cache_dtype(kv_dtype: str, model_dtype: torch.dtype) -> None:
+    """A one-line ValueError for a KV cache dtype the engine cannot keep. "auto" and "bf16" keep the
+    cache in the model's dtype (bf16 asks that it be bf16); "int8" quantizes it."""
+    if kv_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype: must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_dtype!r}")
+    if kv_dtype == "bf16" and model_dtype != torch.bfloat16:
+        raise ValueError(f"kv_cache_dtype: bf16 keeps the cache in the model's dtype, which is {model_dtype} "
+                         "here (use auto or int8)")
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 values and an fp32 scale per row of x's last dimension: scale = max|x| / 127 (0 for a row
+    of zeros), value = round-half-even(x / scale), as the native step quantizes (native_attention.h)."""
+    x = x.float()
+    scale = x.abs().amax(-1) / 127
+    divisor = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(-1)
+    return torch.round(x / divisor).clamp_(-127, 127).to(torch.int8), scale
 
 
 class SlotKVCache:
@@ -181,8 +207,14 @@ class PagedKVCache(SlotKVCache):
     Legend as above; N blocks, bs block size, M blocks per sequence."""
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slots: int, max_len: int,
-                 block_size: int):
+                 block_size: int, scales: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+                 dtype: torch.dtype | None = None):
+        """`scales` (int8 keys and values): per layer the keys' and the values' fp32 scales
+        [blocks, Hkv, block_size]; reads then come back dequantized in `dtype` (the model's)."""
         super().__init__(keys, values, max_len)
+        assert (scales is None) == (keys[0].dtype != torch.int8) and (scales is None or dtype is not None)
+        self.key_scales, self.value_scales = scales if scales is not None else (None, None)
+        self.dtype = dtype if dtype is not None else keys[0].dtype  # what reads return
         self.slots, self.block_size = slots, block_size
         self.max_blocks = -(-max_len // block_size)
         # On the CPU: the native step reads it in place; the PyTorch step copies what it needs per forward.
@@ -202,17 +234,35 @@ class PagedKVCache(SlotKVCache):
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, slots: int, max_len: int, num_blocks: int | None = None,
-                  block_size: int = 16) -> PagedKVCache:
-        """`num_blocks` defaults to every slot's whole context (what a slot cache reserves)."""
+                  block_size: int = 16, kv_dtype: str = "auto") -> PagedKVCache:
+        """`num_blocks` defaults to every slot's whole context (what a slot cache reserves);
+        `kv_dtype` as `check_kv_cache_dtype` takes it."""
         blocks = num_blocks if num_blocks is not None else slots * -(-max_len // block_size)
-        template = model.new_kv_cache(batch_size=blocks, max_len=block_size)
-        return cls(template.keys, template.values, slots, max_len, block_size)
+        if kv_dtype != "int8":
+            check_kv_cache_dtype(kv_dtype, model.tok_emb.weight.dtype)
+            template = model.new_kv_cache(batch_size=blocks, max_len=block_size)
+            return cls(template.keys, template.values, slots, max_len, block_size)
+        one = model.new_kv_cache(batch_size=1, max_len=block_size)  # the shapes, without a full-size copy
+        shape, device = (blocks, *one.keys[0].shape[1:]), one.keys[0].device
+        zeros = lambda dtype, size: [torch.zeros(size, dtype=dtype, device=device) for _ in one.keys]  # noqa: E731
+        return cls(zeros(torch.int8, shape), zeros(torch.int8, shape), slots, max_len, block_size,
+                   (zeros(torch.float32, shape[:3]), zeros(torch.float32, shape[:3])), one.keys[0].dtype)
+
+    @property
+    def int8(self) -> bool:
+        return self.key_scales is not None
+
+    def bytes(self) -> int:
+        scales = [*self.key_scales, *self.value_scales] if self.int8 else []
+        return super().bytes() + sum(t.numel() * t.element_size() for t in scales)
 
     def prefill(self, slot: int) -> SlotKVCache:
         raise ValueError("paged kv cache: a forward's rows go through rows(), not prefill()")
 
     def with_keys(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> PagedKVCache:
         """The same geometry over other buffers (a tensor-parallel rank's share of the heads)."""
+        if self.int8:
+            raise ValueError("kv_cache_dtype: int8 is not split over tensor-parallel ranks (use auto)")
         return PagedKVCache(keys, values, self.slots, self.max_len, self.block_size)
 
     def blocks_for(self, tokens: int) -> int:
@@ -356,9 +406,17 @@ class PagedKVCache(SlotKVCache):
             raise ValueError("paged kv cache: set the rows of the forward first (rows())")
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         g_M, t_M, block_M, row_M = self._writes
-        keys[block_M, :, row_M] = k_BHTd[g_M, :, t_M]
-        values[block_M, :, row_M] = v_BHTd[g_M, :, t_M]
-        return self._gather(keys), self._gather(values)
+        if not self.int8:
+            keys[block_M, :, row_M] = k_BHTd[g_M, :, t_M]
+            values[block_M, :, row_M] = v_BHTd[g_M, :, t_M]
+            return self._gather(keys), self._gather(values)
+        out = []
+        for x_BHTd, buffer, scales in ((k_BHTd, keys, self.key_scales[layer_idx]),
+                                       (v_BHTd, values, self.value_scales[layer_idx])):
+            buffer[block_M, :, row_M], scales[block_M, :, row_M] = quantize_rows(x_BHTd[g_M, :, t_M])
+            # Dequantized in fp32 (the native step's values exactly), then to the model's dtype.
+            out.append((self._gather(buffer).float() * self._gather(scales.unsqueeze(-1))).to(self.dtype))
+        return out[0], out[1]
 
     def _gather(self, buffer_NHbD: torch.Tensor) -> torch.Tensor:
         groups, used = self._read.shape

@@ -113,7 +113,8 @@ class TorchStep:
         positions_GT = torch.tensor([[positions_N[i] for i in row] for row in index_GT], device=device)
         real_GT = torch.tensor([[t < n for t in range(longest)] for n in lengths_G], device=device)
         visible_GTL = torch.arange(total, device=device) <= positions_GT[:, :, None]
-        mask_G1TL = torch.zeros(visible_GTL.shape, dtype=self.cache.keys[0].dtype, device=device)
+        dtype = getattr(self.cache, "dtype", self.cache.keys[0].dtype)  # an int8 cache's reads come back in this
+        mask_G1TL = torch.zeros(visible_GTL.shape, dtype=dtype, device=device)
         mask_G1TL = mask_G1TL.masked_fill_(~visible_GTL, float("-inf"))[:, None]
         cache = self.cache.rows(slots_G, starts_G, lengths_G, total)
         hidden_GTD, stats = self.model.final_hidden(tokens_GT, cache, 0, mask_G1TL, positions_GT, real_GT)

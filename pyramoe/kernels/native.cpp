@@ -75,6 +75,7 @@ struct PmLayer {
   const float *coef_w, *coef_b;            // Residual-MoE mixing [2, D], [2], or null
   int64_t *expert_counts;                  // [E] rows routed to each expert, added to by every forward, or null
   const PmQuant *qkv_q, *o_q, *exp_in_q, *exp_out_q;  // per-matrix formats (null: the model's)
+  float *k_scales, *v_scales;              // int8 cache (PmModel.kv_int8): [blocks, Hkv, block_size], else null
 };
 
 struct PmModel {
@@ -101,6 +102,7 @@ struct PmModel {
   const int64_t *block_table;     // [slots, max_blocks]
   int64_t block_size, block_shift, max_blocks, num_blocks;  // block_shift: log2(block_size), or -1
   const PmQuant *head_q;          // the LM head's format (null: the model's)
+  int64_t kv_int8;                // 1: the KV cache holds int8 rows, each with an fp32 scale (PmLayer.k_scales)
 };
 
 }  // extern "C"

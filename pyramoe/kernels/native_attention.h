@@ -1,5 +1,6 @@
 // Attention of the native step (see native.cpp): each row's query heads over its slot's cached
-// keys [0, pos], read through the paged block table as they are stored (bf16 or fp32).
+// keys [0, pos], read through the paged block table as they are stored (bf16, fp32, or int8 rows
+// with one fp32 scale each: a row is widened to fp32 and multiplied by its scale where it is read).
 //
 // Why this shape: the two-pass kernel before it (all scores, then the softmax, then the values)
 // reduced every key's dot product horizontally and kept a row's scores in a buffer as long as the
@@ -22,6 +23,20 @@ constexpr int64_t kMinPartKeys = 256;   // fewest keys in a part of a split row:
 constexpr int64_t kPartsPerThread = 4;  // parts per thread a step aims for: rows differ in length
 
 inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// How the cache stores a row: the template argument of the kernels.
+enum KvKind : int { kKvF32 = 0, kKvBf16 = 1, kKvInt8 = 2 };
+inline KvKind kv_kind(const PmModel &m) { return m.kv_int8 ? kKvInt8 : m.bf16 ? kKvBf16 : kKvF32; }
+
+// x[0, n) as int8 and a scale: scale = max|x| / 127, q = x / scale rounded half to even (what
+// quantize_rows in pyramoe/inference/kv_cache.py computes, so both steps store the same rows).
+inline void quantize_row(const float *x, int64_t n, int8_t *q, float *scale) {
+  float top = 0.0f;
+  for (int64_t d = 0; d < n; ++d) top = std::max(top, std::fabs(x[d]));
+  const float s = top / 127.0f, divisor = s > 0.0f ? s : 1.0f;
+  *scale = s;
+  for (int64_t d = 0; d < n; ++d) q[d] = int8_t(std::min(127.0f, std::max(-127.0f, std::nearbyint(x[d] / divisor))));
+}
 
 // One part's result, per query head: the unnormalised output [G, Dh], then the running max [G] and sum [G].
 inline int64_t part_floats(const PmModel &m) {
@@ -48,9 +63,16 @@ struct AttentionPart {
   int64_t row, head, first, end;  // keys [first, end) of row `row`'s key/value head `head`
 };
 
-// The cached row at `at` in fp32: in place for an fp32 cache, else converted into `dst`.
-inline const float *row_f32(const void *cache, int64_t at, int64_t Dh, bool bf16, float *dst) {
-  if (!bf16) return static_cast<const float *>(cache) + at;
+// The cached row at `at` in fp32: in place for an fp32 cache, else converted into `dst` (int8 rows
+// times their scale, scales[at / Dh]).
+inline const float *row_f32(const void *cache, const float *scales, int64_t at, int64_t Dh, KvKind kind, float *dst) {
+  if (kind == kKvF32) return static_cast<const float *>(cache) + at;
+  if (kind == kKvInt8) {
+    const int8_t *src = static_cast<const int8_t *>(cache) + at;
+    const float scale = scales[at / Dh];
+    for (int64_t d = 0; d < Dh; ++d) dst[d] = float(src[d]) * scale;
+    return dst;
+  }
   const uint16_t *src = static_cast<const uint16_t *>(cache) + at;
   int64_t d = 0;
 #if defined(__AVX512F__)
@@ -65,11 +87,11 @@ inline const float *row_f32(const void *cache, int64_t at, int64_t Dh, bool bf16
 
 // Rows first..first+n-1 of head h of `cache` (n <= kKeyTile) as fp32 row pointers; the pointers past
 // n repeat the last row (scored, then masked out, so a short tile needs no branch in its products).
-inline void tile_rows(const PmModel &m, const void *cache, const int64_t *blocks, int64_t h, int64_t first, int64_t n,
-                      float *scratch, const float **rows) {
+inline void tile_rows(const PmModel &m, const void *cache, const float *scales, const int64_t *blocks, int64_t h,
+                      int64_t first, int64_t n, float *scratch, const float **rows) {
   const int64_t Dh = m.head_dim;
   for (int64_t k = 0; k < n; ++k)
-    rows[k] = row_f32(cache, cache_row(m, blocks, h, first + k), Dh, m.bf16, scratch + k * Dh);
+    rows[k] = row_f32(cache, scales, cache_row(m, blocks, h, first + k), Dh, kv_kind(m), scratch + k * Dh);
   for (int64_t k = n; k < kKeyTile; ++k) rows[k] = rows[n - 1];
 }
 
@@ -112,10 +134,16 @@ constexpr float kNegligible = -64.0f;
 // A cached row as C 16-lane fp32 vectors. bf16 rows come in "paired" order: a 32-bit lane holds two
 // neighbouring dims, so shifting it up gives the even dim and masking it the odd one (two instructions
 // per 32 dims, no widening shuffle); vector 2i holds dims 32i, 32i+2, ..., vector 2i+1 dims 32i+1, ...,
-// an odd C's last vector its 16 dims in order. fp32 rows are in order.
-template <int C, bool BF16>
+// an odd C's last vector its 16 dims in order. fp32 and int8 rows are in order; int8 rows come
+// unscaled (the kernel applies a tile's 16 scales to its scores and weights: one multiply per tile
+// and query head instead of C per row).
+template <int C, KvKind KV>
 inline void load_row(const void *cache, int64_t at, __m512 *v) {
-  if constexpr (BF16) {
+  if constexpr (KV == kKvInt8) {
+    const int8_t *src = static_cast<const int8_t *>(cache) + at;
+    for (int c = 0; c < C; ++c)
+      v[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + 16 * c))));
+  } else if constexpr (KV == kKvBf16) {
     const uint16_t *src = static_cast<const uint16_t *>(cache) + at;
     const __m512i odd = _mm512_set1_epi32(int(0xffff0000u));
     for (int c = 0; c + 1 < C; c += 2) {
@@ -134,15 +162,22 @@ inline void load_row(const void *cache, int64_t at, __m512 *v) {
 }
 
 // The head dim that lane j of load_row's vector c holds.
-template <int C, bool BF16>
+template <int C, KvKind KV>
 constexpr int64_t row_dim(int c, int j) {
-  return !BF16 || (C % 2 == 1 && c == C - 1) ? 16 * c + j : 32 * (c / 2) + 2 * j + c % 2;
+  return KV != kKvBf16 || (C % 2 == 1 && c == C - 1) ? 16 * c + j : 32 * (c / 2) + 2 * j + c % 2;
 }
 
 // Every 64-byte line of a tile's n key and value rows (offsets `at`), asked for ahead of their use:
 // the paged cache's 16-row blocks of one head are 2 KB pieces that the hardware prefetcher, which
 // stops at 4 KB pages, mostly reaches too late.
-inline void prefetch_rows(const PmLayer &L, const int64_t *at, int64_t n, int64_t row_bytes, int64_t elem) {
+inline void prefetch_rows(const PmLayer &L, const int64_t *at, int64_t n, int64_t row_bytes, int64_t elem,
+                          int64_t Dh) {
+  if (L.k_scales != nullptr && n > 0) {  // int8: the tile's scales, a line or two of each
+    for (const int64_t k : {int64_t(0), n - 1}) {
+      _mm_prefetch(reinterpret_cast<const char *>(L.k_scales + at[k] / Dh), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char *>(L.v_scales + at[k] / Dh), _MM_HINT_T0);
+    }
+  }
   for (int64_t k = 0; k < n; ++k) {
     const char *kr = static_cast<const char *>(L.k_cache) + at[k] * elem;
     const char *vr = static_cast<const char *>(L.v_cache) + at[k] * elem;
@@ -159,17 +194,17 @@ inline void prefetch_rows(const PmLayer &L, const int64_t *at, int64_t n, int64_
 // query head's 16 dot products end in one vector (sum_lanes16); the running sums stay 16-lane
 // vectors; the max moves only past kMaxSlack; each value row is widened in registers once per
 // kHeadsAtOnce query heads, whose outputs stay in registers over the tile.
-template <int C, bool BF16>
+template <int C, KvKind KV>
 void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, const int64_t *blocks, int64_t h,
                         int64_t first, int64_t end, float scale, float *scratch, float *part) {
-  constexpr int64_t Dh = 16 * C, elem = BF16 ? 2 : 4;
+  constexpr int64_t Dh = 16 * C, elem = KV == kKvBf16 ? 2 : KV == kKvInt8 ? 1 : 4;
   constexpr int64_t kHeadsAtOnce = C >= 8 ? 2 : 16 / C;  // their outputs (and a value row) fit the 32 registers
   const int64_t G = m.n_heads / m.n_kv_heads;
   float *keys = scratch, *values = keys + kKeyTile * Dh, *probs = values + kKeyTile * Dh, *qs = probs + G * kKeyTile;
   float *out = part, *run_max = part + G * Dh, *run_sum = run_max + G;
   for (int64_t g = 0; g < G; ++g)
     for (int c = 0; c < C; ++c)
-      for (int j = 0; j < 16; ++j) qs[g * Dh + 16 * c + j] = q[g * Dh + row_dim<C, BF16>(c, j)] * scale;
+      for (int j = 0; j < 16; ++j) qs[g * Dh + 16 * c + j] = q[g * Dh + row_dim<C, KV>(c, j)] * scale;
   for (int64_t i = 0; i < G * Dh; ++i) out[i] = 0.0f;
   float *sums = qs + G * Dh;  // per query head, 16 lanes: its sum is their total
   for (int64_t g = 0; g < G; ++g) run_max[g] = -INFINITY, _mm512_storeu_ps(sums + 16 * g, _mm512_setzero_ps());
@@ -187,14 +222,23 @@ void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, cons
     return n;
   };
   int64_t n = offsets(first, at);
-  prefetch_rows(L, at, n, Dh * elem, elem);
+  prefetch_rows(L, at, n, Dh * elem, elem, Dh);
   for (int64_t t = first; t < end; t += kKeyTile) {
     const int64_t next = t + kKeyTile < end ? offsets(t + kKeyTile, ahead) : 0;
-    prefetch_rows(L, ahead, next, Dh * elem, elem);
+    prefetch_rows(L, ahead, next, Dh * elem, elem, Dh);
     const __mmask16 valid = __mmask16((1u << n) - 1);
+    __m512 key_scales = _mm512_setzero_ps(), value_scales = _mm512_setzero_ps();
+    if constexpr (KV == kKvInt8) {  // the tile's rows' scales (past n: the last row's, masked out)
+      alignas(64) float ks[kKeyTile], vs[kKeyTile];
+      for (int64_t k = 0; k < kKeyTile; ++k) {
+        const int64_t row = at[std::min(k, n - 1)] / Dh;
+        ks[k] = L.k_scales[row], vs[k] = L.v_scales[row];
+      }
+      key_scales = _mm512_load_ps(ks), value_scales = _mm512_load_ps(vs);
+    }
     for (int64_t k = 0; k < kKeyTile; ++k) {  // keys past n repeat the last (scored, then masked out)
       __m512 v[C];
-      load_row<C, BF16>(L.k_cache, at[std::min(k, n - 1)], v);
+      load_row<C, KV>(L.k_cache, at[std::min(k, n - 1)], v);
       for (int c = 0; c < C; ++c) _mm512_storeu_ps(keys + k * Dh + 16 * c, v[c]);
     }
     for (int64_t g = 0; g < G; ++g) {
@@ -205,7 +249,8 @@ void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, cons
         const __m512 qc = _mm512_loadu_ps(qs + g * Dh + 16 * c);
         for (int k = 0; k < kKeyTile; ++k) dots[k] = _mm512_fmadd_ps(qc, _mm512_loadu_ps(keys + k * Dh + 16 * c), dots[k]);
       }
-      const __m512 scores = sum_lanes16(dots);
+      __m512 scores = sum_lanes16(dots);
+      if constexpr (KV == kKvInt8) scores = _mm512_mul_ps(scores, key_scales);
       __m512 top = _mm512_set1_ps(run_max[g]);
       if (_mm512_mask_cmp_ps_mask(valid, scores, _mm512_add_ps(top, _mm512_set1_ps(kMaxSlack)), _CMP_GT_OQ)) {
         const float raised = std::max(run_max[g], _mm512_mask_reduce_max_ps(valid, scores));
@@ -222,7 +267,8 @@ void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, cons
       const __mmask16 live = _mm512_mask_cmp_ps_mask(valid, x, _mm512_set1_ps(kNegligible), _CMP_GT_OQ);
       const __m512 p = _mm512_maskz_mov_ps(live, exp16(x));
       _mm512_storeu_ps(sums + 16 * g, _mm512_add_ps(_mm512_loadu_ps(sums + 16 * g), p));
-      _mm512_storeu_ps(probs + g * kKeyTile, p);
+      // int8: the weights carry the value rows' scales (the sum does not).
+      _mm512_storeu_ps(probs + g * kKeyTile, KV == kKvInt8 ? _mm512_mul_ps(p, value_scales) : p);
     }
     for (int64_t g0 = 0; g0 < G; g0 += kHeadsAtOnce) {  // each value row widened once per kHeadsAtOnce heads
       const int64_t heads = std::min<int64_t>(kHeadsAtOnce, G - g0);
@@ -231,7 +277,7 @@ void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, cons
         for (int c = 0; c < C; ++c) acc[i][c] = _mm512_loadu_ps(out + (g0 + i) * Dh + 16 * c);
       for (int64_t k = 0; k < n; ++k) {
         __m512 v[C];
-        load_row<C, BF16>(L.v_cache, at[k], v);
+        load_row<C, KV>(L.v_cache, at[k], v);
         for (int64_t i = 0; i < heads; ++i) {
           const __m512 p = _mm512_set1_ps(probs[(g0 + i) * kKeyTile + k]);
           for (int c = 0; c < C; ++c) acc[i][c] = _mm512_fmadd_ps(p, v[c], acc[i][c]);
@@ -244,10 +290,10 @@ void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, cons
     std::copy(ahead, ahead + next, at);
   }
   for (int64_t g = 0; g < G; ++g) run_sum[g] = _mm512_reduce_add_ps(_mm512_loadu_ps(sums + 16 * g));
-  if constexpr (BF16) {  // the output back to dim order (through `keys`, free now)
+  if constexpr (KV == kKvBf16) {  // the output back to dim order (through `keys`, free now)
     for (int64_t g = 0; g < G; ++g) {
       for (int c = 0; c < C; ++c)
-        for (int j = 0; j < 16; ++j) keys[row_dim<C, BF16>(c, j)] = out[g * Dh + 16 * c + j];
+        for (int j = 0; j < 16; ++j) keys[row_dim<C, KV>(c, j)] = out[g * Dh + 16 * c + j];
       std::copy(keys, keys + Dh, out + g * Dh);
     }
   }
@@ -265,7 +311,7 @@ void attend_part_portable(const PmModel &m, const PmLayer &L, const float *q, co
   const float *rows[kKeyTile];
   for (int64_t t = first; t < end; t += kKeyTile) {
     const int64_t n = std::min(kKeyTile, end - t);
-    tile_rows(m, L.k_cache, blocks, h, t, n, keys, rows);
+    tile_rows(m, L.k_cache, L.k_scales, blocks, h, t, n, keys, rows);
     for (int64_t g = 0; g < G; ++g) {
       float *p = probs + g * kKeyTile, tile_max = -INFINITY;
       for (int64_t k = 0; k < n; ++k) tile_max = std::max(tile_max, p[k] = dot(qs + g * Dh, rows[k], Dh));
@@ -274,7 +320,7 @@ void attend_part_portable(const PmModel &m, const PmLayer &L, const float *q, co
         for (int64_t d = 0; d < Dh; ++d) out[g * Dh + d] *= factor;
       run_sum[g] += exp_shifted(p, p, n, run_max[g]);
     }
-    tile_rows(m, L.v_cache, blocks, h, t, n, values, rows);
+    tile_rows(m, L.v_cache, L.v_scales, blocks, h, t, n, values, rows);
     for (int64_t g = 0; g < G; ++g) {
       float *o = out + g * Dh;
       for (int64_t k = 0; k < n; ++k) {
@@ -290,16 +336,21 @@ void attend_part(const PmModel &m, const PmLayer &L, const float *q, const int64
                  int64_t end, float scale, float *scratch, float *part) {
 #if defined(__AVX512F__)
 #define ARGS m, L, q, blocks, h, first, end, scale, scratch, part
+#define KINDS(C)                                                                         \
+  (m.kv_int8 ? attend_part_avx512<C, kKvInt8>(ARGS)                                      \
+   : m.bf16  ? attend_part_avx512<C, kKvBf16>(ARGS)                                      \
+             : attend_part_avx512<C, kKvF32>(ARGS))
   switch (m.head_dim) {
-    case 16: return m.bf16 ? attend_part_avx512<1, true>(ARGS) : attend_part_avx512<1, false>(ARGS);
-    case 32: return m.bf16 ? attend_part_avx512<2, true>(ARGS) : attend_part_avx512<2, false>(ARGS);
-    case 48: return m.bf16 ? attend_part_avx512<3, true>(ARGS) : attend_part_avx512<3, false>(ARGS);
-    case 64: return m.bf16 ? attend_part_avx512<4, true>(ARGS) : attend_part_avx512<4, false>(ARGS);
-    case 80: return m.bf16 ? attend_part_avx512<5, true>(ARGS) : attend_part_avx512<5, false>(ARGS);
-    case 96: return m.bf16 ? attend_part_avx512<6, true>(ARGS) : attend_part_avx512<6, false>(ARGS);
-    case 128: return m.bf16 ? attend_part_avx512<8, true>(ARGS) : attend_part_avx512<8, false>(ARGS);
+    case 16: return KINDS(1);
+    case 32: return KINDS(2);
+    case 48: return KINDS(3);
+    case 64: return KINDS(4);
+    case 80: return KINDS(5);
+    case 96: return KINDS(6);
+    case 128: return KINDS(8);
     default: break;
   }
+#undef KINDS
 #undef ARGS
 #endif
   attend_part_portable(m, L, q, blocks, h, first, end, scale, scratch, part);
@@ -340,6 +391,11 @@ void attention(const PmModel &m, const PmLayer &L, const Workspace &w, const int
     const int64_t *blocks = m.block_table + slot[r] * m.max_blocks;
     for (int64_t h = 0; h < Hkv; ++h) {
       const int64_t at = cache_row(m, blocks, h, pos[r]);
+      if (m.kv_int8) {
+        quantize_row(k + h * Dh, Dh, static_cast<int8_t *>(L.k_cache) + at, L.k_scales + at / Dh);
+        quantize_row(v + h * Dh, Dh, static_cast<int8_t *>(L.v_cache) + at, L.v_scales + at / Dh);
+        continue;
+      }
       for (int64_t d = 0; d < Dh; ++d) {
         store_f(L.k_cache, at + d, k[h * Dh + d], bf16);
         store_f(L.v_cache, at + d, v[h * Dh + d], bf16);

@@ -67,6 +67,7 @@ class _Layer(ctypes.Structure):
         ("routed_scale", ctypes.c_double), ("exp_in_w", _P), ("exp_out_w", _P), ("exp_in_b", _P),
         ("exp_out_b", _P), ("shared", _Mlp), ("shared_gate_w", _P), ("coef_w", _P), ("coef_b", _P),
         ("expert_counts", _P), ("qkv_q", _P), ("o_q", _P), ("exp_in_q", _P), ("exp_out_q", _P),
+        ("k_scales", _P), ("v_scales", _P),
     ]
 
 
@@ -78,7 +79,7 @@ class _Model(ctypes.Structure):
         ("final_norm_w", _P), ("final_norm_b", _P), ("head_w", _P), ("layers", ctypes.POINTER(_Layer)),
         ("threads", _I), ("max_rows", _I), ("max_ff", _I), ("max_experts", _I), ("tok_emb", _P), ("pos_emb", _P),
         ("inv_freq", _P), ("rope_factor", ctypes.c_double), ("block_table", _P), ("block_size", _I),
-        ("block_shift", _I), ("max_blocks", _I), ("num_blocks", _I), ("head_q", _P),
+        ("block_shift", _I), ("max_blocks", _I), ("num_blocks", _I), ("head_q", _P), ("kv_int8", _I),
     ]
 
 
@@ -117,8 +118,12 @@ def unsupported_reason(model: nn.Module, cache: object) -> str | None:
         return "latent attention"
     if cfg.norm not in ("rmsnorm", "layernorm") or cfg.activation not in ("swiglu", "gelu"):
         return f"norm {cfg.norm} / activation {cfg.activation}"
-    if any(k.dtype != dtype or not k.is_contiguous() for k in [*cache.keys, *cache.values]):
+    int8 = getattr(cache, "key_scales", None) is not None
+    scales = [*cache.key_scales, *cache.value_scales] if int8 else []
+    if any(k.dtype != (torch.int8 if int8 else dtype) or not k.is_contiguous() for k in [*cache.keys, *cache.values]):
         return "KV cache layout"
+    if any(s.dtype != torch.float32 or not s.is_contiguous() for s in scales):
+        return "KV cache scales layout"
     for block in model.blocks:
         attn = block.attn
         if type(attn) is not CausalSelfAttention:
@@ -322,6 +327,9 @@ of (token, slot, position), prompt chunks and decode rows alike, at most `max_ro
         if attn.qk_norm != "off":
             layer.q_norm_w, layer.k_norm_w = self._ptr(attn.q_norm.weight, True), self._ptr(attn.k_norm.weight, True)
         layer.k_cache, layer.v_cache = self._ptr(self.cache.keys[index]), self._ptr(self.cache.values[index])
+        if getattr(self.cache, "key_scales", None) is not None:
+            layer.k_scales = self._ptr(self.cache.key_scales[index])
+            layer.v_scales = self._ptr(self.cache.value_scales[index])
         if not block.is_moe:
             layer.mlp = self._mlp(block.ffn)
             return layer
@@ -399,6 +407,7 @@ of (token, slot, position), prompt chunks and decode rows alike, at most `max_ro
         struct.block_size = block_size
         struct.block_shift = block_size.bit_length() - 1 if block_size & (block_size - 1) == 0 else -1
         struct.max_blocks, struct.num_blocks = table.shape[1], self.cache.keys[0].shape[0]
+        struct.kv_int8 = int(getattr(self.cache, "key_scales", None) is not None)
         return struct
 
     def reset_expert_counts(self) -> None:
