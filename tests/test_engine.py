@@ -187,14 +187,11 @@ def test_incremental_text_is_the_decoded_output_at_every_step():
     """The engine decodes a short window per token; its text must equal decoding the whole output,
     held back only while a character is incomplete (byte-level BPE splits multi-byte characters)."""
     from pyramoe.data import Tokenizer
-    from pyramoe.inference.engine import Engine as EngineClass
-    from pyramoe.inference.engine import Request
+    from pyramoe.inference.requests import Request
     from pyramoe.inference.sampling import SamplingParams as Params
 
     docs = ["def größe(x):\n    return 'naïve café ✓ 数据' + x\n" * 20, "print('héllo wörld — ok')\n" * 20]
     tok = Tokenizer.train(docs, vocab_size=300)
-    engine = EngineClass.__new__(EngineClass)
-    engine.tokenizer = tok
     generator = torch.Generator().manual_seed(0)
     for trial in range(20):
         request = Request("r", [1], Params(), None)
@@ -202,7 +199,7 @@ def test_incremental_text_is_the_decoded_output_at_every_step():
         ids = full_ids if trial % 3 else torch.randint(0, tok.vocab_size, (60,), generator=generator).tolist()
         for token in ids:
             request.output_ids.append(token)
-            engine._extend_text(request)
+            request.extend_text(tok.decode)
             full = tok.decode(request.output_ids)
             assert full.startswith(request.text)
             if not full.endswith("\ufffd"):

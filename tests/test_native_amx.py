@@ -6,7 +6,6 @@ prefill and decode give the same logits either way, and the PyTorch step's withi
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -20,21 +19,12 @@ from pyramoe.inference.kv_cache import SlotKVCache
 from pyramoe.inference.native import NativeForward
 from pyramoe.inference.packing import pack_model
 from pyramoe.kernels import BlockedWeight, block_weights, blocked_linear, blocking_available
-from pyramoe.kernels.blocked import amx_mode, amx_products, amx_state, native_products, set_amx
+from pyramoe.kernels.blocked import amx_mode, amx_products, amx_set_to, amx_state, native_products
 from pyramoe.models import GPT
 
 pytestmark = pytest.mark.skipif(not blocking_available(), reason="needs the native kernels with AVX512-BF16")
 NO_AMX = ("no AMX-BF16 in this build (the CPU lacks it, or PYRAMOE_NATIVE_MARCH leaves it out) or Linux refused "
           "the tile state: only the AVX512-BF16 kernel runs")
-
-
-@contextlib.contextmanager
-def _amx(mode: str):
-    previous = set_amx(mode)
-    try:
-        yield
-    finally:
-        set_amx(previous)
 
 
 def _needs_amx(mode: str) -> None:
@@ -53,13 +43,13 @@ def test_blocked_product_equals_linear_on_either_kernel(mode, rows, out_features
     x = torch.randn(rows, in_features, generator=generator).bfloat16()
     blocked = BlockedWeight(block_weights(weight), out_features, in_features)
     expected = torch.nn.functional.linear(x.float(), weight.float(), bias)
-    with _amx(mode):
+    with amx_set_to(mode):
         before = amx_products()
         got = blocked_linear(x.float(), blocked, bias)
         ran = amx_products() - before
     assert ran == (1 if mode == "1" else 0)  # the kernel asked for is the one that ran
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
-    with _amx(mode):
+    with amx_set_to(mode):
         got = blocked_linear(x.float(), blocked, None)
     torch.testing.assert_close(got, expected - bias, rtol=1e-5, atol=1e-4)
 
@@ -69,7 +59,7 @@ def test_widths_off_the_tiles_stay_on_the_avx512_kernel():
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(40, 48, generator=generator).bfloat16()
     x = torch.randn(33, 48, generator=generator).bfloat16()
-    with _amx("1"):
+    with amx_set_to("1"):
         before = amx_products()
         got = blocked_linear(x.float(), BlockedWeight(block_weights(weight), 40, 48), None)
         assert amx_products() == before
@@ -83,7 +73,7 @@ def test_auto_mode_runs_the_tiles_only_from_the_threshold():
 
     threshold = int(load_library().pm_amx_min_rows())
     weight = BlockedWeight(block_weights(torch.randn(32, 64).bfloat16()), 32, 64)
-    with _amx("auto"):
+    with amx_set_to("auto"):
         for rows, tiles in ((threshold - 1, 0), (threshold, 1)):
             before = amx_products()
             blocked_linear(torch.randn(rows, 64), weight, None)
@@ -111,7 +101,7 @@ def test_packed_model_prefill_is_the_same_on_either_kernel(rows):
     logits = {}
     for mode in ("0", "1") if amx_state() == 1 else ("0",):
         forward = NativeForward(model, SlotKVCache.for_model(model, 2, 96), rows)
-        with _amx(mode):
+        with amx_set_to(mode):
             before = amx_products()
             logits[mode], _ = forward.forward(prompt, torch.zeros(rows, dtype=torch.int64), torch.arange(rows),
                                               torch.arange(rows))
@@ -137,7 +127,7 @@ def test_engine_decodes_the_same_tokens_on_either_kernel():
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     tokens = {}
     for mode in ("0", "1"):
-        with _amx(mode):
+        with amx_set_to(mode):
             before = amx_products()
             engine = Engine(_model(), max_batch=6)
             tokens[mode] = [c.token_ids for c in engine.generate(prompts, params)]

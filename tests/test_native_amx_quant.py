@@ -7,8 +7,6 @@ quantized model's native prefill gives the same logits on either kernel."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import test_native_decode as native_cases
 import torch
@@ -17,7 +15,13 @@ from pyramoe.inference.kv_cache import SlotKVCache
 from pyramoe.inference.native import NativeForward, load_library
 from pyramoe.inference.packing import quantize_model
 from pyramoe.kernels import int4_linear, int4_linear_native, quantize_weights_int4
-from pyramoe.kernels.blocked import amx_int8_state, amx_products, amx_quant_min_rows, native_products, set_amx
+from pyramoe.kernels.blocked import (
+    amx_int8_state,
+    amx_products,
+    amx_quant_min_rows,
+    amx_set_to,
+    native_products,
+)
 from pyramoe.kernels.quantized import int8_linear, int8_linear_native, int8_native, quantize_weights
 
 pytestmark = pytest.mark.skipif(load_library() is None or not int8_native(),
@@ -28,20 +32,11 @@ needs_amx = pytest.mark.skipif(amx_int8_state() != 1, reason=NO_AMX)
 ROWS = [1, 5, 16, 17, 33, 200]
 
 
-@contextlib.contextmanager
-def _amx(mode: str):
-    previous = set_amx(mode)
-    try:
-        yield
-    finally:
-        set_amx(previous)
-
-
 def _both_kernels(product, x, weight, bias) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
     """(VNNI's output, the tiles' output), checking through the counter that each ran as asked."""
     outputs = []
     for mode in ("0", "1"):
-        with _amx(mode):
+        with amx_set_to(mode):
             before = amx_products()
             outputs.append(product(x, weight, bias))
             assert amx_products() - before == (1 if mode == "1" else 0), mode
@@ -84,7 +79,7 @@ def test_int8_widths_off_the_tiles_stay_on_vnni():
     """96 inputs: not whole 64-input tiles, so VNNI runs even with the tiles forced on."""
     weight, bias, x = _inputs(33, 40, 96, 3)
     quantized = quantize_weights(weight)
-    with _amx("1"):
+    with amx_set_to("1"):
         before = amx_products()
         got = int8_linear_native(x, quantized, bias)
         assert amx_products() == before
@@ -98,7 +93,7 @@ def test_auto_mode_runs_the_tiles_only_from_the_threshold(quant):
     weight, _, _ = _inputs(1, 32, 128, 4)
     quantized, product = ((quantize_weights(weight), int8_linear_native) if quant == "int8" else
                           (quantize_weights_int4(weight, 64), int4_linear_native))
-    with _amx("auto"):
+    with amx_set_to("auto"):
         for rows, tiles in ((threshold - 1, 0), (threshold, 1)):
             before = amx_products()
             product(torch.randn(rows, 128), quantized, None)
@@ -116,7 +111,7 @@ def test_quantized_model_prefill_is_the_same_on_either_kernel(quantize):
     logits = {}
     for mode in ("0", "1"):
         decoder = NativeForward(model, SlotKVCache.for_model(model, 3, 32), 32)
-        with _amx(mode):
+        with amx_set_to(mode):
             before = amx_products()
             logits[mode], _ = decoder.forward(prompts.reshape(-1), torch.tensor([1, 2]).repeat_interleave(11),
                                               torch.arange(11).repeat(2), torch.tensor([10, 21]))

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from pyramoe.checkpoint import build_model, load_checkpoint
 from pyramoe.data import Tokenizer
 from pyramoe.evaluation.scoring import Scorer, resolve_dtype, trained_seq_len
-from pyramoe.inference.engine import is_hf_directory
+from pyramoe.inference.loading import is_hf_directory
 from pyramoe.inference.packing import check_quantize, quantize_model
 from pyramoe.models import GPT
 

@@ -32,15 +32,14 @@ from pyramoe.data import Tokenizer
 from pyramoe.inference.device_sampling import RowSampling, penalised
 from pyramoe.inference.device_step import DeviceStep, device_step_unsupported
 from pyramoe.inference.kv_cache import PagedKVCache, check_kv_cache_dtype
+from pyramoe.inference.loading import load_model
 from pyramoe.inference.model_view import inference_view
 from pyramoe.inference.native import NativeForward, blockable, unsupported_reason
 from pyramoe.inference.packing import check_quantize, pack_model, quantize_model
-from pyramoe.inference.quantized_checkpoint import is_quantized_directory, load_quantized
 from pyramoe.inference.requests import Completion, Logprob, Request, TokenEvent
 from pyramoe.inference.sampling import SamplingParams, apply_penalties, sample_token, token_logprobs
 from pyramoe.inference.steps import ModelStep, NativeStep, TorchStep
 from pyramoe.models import GPT
-from pyramoe.runtime import cpu_has_native_bf16
 
 # Prompt rows of one step when decode rows fill the budget: a prompt always advances.
 MIN_PREFILL_ROWS = 16
@@ -159,39 +158,9 @@ class Engine:
     def load(cls, path: str | Path, dtype: str = "auto", device: str = "cpu", **kwargs) -> Engine:
         """From a pyramoe checkpoint or run directory, a quantized model directory (`pyramoe quantize`:
         its weights as saved, `quantize` set to their format), a llama.cpp GGUF file (`pyramoe.
-        inference.gguf`), or a Hugging Face model directory."""
-        path = Path(path)
-        torch_dtype = resolve_dtype(dtype, device)
-        if is_hf_directory(path):
-            from pyramoe.hf import load_hf_model
-
-            hf = load_hf_model(path, dtype=torch_dtype, dropless=True)
-            tokenizer = Tokenizer.from_file(hf.tokenizer_path) if hf.tokenizer_path else None
-            eos = hf.hf_config.get("eos_token_id")
-            kwargs.setdefault("eos_id", eos[0] if isinstance(eos, list) else eos)
-            return cls(hf.model.to(device), tokenizer, **kwargs)
-        if path.suffix == ".gguf":  # llama.cpp's file: Q4_0 / Q8_0 matrices kept, the rest quantized at load
-            from pyramoe.inference.gguf import load_gguf
-
-            model, held = load_gguf(path, torch_dtype)
-            if kwargs.get("quantize") is None:  # what stayed plain (a float LM head) in the file's format
-                kwargs["quantize"] = held["quantize"]
-            sibling = path.parent / "tokenizer.json"
-            tokenizer = Tokenizer.from_file(sibling) if sibling.is_file() else held["tokenizer"]
-            return cls(model.to(device), tokenizer, **kwargs)
-        if is_quantized_directory(path):  # `pyramoe quantize`'s output: no quantizing at load
-            model, meta = load_quantized(path, torch_dtype)
-            if kwargs.get("quantize") not in (None, meta["quantize"]):
-                raise ValueError(f"quantize: {path} holds {meta['quantize']} weights already; leave it out "
-                                 f"(asked for {kwargs['quantize']})")
-            kwargs["quantize"] = meta["quantize"]
-            tokenizer = Tokenizer.from_file(path / meta["tokenizer"]) if meta.get("tokenizer") else None
-            return cls(model.to(device), tokenizer, **kwargs)
-        from pyramoe.checkpoint import build_model, load_checkpoint
-
-        ckpt = load_checkpoint(path)
-        model = build_model(ckpt, dropless=True).to(device=device, dtype=torch_dtype)
-        return cls(model, Tokenizer.from_file(ckpt.tokenizer_path), **kwargs)
+        inference.gguf`), or a Hugging Face model directory (`pyramoe.inference.loading`)."""
+        model, tokenizer, kwargs = load_model(path, dtype, device, kwargs)
+        return cls(model, tokenizer, **kwargs)
 
     def distribute(self, ep: int, tp: int = 1, timeout_s: float = 60.0, expert_slicing: bool = False) -> object:
         """Join the torchrun job in the environment and spread the model over it: each MoE layer's
@@ -250,7 +219,7 @@ class Engine:
         if request is None:
             return False
         request.finish_reason = "abort"
-        self._pending.append(self._event(request, None))
+        self._pending.append(request.event(None))
         self._retire(request)
         return True
 
@@ -402,13 +371,13 @@ class Engine:
             return None
         if request.params.max_tokens == 0:
             request.finish_reason = "length"
-            return self._event(request, None)
+            return request.event(None)
         return self._accept(request, logits_RV, greedy_R, picks[-1])
 
     def _fail(self, request: Request, exc: BaseException) -> TokenEvent:
         request.finish_reason = "error"
         request.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
-        return self._event(request, None)
+        return request.event(None)
 
     def prepare(self) -> None:
         """Choose and build the step, at the first step unless called before (after any
@@ -530,50 +499,19 @@ class Engine:
             request.finish_reason = "stop"
             if self.tokenizer is not None and request.read_offset < len(request.output_ids):
                 request.text = self.tokenizer.decode(request.output_ids)  # with a pending partial character
-            return self._event(request, None)  # the stop token is not part of the output
+            return request.event(None)  # the stop token is not part of the output
         logprob = self._logprob(logits_RV, pick, token, params.logprobs) if params.logprobs is not None else None
         request.output_ids.append(token)
         if self.tokenizer is not None:
-            self._extend_text(request)
-            if _cut_at_stop(request, params.stop):
+            request.extend_text(self.tokenizer.decode)
+            if request.cut_at_stop():
                 request.finish_reason = "stop"
         # The new token is fed (and cached) at position `cached` by the next step: no room, no step.
         if not request.finished and (len(request.output_ids) >= params.max_tokens or request.cached >= self.max_len):
             request.finish_reason = "length"
             if self.tokenizer is not None and request.read_offset < len(request.output_ids):
                 request.text = self.tokenizer.decode(request.output_ids)  # with a pending partial character
-        return self._event(request, token, logprob)
-
-    def _extend_text(self, request: Request) -> None:
-        """Add the new token's text to `request.text` by decoding a short window (the last complete
-        piece as context, then what follows), not the whole output: decoding everything each step
-        cost 0.18 ms per request at 2,000 tokens. Text of a token that ends inside a character waits
-        until the character is complete. A tokenizer whose window does not extend its context's text
-        gets whole-output decoding."""
-        ids, decode = request.output_ids, self.tokenizer.decode
-        if request.prefix_offset is None:
-            request.text = decode(ids)
-            return
-        context = decode(ids[request.prefix_offset : request.read_offset])
-        window = decode(ids[request.prefix_offset :])
-        if not window.startswith(context):
-            request.prefix_offset = None
-            request.text = decode(ids)
-        elif len(window) > len(context) and not window.endswith("\ufffd"):
-            request.text += window[len(context) :]
-            request.prefix_offset, request.read_offset = request.read_offset, len(ids)
-
-    def _event(self, request: Request, token: int | None, logprob: Logprob | None = None) -> TokenEvent:
-        end = len(request.text)
-        if not request.finished:
-            # Hold back a character split across tokens, and what could still become a stop string.
-            end = len(request.text.rstrip("\ufffd"))
-            end -= max((len(s) for s in request.params.stop), default=1) - 1
-        delta = request.text[request.emitted : end] if end > request.emitted else ""
-        request.emitted = max(request.emitted, end)
-        prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None  # sent once
-        return TokenEvent(request.id, token, delta, request.finished, request.finish_reason, logprob,
-                          prompt_logprobs, request.error)
+        return request.event(token, logprob)
 
     def _retire(self, request: Request) -> None:
         """A finished request leaves: its slot is free for the next (nothing is copied)."""
@@ -613,30 +551,3 @@ class Engine:
             r = requests[request_id]
             out.append(Completion(r.id, r.prompt_ids, r.output_ids, r.text, r.finish_reason or "length", r.error))
         return out
-
-
-def _cut_at_stop(request: Request, stops: tuple[str, ...]) -> bool:
-    """Cut the request's text before the first stop string it now contains."""
-    hits = [i for i in (request.text.find(s, request.emitted) for s in stops) if i >= 0]
-    if not hits:
-        return False
-    request.text = request.text[: min(hits)]
-    return True
-
-
-def is_hf_directory(path: Path) -> bool:
-    """A Hugging Face model directory: config.json, and neither a pyramoe checkpoint (state.json) nor
-    a run directory (checkpoints/)."""
-    pyramoe_markers = (path / "state.json", path / "checkpoints")
-    return (path / "config.json").is_file() and not any(p.exists() for p in pyramoe_markers)
-
-
-def resolve_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
-    """"auto": bf16 on CUDA and on CPUs with native bf16 matmul (AVX512-BF16/AMX), else fp32."""
-    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if dtype == "auto":
-        native = str(device).startswith("cuda") or cpu_has_native_bf16()
-        return torch.bfloat16 if native else torch.float32
-    if dtype not in table:
-        raise ValueError(f"dtype: must be auto, fp32 or bf16, got {dtype!r}")
-    return table[dtype]

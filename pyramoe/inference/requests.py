@@ -3,6 +3,7 @@ completion at its end."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +72,46 @@ class Request:
     def scoring_prompt(self) -> bool:
         """Its prompt's log-probabilities are wanted and not yet sent (they go with the first event)."""
         return self.params.prompt_logprobs is not None and not self.output_ids and self.recompute_ids is None
+
+    def extend_text(self, decode: Callable[[list[int]], str]) -> None:
+        """Add the newest token's text to `text` by decoding a short window (the last complete piece
+        as context, then what follows), not the whole output: decoding everything each step cost
+        0.18 ms per request at 2,000 tokens. Text of a token that ends inside a character waits until
+        the character is complete. A tokenizer whose window does not extend its context's text gets
+        whole-output decoding."""
+        ids = self.output_ids
+        if self.prefix_offset is None:
+            self.text = decode(ids)
+            return
+        context = decode(ids[self.prefix_offset : self.read_offset])
+        window = decode(ids[self.prefix_offset :])
+        if not window.startswith(context):
+            self.prefix_offset = None
+            self.text = decode(ids)
+        elif len(window) > len(context) and not window.endswith("\ufffd"):
+            self.text += window[len(context) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+
+    def cut_at_stop(self) -> bool:
+        """Cut `text` before the first stop string it now contains (whether it did)."""
+        hits = [i for i in (self.text.find(s, self.emitted) for s in self.params.stop) if i >= 0]
+        if not hits:
+            return False
+        self.text = self.text[: min(hits)]
+        return True
+
+    def event(self, token: int | None, logprob: Logprob | None = None) -> TokenEvent:
+        """The event for a new token (or the end): the text not yet sent, holding back while running a
+        character split across tokens and what could still become a stop string."""
+        end = len(self.text)
+        if not self.finished:
+            end = len(self.text.rstrip("\ufffd"))
+            end -= max((len(s) for s in self.params.stop), default=1) - 1
+        delta = self.text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None  # sent once
+        return TokenEvent(self.id, token, delta, self.finished, self.finish_reason, logprob, prompt_logprobs,
+                          self.error)
 
 
 @dataclass

@@ -15,8 +15,9 @@ Legend: E stacked matrices, N outputs, K inputs, M rows.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -53,6 +54,16 @@ def set_amx(mode: str) -> str:
         raise RuntimeError(f"set_amx: the native library is unavailable ({build_error()})")
     previous = int(library.pm_set_amx(ctypes.c_int64(AMX_MODES[mode])))
     return next(name for name, value in AMX_MODES.items() if value == previous)
+
+
+@contextlib.contextmanager
+def amx_set_to(mode: str) -> Iterator[None]:
+    """`set_amx(mode)` for a block, the previous mode back after it (A/B runs and tests)."""
+    previous = set_amx(mode)
+    try:
+        yield
+    finally:
+        set_amx(previous)
 
 
 def amx_mode() -> str:

@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__linux__)
 #include <sys/syscall.h>
@@ -140,36 +141,44 @@ inline void amx_tile(const Job &j, int64_t nb, int64_t m, int ra, int rb) {
   }
 }
 
-// Rows [m0, m0 + ra + rb) of x (rb > 0: two groups, the first of 16 rows) for blocks [b0, b1),
-// pairs of blocks where there are two.
-template <int RG>
-void amx_blocks(const Job &j, int64_t b0, int64_t b1, int64_t m0, int64_t m1, int ra, int rb) {
-  int64_t nb = b0;
-  for (; nb + 2 <= b1; nb += 2)
-    for (int64_t m = m0; m < m1; m += 32) amx_tile<RG, 2>(j, nb, m, ra, rb);
-  if (nb < b1)
-    for (int64_t m = m0; m < m1; m += 32) amx_tile<RG, 1>(j, nb, m, ra, rb);
-}
-
-// Output blocks [b0, b1) of a blocked bf16 product, K a multiple of 32. Rows in pairs of 16-row
-// groups (2 A x 2 B tiles into 4 C tiles: each loaded tile feeds two products); the rows past the
-// last pair run in a second pass with tiles configured to their count (a 16-row group and the rest,
-// or the rest alone), so no padded copy of x is needed.
-void blocks_amx(const Job &j, int64_t b0, int64_t b1) {
+// The passes over the rows of x of a tile kernel, bf16 or int8 alike: `tile(RG, NB, nb, m, ra, rb)`
+// (RG, NB as std::integral_constant) computes rows [m, m + ra + rb) (rb > 0: two groups, the first
+// of 16 rows) of NB blocks from nb. Rows go in pairs of 16-row groups (2 A x 2 B tiles into 4 C
+// tiles: each loaded tile feeds two products), blocks in pairs where there are two; the rows past
+// the last pair run in a second pass with tiles configured to their count (a 16-row group and the
+// rest, or the rest alone), so no padded copy of x is needed.
+template <typename TileFn>
+void amx_row_passes(const Job &j, int64_t b0, int64_t b1, TileFn tile) {
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
+  auto blocks = [&](auto groups, int64_t m0, int64_t m1, int ra, int rb) {
+    int64_t nb = b0;
+    for (; nb + 2 <= b1; nb += 2)
+      for (int64_t m = m0; m < m1; m += 32) tile(groups, Two{}, nb, m, ra, rb);
+    if (nb < b1)
+      for (int64_t m = m0; m < m1; m += 32) tile(groups, One{}, nb, m, ra, rb);
+  };
   const int64_t full = j.M / 16, tail = j.M % 16, paired = full / 2 * 32;
   if (paired) {
     configure_tiles(16, 16);
-    amx_blocks<2>(j, b0, b1, 0, paired, 16, 16);
+    blocks(Two{}, 0, paired, 16, 16);
   }
   if (full % 2) {
     configure_tiles(16, int(tail));
-    if (tail) amx_blocks<2>(j, b0, b1, paired, paired + 1, 16, int(tail));
-    else amx_blocks<1>(j, b0, b1, paired, paired + 1, 16, 0);
+    if (tail) blocks(Two{}, paired, paired + 1, 16, int(tail));
+    else blocks(One{}, paired, paired + 1, 16, 0);
   } else if (tail) {
     configure_tiles(int(tail), 0);
-    amx_blocks<1>(j, b0, b1, paired, paired + 1, int(tail), 0);
+    blocks(One{}, paired, paired + 1, int(tail), 0);
   }
   _tile_release();
+}
+
+// Output blocks [b0, b1) of a blocked bf16 product, K a multiple of 32.
+void blocks_amx(const Job &j, int64_t b0, int64_t b1) {
+  amx_row_passes(j, b0, b1, [&j](auto groups, auto nbs, int64_t nb, int64_t m, int ra, int rb) {
+    amx_tile<decltype(groups)::value, decltype(nbs)::value>(j, nb, m, ra, rb);
+  });
 }
 #else
 constexpr bool kAmxBuilt = false;

@@ -97,32 +97,11 @@ inline void amx_int8_tile(const Job &j, int64_t nb, int64_t m, int ra, int rb) {
   }
 }
 
-template <int RG>
-void amx_int8_blocks(const Job &j, int64_t b0, int64_t b1, int64_t m0, int64_t m1, int ra, int rb) {
-  int64_t nb = b0;
-  for (; nb + 2 <= b1; nb += 2)
-    for (int64_t m = m0; m < m1; m += 32) amx_int8_tile<RG, 2>(j, nb, m, ra, rb);
-  if (nb < b1)
-    for (int64_t m = m0; m < m1; m += 32) amx_int8_tile<RG, 1>(j, nb, m, ra, rb);
-}
-
-// Output blocks [b0, b1) of an int8 product, K a multiple of 64: the bf16 tile kernel's passes
-// (pairs of 16-row groups, then the rest with tiles configured to its rows).
+// Output blocks [b0, b1) of an int8 product, K a multiple of 64: the bf16 tile kernel's passes.
 void blocks_amx_int8(const Job &j, int64_t b0, int64_t b1) {
-  const int64_t full = j.M / 16, tail = j.M % 16, paired = full / 2 * 32;
-  if (paired) {
-    configure_tiles(16, 16);
-    amx_int8_blocks<2>(j, b0, b1, 0, paired, 16, 16);
-  }
-  if (full % 2) {
-    configure_tiles(16, int(tail));
-    if (tail) amx_int8_blocks<2>(j, b0, b1, paired, paired + 1, 16, int(tail));
-    else amx_int8_blocks<1>(j, b0, b1, paired, paired + 1, 16, 0);
-  } else if (tail) {
-    configure_tiles(int(tail), 0);
-    amx_int8_blocks<1>(j, b0, b1, paired, paired + 1, int(tail), 0);
-  }
-  _tile_release();
+  amx_row_passes(j, b0, b1, [&j](auto groups, auto nbs, int64_t nb, int64_t m, int ra, int rb) {
+    amx_int8_tile<decltype(groups)::value, decltype(nbs)::value>(j, nb, m, ra, rb);
+  });
 }
 
 // int4 tiles: 0-3 = C of 4 consecutive groups (so their products overlap, and the stores and the
