@@ -50,10 +50,11 @@ def local_bytes(model: GPT, optimizer: torch.optim.Optimizer) -> int:
     return sum(size(p) for p in model.parameters()) + sum(size(v) for v in moments)
 
 
-def _worker(rank: int, world: int, zero: bool, out_dir: str, tp: int, ep: int, slicing: bool) -> None:
-    topology = Topology(world, rank, tp=tp)
+def _worker(rank: int, world: int, zero: bool, out_dir: str, tp: int, ep: int, slicing: bool,
+            node: int | None) -> None:
+    topology = Topology(world, rank, tp=tp, ranks_per_node=node)
     model = build()
-    state = parallelize(model, topology, ep=ep, zero=zero, expert_slicing=slicing)
+    state = parallelize(model, topology, ep=ep, zero=zero, expert_slicing=slicing, hierarchical=node is not None)
     optimizer = make_optimizer(model, TrainConfig())
     set_lr(optimizer, 1e-3)
     losses = [train_step(model, optimizer, micro_batches(step, topology.dp_index), grad_clip=0.5, parallel=state)
@@ -62,12 +63,14 @@ def _worker(rank: int, world: int, zero: bool, out_dir: str, tp: int, ep: int, s
                 "bytes": local_bytes(model, optimizer)}, f"{out_dir}/{zero}-rank{rank}.pt")
 
 
-@pytest.mark.parametrize("world, tp, ep, slicing", [(2, 1, 2, False), (4, 1, 2, False), (4, 2, 2, False),
-                                                   (4, 2, 1, True)])
-def test_sharded_steps_equal_the_unsharded_engine(tmp_path, world, tp, ep, slicing):
+# node: ranks per emulated node, for the hierarchical all-to-all (None: flat).
+@pytest.mark.parametrize("world, tp, ep, slicing, node", [(2, 1, 2, False, None), (4, 1, 2, False, None),
+                                                         (4, 2, 2, False, None), (4, 2, 1, True, None),
+                                                         (4, 1, 4, False, 2)])
+def test_sharded_steps_equal_the_unsharded_engine(tmp_path, world, tp, ep, slicing, node):
     for zero in (False, True):
         (tmp_path / str(zero)).mkdir()
-        run_workers(_worker, world, tmp_path / str(zero), zero, str(tmp_path), tp, ep, slicing)
+        run_workers(_worker, world, tmp_path / str(zero), zero, str(tmp_path), tp, ep, slicing, node)
     plain = [torch.load(tmp_path / f"False-rank{r}.pt", weights_only=True) for r in range(world)]
     sharded = [torch.load(tmp_path / f"True-rank{r}.pt", weights_only=True) for r in range(world)]
     for rank in range(world):

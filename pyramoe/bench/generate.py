@@ -155,8 +155,13 @@ def build_transformers(args: argparse.Namespace, dtype: torch.dtype, device: str
         num_local_experts=args.experts, num_experts_per_tok=args.top_k, max_position_embeddings=4096,
     )
     torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.MixtralForCausalLM(config).eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # made in its dtype: the large shape in fp32 first would be 18 GB
+    try:
+        with torch.device(device):
+            model = transformers.MixtralForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model.to(dtype)
