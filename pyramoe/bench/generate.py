@@ -230,10 +230,10 @@ def read_speed(read: Callable[[torch.Tensor], Any], x: torch.Tensor, repeats: in
 
 
 def packed_weights_read(engine: Engine, repeats: int = 5) -> float | None:
-    """Bytes per second of the native read over the buffer that holds the engine's blocked weights
-    (the memory its steps stream), median of `repeats`; None where nothing is blocked."""
+    """Bytes per second of the native read over the buffer that holds the engine's blocked (or int8 /
+    int4) weights (the memory its steps stream), median of `repeats`; None where nothing is packed."""
     head = getattr(engine.model.lm_head, "packed_weight", None)
-    if not isinstance(head, BlockedWeight) or load_library() is None:
+    if not isinstance(head, (BlockedWeight, Int8Weight, Int4Weight)) or load_library() is None:
         return None
     storage = head.data.untyped_storage()
     whole = torch.empty(0, dtype=torch.uint8).set_(storage)
