@@ -72,19 +72,26 @@ def _run(step, sequences, calls=CALLS) -> list[torch.Tensor]:
     return out
 
 
+def _compare_steps(model) -> tuple[DeviceStep, TorchStep, dict]:  # noqa: ANN001
+    """The device and PyTorch steps over the same sequences, their logits checked equal within the
+    dtype's tolerance (returned with both steps)."""
+    sequences = _sequences(model.config.vocab_size)
+    device, pytorch = DeviceStep(model, _cache(model), max_rows=16), TorchStep(model, _cache(model), max_rows=16)
+    with torch.no_grad():
+        got, want = _run(device, sequences), _run(pytorch, sequences)
+    dtype = next(model.parameters()).dtype
+    tolerance = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tolerance)
+    return device, pytorch, tolerance
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", list(CASES))
 def test_device_step_equals_pytorch_step(name, dtype):
     if dtype == torch.bfloat16 and name not in BF16_CASES:
         pytest.skip("bf16 on a few block kinds")
-    model = _model(CASES[name], dtype)
-    sequences = _sequences(model.config.vocab_size)
-    device, pytorch = DeviceStep(model, _cache(model), max_rows=16), TorchStep(model, _cache(model), max_rows=16)
-    with torch.no_grad():
-        got, want = _run(device, sequences), _run(pytorch, sequences)
-    tolerance = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, **tolerance)
+    device, pytorch, _ = _compare_steps(_model(CASES[name], dtype))
     if dtype == torch.float32:  # a bf16 near-tie may route one token differently
         assert torch.equal(device.expert_counts(), pytorch.expert_counts())
 
@@ -92,14 +99,7 @@ def test_device_step_equals_pytorch_step(name, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", list(LATENT_CASES))
 def test_latent_attention_equals_pytorch_step(name, dtype):
-    model = _model(LATENT_CASES[name], dtype)
-    sequences = _sequences(model.config.vocab_size)
-    device, pytorch = DeviceStep(model, _cache(model), max_rows=16), TorchStep(model, _cache(model), max_rows=16)
-    with torch.no_grad():
-        got, want = _run(device, sequences), _run(pytorch, sequences)
-    tolerance = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, **tolerance)
+    device, pytorch, tolerance = _compare_steps(_model(LATENT_CASES[name], dtype))
     for ours, theirs in zip(device.cache.keys + device.cache.values, pytorch.cache.keys + pytorch.cache.values):
         torch.testing.assert_close(ours, theirs, **tolerance)  # the same latents and rotated keys, same blocks
 

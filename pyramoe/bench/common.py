@@ -128,3 +128,14 @@ def print_and_write(report: str, payload: dict[str, Any], out: str | Path) -> in
         print(f"note: {note}")
     print(f"wrote {write_json(out, payload)}")
     return 0
+
+
+def positive_integers(text: str, flag: str) -> list[int]:
+    """Comma-separated integers >= 1 from `text`; ValueError naming `flag` otherwise."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag}: values must be >= 1, got {text!r}")
+    return values

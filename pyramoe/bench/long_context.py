@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from pyramoe.bench.common import machine_info, print_and_write
+from pyramoe.bench.common import machine_info, positive_integers, print_and_write
 from pyramoe.config import ModelConfig, build_layers
 from pyramoe.inference import Engine, resolve_dtype
 from pyramoe.inference.kv_cache import KV_CACHE_DTYPES, PagedKVCache
@@ -77,16 +77,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="bench-results/long_context.json")
 
 
-def _integers(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{flag}: values must be >= 1, got {text!r}")
-    return values
-
-
 def validate(args: argparse.Namespace) -> tuple[list[int], list[int]]:
     for name in ("hidden", "layers", "experts", "top_k", "intermediate", "heads", "kv_heads", "vocab", "steps",
                  "rounds"):
@@ -101,7 +91,7 @@ def validate(args: argparse.Namespace) -> tuple[list[int], list[int]]:
     if any(d not in KV_CACHE_DTYPES for d in kv_dtypes) or len(set(kv_dtypes)) != len(kv_dtypes):
         raise ValueError(f"--kv-cache-dtype: expected distinct values among {', '.join(KV_CACHE_DTYPES)}, "
                          f"got {args.kv_cache_dtype!r}")
-    return _integers(args.contexts, "--contexts"), _integers(args.batches, "--batches")
+    return positive_integers(args.contexts, "--contexts"), positive_integers(args.batches, "--batches")
 
 
 def bench_model(args: argparse.Namespace, max_len: int, dtype: torch.dtype) -> GPT:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from pyramoe.bench.common import machine_info, write_json
+from pyramoe.bench.common import machine_info, positive_integers, write_json
 from pyramoe.inference import Engine, SamplingParams
 from pyramoe.tables import format_table
 
@@ -53,16 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--long-clients", type=int, default=8, help="streaming clients in the long-prompt phase")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", default="bench-results/serve.json")
-
-
-def _levels(text: str) -> list[int]:
-    try:
-        levels = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--levels: expected comma-separated integers, got {text!r}") from None
-    if not levels or min(levels) < 1:
-        raise ValueError(f"--levels: must be >= 1, got {text!r}")
-    return levels
 
 
 def save_model(shape: dict[str, int], directory: Path, context: int) -> Path:
@@ -241,7 +231,7 @@ def bench_model(name: str, args: argparse.Namespace, levels: list[int], work: Pa
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    levels = _levels(args.levels)
+    levels = positive_integers(args.levels, "--levels")
     names = [n.strip() for n in args.models.split(",")]
     unknown = [n for n in names if n not in MODELS]
     if unknown:

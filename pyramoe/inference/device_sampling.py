@@ -23,6 +23,7 @@ Legend: R rows, V vocabulary.
 
 from __future__ import annotations
 
+import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -55,11 +56,14 @@ def sampling_fields(rows_R: Sequence[RowSampling | None]) -> list[list[int]]:
     """The rows' settings as FIELDS lists of R ints (None: a greedy row). Floats travel as their fp32
     bit patterns (signed 32-bit ints, exact in int64) so every field fits one int64 buffer."""
     rows = [row if row is not None else RowSampling(GREEDY, 0, 0) for row in rows_R]
-    floats = torch.tensor([[getattr(r.params, name) for r in rows] for name in _FLOATS],
-                          dtype=torch.float32, device="cpu")  # host-side: their bits go into the step's plan
-    temperature, top_p, presence, frequency = floats.view(torch.int32).tolist()
+    temperature, top_p, presence, frequency = (_fp32_bits([getattr(r.params, name) for r in rows]) for name in _FLOATS)
     return [temperature, top_p, presence, frequency, [r.params.top_k for r in rows], [r.seed & MASK32 for r in rows],
             [(r.seed >> 32) & MASK32 for r in rows], [r.counter & MASK32 for r in rows]]
+
+
+def _fp32_bits(values: list[float]) -> list[int]:
+    """Each value rounded to fp32, as its bit pattern read as a signed 32-bit int."""
+    return list(array.array("i", array.array("f", values).tobytes()))
 
 
 def penalised(params: SamplingParams) -> bool:

@@ -32,14 +32,20 @@ def blocking_available() -> bool:
     return library is not None and bool(library.pm_native_bf16())
 
 
-def amx_state() -> int:
-    """1 where blocked bf16 products with many rows run on AMX tiles, 0 where the library has no AMX
-    kernel (the CPU lacks AMX-BF16, or no native library), -1 where Linux refused the tile state."""
+def _library_int(name: str, *args: int) -> int:
+    """The native library's int64 query `name` (0 without a library)."""
     library = load_library()
     if library is None:
         return 0
-    library.pm_native_amx.restype = ctypes.c_int64
-    return int(library.pm_native_amx())
+    function = getattr(library, name)
+    function.restype = ctypes.c_int64
+    return int(function(*(ctypes.c_int64(a) for a in args)))
+
+
+def amx_state() -> int:
+    """1 where blocked bf16 products with many rows run on AMX tiles, 0 where the library has no AMX
+    kernel (the CPU lacks AMX-BF16, or no native library), -1 where Linux refused the tile state."""
+    return _library_int("pm_native_amx")
 
 
 def set_amx(mode: str) -> str:
@@ -68,51 +74,31 @@ def amx_set_to(mode: str) -> Iterator[None]:
 
 def amx_mode() -> str:
     """The mode `set_amx` last set (or the environment's)."""
-    library = load_library()
-    if library is None:
-        return "0"
-    library.pm_amx_mode.restype = ctypes.c_int64
-    value = int(library.pm_amx_mode())
+    value = _library_int("pm_amx_mode")  # 0 ("0") without a library
     return next(name for name, v in AMX_MODES.items() if v == value)
 
 
 def amx_min_rows() -> int:
     """Rows of x from which auto mode runs a product on AMX tiles."""
-    library = load_library()
-    if library is None:
-        return 0
-    library.pm_amx_min_rows.restype = ctypes.c_int64
-    return int(library.pm_amx_min_rows())
+    return _library_int("pm_amx_min_rows")
 
 
 def amx_int8_state() -> int:
     """1 where int8 and int4 products with many rows run on AMX-INT8 tiles (native_amx_quant.h), 0
     where the library has no such kernel, -1 where Linux refused the tile state."""
-    library = load_library()
-    if library is None:
-        return 0
-    library.pm_native_amx_int8.restype = ctypes.c_int64
-    return int(library.pm_native_amx_int8())
+    return _library_int("pm_native_amx_int8")
 
 
 def amx_quant_min_rows(quant: str) -> int:
     """Rows of x from which auto mode runs an int8 or int4 product on AMX tiles."""
     if quant not in ("int8", "int4"):
         raise ValueError(f"quant must be int8 or int4, not {quant!r}")
-    library = load_library()
-    if library is None:
-        return 0
-    library.pm_amx_quant_min_rows.restype = ctypes.c_int64
-    return int(library.pm_amx_quant_min_rows(ctypes.c_int64(1 if quant == "int8" else 2)))
+    return _library_int("pm_amx_quant_min_rows", 1 if quant == "int8" else 2)
 
 
 def amx_products() -> int:
     """Products (bf16, int8 or int4) the native library ran on AMX tiles since it loaded (0 without a library)."""
-    library = load_library()
-    if library is None:
-        return 0
-    library.pm_amx_products.restype = ctypes.c_int64
-    return int(library.pm_amx_products())
+    return _library_int("pm_amx_products")
 
 
 def native_products() -> str:
