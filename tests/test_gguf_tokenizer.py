@@ -116,6 +116,28 @@ def test_gpt2_vocabulary_tokenizes_as_its_source(tmp_path):
         assert tok.decode(tok.encode(text)) == text
 
 
+def test_user_defined_tokens_are_matched_whole(tmp_path):
+    """A user-defined token (type 4) is one id wherever its text appears; a control token (type 3) too."""
+    source = Tokenizer.train([TEXT * 3], vocab_size=400)
+    spec = json.loads(source._tok.to_str())["model"]
+    tokens = [t for t, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1])]
+    tokens += [source._tok.id_to_token(i) for i in range(len(tokens), source.vocab_size)]
+    tool = len(tokens)
+    tokens.append("<tool>")
+
+    def put(writer):
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_types([3 if t == source.eos_token else 4 if t == "<tool>" else 1 for t in tokens])
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["merges"]])
+        writer.add_eos_token_id(source.eos_id)
+
+    tok = tokenizer_from_gguf(_read(_write_vocab(tmp_path / "v.gguf", put)), "v.gguf")
+    ids = tok.encode(f"x = 1<tool>return{source.eos_token}")
+    assert ids.count(tool) == 1 and ids[-1] == source.eos_id
+    assert tok.decode(ids) == f"x = 1<tool>return{source.eos_token}"
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"model": "bert"}, "tokenizer.ggml.model 'bert'"),
     ({"model": "gpt2", "pre": "made-up"}, "tokenizer.ggml.pre 'made-up'"),
