@@ -147,9 +147,11 @@ def test_killing_rank_1_ends_requests_and_the_server(servers):
 
 def test_sigterm_drains_and_every_rank_exits_0(servers):
     ep = servers["ep"]
+    stats = lambda: httpx.get(f"{ep.url}/stats").json()  # noqa: E731
+    before = stats()["generated_tokens"]  # earlier tests' tokens count too
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(complete, ep, prompt="def", max_tokens=200, temperature=1.0, n=4, ignore_eos=True)
-        wait_until(lambda: httpx.get(f"{ep.url}/stats").json()["generated_tokens"] > 0)
+        wait_until(lambda: stats()["generated_tokens"] > before)
         assert ep.stop(signal.SIGTERM, timeout=60) == 0, ep.output()  # torchrun exits 0 only when every rank did
         answer = running.result(5)
     assert "draining: new requests get 503; 4 in flight" in ep.output()
