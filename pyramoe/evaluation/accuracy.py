@@ -102,7 +102,7 @@ def settings_key(settings: dict[str, Any]) -> str:
 
 def checkpoint_accuracy(
     checkpoint: str | Path, tasks: Sequence[str] = ACCURACY_TASKS, limit: int | None = None, dtype: str = "fp32",
-    batch_size: int = 8, files: TaskFiles | None = None, max_length: int | None = None,
+    batch_size: int = 32, files: TaskFiles | None = None, max_length: int | None = None,
 ) -> dict[str, dict[str, Any]]:
     """A pyramoe checkpoint (or run directory: its latest) loaded dropless, scored on the local tasks in
     at most `max_length` tokens (default: the seq_len it trained on)."""

@@ -117,18 +117,32 @@ class Scorer:
             rows.append((whole[:-1], target))
         return rows
 
+    @torch.no_grad()
+    def _continuation_logits(self, idx_BT: torch.Tensor, rows: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+        """Logits [C, V] of the positions that predict the rows' continuation tokens, in row order: the
+        LM head multiplies only those (a continuation is ~10% of a scored row, and the head is ~40% of
+        a small model's forward)."""
+        with self._autocast():
+            h_BTD, _ = self.model.final_hidden(idx_BT.to(self.device))
+            picks = [(b, len(inp) - len(cont), len(inp)) for b, (inp, cont) in enumerate(rows) if cont]
+            if not picks:
+                return h_BTD.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
+            h_CD = torch.cat([h_BTD[b, start:end] for b, start, end in picks])
+            return self.model.lm_head(h_CD).float()
+
     def _score_batch(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         longest = max(len(inp) for inp, _ in rows)
         idx_BT = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
         for b, (inp, _) in enumerate(rows):
             idx_BT[b, : len(inp)] = torch.tensor(inp)
-        logits_BTV = self.logits(idx_BT)
-        results = []
-        for b, (inp, cont) in enumerate(rows):
+        logits_CV = self._continuation_logits(idx_BT, rows)
+        results, at = [], 0
+        for _, cont in rows:
             if not cont:
                 results.append((0.0, True))
                 continue
-            logp_TV = F.log_softmax(logits_BTV[b, len(inp) - len(cont) : len(inp)], dim=-1)
+            logp_TV = F.log_softmax(logits_CV[at : at + len(cont)], dim=-1)
+            at += len(cont)
             target_T = torch.tensor(cont, device=logp_TV.device)
             total = float(logp_TV.gather(-1, target_T[:, None]).sum())
             results.append((total, bool((logp_TV.argmax(-1) == target_T).all())))
