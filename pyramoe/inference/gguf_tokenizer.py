@@ -13,9 +13,10 @@ their own converters build them:
   llama.cpp knows, src/llama-vocab.cpp, whose split is a list of regexes): each regex in turn splits
   every piece the earlier ones left, as a `pre_tokenizers.Sequence` of isolated `Split`s does.
   llama.cpp runs most of them through std::regex over a "collapsed" text, and `onig_regex` writes
-  the two places where that differs from matching the real text: '~' is no \p{S}, and non-ASCII
-  whitespace matches only \s, never a literal class. A piece that is itself a token skips the
-  merges where llama.cpp does so (`ignore_merges`: llama-bpe and its aliases, tekken). Categories
+  the one place where that differs from matching the real text: non-ASCII whitespace matches only
+  \s, never a literal class. (llama.cpp builds older than its \p{S} fix left ASCII '~' out of
+  \p{S}, which changes the deepseek-v3 split around '~'.) A piece that is itself a token skips the
+  merges where llama.cpp does so (`ignore_merges`: llama-bpe and its aliases, tekken, minicpm5). Categories
   come from Oniguruma's Unicode tables rather than llama.cpp's own, which agree on assigned
   characters of ordinary text. Names llama.cpp splits with hand-written code or whose vocabulary is
   not byte-level (`NOT_REPRODUCED`), and unknown names, are refused rather than guessed, since
@@ -51,6 +52,16 @@ _LLAMA3 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N
 _QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 _QWEN35 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+"
            r"|\s+(?!\S)|\s+")
+_GROK2 = _QWEN2
+_SEED_CODER = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+|\s*[\r\n]+|\s+(?!\S)|\s+"
+_BAILINGMOE = (r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]|\s+(?!\S)|\s+")
+_EXAONE_MOE = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}*)*)+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]?"
+               r"|\s*[\r\n]|\s+(?!\S)|\s+")
+_MINICPM5 = (r"\p{N}{1,3}", _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+             r"|\s+(?!\S)|\s+")
+_UFAKZEKA = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_LAGUNA = (r"[^\n]+|[\n]+", _QWEN2)
 _JAIS2 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
           + "".join(rf"|\s{{{n}}}(?!\S)" for n in (512, 256, 128, 64, 32, 16, 8, 4)) + r"|\s{1,2}(?!\S)|\s{1}")
 # llama.cpp's stand-in for \p{Lu}/\p{Ll} (std::regex has neither): a letter that is not ASCII a-z / A-Z.
@@ -63,18 +74,18 @@ _GPT4O = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTIONS}?|[^\r\n\p{{
 # canonical singletons such as U+212A KELVIN SIGN, which an editor's normalization would silently change).
 _DEEPSEEK_CASED = "".join(chr(a) if a == b else f"{chr(a)}-{chr(b)}" for a, b in (
     (0x41, 0x5A), (0x61, 0x7A), (0xB5, 0xB5), (0xC0, 0xD6), (0xD8, 0xF6), (0xF8, 0x1BA), (0x1BC, 0x1BF),
-    (0x1C4, 0x293), (0x295, 0x2AF), (0x370, 0x373), (0x376, 0x377), (0x37B, 0x37D), (0x37F, 0x37F),
-    (0x386, 0x386), (0x388, 0x38A), (0x38C, 0x38C), (0x38E, 0x3A1), (0x3A3, 0x3F5), (0x3F7, 0x481),
-    (0x48A, 0x52F), (0x531, 0x556), (0x10A0, 0x10C5), (0x13A0, 0x13F5), (0x13F8, 0x13FD), (0x1C90, 0x1CBA),
-    (0x1CBD, 0x1CBF), (0x1D00, 0x1D2B), (0x1D6B, 0x1D77), (0x1D79, 0x1D9A), (0x1E00, 0x1F15), (0x1F18, 0x1F1D),
-    (0x1F20, 0x1F45), (0x1F48, 0x1F4D), (0x1F50, 0x1F57), (0x1F59, 0x1F59), (0x1F5B, 0x1F5B), (0x1F5D, 0x1F5D),
-    (0x1F5F, 0x1F7D), (0x1F80, 0x1FB4), (0x1FB6, 0x1FBC), (0x1FBE, 0x1FBE), (0x1FC2, 0x1FC4), (0x1FC6, 0x1FCC),
-    (0x1FD0, 0x1FD3), (0x1FD6, 0x1FDB), (0x1FE0, 0x1FEC), (0x1FF2, 0x1FF4), (0x1FF6, 0x1FFC), (0x2102, 0x2102),
-    (0x2107, 0x2107), (0x210A, 0x2113), (0x2115, 0x2115), (0x2119, 0x211D), (0x2124, 0x2124), (0x2126, 0x2126),
-    (0x2128, 0x2128), (0x212A, 0x212D), (0x212F, 0x2134), (0x2139, 0x2139), (0x213C, 0x213F), (0x2145, 0x2149),
-    (0x214E, 0x214E), (0x2183, 0x2184), (0x2C00, 0x2C7B), (0x2C7E, 0x2CE4), (0x2CEB, 0x2CEE), (0x2CF2, 0x2CF3),
-    (0xA640, 0xA66D), (0xA680, 0xA69B), (0xA722, 0xA76F), (0xA771, 0xA787), (0xA78B, 0xA78E), (0xAB70, 0xABBF),
-    (0xFB00, 0xFB06), (0xFB13, 0xFB17), (0xFF21, 0xFF3A), (0xFF41, 0xFF5A), (0x10400, 0x1044F),
+    (0x1C4, 0x293), (0x295, 0x2AF), (0x370, 0x373), (0x376, 0x376), (0x377, 0x377), (0x37B, 0x37D), (0x37F, 0x37F),
+    (0x386, 0x386), (0x388, 0x38A), (0x38C, 0x38C), (0x38E, 0x3A1), (0x3A3, 0x3F5), (0x3F7, 0x481), (0x48A, 0x52F),
+    (0x531, 0x556), (0x10A0, 0x10C5), (0x13A0, 0x13F5), (0x13F8, 0x13FD), (0x1C90, 0x1CBA), (0x1CBD, 0x1CBF),
+    (0x1D00, 0x1D2B), (0x1D6B, 0x1D77), (0x1D79, 0x1D9A), (0x1E00, 0x1F15), (0x1F18, 0x1F1D), (0x1F20, 0x1F45),
+    (0x1F48, 0x1F4D), (0x1F50, 0x1F57), (0x1F59, 0x1F59), (0x1F5B, 0x1F5B), (0x1F5D, 0x1F5D), (0x1F5F, 0x1F7D),
+    (0x1F80, 0x1FB4), (0x1FB6, 0x1FBC), (0x1FBE, 0x1FBE), (0x1FC2, 0x1FC4), (0x1FC6, 0x1FCC), (0x1FD0, 0x1FD3),
+    (0x1FD6, 0x1FDB), (0x1FE0, 0x1FEC), (0x1FF2, 0x1FF4), (0x1FF6, 0x1FFC), (0x2102, 0x2102), (0x2107, 0x2107),
+    (0x210A, 0x2113), (0x2115, 0x2115), (0x2119, 0x211D), (0x2124, 0x2124), (0x2126, 0x2126), (0x2128, 0x2128),
+    (0x212A, 0x212D), (0x212F, 0x2134), (0x2139, 0x2139), (0x213C, 0x213F), (0x2145, 0x2149), (0x214E, 0x214E),
+    (0x2183, 0x2183), (0x2184, 0x2184), (0x2C00, 0x2C7B), (0x2C7E, 0x2CE4), (0x2CEB, 0x2CEE), (0x2CF2, 0x2CF2),
+    (0x2CF3, 0x2CF3), (0xA640, 0xA66D), (0xA680, 0xA69B), (0xA722, 0xA76F), (0xA771, 0xA787), (0xA78B, 0xA78E),
+    (0xAB70, 0xABBF), (0xFB00, 0xFB06), (0xFB13, 0xFB17), (0xFF21, 0xFF3A), (0xFF41, 0xFF5A), (0x10400, 0x1044F),
     (0x104B0, 0x104D3), (0x104D8, 0x104FB), (0x10C80, 0x10CB2), (0x10CC0, 0x10CF2), (0x118A0, 0x118DF),
     (0x1E900, 0x1E943)))
 _CJK_HANGUL = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
@@ -82,10 +93,10 @@ _DEEPSEEK_LLM = ("[\r\n]", rf"\s?[{_DEEPSEEK_CASED}]+",
                  "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+", r"\s+$", _CJK_HANGUL, r"\p{N}+")
 _DEEPSEEK_CODER = ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK_HANGUL, r"\p{N}")
 _DEEPSEEK_V3 = (r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
-                r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
-                r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+                r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^""" "\r\n" r"\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+                r"| ?[\p{P}\p{S}]+[" "\r\n" r"]*|\s*[" "\r\n" r"]+|\s+(?!\S)|\s+")
 _PORO = " ?[^(\\s|.,!?\u2026\u3002\uff0c\u3001\u0964\u06d4\u060c)]+"
-_CHAMELEON = ("<sentinel:[0-9]+>", "(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", "([\t\n]|    |  )", r"\p{N}",
+_CHAMELEON = ("<sentinel:[0-9]+>", "(IMGIMG)((A|B|C|D|E|F|G|H|I){1,4})Z", r"([\t\n]|    |  )", r"\p{N}",
               r"[\p{P}!-/:-@\[-`{-~]", _GPT2)
 
 
@@ -108,13 +119,20 @@ def _names(names: str, pre: PreTokenizer) -> dict[str, PreTokenizer]:
 PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     **_names("gpt-2 gpt2 mpt olmo jais phi-2 jina-es jina-de jina-v2-es jina-v2-de gigachat a.x-4.0 mellum "
              "modern-bert exaone4 trillion granite-docling", PreTokenizer((_GPT2,))),
-    **_names("llama-bpe llama3 llama-v3 falcon3 falcon-h1 pixtral midm-2.0 lfm2",
+    **_names("llama-bpe llama3 llama-v3 falcon3 falcon-h1 pixtral midm-2.0 lfm2 jina-v5-nano",
              PreTokenizer((_LLAMA3,), ignore_merges=True, add_bos=True)),
     **_names("dbrx smaug-bpe", PreTokenizer((_LLAMA3,))),
-    **_names("qwen2 deepseek-r1-qwen kormo f2llmv2 megrez stablelm2 hunyuan", PreTokenizer((_QWEN2,))),
+    **_names("qwen2 deepseek-r1-qwen kormo f2llmv2 megrez stablelm2 hunyuan solar-open", PreTokenizer((_QWEN2,))),
+    "grok-2": PreTokenizer((_GROK2,)),
+    "seed-coder": PreTokenizer((_SEED_CODER,)),
+    **_names("bailingmoe bailingmoe2 llada-moe", PreTokenizer((_BAILINGMOE,))),
+    "exaone-moe": PreTokenizer((_EXAONE_MOE,)),
+    "minicpm5": PreTokenizer(_MINICPM5, ignore_merges=True),
+    "ufakzeka": PreTokenizer((_UFAKZEKA,)),
+    "laguna": PreTokenizer(_LAGUNA),
     "qwen35": PreTokenizer((_QWEN35,)),
     "jais-2": PreTokenizer((_JAIS2,)),
-    **_names("starcoder refact command-r smollm codeshell exaone minerva-7b", PreTokenizer((r"\p{N}", _GPT2))),
+    **_names("starcoder refact command-r smollm codeshell exaone minerva-7b mellum2", PreTokenizer((r"\p{N}", _GPT2))),
     "falcon": PreTokenizer((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]")),
     "default": PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]")),
     "deepseek-llm": PreTokenizer(_DEEPSEEK_LLM),
@@ -124,7 +142,7 @@ PRE_TOKENIZERS: dict[str, PreTokenizer] = {
     "viking": PreTokenizer((_PORO, r"\p{N}")),
     "tekken": PreTokenizer((_TEKKEN,), ignore_merges=True, add_bos=True),
     "chameleon": PreTokenizer(_CHAMELEON, add_bos=True),
-    **_names("gpt-4o llama4 kanana2 talkie", PreTokenizer((_GPT4O,))),
+    **_names("gpt-4o llama4 kanana2 talkie minimax-m2", PreTokenizer((_GPT4O,))),
 }
 # Names llama.cpp knows whose split is not a list of regexes a `tokenizers` Split reproduces.
 NOT_REPRODUCED = {
@@ -135,6 +153,8 @@ NOT_REPRODUCED = {
     "sarvam-moe": "it is SentencePiece-style BPE over raw UTF-8",
     "whitespace": "it is not byte-level BPE",
     "glm4": "llama.cpp ignores its BOS token id", "chatglm-bpe": "llama.cpp ignores its BOS token id",
+    "glm5": "llama.cpp ignores its BOS token id",
+    "granite-embed-multi-311m": "it is SentencePiece-style BPE over raw UTF-8",
     "jina-v1-en": "llama.cpp adds a SEP token", "jina-v2-code": "llama.cpp adds a SEP token",
     "roberta-bpe": "llama.cpp adds a SEP token",
 }
@@ -143,13 +163,11 @@ _CLASS = re.compile(r"\[(\^)?(?:\\.|[^\]\\])+\]")  # a bracketed class; group 1 
 
 def onig_regex(expr: str) -> str:
     """llama.cpp's regex `expr` as the `tokenizers` library (Oniguruma over the real text) must write it
-    to split as llama.cpp does. llama.cpp runs a regex with \\p{..} classes over "collapsed" text, every
-    non-ASCII character replaced by one byte per category and its \\p{S} naming only the ASCII symbols
-    $+<=>^`| (so '~' is no symbol there); any other regex sees non-ASCII whitespace as '\\v', which only
-    \\s matches, never a literal class. Its `$` is the end of the piece."""
-    if "\\p{" in expr:
-        expr = expr.replace(r"\p{S}", r"[\p{S}&&[^~]]")
-    else:
+    to split as llama.cpp does. llama.cpp runs a regex with \\p{..} classes over "collapsed" text (every
+    non-ASCII character replaced by one byte for its category), which matches as the real text does;
+    any other regex sees non-ASCII whitespace as '\\v', which only \\s matches, never a literal class
+    (DeepSeek's CJK ranges span U+3000). Its `$` is the end of the piece."""
+    if "\\p{" not in expr:
         expr = _CLASS.sub(lambda m: m[0] if m[1] or max(m[0]) < "\x80" else m[0][:-1] + r"&&\S]", expr)
     return expr[:-1] + r"\z" if expr.endswith("$") and not expr.endswith("\\$") else expr
 
