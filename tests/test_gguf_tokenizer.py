@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import random
+import subprocess
 import unicodedata
 
 import pytest
@@ -257,7 +260,7 @@ def _byte_level(pieces):
 def test_pre_tokenizer_splits_as_llamacpp(name):
     pre = PRE_TOKENIZERS[name]
     ours = pre_tokenizer(pre)
-    for text in PRE_SAMPLES:
+    for text in _fuzz_texts(150):
         expected = llamacpp_split(text, pre.splits)
         assert "".join(expected) == text
         assert [s for s, _ in ours.pre_tokenize_str(text)] == _byte_level(expected), (name, text)
@@ -334,3 +337,55 @@ def test_llama3_pieces_in_the_vocabulary_skip_merges_and_bos_leads(tmp_path):
     gpt2 = tokenizer_from_gguf(_read(_write_vocab(tmp_path / "g.gguf", put("gpt-2"))), "g.gguf")
     assert llama3.encode("abc") == [0, 5]
     assert gpt2.encode("abc") == [4, 3]
+
+
+_SPLIT_MAIN = r"""
+#include "unicode.h"
+#include <fstream>
+#include <iostream>
+#include <sstream>
+// argv[1], argv[2]: NUL-terminated regexes and texts; prints each text's pieces, \x01 after each, \0 after each text.
+static std::vector<std::string> parts(const char * path) {
+    std::stringstream all;
+    all << std::ifstream(path, std::ios::binary).rdbuf();
+    std::vector<std::string> out;
+    for (std::string item; std::getline(all, item, '\0');) out.push_back(item);
+    return out;
+}
+int main(int, char ** argv) {
+    const auto exprs = parts(argv[1]);
+    for (const auto & text : parts(argv[2])) {
+        for (const auto & piece : unicode_regex_split(text, exprs, true)) std::cout << piece << '\x01';
+        std::cout << '\0';
+    }
+}
+"""
+
+
+def _fuzz_texts(count, seed=0):
+    rng = random.Random(seed)
+    alphabet = [*"abXYZ019 _'!?.,;:~$+<=>^`|-()[]{}/\\\"#%&*@", " ", "  ", "   ", "\t", "\n", "\r\n", "\n\n",
+                *"\u3000\u00a0\u2003\x0b\x0c\x85\u2028\u200b数字汉カタひら한국🙂é\u0301ÉΩKΐＡａ！？…。，、١٢३½Ⅷ²ǅᾈ",
+                "'s", "'T", "'ll", "DON'T", "IMGIMGABZ", "<sentinel:3>", "12345678"]
+    random_texts = ("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(count))
+    return [*PRE_SAMPLES, TEXT, *random_texts]
+
+
+@pytest.mark.skipif(not os.environ.get("PYRAMOE_LLAMACPP_SRC"), reason="PYRAMOE_LLAMACPP_SRC (llama.cpp src/) unset")
+def test_pre_tokenizers_split_as_llamacpp_itself(tmp_path):
+    """llama.cpp's own `unicode_regex_split`, compiled from the source tree PYRAMOE_LLAMACPP_SRC names
+    (llama.cpp's src/ directory), splits every name's regex list as our pre-tokenizer does."""
+    src = os.environ["PYRAMOE_LLAMACPP_SRC"]
+    (tmp_path / "split.cpp").write_text(_SPLIT_MAIN)
+    subprocess.run(["g++", "-O1", "-std=c++17", f"-I{src}", str(tmp_path / "split.cpp"), f"{src}/unicode.cpp",
+                    f"{src}/unicode-data.cpp", "-o", str(tmp_path / "split")], check=True)
+    texts = _fuzz_texts(500)
+    (tmp_path / "texts").write_bytes(b"".join(t.encode() + b"\0" for t in texts))
+    for name, pre in sorted(PRE_TOKENIZERS.items()):
+        (tmp_path / "exprs").write_bytes(b"".join(e.encode() + b"\0" for e in pre.splits))
+        out = subprocess.run([str(tmp_path / "split"), str(tmp_path / "exprs"), str(tmp_path / "texts")],
+                             capture_output=True, check=True).stdout
+        theirs = [[p.decode() for p in chunk.split(b"\x01")[:-1]] for chunk in out.split(b"\0")[:-1]]
+        ours = pre_tokenizer(pre)
+        for text, pieces in zip(texts, theirs, strict=True):
+            assert [s for s, _ in ours.pre_tokenize_str(text)] == pieces, (name, text)
