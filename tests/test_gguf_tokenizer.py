@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import random
+import subprocess
+import unicodedata
 
 import pytest
+import regex
 import test_gguf
 import test_native_decode as native_cases
 import torch
+from tokenizers import pre_tokenizers
 
 from pyramoe.data import Tokenizer
 from pyramoe.inference import Engine, SamplingParams
-from pyramoe.inference.gguf_tokenizer import tokenizer_from_gguf
+from pyramoe.inference.gguf_tokenizer import PRE_TOKENIZERS, pre_tokenizer, tokenizer_from_gguf
 
 gguf = pytest.importorskip("gguf")
 
@@ -141,6 +147,7 @@ def test_user_defined_tokens_are_matched_whole(tmp_path):
 @pytest.mark.parametrize("fields, message", [
     ({"model": "bert"}, "tokenizer.ggml.model 'bert'"),
     ({"model": "gpt2", "pre": "made-up"}, "tokenizer.ggml.pre 'made-up'"),
+    ({"model": "gpt2", "pre": "kimi-k2"}, "tokenizer.ggml.pre 'kimi-k2' is not reproduced"),
     ({"model": "gpt2", "merges": None}, "tokenizer.ggml.merges missing"),
     ({"model": "llama", "scores": None}, "tokenizer.ggml.scores"),
     ({"model": "llama", "eos": 999}, "tokenizer.ggml.eos_token_id 999"),
@@ -180,3 +187,205 @@ def test_engine_loads_a_gguf_file_with_its_tokenizer(tmp_path, sentencepiece_mod
     beside = Tokenizer.train([TEXT], vocab_size=300)
     beside.save(tmp_path / "tokenizer.json")
     assert Engine.load(path, dtype="fp32", max_batch=1).tokenizer.sha == beside.sha
+
+
+# --- llama.cpp's pre-tokenizers: an independent model of llama.cpp's `unicode_regex_split` -------------
+
+# The two regexes llama.cpp splits with hand-written code that reads Unicode categories directly.
+_HAND_WRITTEN = {PRE_TOKENIZERS["gpt-2"].splits[0], PRE_TOKENIZERS["llama-bpe"].splits[0]}
+# llama.cpp's "collapsed" text: a non-ASCII character becomes one byte per category, and \p{X} in a
+# regex becomes that byte plus the ASCII characters it lists for X.
+_CATEGORY_BYTE = {"N": "\xd1", "L": "\xd2", "P": "\xd3", "M": "\xd4", "S": "\xd5"}
+_CATEGORY_ASCII = {"N": "0-9", "L": "A-Za-z", "P": r"!-#%-*,-/:-;?-@\[-\]_\{\}", "M": "", "S": r"\$\+<-\>\^`\|~"}
+PRE_SAMPLES = [
+    "Hello WORLD, it's 12345 dollars!!  \n\n\tdon'T  STOP—ÉCOLE naïve été\r\nend   ",
+    "数字和汉字，カタカナ ひらがな 한국어 🙂🙂 x~~+y ~é $100 3.14159 ١٢٣ e\u0301t\u00e9",
+    "   leading\u3000。and\u3000\u3000ideographic\u00a0nbsp\u2003em …。，、 a.b,c!d?e (x|y)",
+    "Ǆungla ΐΩK ＡＢＣ！？ ＡＢＣａｂｃ CamelCaseWord HTTPServer i'M we'LL\n\n\n  \n",
+    "<sentinel:12>IMGIMGABZ def f(x):\n\treturn x**2  # ok\n    \n\t\t}",
+]
+
+
+def _as_llamacpp_sees(piece, expr):
+    if expr in _HAND_WRITTEN:
+        return piece, expr
+    if "\\p{" not in expr:  # std::wregex over the text, non-ASCII whitespace read as '\v'
+        seen = "".join("\v" if ord(c) > 127 and c.isspace() else c for c in piece)
+        return seen, expr[:-1] + r"\Z" if expr.endswith("$") else expr
+    seen = "".join(c if ord(c) < 128 else "\v" if c.isspace()
+                   else _CATEGORY_BYTE.get(unicodedata.category(c)[0], "\xd0") for c in piece)
+    pattern, inside, i = "", False, 0
+    while i < len(expr):
+        c = expr[i]
+        if c == "[" and (i == 0 or expr[i - 1] != "\\"):
+            inside = True
+        elif c == "]" and inside and expr[i - 1] != "\\":
+            inside = False
+        elif expr.startswith("\\p{", i) and expr[i + 4: i + 5] == "}" and expr[i + 3] in _CATEGORY_BYTE:
+            cls = _CATEGORY_BYTE[expr[i + 3]] + _CATEGORY_ASCII[expr[i + 3]]
+            pattern += cls if inside else f"[{cls}]"
+            i += 5
+            continue
+        pattern += c
+        i += 1
+    return seen, pattern
+
+
+def llamacpp_split(text, exprs):
+    """Each regex in turn over each piece (`regex` package); the text between matches is a piece too."""
+    pieces = [text]
+    for expr in exprs:
+        out = []
+        for piece in pieces:
+            seen, pattern = _as_llamacpp_sees(piece, expr)
+            at = 0
+            for m in regex.finditer(pattern, seen):
+                assert m.end() > m.start(), (expr, piece)
+                if m.start() > at:
+                    out.append(piece[at:m.start()])
+                out.append(piece[m.start():m.end()])
+                at = m.end()
+            if at < len(piece):
+                out.append(piece[at:])
+        pieces = out
+    return pieces
+
+
+def _byte_level(pieces):
+    to_chars = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    return ["".join(s for s, _ in to_chars.pre_tokenize_str(p)) for p in pieces]
+
+
+@pytest.mark.parametrize("name", sorted(PRE_TOKENIZERS))
+def test_pre_tokenizer_splits_as_llamacpp(name):
+    pre = PRE_TOKENIZERS[name]
+    ours = pre_tokenizer(pre)
+    for text in _fuzz_texts(150):
+        expected = llamacpp_split(text, pre.splits)
+        assert "".join(expected) == text
+        assert [s for s, _ in ours.pre_tokenize_str(text)] == _byte_level(expected), (name, text)
+
+
+def test_multi_regex_pre_tokenizers_split_in_turn():
+    """A few splits worked by hand from llama.cpp's regex lists, so the model above is checked too."""
+    assert llamacpp_split("ab12345 c", PRE_TOKENIZERS["starcoder"].splits) == ["ab", "1", "2", "3", "4", "5", " c"]
+    assert llamacpp_split("x 1234567", PRE_TOKENIZERS["deepseek-v3"].splits) == ["x", " ", "123", "456", "7"]
+    assert llamacpp_split("a ~é x~~+y", PRE_TOKENIZERS["deepseek-v3"].splits) == ["a", " ~", "é", " x", "~~+", "y"]
+    # U+3000 is whitespace to llama.cpp: \s takes it, no literal class does (over the real text, the
+    # punctuation class and then the CJK class would keep all three characters together).
+    assert llamacpp_split("。\u3000。", PRE_TOKENIZERS["deepseek-llm"].splits) == ["。", "\u3000", "。"]
+    assert llamacpp_split("A 1234!", PRE_TOKENIZERS["falcon"].splits) == ["A", " ", "123", "4", "!"]
+    assert llamacpp_split("x 1234", PRE_TOKENIZERS["default"].splits) == ["x", " ", "123", "4"]
+
+
+def _bpe_reference(pieces, vocab, ranks):
+    """Plain byte-level BPE over pre-split pieces: the lowest-ranked adjacent pair merges first."""
+    ids = []
+    for piece in _byte_level(pieces):
+        parts = list(piece)
+        while True:
+            pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            rank, i = min(pairs, default=(len(ranks), 0))
+            if rank == len(ranks):
+                break
+            parts[i: i + 2] = [parts[i] + parts[i + 1]]
+        ids += [vocab[p] for p in parts]
+    return ids
+
+
+@pytest.mark.parametrize("name", ["deepseek-llm", "starcoder"])
+def test_multi_regex_gguf_vocabulary_encodes_as_llamacpp(tmp_path, name):
+    """A byte-level vocabulary written with a multi-regex `tokenizer.ggml.pre` encodes as llama.cpp's
+    split followed by plain BPE does."""
+    corpus = [TEXT * 3, *PRE_SAMPLES * 3]
+    source = Tokenizer.train(corpus, vocab_size=600)
+    spec = json.loads(source._tok.to_str())["model"]
+    tokens = [t for t, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["merges"]]
+
+    def put(writer):
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(name)
+        writer.add_token_list(tokens)
+        writer.add_token_types([1] * len(tokens))
+        writer.add_token_merges(merges)
+
+    tok = tokenizer_from_gguf(_read(_write_vocab(tmp_path / "v.gguf", put)), "v.gguf")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
+    for text in [*PRE_SAMPLES, TEXT]:
+        expected = _bpe_reference(llamacpp_split(text, PRE_TOKENIZERS[name].splits), vocab, ranks)
+        assert tok.encode(text) == expected, text
+        assert tok.decode(expected) == text
+
+
+def test_llama3_pieces_in_the_vocabulary_skip_merges_and_bos_leads(tmp_path):
+    """llama.cpp's llama-bpe takes a piece that is a token whole (ignore_merges) and puts BOS first."""
+    tokens = ["<|begin_of_text|>", "a", "b", "c", "ab", "abc"]
+
+    def put(pre):
+        def write(writer):
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre(pre)
+            writer.add_token_list(tokens)
+            writer.add_token_types([3, 1, 1, 1, 1, 1])
+            writer.add_token_merges(["a b"])  # "abc" is not reachable by merges
+            writer.add_bos_token_id(0)
+        return write
+
+    llama3 = tokenizer_from_gguf(_read(_write_vocab(tmp_path / "l.gguf", put("llama-bpe"))), "l.gguf")
+    gpt2 = tokenizer_from_gguf(_read(_write_vocab(tmp_path / "g.gguf", put("gpt-2"))), "g.gguf")
+    assert llama3.encode("abc") == [0, 5]
+    assert gpt2.encode("abc") == [4, 3]
+
+
+_SPLIT_MAIN = r"""
+#include "unicode.h"
+#include <fstream>
+#include <iostream>
+#include <sstream>
+// argv[1], argv[2]: NUL-terminated regexes and texts; prints each text's pieces, \x01 after each, \0 after each text.
+static std::vector<std::string> parts(const char * path) {
+    std::stringstream all;
+    all << std::ifstream(path, std::ios::binary).rdbuf();
+    std::vector<std::string> out;
+    for (std::string item; std::getline(all, item, '\0');) out.push_back(item);
+    return out;
+}
+int main(int, char ** argv) {
+    const auto exprs = parts(argv[1]);
+    for (const auto & text : parts(argv[2])) {
+        for (const auto & piece : unicode_regex_split(text, exprs, true)) std::cout << piece << '\x01';
+        std::cout << '\0';
+    }
+}
+"""
+
+
+def _fuzz_texts(count, seed=0):
+    rng = random.Random(seed)
+    alphabet = [*"abXYZ019 _'!?.,;:~$+<=>^`|-()[]{}/\\\"#%&*@", " ", "  ", "   ", "\t", "\n", "\r\n", "\n\n",
+                *"\u3000\u00a0\u2003\x0b\x0c\x85\u2028\u200b数字汉カタひら한국🙂é\u0301ÉΩKΐＡａ！？…。，、١٢३½Ⅷ²ǅᾈ",
+                "'s", "'T", "'ll", "DON'T", "IMGIMGABZ", "<sentinel:3>", "12345678"]
+    random_texts = ("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(count))
+    return [*PRE_SAMPLES, TEXT, *random_texts]
+
+
+@pytest.mark.skipif(not os.environ.get("PYRAMOE_LLAMACPP_SRC"), reason="PYRAMOE_LLAMACPP_SRC (llama.cpp src/) unset")
+def test_pre_tokenizers_split_as_llamacpp_itself(tmp_path):
+    """llama.cpp's own `unicode_regex_split`, compiled from the source tree PYRAMOE_LLAMACPP_SRC names
+    (llama.cpp's src/ directory), splits every name's regex list as our pre-tokenizer does."""
+    src = os.environ["PYRAMOE_LLAMACPP_SRC"]
+    (tmp_path / "split.cpp").write_text(_SPLIT_MAIN)
+    subprocess.run(["g++", "-O1", "-std=c++17", f"-I{src}", str(tmp_path / "split.cpp"), f"{src}/unicode.cpp",
+                    f"{src}/unicode-data.cpp", "-o", str(tmp_path / "split")], check=True)
+    texts = _fuzz_texts(500)
+    (tmp_path / "texts").write_bytes(b"".join(t.encode() + b"\0" for t in texts))
+    for name, pre in sorted(PRE_TOKENIZERS.items()):
+        (tmp_path / "exprs").write_bytes(b"".join(e.encode() + b"\0" for e in pre.splits))
+        out = subprocess.run([str(tmp_path / "split"), str(tmp_path / "exprs"), str(tmp_path / "texts")],
+                             capture_output=True, check=True).stdout
+        theirs = [[p.decode() for p in chunk.split(b"\x01")[:-1]] for chunk in out.split(b"\0")[:-1]]
+        ours = pre_tokenizer(pre)
+        for text, pieces in zip(texts, theirs, strict=True):
+            assert [s for s, _ in ours.pre_tokenize_str(text)] == pieces, (name, text)
