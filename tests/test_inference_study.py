@@ -16,9 +16,9 @@ from pyramoe.experiments.inference_study import (
     inference_verdict,
     measure_inference,
     quality_equivalent,
-    speed_outcome,
 )
 from pyramoe.experiments.studies import Arm, Study
+from pyramoe.experiments.verdicts import speed_outcome, speedup_interval
 from pyramoe.models import GPT
 
 
@@ -66,11 +66,21 @@ def timing(moe_ms: dict[int, list[float]], dense_ms: dict[int, list[float]], nam
             "prefill": prefill, "dtype": "bfloat16", "threads": 2, "machine": "test machine", "load_before": [0.1]}
 
 
-def test_speed_outcome_needs_the_quartiles_clear_of_one():
-    assert speed_outcome([1.2, 1.3, 1.25, 1.4, 1.22]) == "holds"
-    assert speed_outcome([0.6, 0.7, 0.65, 0.8, 0.7]) == "contradicted"
-    assert speed_outcome([0.8, 1.2, 0.9, 1.1, 1.3]) == "inconclusive"
-    assert speed_outcome([2.0]) == "inconclusive"  # one round is no verdict
+def test_speed_outcome_needs_the_interval_clear_of_the_threshold():
+    assert speed_outcome([1.2, 1.3, 1.25, 1.4, 1.22], 1.0) == "holds"
+    assert speed_outcome([1.2, 1.3, 1.25, 1.4, 1.22], 1.3) == "inconclusive"
+    assert speed_outcome([0.6, 0.7, 0.65, 0.8, 0.7], 1.0) == "contradicted"
+    assert speed_outcome([0.8, 1.2, 0.9, 1.1, 1.3], 1.0) == "inconclusive"
+    assert speed_outcome([2.0], 1.0) == "inconclusive"  # one round is no verdict
+
+
+def test_speedup_interval_is_a_geometric_mean_with_a_bootstrap_interval():
+    interval = speedup_interval([2.0, 0.5, 2.0, 0.5])
+    assert interval["speedup"] == pytest.approx(1.0)  # ratios cancel in log space
+    assert interval["low"] < 1.0 < interval["high"]
+    tight = speedup_interval([1.2] * 9 + [1.21])
+    assert 1.2 <= tight["low"] <= tight["speedup"] <= tight["high"] <= 1.21
+    assert speedup_interval([1.5]) is None
 
 
 def test_verdict_per_batch_against_the_quality_equivalent_arm():
@@ -78,7 +88,7 @@ def test_verdict_per_batch_against_the_quality_equivalent_arm():
     fast_b1 = timing({1: [2.0] * 5, 16: [6.0, 6.1, 5.9, 6.0, 6.2]}, {1: [3.0] * 5, 16: [4.0] * 5})
     verdict = add_inference(summary, "moe-8", fast_b1)["verdict"]
     assert "batch 1: holds" in verdict and "batch 16: contradicted" in verdict
-    assert "1.50x as fast as dense-ff1.5x" in verdict and "0.67x" in verdict
+    assert "1.50x as fast as dense-ff1.5x" in verdict and "0.66x as fast" in verdict
     # Slower at batch 1 turns it round.
     slow_b1 = timing({1: [4.0] * 5, 16: [3.0] * 5}, {1: [3.0] * 5, 16: [4.0] * 5})
     verdict = add_inference(summary, "moe-8", slow_b1)["verdict"]

@@ -15,9 +15,10 @@ What is compared:
    other load on the machine slows each alike). Decode step time is (t(N new tokens) - t(1)) / (N - 1),
    so prefill is excluded; per-token latency is that step time, throughput B / step time. Medians
    over rounds; the MoE's speedup over a dense arm is judged per round (dense time / MoE time).
-3. Verdict per batch (`speed_verdict`): holds when the lower quartile of the per-round speedups over
-   the quality-equivalent dense is above 1, contradicted when the upper quartile is below 1,
-   inconclusive otherwise, or when no dense arm reached the MoE's loss.
+3. Verdict per batch (`batch_verdicts`): the per-round speedups over the quality-equivalent dense
+   (geometric mean, 95% bootstrap interval over the rounds: `verdicts.speed_outcome`): holds when the
+   interval lies above 1, contradicted when below 1, inconclusive otherwise, or when no dense arm
+   reached the MoE's loss.
 
 Why (stated with the numbers, `decode_bytes`): a decode step reads the weights it uses. At batch 1
 the MoE reads top-k of E experts per MoE layer; at batch 16 its tokens together pick most experts, so
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 
 from pyramoe.bench.common import decode_bytes, timed
-from pyramoe.experiments.verdicts import CONTRADICTED, HOLDS, INCONCLUSIVE
+from pyramoe.experiments.verdicts import INCONCLUSIVE, describe_speedup, speed_outcome
 from pyramoe.tables import format_table
 
 BATCHES = (1, 16)
@@ -203,18 +204,6 @@ def speedups(timing: dict[str, Any], batch: int, moe: str, dense: str) -> list[f
     return [d / m for d, m in zip(arms[dense]["step_ms"], arms[moe]["step_ms"])]
 
 
-def speed_outcome(values: list[float]) -> str:
-    """holds: lower quartile of the per-round speedups above 1; contradicted: upper quartile below 1."""
-    if len(values) < 2:
-        return INCONCLUSIVE
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    if q1 > 1.0:
-        return HOLDS
-    if q3 < 1.0:
-        return CONTRADICTED
-    return INCONCLUSIVE
-
-
 # -- the verdict -----------------------------------------------------------------------------------------------
 
 
@@ -229,8 +218,9 @@ def batch_verdicts(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
             out[str(batch)] = {"outcome": INCONCLUSIVE, "speedup": None}
             continue
         values = speedups(timing, batch, moe, chosen)
-        out[str(batch)] = {"outcome": speed_outcome(values), "speedup": statistics.median(values),
-                           "min": min(values), "max": max(values), "rounds": len(values)}
+        out[str(batch)] = {"outcome": speed_outcome(values, 1.0), "speedup": statistics.median(values),
+                           "min": min(values), "max": max(values), "rounds": len(values),
+                           "described": describe_speedup(values, f"{moe} decodes").format(other=chosen)}
     return out
 
 
@@ -247,8 +237,7 @@ def inference_verdict(summary: dict[str, Any]) -> str:
                 "train a larger dense arm")
     parts = []
     for batch, v in batch_verdicts(summary).items():
-        parts.append(f"batch {batch}: {v['outcome']} ({qe['moe']} decodes {v['speedup']:.2f}x as fast as "
-                     f"{qe['arm']}, per-round {v['min']:.2f}-{v['max']:.2f})")
+        parts.append(f"batch {batch}: {v['outcome']} ({v['described']})")
     return "MoE faster than quality-equivalent dense at " + "; ".join(parts)
 
 

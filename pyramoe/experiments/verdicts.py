@@ -13,9 +13,11 @@ arms are *on par* when the interval lies within the tolerance.
 Without them (runs from before per-batch losses were recorded) the seed rule stands: at least
 MIN_SEEDS seeds, every paired difference of the expected sign and their mean larger than their spread.
 
-Step time is judged on the per-round speedups of one interleaved timing run against the claim's own
-threshold (e.g. "more than 10% faster" is 1.10): holds when the lower quartile of the rounds' speedups
-is at or above it, contradicted when the upper quartile is below it, inconclusive otherwise.
+Step time is judged on the per-round speedups of one interleaved timing run (each round times both
+arms back to back, so a round's ratio is one paired measurement) against the claim's own threshold
+(e.g. "more than 10% faster" is 1.10): the speedup is the geometric mean of the rounds' ratios, with a
+95% interval from a bootstrap over the rounds (`speedup_interval`); holds when the interval lies at or
+above the threshold, contradicted when it lies below, inconclusive otherwise.
 
 Zero-shot accuracy is judged by the same rules on the paired differences of the mean accuracy over the
 local tasks (expected-better arm minus the other: positive is the expected direction, as higher is
@@ -157,15 +159,40 @@ def loss_verdict(better: str, worse: str, paired: dict[str, Any]) -> str:
     return f"{INCONCLUSIVE}: {why}; {detail}"
 
 
-def speed_outcome(speedups: list[float], threshold: float) -> str:
+def speedup_interval(speedups: Sequence[float], iters: int = BOOTSTRAP_ITERS, seed: int = 0) -> dict[str, Any] | None:
+    """The geometric mean of per-round speedups with its CONFIDENCE interval from a bootstrap over the
+    rounds (ratios average in log space: 2x and 0.5x cancel). None for fewer than 2 rounds."""
     if len(speedups) < 2:
+        return None
+    logs = np.log(np.asarray(speedups, dtype=np.float64))
+    draws = logs[np.random.default_rng(seed).integers(0, len(logs), size=(iters, len(logs)))].mean(axis=1)
+    tail = (1 - CONFIDENCE) / 2 * 100
+    low, high = np.exp(np.percentile(draws, [tail, 100 - tail]))
+    return {"speedup": float(np.exp(logs.mean())), "low": float(low), "high": float(high),
+            "confidence": CONFIDENCE, "rounds": len(speedups), "min": min(speedups), "max": max(speedups)}
+
+
+def speed_outcome(speedups: Sequence[float], threshold: float) -> str:
+    """holds when the speedup's interval is at or above `threshold`, contradicted when below it."""
+    interval = speedup_interval(speedups)
+    if interval is None:
         return INCONCLUSIVE
-    q1, _, q3 = statistics.quantiles(speedups, n=4, method="inclusive")
-    if q1 >= threshold:
+    if interval["low"] >= threshold:
         return HOLDS
-    if q3 < threshold:
+    if interval["high"] < threshold:
         return CONTRADICTED
     return INCONCLUSIVE
+
+
+def describe_speedup(speedups: Sequence[float], subject: str) -> str:
+    """'SUBJECT 1.23x as fast as ... (95% interval ...)' minus the other arm: callers append it."""
+    interval = speedup_interval(speedups)
+    if interval is None:
+        rounds = f"{len(speedups)} interleaved round(s), too few for an interval"
+        return f"{subject} {speedups[0] if speedups else float('nan'):.2f}x as fast as {{other}} ({rounds})"
+    return (f"{subject} {interval['speedup']:.2f}x as fast as {{other}} ({interval['confidence']:.0%} interval "
+            f"[{interval['low']:.2f}, {interval['high']:.2f}]: geometric mean of {interval['rounds']} interleaved "
+            f"rounds, per round {interval['min']:.2f}-{interval['max']:.2f})")
 
 
 def step_time_verdict(better: str, worse: str, speedups: list[float], threshold: float,
@@ -173,10 +200,10 @@ def step_time_verdict(better: str, worse: str, speedups: list[float], threshold:
     """Speed on the interleaved rounds' speedups (worse time / better time); quality must not be worse."""
     speed = speed_outcome(speedups, threshold)
     loss = quality(paired)
-    median = statistics.median(speedups) if speedups else float("nan")
     outcome = CONTRADICTED if loss == "worse" else speed
-    return (f"{outcome}: {better} steps {median:.2f}x as fast as {worse} (median of {len(speedups)} interleaved "
-            f"rounds; claim: >= {threshold:.2f}x); its validation loss is {loss} ({describe_paired(paired)})")
+    speed = describe_speedup(speedups, f"{better} steps").format(other=worse)
+    return (f"{outcome}: {speed} (claim: >= {threshold:.2f}x); its validation loss is {loss} "
+            f"({describe_paired(paired)})")
 
 
 def fewer_params_verdict(better: str, worse: str, params: tuple[int, int], paired: dict[str, Any]) -> str:
