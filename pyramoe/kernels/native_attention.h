@@ -1,6 +1,7 @@
 // Attention of the native step (see native.cpp): each row's query heads over its slot's cached
 // keys [0, pos], read through the paged block table as they are stored (bf16, fp32, or int8 rows
-// with one fp32 scale each: a row is widened to fp32 and multiplied by its scale where it is read).
+// with one fp32 scale each: a row is widened to fp32 and multiplied by its scale where it is read;
+// on CPUs with AVX512-VNNI the int8 keys are multiplied as integers, see attend_part_vnni).
 //
 // Why this shape: the two-pass kernel before it (all scores, then the softmax, then the values)
 // reduced every key's dot product horizontally and kept a row's scores in a buffer as long as the
@@ -391,12 +392,18 @@ void attend_part_vnni(const PmModel &m, const PmLayer &L, const float *q, const 
     prefetch_rows(L, ahead, next, Dh, 1, Dh);
     const __mmask16 valid = __mmask16((1u << n) - 1);
     const int8_t *rows[kKeyTile];  // past n: the last row (scored, then masked out)
-    alignas(64) float ks[kKeyTile], vs[kKeyTile];
-    for (int64_t k = 0; k < kKeyTile; ++k) {
-      const int64_t a = at[std::min(k, n - 1)];
-      rows[k] = kc + a, ks[k] = L.k_scales[a / Dh], vs[k] = L.v_scales[a / Dh];
+    __m512 key_scales, value_scales;
+    if (one_block && n == kKeyTile) {  // 16 rows in a row, and their scales (a gather otherwise)
+      for (int64_t k = 0; k < kKeyTile; ++k) rows[k] = kc + at[0] + k * Dh;
+      key_scales = _mm512_loadu_ps(L.k_scales + at[0] / Dh), value_scales = _mm512_loadu_ps(L.v_scales + at[0] / Dh);
+    } else {
+      alignas(64) float ks[kKeyTile], vs[kKeyTile];
+      for (int64_t k = 0; k < kKeyTile; ++k) {
+        const int64_t a = at[std::min(k, n - 1)];
+        rows[k] = kc + a, ks[k] = L.k_scales[a / Dh], vs[k] = L.v_scales[a / Dh];
+      }
+      key_scales = _mm512_load_ps(ks), value_scales = _mm512_load_ps(vs);
     }
-    const __m512 key_scales = _mm512_load_ps(ks), value_scales = _mm512_load_ps(vs);
     __m512i kt[4 * C];
     for (int c = 0; c < C; ++c) keys_transposed(rows, c, kt + 4 * c);
     for (int64_t g = 0; g < G; ++g) {
