@@ -1,6 +1,7 @@
 // Attention of the native step (see native.cpp): each row's query heads over its slot's cached
 // keys [0, pos], read through the paged block table as they are stored (bf16, fp32, or int8 rows
-// with one fp32 scale each: a row is widened to fp32 and multiplied by its scale where it is read).
+// with one fp32 scale each: a row is widened to fp32 and multiplied by its scale where it is read;
+// on CPUs with AVX512-VNNI the int8 keys are multiplied as integers, see attend_part_vnni).
 //
 // Why this shape: the two-pass kernel before it (all scores, then the softmax, then the values)
 // reduced every key's dot product horizontally and kept a row's scores in a buffer as long as the
@@ -45,6 +46,8 @@ inline int64_t part_floats(const PmModel &m) {
 
 // A thread's scratch: the tile's keys and values in fp32 (the AVX512 kernel widens values in
 // registers), the G heads' probabilities for the tile, the scaled queries, the G heads' 16-lane sums.
+// The VNNI kernel (int8 cache) takes less: the probabilities, the sums, a scale, 3 correction
+// words and 3 bytes per query dim per head.
 inline int64_t tile_floats(const PmModel &m) {
   const int64_t G = m.n_heads / m.n_kv_heads, Dh = m.head_dim;
   return round16(2 * kKeyTile * Dh + G * kKeyTile + G * Dh + G * 16);
@@ -300,6 +303,166 @@ void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, cons
 }
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// int8 cache, VNNI: the scores as integer dot products (vpdpbusd, 64 byte products into 16 int32
+// lanes per instruction) over the key rows as stored, the values as in attend_part_avx512 (fp32
+// weights times widened rows). Each query head is quantized once per part to kQueryBytes signed
+// bytes per dim (24 bits, one scale: q = sum of byte b 256^b); keys are made unsigned (k + 128, an
+// XOR: exact), and each byte plane's 128 sum(q_b) is subtracted, so a plane's int32 sum is k . q_b
+// exactly. A score then differs from the fp32 kernel's by the query's rounding, about
+// max|q| / 2^24 per dim at most (fp32's own rounding is 2^-24 of each product): the tests' 2e-5 agreement
+// with the PyTorch step, which scores with fp32 queries, still holds. Fewer bytes take fewer
+// products (one: a third), but a score then moves by up to about max|q| / 2^(8 bytes) per dim: with
+// 16-bit queries (and 16-bit softmax weights) tests/test_kv_cache_int8.py's logits left the PyTorch
+// step's by 2.2e-5 at head width 64, past its 2e-5 (run over the emulation in tests/native_emulated).
+constexpr int kQueryBytes = 3;
+
+// Bytes 16 c .. 16 c + 15 of the 16 rows: 4 vectors whose lane k holds row k's 4 bytes 16 c + 4 i ..,
+// as unsigned (+128). Lanes of 128 bits carry rows k, k + 4, k + 8, k + 12; a 4 x 4 transpose of
+// 32-bit words within each lane puts row 4 l + a's word i at lane 4 l + a of vector i.
+inline void keys_transposed(const int8_t *const *rows, int c, __m512i *kt) {
+  __m512i a[4];
+  for (int i = 0; i < 4; ++i) {
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i *>(rows[i] + 16 * c)));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i *>(rows[i + 4] + 16 * c)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i *>(rows[i + 8] + 16 * c)), 2);
+    a[i] = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i *>(rows[i + 12] + 16 * c)), 3);
+  }
+  const __m512i t0 = _mm512_unpacklo_epi32(a[0], a[1]), t1 = _mm512_unpackhi_epi32(a[0], a[1]);
+  const __m512i t2 = _mm512_unpacklo_epi32(a[2], a[3]), t3 = _mm512_unpackhi_epi32(a[2], a[3]);
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  kt[0] = _mm512_xor_si512(_mm512_unpacklo_epi64(t0, t2), flip);
+  kt[1] = _mm512_xor_si512(_mm512_unpackhi_epi64(t0, t2), flip);
+  kt[2] = _mm512_xor_si512(_mm512_unpacklo_epi64(t1, t3), flip);
+  kt[3] = _mm512_xor_si512(_mm512_unpackhi_epi64(t1, t3), flip);
+}
+
+// attend_part_avx512<C, kKvInt8> with the scores above: the same tiles, online softmax, slack and
+// value loop; no key row is widened and no tile needs sum_lanes16 (a tile's lanes are its keys).
+template <int C>
+void attend_part_vnni(const PmModel &m, const PmLayer &L, const float *q, const int64_t *blocks, int64_t h,
+                      int64_t first, int64_t end, float scale, float *scratch, float *part) {
+  constexpr int64_t Dh = 16 * C;
+  constexpr int64_t kHeadsAtOnce = C >= 8 ? 2 : 16 / C;
+  constexpr int32_t kQMax = 127 << (8 * (kQueryBytes - 1));  // the top byte stays in [-127, 127]
+  const int64_t G = m.n_heads / m.n_kv_heads;
+  float *probs = scratch, *sums = probs + G * kKeyTile;  // [G][16] each
+  float *qscale = sums + G * 16;                         // [G]
+  int32_t *qcorr = reinterpret_cast<int32_t *>(qscale + G);              // [G][kQueryBytes]
+  int8_t *qbytes = reinterpret_cast<int8_t *>(qcorr + kQueryBytes * G);  // [G][kQueryBytes][Dh]
+  float *out = part, *run_max = part + G * Dh, *run_sum = run_max + G;
+  for (int64_t g = 0; g < G; ++g) {
+    const float *qg = q + g * Dh;
+    float top = 0.0f;
+    for (int64_t d = 0; d < Dh; ++d) top = std::max(top, std::fabs(qg[d]));
+    const float s = top / float(kQMax), inv = s > 0.0f ? 1.0f / s : 0.0f;
+    int32_t totals[kQueryBytes] = {};
+    for (int64_t d = 0; d < Dh; ++d) {
+      int32_t v = std::min(kQMax, std::max(-kQMax, int32_t(std::nearbyint(qg[d] * inv))));
+      for (int b = 0; b < kQueryBytes; ++b) {  // each byte in [-128, 127], the last in [-127, 127]
+        const int32_t low = b + 1 < kQueryBytes ? ((v + 128) & 255) - 128 : v;
+        qbytes[(g * kQueryBytes + b) * Dh + d] = int8_t(low), totals[b] += low;
+        v = (v - low) / 256;
+      }
+    }
+    qscale[g] = s * scale;
+    for (int b = 0; b < kQueryBytes; ++b) qcorr[g * kQueryBytes + b] = 128 * totals[b];
+    run_max[g] = -INFINITY;
+    _mm512_storeu_ps(sums + 16 * g, _mm512_setzero_ps());
+    for (int64_t d = 0; d < Dh; ++d) out[g * Dh + d] = 0.0f;
+  }
+  int64_t at[kKeyTile], ahead[kKeyTile];
+  assert(first % kKeyTile == 0);
+  const bool one_block = m.block_shift >= 0 && m.block_size % kKeyTile == 0;
+  auto offsets = [&](int64_t t, int64_t *dst) {
+    const int64_t n = std::min(kKeyTile, end - t);
+    if (one_block) {
+      const int64_t at0 = cache_row(m, blocks, h, t);
+      for (int64_t k = 0; k < n; ++k) dst[k] = at0 + k * Dh;
+    } else {
+      for (int64_t k = 0; k < n; ++k) dst[k] = cache_row(m, blocks, h, t + k);
+    }
+    return n;
+  };
+  const int8_t *kc = static_cast<const int8_t *>(L.k_cache);
+  int64_t n = offsets(first, at);
+  prefetch_rows(L, at, n, Dh, 1, Dh);
+  for (int64_t t = first; t < end; t += kKeyTile) {
+    const int64_t next = t + kKeyTile < end ? offsets(t + kKeyTile, ahead) : 0;
+    prefetch_rows(L, ahead, next, Dh, 1, Dh);
+    const __mmask16 valid = __mmask16((1u << n) - 1);
+    const int8_t *rows[kKeyTile];  // past n: the last row (scored, then masked out)
+    __m512 key_scales, value_scales;
+    if (one_block && n == kKeyTile) {  // 16 rows in a row, and their scales (a gather otherwise)
+      for (int64_t k = 0; k < kKeyTile; ++k) rows[k] = kc + at[0] + k * Dh;
+      key_scales = _mm512_loadu_ps(L.k_scales + at[0] / Dh), value_scales = _mm512_loadu_ps(L.v_scales + at[0] / Dh);
+    } else {
+      alignas(64) float ks[kKeyTile], vs[kKeyTile];
+      for (int64_t k = 0; k < kKeyTile; ++k) {
+        const int64_t a = at[std::min(k, n - 1)];
+        rows[k] = kc + a, ks[k] = L.k_scales[a / Dh], vs[k] = L.v_scales[a / Dh];
+      }
+      key_scales = _mm512_load_ps(ks), value_scales = _mm512_load_ps(vs);
+    }
+    __m512i kt[4 * C];
+    for (int c = 0; c < C; ++c) keys_transposed(rows, c, kt + 4 * c);
+    for (int64_t g = 0; g < G; ++g) {
+      __m512i acc[kQueryBytes][2];  // two chains per plane
+      for (int b = 0; b < kQueryBytes; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_si512();
+      for (int i = 0; i < 4 * C; ++i)
+        for (int b = 0; b < kQueryBytes; ++b) {
+          int32_t word;
+          std::memcpy(&word, qbytes + (g * kQueryBytes + b) * Dh + 4 * i, 4);
+          acc[b][i % 2] = _mm512_dpbusd_epi32(acc[b][i % 2], kt[i], _mm512_set1_epi32(word));
+        }
+      // Planes from the top: |k . q_b| < 2^22 (head width 128), so each is exact in fp32 and so is
+      // its product by 256^b; only the sum rounds.
+      __m512 dots = _mm512_setzero_ps();
+      for (int b = kQueryBytes - 1; b >= 0; --b) {
+        const __m512i plane = _mm512_sub_epi32(_mm512_add_epi32(acc[b][0], acc[b][1]),
+                                               _mm512_set1_epi32(qcorr[g * kQueryBytes + b]));
+        dots = _mm512_fmadd_ps(dots, _mm512_set1_ps(256.0f), _mm512_cvtepi32_ps(plane));
+      }
+      const __m512 scores = _mm512_mul_ps(dots, _mm512_mul_ps(_mm512_set1_ps(qscale[g]), key_scales));
+      __m512 top = _mm512_set1_ps(run_max[g]);
+      if (_mm512_mask_cmp_ps_mask(valid, scores, _mm512_add_ps(top, _mm512_set1_ps(kMaxSlack)), _CMP_GT_OQ)) {
+        const float raised = std::max(run_max[g], _mm512_mask_reduce_max_ps(valid, scores));
+        const __m512 factor = _mm512_set1_ps(std::exp(run_max[g] - raised));  // exp(-inf) = 0 at the first tile
+        run_max[g] = raised;
+        top = _mm512_set1_ps(raised);
+        _mm512_storeu_ps(sums + 16 * g, _mm512_mul_ps(_mm512_loadu_ps(sums + 16 * g), factor));
+        for (int c = 0; c < C; ++c)
+          _mm512_storeu_ps(out + g * Dh + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(out + g * Dh + 16 * c), factor));
+      }
+      const __m512 x = _mm512_sub_ps(scores, top);
+      const __mmask16 live = _mm512_mask_cmp_ps_mask(valid, x, _mm512_set1_ps(kNegligible), _CMP_GT_OQ);
+      const __m512 p = _mm512_maskz_mov_ps(live, exp16(x));
+      _mm512_storeu_ps(sums + 16 * g, _mm512_add_ps(_mm512_loadu_ps(sums + 16 * g), p));
+      _mm512_storeu_ps(probs + g * kKeyTile, _mm512_mul_ps(p, value_scales));  // the weights carry the value scales
+    }
+    for (int64_t g0 = 0; g0 < G; g0 += kHeadsAtOnce) {  // each value row widened once per kHeadsAtOnce heads
+      const int64_t heads = std::min<int64_t>(kHeadsAtOnce, G - g0);
+      __m512 acc[kHeadsAtOnce][C];
+      for (int64_t i = 0; i < heads; ++i)
+        for (int c = 0; c < C; ++c) acc[i][c] = _mm512_loadu_ps(out + (g0 + i) * Dh + 16 * c);
+      for (int64_t k = 0; k < n; ++k) {
+        __m512 v[C];
+        load_row<C, kKvInt8>(L.v_cache, at[k], v);
+        for (int64_t i = 0; i < heads; ++i) {
+          const __m512 w = _mm512_set1_ps(probs[(g0 + i) * kKeyTile + k]);
+          for (int c = 0; c < C; ++c) acc[i][c] = _mm512_fmadd_ps(w, v[c], acc[i][c]);
+        }
+      }
+      for (int64_t i = 0; i < heads; ++i)
+        for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + (g0 + i) * Dh + 16 * c, acc[i][c]);
+    }
+    n = next;
+    std::copy(ahead, ahead + next, at);
+  }
+  for (int64_t g = 0; g < G; ++g) run_sum[g] = _mm512_reduce_add_ps(_mm512_loadu_ps(sums + 16 * g));
+}
+#endif
+
 // The same for any head width, plain loops (CPUs without AVX512, widths not a multiple of 16).
 void attend_part_portable(const PmModel &m, const PmLayer &L, const float *q, const int64_t *blocks, int64_t h,
                           int64_t first, int64_t end, float scale, float *scratch, float *part) {
@@ -336,8 +499,13 @@ void attend_part(const PmModel &m, const PmLayer &L, const float *q, const int64
                  int64_t end, float scale, float *scratch, float *part) {
 #if defined(__AVX512F__)
 #define ARGS m, L, q, blocks, h, first, end, scale, scratch, part
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define INT8_KERNEL(C) attend_part_vnni<C>(ARGS)
+#else
+#define INT8_KERNEL(C) attend_part_avx512<C, kKvInt8>(ARGS)
+#endif
 #define KINDS(C)                                                                         \
-  (m.kv_int8 ? attend_part_avx512<C, kKvInt8>(ARGS)                                      \
+  (m.kv_int8 ? INT8_KERNEL(C)                                                            \
    : m.bf16  ? attend_part_avx512<C, kKvBf16>(ARGS)                                      \
              : attend_part_avx512<C, kKvF32>(ARGS))
   switch (m.head_dim) {
@@ -351,6 +519,7 @@ void attend_part(const PmModel &m, const PmLayer &L, const float *q, const int64
     default: break;
   }
 #undef KINDS
+#undef INT8_KERNEL
 #undef ARGS
 #endif
   attend_part_portable(m, L, q, blocks, h, first, end, scale, scratch, part);
