@@ -191,6 +191,31 @@ inline void prefetch_rows(const PmLayer &L, const int64_t *at, int64_t n, int64_
   }
 }
 
+// out[g] += sum over the tile's n keys of probs[g][k] * value row k, for G query heads; each value row is
+// widened in registers once per kHeadsAtOnce heads, whose outputs stay in registers over the tile.
+template <int C, KvKind KV>
+inline void accumulate_values(const PmLayer &L, const int64_t *at, int64_t n, const float *probs, int64_t G,
+                              float *out) {
+  constexpr int64_t Dh = 16 * C;
+  constexpr int64_t kHeadsAtOnce = C >= 8 ? 2 : 16 / C;  // their outputs (and a value row) fit the 32 registers
+  for (int64_t g0 = 0; g0 < G; g0 += kHeadsAtOnce) {
+    const int64_t heads = std::min<int64_t>(kHeadsAtOnce, G - g0);
+    __m512 acc[kHeadsAtOnce][C];
+    for (int64_t i = 0; i < heads; ++i)
+      for (int c = 0; c < C; ++c) acc[i][c] = _mm512_loadu_ps(out + (g0 + i) * Dh + 16 * c);
+    for (int64_t k = 0; k < n; ++k) {
+      __m512 v[C];
+      load_row<C, KV>(L.v_cache, at[k], v);
+      for (int64_t i = 0; i < heads; ++i) {
+        const __m512 w = _mm512_set1_ps(probs[(g0 + i) * kKeyTile + k]);
+        for (int c = 0; c < C; ++c) acc[i][c] = _mm512_fmadd_ps(w, v[c], acc[i][c]);
+      }
+    }
+    for (int64_t i = 0; i < heads; ++i)
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + (g0 + i) * Dh + 16 * c, acc[i][c]);
+  }
+}
+
 // Keys [first, end) of head h for its G query heads, head width 16 C: the part's (output, max, sum).
 // Per tile of 16 keys: each key row is read and widened once for all G query heads (into `keys`, in
 // load_row's order; the scaled queries are permuted to match and the output back at the end); a
@@ -201,7 +226,6 @@ template <int C, KvKind KV>
 void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, const int64_t *blocks, int64_t h,
                         int64_t first, int64_t end, float scale, float *scratch, float *part) {
   constexpr int64_t Dh = 16 * C, elem = KV == kKvBf16 ? 2 : KV == kKvInt8 ? 1 : 4;
-  constexpr int64_t kHeadsAtOnce = C >= 8 ? 2 : 16 / C;  // their outputs (and a value row) fit the 32 registers
   const int64_t G = m.n_heads / m.n_kv_heads;
   float *keys = scratch, *values = keys + kKeyTile * Dh, *probs = values + kKeyTile * Dh, *qs = probs + G * kKeyTile;
   float *out = part, *run_max = part + G * Dh, *run_sum = run_max + G;
@@ -273,22 +297,7 @@ void attend_part_avx512(const PmModel &m, const PmLayer &L, const float *q, cons
       // int8: the weights carry the value rows' scales (the sum does not).
       _mm512_storeu_ps(probs + g * kKeyTile, KV == kKvInt8 ? _mm512_mul_ps(p, value_scales) : p);
     }
-    for (int64_t g0 = 0; g0 < G; g0 += kHeadsAtOnce) {  // each value row widened once per kHeadsAtOnce heads
-      const int64_t heads = std::min<int64_t>(kHeadsAtOnce, G - g0);
-      __m512 acc[kHeadsAtOnce][C];
-      for (int64_t i = 0; i < heads; ++i)
-        for (int c = 0; c < C; ++c) acc[i][c] = _mm512_loadu_ps(out + (g0 + i) * Dh + 16 * c);
-      for (int64_t k = 0; k < n; ++k) {
-        __m512 v[C];
-        load_row<C, KV>(L.v_cache, at[k], v);
-        for (int64_t i = 0; i < heads; ++i) {
-          const __m512 p = _mm512_set1_ps(probs[(g0 + i) * kKeyTile + k]);
-          for (int c = 0; c < C; ++c) acc[i][c] = _mm512_fmadd_ps(p, v[c], acc[i][c]);
-        }
-      }
-      for (int64_t i = 0; i < heads; ++i)
-        for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + (g0 + i) * Dh + 16 * c, acc[i][c]);
-    }
+    accumulate_values<C, KV>(L, at, n, probs, G, out);
     n = next;
     std::copy(ahead, ahead + next, at);
   }
@@ -343,7 +352,6 @@ template <int C>
 void attend_part_vnni(const PmModel &m, const PmLayer &L, const float *q, const int64_t *blocks, int64_t h,
                       int64_t first, int64_t end, float scale, float *scratch, float *part) {
   constexpr int64_t Dh = 16 * C;
-  constexpr int64_t kHeadsAtOnce = C >= 8 ? 2 : 16 / C;
   constexpr int32_t kQMax = 127 << (8 * (kQueryBytes - 1));  // the top byte stays in [-127, 127]
   const int64_t G = m.n_heads / m.n_kv_heads;
   float *probs = scratch, *sums = probs + G * kKeyTile;  // [G][16] each
@@ -440,22 +448,7 @@ void attend_part_vnni(const PmModel &m, const PmLayer &L, const float *q, const 
       _mm512_storeu_ps(sums + 16 * g, _mm512_add_ps(_mm512_loadu_ps(sums + 16 * g), p));
       _mm512_storeu_ps(probs + g * kKeyTile, _mm512_mul_ps(p, value_scales));  // the weights carry the value scales
     }
-    for (int64_t g0 = 0; g0 < G; g0 += kHeadsAtOnce) {  // each value row widened once per kHeadsAtOnce heads
-      const int64_t heads = std::min<int64_t>(kHeadsAtOnce, G - g0);
-      __m512 acc[kHeadsAtOnce][C];
-      for (int64_t i = 0; i < heads; ++i)
-        for (int c = 0; c < C; ++c) acc[i][c] = _mm512_loadu_ps(out + (g0 + i) * Dh + 16 * c);
-      for (int64_t k = 0; k < n; ++k) {
-        __m512 v[C];
-        load_row<C, kKvInt8>(L.v_cache, at[k], v);
-        for (int64_t i = 0; i < heads; ++i) {
-          const __m512 w = _mm512_set1_ps(probs[(g0 + i) * kKeyTile + k]);
-          for (int c = 0; c < C; ++c) acc[i][c] = _mm512_fmadd_ps(w, v[c], acc[i][c]);
-        }
-      }
-      for (int64_t i = 0; i < heads; ++i)
-        for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + (g0 + i) * Dh + 16 * c, acc[i][c]);
-    }
+    accumulate_values<C, kKvInt8>(L, at, n, probs, G, out);
     n = next;
     std::copy(ahead, ahead + next, at);
   }
