@@ -293,10 +293,10 @@ def _bpe_reference(pieces, vocab, ranks):
     return ids
 
 
-@pytest.mark.parametrize("name", ["deepseek-llm", "starcoder"])
+@pytest.mark.parametrize("name", ["deepseek-llm", "starcoder", None])
 def test_multi_regex_gguf_vocabulary_encodes_as_llamacpp(tmp_path, name):
     """A byte-level vocabulary written with a multi-regex `tokenizer.ggml.pre` encodes as llama.cpp's
-    split followed by plain BPE does."""
+    split followed by plain BPE does; without the field, as llama.cpp's "default"."""
     corpus = [TEXT * 3, *PRE_SAMPLES * 3]
     source = Tokenizer.train(corpus, vocab_size=600)
     spec = json.loads(source._tok.to_str())["model"]
@@ -305,12 +305,14 @@ def test_multi_regex_gguf_vocabulary_encodes_as_llamacpp(tmp_path, name):
 
     def put(writer):
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(name)
+        if name:
+            writer.add_tokenizer_pre(name)
         writer.add_token_list(tokens)
         writer.add_token_types([1] * len(tokens))
         writer.add_token_merges(merges)
 
     tok = tokenizer_from_gguf(_read(_write_vocab(tmp_path / "v.gguf", put)), "v.gguf")
+    name = name or "default"
     vocab = {t: i for i, t in enumerate(tokens)}
     ranks = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
     for text in [*PRE_SAMPLES, TEXT]:

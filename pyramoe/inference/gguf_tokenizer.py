@@ -20,8 +20,8 @@ their own converters build them:
   come from Oniguruma's Unicode tables rather than llama.cpp's own, which agree on assigned
   characters of ordinary text. Names llama.cpp splits with hand-written code or whose vocabulary is
   not byte-level (`NOT_REPRODUCED`), and unknown names, are refused rather than guessed, since
-  another split tokenizes differently. A file without the field is read as "gpt-2" (llama.cpp reads
-  it as "default" and warns that such files are degraded).
+  another split tokenizes differently. A file without the field is read as "default", as llama.cpp reads
+  it (warning that such files are degraded).
 
 Control tokens (type 3) become special tokens and user-defined ones (type 4) added tokens, matched
 whole in text. A BOS id is put in front of every encoded text where the file says so
@@ -251,7 +251,7 @@ def spm_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[st
 
 
 def _pre_tokenizer_named(fields: dict[str, Any], where: str) -> PreTokenizer:
-    pre = _get(fields, "tokenizer.ggml.pre") or "gpt-2"
+    pre = _get(fields, "tokenizer.ggml.pre") or "default"  # as llama.cpp reads a file without the field
     if pre in NOT_REPRODUCED:
         raise ValueError(f"{where}: tokenizer.ggml.pre {pre!r} is not reproduced by pyramoe ({NOT_REPRODUCED[pre]}); "
                          "put the model's tokenizer.json beside the file")
