@@ -208,7 +208,8 @@ def speedups(timing: dict[str, Any], batch: int, moe: str, dense: str) -> list[f
 
 
 def batch_verdicts(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """batch -> outcome, median speedup and its per-round range over the quality-equivalent dense."""
+    """batch -> outcome (on the rounds' speedups' interval), median speedup and its per-round range over
+    the quality-equivalent dense."""
     study = summary.get("inference") or {}
     chosen, timing = (study.get("quality_equivalent") or {}).get("arm"), study.get("timing")
     moe = (study.get("quality_equivalent") or {}).get("moe")
@@ -351,7 +352,8 @@ def inference_section(study: Any, summary: dict[str, Any], image_dir: str, setti
             f"(t({timing['new_tokens']} tokens) - t(1)) / {timing['new_tokens'] - 1}; prefill: "
             f"{timing['prefill'][next(iter(timing['prefill']))]['tokens']} prompt tokens in one batch; "
             f"{timing['machine']}{f', load average {load[0]:.2f} before timing' if load else ''}). "
-            "Speedup: median (min-max) over rounds of dense step time / MoE step time. Re-time without "
+            "Speedup: median (min-max) over rounds of dense step time / MoE step time; the verdict uses "
+            "their geometric mean with a 95% bootstrap interval over the rounds. Re-time without "
             f"retraining: `pyramoe experiments {study.name} --set train.precision=bf16` (add `--set "
             "train.threads=1` for one thread).",
             "", "```", timing_table(summary), "```", ""]
