@@ -63,8 +63,9 @@ async def _stream(chunks_of, body, per_token: bool) -> list[dict]:
     out: list[str] = []
 
     async def read() -> None:
-        async for data in chunks_of(state, body, generation):
-            out.append(data)
+        async for event in chunks_of(state, body, generation):  # each a whole `data:` line, encoded
+            assert event.startswith(b"data: ") and event.endswith(b"\n\n") and event.count(b"\n") == 2
+            out.append(event[6:-2].decode())
 
     if not per_token:
         for choice, event in arrivals:
