@@ -19,8 +19,10 @@ def test_bench_serve_smoke(tmp_path, capsys):
     for row in result["levels"]:
         assert row["failed"] == 0 and row["tokens"] == row["clients"] * 6
         assert row["in_process_tokens_per_s"] > 0 and row["vs_in_process"] > 0
+        assert row["client_cpu_per_token_s"] > 0 and row["server_cpu_per_token_s"] > 0
+        assert row["in_process_cpu_per_token_s"] > 0
     assert result["long_prompt_phase"]["with_long_prompts"]["failed"] == 0
-    assert "served/in-process" in capsys.readouterr().out
+    assert "served/in-process" in (table := capsys.readouterr().out) and "server CPU/tok" in table
 
 
 def test_bench_serve_refuses_bad_settings(capsys):

@@ -12,7 +12,7 @@ import pytest
 
 from pyramoe.inference import SamplingParams, TokenEvent
 from pyramoe.serve.completions import _chat_chunks, _chunk, _ChunkTemplate, _completion_chunks
-from pyramoe.serve.generation import Generation
+from pyramoe.serve.generation import ApiError, Generation
 from pyramoe.serve.metrics import ServerMetrics
 from pyramoe.serve.protocol import ChatRequest, CompletionRequest
 from pyramoe.serve.state import ServerState
@@ -35,7 +35,7 @@ class FakeLoop:
         self.sinks.append(sink)
 
     def abort(self, request_id: str) -> None:
-        pass
+        self.aborted = getattr(self, "aborted", []) + [request_id]
 
 
 def _state() -> ServerState:
@@ -63,8 +63,9 @@ async def _stream(chunks_of, body, per_token: bool) -> list[dict]:
     out: list[str] = []
 
     async def read() -> None:
-        async for data in chunks_of(state, body, generation):
-            out.append(data)
+        async for event in chunks_of(state, body, generation):  # each a whole `data:` line, encoded
+            assert event.startswith(b"data: ") and event.endswith(b"\n\n") and event.count(b"\n") == 2
+            out.append(event[6:-2].decode())
 
     if not per_token:
         for choice, event in arrivals:
@@ -181,3 +182,26 @@ def test_min_step_s_spaces_the_engine_loops_steps():
     loop.stop(10)
     assert len([t for t in tokens if t is not None]) == 5
     assert elapsed >= 4 * 0.3
+
+
+def test_a_stream_past_the_request_timeout_ends_with_504_and_aborts():
+    """The request's one timer: tokens that arrive in time are delivered, then the limit ends the
+    stream with 504 and aborts the choice still running."""
+
+    async def run() -> tuple[list[int], ApiError, list[str]]:
+        loop = FakeLoop()
+        generation = Generation(loop, ServerMetrics(), timeout_s=0.2, n=1)
+        generation.submit([[0]], [SamplingParams(max_tokens=4)])
+        loop.sinks[0](TokenEvent("r0", 3, "x"))
+        got = []
+
+        async def read() -> None:
+            async for _, delta in generation.events():
+                got.append(delta.tokens)
+
+        with pytest.raises(ApiError) as caught:
+            await asyncio.wait_for(read(), 10)  # a timer that never fires fails here, not hangs
+        return got, caught.value, loop.aborted
+
+    got, error, aborted = asyncio.run(run())
+    assert got == [1] and error.status == 504 and "0.2 s limit" in error.message and len(aborted) == 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -85,18 +86,18 @@ def start_server(model: Path, args: argparse.Namespace, max_len: int, log: Path)
     raise RuntimeError(f"the server did not start: {log.read_text(errors='replace')[-2000:]}")
 
 
-async def _stream(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
+async def _stream(session: Any, url: str, body: dict[str, Any]) -> dict[str, Any]:
     """One streamed request: seconds to the first chunk, gaps between chunks, tokens (from the
     usage chunk: a chunk carries every token made since the last), failure."""
     start = time.perf_counter()
     times, tokens = [], 0
     body = body | {"stream_options": {"include_usage": True}}
     try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                return {"failed": f"HTTP {response.status_code}"}
-            async for line in response.aiter_lines():
-                if line.startswith("data: {"):
+        async with session.post(f"{url}/v1/completions", json=body) as response:
+            if response.status != 200:
+                return {"failed": f"HTTP {response.status}"}
+            async for line in response.content:  # the SSE body, line by line (bytes)
+                if line.startswith(b"data: {"):
                     payload = json.loads(line[6:])
                     if "error" in payload:
                         return {"failed": payload["error"]["message"]}
@@ -110,6 +111,25 @@ async def _stream(client: Any, url: str, body: dict[str, Any]) -> dict[str, Any]
         return {"failed": "no chunk or no usage"}
     return {"ttft": times[0] - start, "gaps": [b - a for a, b in zip(times, times[1:])], "tokens": tokens,
             "tpot": (times[-1] - times[0]) / (tokens - 1) if tokens > 1 else None}
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) another process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _timed_drive(url: str, pid: int, clients: int, prompts: list[list[int]], max_tokens: int,
+                 background: list[list[int]] | None = None) -> dict[str, Any]:
+    """`drive` with the CPU seconds per generated token of the client (this process: nothing else
+    runs here meanwhile) and of the server process: CPU time, unlike wall time, does not depend on
+    what else the machine runs."""
+    client, server = time.process_time(), _process_cpu(pid)
+    result = asyncio.run(drive(url, clients, prompts, max_tokens, background))
+    client, server = time.process_time() - client, _process_cpu(pid) - server
+    tokens = max(result["tokens"], 1)
+    return result | {"client_cpu_s": client, "server_cpu_s": server,
+                     "client_cpu_per_token_s": client / tokens, "server_cpu_per_token_s": server / tokens}
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -128,13 +148,16 @@ async def drive(url: str, clients: int, prompts: list[list[int]], max_tokens: in
                 background: list[list[int]] | None = None) -> dict[str, Any]:
     """`clients` closed-loop streaming clients share `prompts`; with `background`, one more client
     keeps sending those (long) prompts until the others are done."""
-    import httpx
+    # aiohttp, not httpx: the client shares the server's cores, and aiohttp (C HTTP parser and
+    # stream reader) took ~1/3 of httpx's CPU per streamed token (44-86 against 176-238 us, 32
+    # clients on the tiny model, interleaved).
+    import aiohttp
 
     queue = list(enumerate(prompts))
     results: list[dict[str, Any]] = []
     done = asyncio.Event()
-    limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=clients + 2)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as client:
 
         async def worker() -> None:
             while queue:
@@ -179,7 +202,7 @@ def in_process(engine: Engine, clients: int, prompts: list[list[int]], max_token
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     pending = list(prompts)
     tokens = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(min(clients, len(pending))):
         engine.add_request(pending.pop(), params)
     while engine.has_unfinished():
@@ -187,8 +210,8 @@ def in_process(engine: Engine, clients: int, prompts: list[list[int]], max_token
             tokens += event.token_id is not None
             if event.finished and pending:
                 engine.add_request(pending.pop(), params)
-    wall = time.perf_counter() - start
-    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall}
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall, "cpu_per_token_s": cpu / tokens}
 
 
 def bench_model(name: str, args: argparse.Namespace, levels: list[int], work: Path) -> dict[str, Any]:
@@ -205,19 +228,22 @@ def bench_model(name: str, args: argparse.Namespace, levels: list[int], work: Pa
         in_process(engine, 2, _prompts(shape["vocab"], 4, args.prompt_len, 99), 8)
         for level in levels:
             prompts = _prompts(shape["vocab"], level * args.requests, args.prompt_len, level)
-            served = asyncio.run(drive(url, level, prompts, args.max_tokens))
+            served = _timed_drive(url, process.pid, level, prompts, args.max_tokens)
             local = in_process(engine, level, prompts, args.max_tokens)
             served["in_process_tokens_per_s"] = local["tokens_per_s"]
+            served["in_process_cpu_per_token_s"] = local["cpu_per_token_s"]
             served["vs_in_process"] = served["tokens_per_s"] / local["tokens_per_s"]
             rows.append(served)
             print(f"  {name}: {level} clients: {served['tokens_per_s']:.0f} tok/s served, "
-                  f"{local['tokens_per_s']:.0f} in-process, {served['failed']} failed", file=sys.stderr)
+                  f"{local['tokens_per_s']:.0f} in-process, {served['failed']} failed; CPU per token: "
+                  f"client {_us(served['client_cpu_per_token_s'])}, server {_us(served['server_cpu_per_token_s'])}, "
+                  f"in-process {_us(local['cpu_per_token_s'])}", file=sys.stderr)
         long_phase = None
         if args.long_prompt:
             prompts = _prompts(shape["vocab"], args.long_clients * args.requests, args.prompt_len, 7)
-            quiet = asyncio.run(drive(url, args.long_clients, prompts, args.max_tokens))
-            loaded = asyncio.run(drive(url, args.long_clients, prompts, args.max_tokens,
-                                       background=_prompts(shape["vocab"], 64, args.long_prompt, 5)))
+            quiet = _timed_drive(url, process.pid, args.long_clients, prompts, args.max_tokens)
+            loaded = _timed_drive(url, process.pid, args.long_clients, prompts, args.max_tokens,
+                                  background=_prompts(shape["vocab"], 64, args.long_prompt, 5))
             # The stall a prompt chunk adds to a decode step, against the typical time per token.
             # None where every stream came as one merged chunk (no gap to measure: a slow client).
             itl, tpot = loaded["itl_p99_s"], loaded["tpot_p50_s"]
@@ -250,10 +276,12 @@ def report(payload: dict[str, Any]) -> str:
     for result in payload["models"]:
         rows = [[r["clients"], f"{r['tokens_per_s']:.0f}", f"{r['in_process_tokens_per_s']:.0f}",
                  f"{r['vs_in_process']:.2f}", _ms(r["ttft_p50_s"]), _ms(r["ttft_p99_s"]), _ms(r["tpot_p50_s"]),
-                 _ms(r["tpot_p99_s"]), _ms(r["itl_p99_s"]), r["failed"]] for r in result["levels"]]
+                 _ms(r["tpot_p99_s"]), _ms(r["itl_p99_s"]), r["failed"], _us(r["client_cpu_per_token_s"]),
+                 _us(r["server_cpu_per_token_s"]), _us(r["in_process_cpu_per_token_s"])] for r in result["levels"]]
         lines.append(f"{result['model']} ({result['decode_path']} step)")
         lines.append(format_table(["clients", "tok/s", "in-process", "served/in-process", "TTFT p50", "TTFT p99",
-                                   "TPOT p50", "TPOT p99", "ITL p99", "failed"], rows))
+                                   "TPOT p50", "TPOT p99", "ITL p99", "failed", "client CPU/tok",
+                                   "server CPU/tok", "in-process CPU/tok"], rows))
         levels = {r["clients"]: r for r in result["levels"]}
         if 1 in levels and 32 in levels:
             lines.append(f"32 clients / 1 client: {levels[32]['tokens_per_s'] / levels[1]['tokens_per_s']:.2f}x")
@@ -271,6 +299,10 @@ def report(payload: dict[str, Any]) -> str:
 
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.1f} ms"
+
+
+def _us(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e6:.0f} us"
 
 
 def _times(ratio: float | None) -> str:

@@ -107,7 +107,8 @@ async def _completion_chunks(state: ServerState, body: CompletionRequest, genera
     try:
         if body.echo:
             for choice in generation.choices:
-                yield _chunk(generation, state, "text_completion", choice.index, text=_echoed(state, body, choice))
+                yield _event(_chunk(generation, state, "text_completion", choice.index,
+                                    text=_echoed(state, body, choice)))
         async for choice, delta in generation.events():
             index, error = choice.index, delta.finish_reason == "error"
             logprobs = None
@@ -116,15 +117,16 @@ async def _completion_chunks(state: ServerState, body: CompletionRequest, genera
                 sent_logprobs[index] = len(choice.logprobs)
             sent_chars[index] += len(delta.text)
             if delta.tokens or delta.text or (delta.finished and not error):
-                yield chunks.render(index, '"text": ' + json.dumps(delta.text), logprobs,
-                                    None if error else delta.finish_reason)
+                yield _event(chunks.render(index, '"text": ' + json.dumps(delta.text), logprobs,
+                                           None if error else delta.finish_reason))
             if error:
-                yield _stream_error(delta.error)
+                yield _event(_stream_error(delta.error))
     except ApiError as exc:
-        yield _stream_error(exc.message)
+        yield _event(_stream_error(exc.message))
     if include_usage:
-        yield json.dumps(_base(generation, state, "text_completion") | {"choices": [], "usage": generation.usage()})
-    yield "[DONE]"
+        yield _event(json.dumps(_base(generation, state, "text_completion") | {"choices": [],
+                                                                               "usage": generation.usage()}))
+    yield _event("[DONE]")
 
 
 class _ChunkTemplate:
@@ -153,6 +155,13 @@ def _chunk(generation: Generation, state: ServerState, kind: str, index: int, us
     if usage:
         payload["usage"] = None
     return json.dumps(payload)
+
+
+def _event(data: str) -> bytes:
+    """One server-sent event, encoded here rather than by sse-starlette (which builds a
+    `ServerSentEvent` and splits the text on line breaks per chunk): `json.dumps` escapes every
+    line break, so the text is one `data:` line."""
+    return b"data: " + data.encode() + b"\n\n"
 
 
 def _stream_error(message: str | None) -> str:
@@ -200,8 +209,8 @@ async def _chat_chunks(state: ServerState, body: ChatRequest, generation: Genera
     chunks = _ChunkTemplate(generation, state, kind, include_usage)
     sent_logprobs = [0] * len(generation.choices)
     for choice in generation.choices:
-        yield _chunk(generation, state, kind, choice.index, usage=include_usage,
-                     delta={"role": "assistant", "content": ""}, logprobs=None, finish_reason=None)
+        yield _event(_chunk(generation, state, kind, choice.index, usage=include_usage,
+                            delta={"role": "assistant", "content": ""}, logprobs=None, finish_reason=None))
     try:
         async for choice, delta in generation.events():
             index, error = choice.index, delta.finish_reason == "error"
@@ -211,11 +220,11 @@ async def _chat_chunks(state: ServerState, body: ChatRequest, generation: Genera
                 sent_logprobs[index] = len(choice.logprobs)
             if delta.tokens or delta.text or (delta.finished and not error):
                 content = '"delta": {"content": ' + json.dumps(delta.text) + "}" if delta.text else '"delta": {}'
-                yield chunks.render(index, content, logprobs, None if error else delta.finish_reason)
+                yield _event(chunks.render(index, content, logprobs, None if error else delta.finish_reason))
             if error:
-                yield _stream_error(delta.error)
+                yield _event(_stream_error(delta.error))
     except ApiError as exc:
-        yield _stream_error(exc.message)
+        yield _event(_stream_error(exc.message))
     if include_usage:
-        yield json.dumps(_base(generation, state, kind) | {"choices": [], "usage": generation.usage()})
-    yield "[DONE]"
+        yield _event(json.dumps(_base(generation, state, kind) | {"choices": [], "usage": generation.usage()}))
+    yield _event("[DONE]")

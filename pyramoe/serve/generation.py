@@ -136,18 +136,24 @@ class Generation:
         choice before it is yielded); on timeout, raises ApiError(504) after aborting."""
         start = time.perf_counter()
         last_token: dict[int, float] = {}
+        # One timer for the whole request, not `asyncio.wait_for` per read: on Python < 3.12 that
+        # wraps every read in a new task and timer, and a stream reads once per engine step.
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            self._events.put_nowait([])
+
+        timer = None if self.timeout_s is None else asyncio.get_running_loop().call_later(self.timeout_s, expire)
         try:
             while self._open:
-                remaining = None if self.timeout_s is None else self.timeout_s - (time.perf_counter() - start)
-                if remaining is not None and remaining <= 0:
-                    raise ApiError(504, f"the request took longer than the server's {self.timeout_s:g} s limit",
-                                   kind="timeout_error")
-                try:
-                    batch = await asyncio.wait_for(self._events.get(), remaining)
-                except asyncio.TimeoutError:
-                    continue
+                batch = await self._events.get()
                 while not self._events.empty():  # what else arrived while this reader was away
                     batch += self._events.get_nowait()
+                if expired:
+                    raise ApiError(504, f"the request took longer than the server's {self.timeout_s:g} s limit",
+                                   kind="timeout_error")
                 deltas: dict[int, Delta] = {}
                 now = time.perf_counter()
                 for index, event in batch:
@@ -160,6 +166,8 @@ class Generation:
                         self._open.discard(index)
                     yield self.choices[index], delta
         finally:
+            if timer is not None:
+                timer.cancel()
             self.abort()
 
     def _record(self, choice: Choice, event: TokenEvent, delta: Delta, elapsed: float, now: float,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -63,6 +64,12 @@ def run_server(state: ServerState, load: Callable[[], tuple[Engine, ChatTemplate
         try:
             engine, template = load()
             engine.prepare()  # packing and the native build happen here, while /health says "loading"
+            # Everything loaded so far (modules, the model's objects) lives as long as the server: out of
+            # the collector's reach, full collections, which the per-request objects of a stream
+            # trigger every few seconds, no longer walk it (they took ~1/4 of the event loop's
+            # samples at 32 clients on the Mixtral shape).
+            gc.collect()
+            gc.freeze()
             leader = lead() if lead is not None else None  # meets the other ranks, each prepared too
             loop = EngineLoop(engine, options.max_queue, replicate=leader, on_failure=stop_serving,
                               min_step_s=options.min_step_s).start()
