@@ -109,6 +109,7 @@ def test_study_summary_pairs_examples_and_batches_across_arms():
         runs += [_run("dense", seed, dense, losses + 0.05), _run("moe-8", seed, moe, losses)]
     summary = summarize(STUDIES["moe-vs-dense"], [_Plan()], runs)
     assert summary["paired"]["bootstrap"]["diff"] == pytest.approx(0.05) and summary["verdict"].startswith(HOLDS)
+    assert "the interval excludes zero" in summary["verdict"]  # the loss verdict uses the per-batch bootstrap
     accuracy = summary["paired_accuracy"]["bootstrap"]
     assert accuracy["examples"] == 400 and accuracy["low"] > 0 and summary["accuracy_verdict"].startswith(HOLDS)
     assert "paired bootstrap over 400 examples x 2 seeds" in summary["accuracy_verdict"]

@@ -288,7 +288,8 @@ def verdict(study: Study, summary: dict[str, Any]) -> str:
 
         return inference_verdict(summary)
     better, worse = summary["arms"][study.expected_better], summary["arms"][study.expected_worse]
-    paired = paired_differences(_by_seed(worse), _by_seed(better))
+    # summarize's pairing carries the per-batch bootstrap; without it the verdict fell back to the seed rule
+    paired = summary.get("paired") or paired_differences(_by_seed(worse), _by_seed(better))
     if study.compare == "step_time":
         rounds = speedups(summary["step_time"], study.expected_better) if summary.get("step_time") else []
         return step_time_verdict(study.expected_better, study.expected_worse, rounds, study.speedup_threshold, paired)
